@@ -1,0 +1,101 @@
+"""Kernel sweep on a GPU: correctness vs the torch reference decode and time vs cuBLAS fp16 for a
+set of GEMV/GEMM configs. Developer tool for picking schedule defaults (python -m qcompile.bench.sweep)."""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+
+from ..formats import get as get_format
+from ..kernels.compute import matmul_func
+from ..kernels.library import KernelSpec, scheduled_func
+from ..kernels.schedules import GemvConfig, schedule_gemv_cuda
+from ..kernels.target import parse_target
+
+
+def _time(fn, iters=200):
+    for _ in range(10):
+        fn(0)
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    for i in range(iters):
+        starts[i].record()
+        fn(i)
+        ends[i].record()
+    torch.cuda.synchronize()
+    ts = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    return ts[len(ts) // 2]
+
+
+def main():
+    import tvm
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--format", default="int4-g128")
+    ap.add_argument("--shapes", default="28672x8192,8192x28672,4096x4096")
+    ap.add_argument("--m", default="1")
+    ap.add_argument("--configs", default="default")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    fmt = get_format(args.format)
+    target = parse_target("auto")
+    dev = torch.device("cuda")
+    rows = []
+    for shape in args.shapes.split(","):
+        n, k = map(int, shape.split("x"))
+        w_bytes = fmt.weight_bytes(n, k)
+        copies = max(2, int(200e6 // (n * k * 2)) + 1)  # rotate > L2 for the fp16 baseline too
+        Ws = [torch.randn(n, k, device=dev) * 0.02 for _ in range(1)]
+        qws = [fmt.quantize(Ws[0]).to(dev)]
+        qcopies = max(2, int(200e6 // w_bytes) + 1)
+        qsets = [{kk: v.clone() for kk, v in qws[0].tensors.items()} for _ in range(qcopies)]
+        w16 = [fmt.decode_fp16(qws[0]).clone() for _ in range(copies)]
+        for m in map(int, args.m.split(",")):
+            X = torch.randn(m, k, device=dev, dtype=torch.float16)
+            ref = (X.double() @ w16[0].double().T)
+            t_fp16 = _time(lambda i: torch.nn.functional.linear(X, w16[i % copies]))
+            if args.configs == "default" or m > 16:
+                cfgs = [None]
+            else:
+                cfgs = [GemvConfig(*c) for c in itertools.product((1, 2, 4, 8), (32, 64, 128), (1, 2, 4), (1, 2, 4))]
+            for cfg in cfgs:
+                spec = KernelSpec(fmt.name, n, k, m)
+                try:
+                    if cfg is None:
+                        func = scheduled_func(spec, target)
+                    else:
+                        func = schedule_gemv_cuda(matmul_func(fmt, n, k, m), cfg)["main"]
+                    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                     target=target.tvm_target())
+                    f = ex["main"]
+                except Exception as e:  # config does not tile this shape
+                    continue
+                Y = torch.empty(m, n, device=dev, dtype=torch.float16)
+                f(X, *qsets[0].values(), Y)
+                torch.cuda.synchronize()
+                err = ((Y.double() - ref).norm() / ref.norm()).item()
+                t = _time(lambda i: f(X, *qsets[i % qcopies].values(), Y))
+                row = {"N": n, "K": k, "M": m, "cfg": None if cfg is None else cfg.as_dict(), "us": t,
+                       "cublas_us": t_fp16, "speedup": t_fp16 / t, "GBps": w_bytes / t / 1e3, "rel_err": err}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    best = {}
+    for r in rows:
+        key = (r["N"], r["K"], r["M"])
+        if key not in best or r["us"] < best[key]["us"]:
+            best[key] = r
+    print("\nbest per shape:")
+    for key, r in best.items():
+        print(key, f"{r['us']:.1f}us cublas {r['cublas_us']:.1f}us speedup {r['speedup']:.2f}x "
+              f"{r['GBps']:.0f}GB/s err {r['rel_err']:.1e}", r["cfg"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Group-wise symmetric integer formats (int4 with one fp16 scale per group of input columns).
+
+Layout (owned here, read by every kernel through ``tir_decode``):
+  qweight int32 [N, K/8]: eight 4-bit codes u = q + 8 per word. Element j of a word (column 8w+j)
+      sits at bit 16*(j % 2) + 4*(j // 2): the pair (2i, 2i+1) lands in the low and high half of
+      the word at the same nibble, so one mask puts two codes into the mantissas of a half2
+      (the LOP3 trick of BitBLAS/Marlin) and one shift moves to the next pair.
+  scales  fp16 [N, K/g]: one scale per g consecutive input columns.
+Decode: w = (u - 8) * scale, computed in fp16 (exact subtraction, one rounding in the multiply).
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional
+
+import torch
+
+from ..errors import QCompileError
+from .base import Format, QuantizedWeight, TensorSpec, register
+
+
+class GroupwiseIntFormat(Format):
+    def __init__(self, bits: int, group: int):
+        if bits != 4:
+            raise ValueError("only 4-bit group-wise formats are implemented")
+        self.bits = bits
+        self.group = group
+        self.per_word = 32 // bits
+        self.offset = 1 << (bits - 1)  # stored code u = q + offset
+        self.qmax = (1 << (bits - 1)) - 1
+        self.name = f"int{bits}-g{group}"
+
+    # --- shapes -----------------------------------------------------------------------------
+    def check_shape(self, n: int, k: int) -> None:
+        if n <= 0 or k <= 0:
+            raise QCompileError(f"{self.name}: weight shape {n}x{k} is empty")
+        if k % self.group:
+            raise QCompileError(
+                f"{self.name}: in_features={k} is not a multiple of the group size {self.group}; "
+                f"pad the layer or pick a format with a smaller group")
+
+    def tensor_specs(self, n: int, k: int) -> Dict[str, TensorSpec]:
+        self.check_shape(n, k)
+        return {"qweight": TensorSpec((n, k // self.per_word), "int32"),
+                "scales": TensorSpec((n, k // self.group), "float16")}
+
+    def shift_of(self, j):
+        """Bit position of element j (0..per_word-1) inside its int32 word."""
+        return (j % 2) * 16 + (j // 2) * self.bits
+
+    # --- quantize / pack ----------------------------------------------------------------------
+    def quantize(self, W: torch.Tensor, hessian: Optional[torch.Tensor] = None, seed: int = 0,
+                 scale: Optional[float] = None) -> QuantizedWeight:
+        if W.dim() != 2:
+            raise QCompileError(f"{self.name}: weight must be 2-D [out, in], got shape {list(W.shape)}")
+        n, k = W.shape
+        self.check_shape(n, k)
+        if hessian is not None:
+            raise QCompileError(f"{self.name}: Hessian-aware rounding (LDLQ) is not available yet; "
+                                f"quantize with hessian=None (round to nearest)")
+        W = W.detach().to(torch.float32)
+        if not torch.isfinite(W).all():
+            raise QCompileError(f"{self.name}: weight contains NaN or Inf; fix the model weights first")
+        g = W.reshape(n, k // self.group, self.group)
+        if scale is None:
+            s = g.abs().amax(dim=2) / self.qmax  # no clipping: +-amax is representable
+        else:
+            if not scale > 0:
+                raise QCompileError(f"{self.name}: scale must be a positive target RMS in code units, got {scale}")
+            s = g.pow(2).mean(dim=2).sqrt() / float(scale)
+        s16 = s.to(torch.float16)
+        s16 = torch.where(s16 == 0, torch.ones_like(s16), s16)  # all-zero group: any scale works
+        q = torch.round(g / s16.to(torch.float32).unsqueeze(2)).clamp(-self.offset, self.qmax)
+        u = (q + self.offset).to(torch.int64).reshape(n, k)
+        return QuantizedWeight(self.name, (n, k), {"qweight": self.pack(u), "scales": s16.contiguous()},
+                               {"bits": self.bits, "group": self.group})
+
+    def pack(self, u: torch.Tensor) -> torch.Tensor:
+        """Codes u (int, [N, K], 0..2^bits-1) -> int32 words [N, K/per_word] in this format's order."""
+        n, k = u.shape
+        u = u.to(torch.int64).reshape(n, k // self.per_word, self.per_word)
+        word = torch.zeros(n, k // self.per_word, dtype=torch.int64, device=u.device)
+        for j in range(self.per_word):
+            word |= u[:, :, j] << self.shift_of(j)
+        word = torch.where(word >= 2**31, word - 2**32, word)
+        return word.to(torch.int32).contiguous()
+
+    def unpack(self, words: torch.Tensor) -> torch.Tensor:
+        """int32 words -> codes u (int64 [N, K])."""
+        n, kw = words.shape
+        w = words.to(torch.int64) & 0xFFFFFFFF
+        cols = [(w >> self.shift_of(j)) & ((1 << self.bits) - 1) for j in range(self.per_word)]
+        return torch.stack(cols, dim=2).reshape(n, kw * self.per_word)
+
+    # --- torch reference decode ------------------------------------------------------------------
+    def decode_fp16(self, qw: QuantizedWeight) -> torch.Tensor:
+        self.check_qweight(qw)
+        q = (self.unpack(qw.tensors["qweight"]) - self.offset).to(torch.float16)
+        s = qw.tensors["scales"].repeat_interleave(self.group, dim=1)
+        return q * s  # fp16 multiply: one rounding, as the kernels do
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        return self.decode_fp16(qw).to(torch.float32)
+
+    # --- TIR ------------------------------------------------------------------------------------
+    def tir_decode(self, bufs: Mapping[str, object], n, k):
+        from tvm import tirx
+
+        B, S = bufs["qweight"], bufs["scales"]
+        j = k % self.per_word
+        shift = (j % 2) * 16 + (j // 2) * self.bits
+        code = tirx.bitwise_and(tirx.shift_right(B[n, k // self.per_word], shift), (1 << self.bits) - 1)
+        # 0x6400 | u is the fp16 1024 + u (ulp 1 there), so subtracting 1024 + offset is exact:
+        # the int->float conversion costs one LOP3 instead of an I2F.
+        as_half = tirx.reinterpret("float16", tirx.Cast("uint16", tirx.bitwise_or(code, 0x6400)))
+        q = as_half - tirx.const(1024 + self.offset, "float16")
+        return q * S[n, k // self.group]
+
+
+register("int4-g128", lambda: GroupwiseIntFormat(4, 128))

@@ -1,0 +1,114 @@
+"""Kernel library: which kernels a model needs, how each is scheduled, and one compiled module.
+
+A kernel is keyed by (format, N, K, M bucket). Batches are served by the buckets compiled into
+the module (see qcompile.runtime.dispatch): small M pads up to the next bucket, large M is split
+into bucket-sized row blocks, so no M ever needs a kernel of its own.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
+
+from ..formats import get as get_format
+from .compute import matmul_func
+from .schedules import GemvConfig, schedule_gemm_cuda, schedule_gemv_cuda, schedule_llvm
+from .target import TargetInfo
+
+DEFAULT_BUCKETS = (1, 4, 16, 64, 256)
+GEMV_MAX_M = 16  # up to here the GEMV family (decode once, reuse over M); above, tensor-core GEMM
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    format: str
+    n: int
+    k: int
+    m: int
+
+    @property
+    def name(self) -> str:
+        return f"{re.sub(r'[^0-9a-zA-Z]', '_', self.format)}_n{self.n}_k{self.k}_m{self.m}"
+
+
+def default_gemv_config(n: int, k: int, m: int) -> GemvConfig:
+    """The best hand-picked GEMV config that tiles (n, k) exactly. Fewer chunks for larger M keeps
+    the activation registers (M x chunks x 8 halves) bounded."""
+    chunks_pref = 4 if m <= 2 else (2 if m <= 4 else 1)
+    unroll = 2 if m <= 2 else 1
+    chunks_k = k // 8
+    for threads_k in (32, 16, 8, 4, 2, 1):
+        for chunks in sorted({chunks_pref, 2, 1}, reverse=True):
+            if chunks > chunks_pref:
+                continue
+            if chunks_k % (threads_k * chunks):
+                continue
+            steps = chunks_k // (threads_k * chunks)
+            u = unroll if steps % unroll == 0 else 1
+            for rows in (4, 2, 1):
+                if n % rows == 0:
+                    return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=u)
+    raise ValueError(f"no GEMV config tiles N={n}, K={k}")
+
+
+def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvConfig] = None):
+    """The scheduled PrimFunc of one kernel, renamed to ``spec.name``."""
+    fmt = get_format(spec.format)
+    if target.kind == "llvm":
+        mod = schedule_llvm(matmul_func(fmt, spec.n, spec.k, spec.m))
+    elif spec.m <= GEMV_MAX_M:
+        cfg = config or default_gemv_config(spec.n, spec.k, spec.m)
+        mod = schedule_gemv_cuda(matmul_func(fmt, spec.n, spec.k, spec.m), cfg)
+    else:
+        mod = schedule_gemm_cuda(matmul_func(fmt, spec.n, spec.k, spec.m, two_level=False), target)
+    func = mod["main"].with_attr("global_symbol", spec.name).with_attr("tirx.is_scheduled", True)
+    return func
+
+
+def build(specs: Iterable[KernelSpec], target: TargetInfo):
+    """Compile every kernel into one TVM executable."""
+    import tvm
+
+    funcs = {}
+    for spec in specs:
+        if spec.name not in funcs:
+            funcs[spec.name] = scheduled_func(spec, target)
+    mod = tvm.IRModule({name: f for name, f in funcs.items()})
+    return tvm.compile(mod, target=target.tvm_target())
+
+
+def cuda_source(executable) -> Optional[str]:
+    for m in executable.mod.imports:
+        if m.kind == "cuda":
+            return m.inspect_source()
+    return None
+
+
+def source_key(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+def compile_fatbin(code: str, arch: str) -> bytes:
+    """nvcc the generated CUDA source into a fatbin for ``arch`` (done at build time, so loading
+    an artifact needs no CUDA compiler)."""
+    from tvm.support import nvcc
+
+    return bytes(nvcc.compile_cuda(code, target_format="fatbin", arch=arch, compiler="nvcc"))
+
+
+def export(executable, target: TargetInfo, out_dir: str, fatbin: bool = True) -> List[str]:
+    """Write kernels.so (and kernels.fatbin + kernels.cu for CUDA) into out_dir; return the names."""
+    written = ["kernels.so"]
+    executable.export_library(os.path.join(out_dir, "kernels.so"))
+    if target.kind == "cuda":
+        code = cuda_source(executable)
+        with open(os.path.join(out_dir, "kernels.cu"), "w") as f:
+            f.write(code)
+        written.append("kernels.cu")
+        if fatbin:
+            with open(os.path.join(out_dir, "kernels.fatbin"), "wb") as f:
+                f.write(compile_fatbin(code, target.arch))
+            written.append("kernels.fatbin")
+    return written

@@ -1,0 +1,135 @@
+"""Hand-written TIR schedules of the fused decode + matmul PrimFunc (see compute.py).
+
+One small rule per kernel family, in the style of TVM's dlight: each takes the unscheduled
+PrimFunc and a config of knobs (the tuner's search space varies the knobs), and returns a
+scheduled IRModule. Nothing here knows a format's bits: the decode block comes from the format.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Knobs of the CUDA GEMV / low-batch kernel (inner reduction over K).
+
+    rows: output rows per thread block (threadIdx.y); threads_k: threads sharing one row's K
+    (threadIdx.x, reduced with warp shuffles / shared memory); chunks: consecutive 8-column
+    chunks a thread handles per step (4 chunks = 16 bytes of int4 words: one vector load);
+    unroll: steps of the K loop unrolled so that several loads are in flight per thread.
+    """
+
+    rows: int = 4
+    threads_k: int = 32
+    chunks: int = 4
+    unroll: int = 2
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def _func_mod(func):
+    import tvm
+
+    return tvm.IRModule({"main": func})
+
+
+def _vectorize_inner(sch, block, nbytes):
+    """Split the innermost loop of a copy block into vectors of ``nbytes`` bytes."""
+    import tvm
+
+    loop = sch.get_loops(block)[-1]
+    dtype = str(sch.get(block).writes[0].source.dtype)
+    lanes = max(1, nbytes * 8 // tvm.DataType(dtype).bits)
+    extent = int(sch.get(loop).extent)
+    if extent > lanes and extent % lanes == 0:
+        outer, loop = sch.split(loop, [None, lanes])
+        sch.unroll(outer)
+    sch.vectorize(loop)
+
+
+def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig()):
+    """Inner-reduction GEMV for small M: every thread decodes its chunk once and reuses it for
+    all M activation rows; partial sums meet in a cross-thread reduction."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(_func_mod(func))
+    acc = sch.get_sblock("acc")
+    m_loop, n_loop, c_loop = sch.get_loops(acc)
+    n_chunks = int(sch.get(c_loop).extent)
+    n_rows = int(sch.get(n_loop).extent)
+    if n_rows % cfg.rows or n_chunks % (cfg.threads_k * cfg.chunks):
+        raise ValueError(f"config {cfg} does not tile N={n_rows}, K/8={n_chunks}")
+    bx, ty = sch.split(n_loop, [None, cfg.rows])
+    ko, tx, kv = sch.split(c_loop, [None, cfg.threads_k, cfg.chunks])
+    sch.reorder(bx, ty, tx, ko, kv, m_loop)
+    rf = sch.rfactor(tx, factor_axis=0)  # per-thread partial sums, then a cross-thread reduction
+    bx, ty, tx, ko, kv, m_loop = sch.get_loops(rf)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(rf, 0, "local")
+
+    part = sch.get_sblock("partial")
+    dec = sch.get_sblock("W_decode")
+    sch.compute_at(part, m_loop)
+    sch.set_scope(part, 0, "local")
+    sch.compute_at(dec, kv)  # decode one chunk once, reuse it for all M rows
+    sch.set_scope(dec, 0, "local")
+    for loop in sch.get_loops(dec)[-2:]:
+        sch.unroll(loop)
+    for loop in sch.get_loops(part)[-1:]:
+        sch.unroll(loop)
+
+    # 16-byte vector loads of the packed words and of the activations
+    wq = sch.cache_read(dec, 0, "local")
+    sch.compute_at(wq, ko)
+    _vectorize_inner(sch, wq, 16)
+    xl = sch.cache_read(part, 0, "local")
+    sch.compute_at(xl, ko)
+    _vectorize_inner(sch, xl, 16)
+    sch.unroll(kv)
+    sch.unroll(m_loop)
+    if cfg.unroll > 1:
+        ko_outer, ko_inner = sch.split(ko, [None, cfg.unroll])
+        sch.unroll(ko_inner)
+
+    # cross-thread reduction and the fp16 store
+    sch.reverse_compute_at(acc, ty)
+    sch.bind(sch.get_loops(acc)[-1], "threadIdx.x")
+    sch.set_scope(acc, 0, "local")
+    out = sch.get_sblock("Y")
+    sch.reverse_compute_at(out, ty)
+    sch.annotate(sch.get_loops(rf)[0], "pragma_auto_unroll_max_step", 256)
+    sch.annotate(sch.get_loops(rf)[0], "pragma_unroll_explicit", 1)
+    return sch.mod
+
+
+def schedule_llvm(func):
+    """CPU schedule: rows in parallel, the decode of each chunk computed once per row."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(_func_mod(func))
+    acc = sch.get_sblock("acc")
+    m_loop, n_loop, c_loop = sch.get_loops(acc)
+    sch.reorder(n_loop, m_loop, c_loop)
+    sch.parallel(n_loop)
+    part = sch.get_sblock("partial")
+    sch.compute_at(part, c_loop)
+    sch.compute_inline(sch.get_sblock("W_decode"))
+    return sch.mod
+
+
+def schedule_gemm_cuda(func, target):
+    """Tensor-core GEMM for M > 16: the decode runs in the shared-memory staging of the weight
+    tile, then WMMA 16x16x16. For now this delegates the tiling to TVM's dlight Matmul rule (the
+    decode stays fused); our own mma.sync/ldmatrix GEMM family replaces it in the tuning work."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    mod = _func_mod(func)
+    with target.tvm_target():
+        out = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)
+    if tvm.ir.structural_equal(out, mod):
+        raise ValueError("the tensor-core GEMM rule does not apply to this shape")
+    return out
