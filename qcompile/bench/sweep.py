@@ -61,14 +61,14 @@ def main():
             if args.configs == "default" or m > 16:
                 cfgs = [None]
             else:
-                cfgs = [GemvConfig(*c) for c in itertools.product((1, 2, 4, 8), (32, 64, 128), (1, 2, 4), (1, 2, 4))]
+                cfgs = [None] + [GemvConfig(*c) for c in itertools.product((2, 4, 8), (32, 64), (1, 2, 4) if m > 1 else (2, 4), (1, 2, 4))]
             for cfg in cfgs:
                 spec = KernelSpec(fmt.name, n, k, m)
                 try:
                     if cfg is None:
                         func = scheduled_func(spec, target)
                     else:
-                        func = schedule_gemv_cuda(matmul_func(fmt, n, k, m), cfg)["main"]
+                        func = schedule_gemv_cuda(matmul_func(fmt, n, k, m), cfg, fmt.decode_intrin("cuda"))["main"]
                     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                                      target=target.tvm_target())
                     f = ex["main"]

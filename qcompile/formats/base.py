@@ -76,9 +76,23 @@ class Format:
         raise NotImplementedError
 
     # --- TIR ----------------------------------------------------------------------------------
+    # The decode unit: how many consecutive input columns one small packed fragment (e.g. one
+    # int32 word) decodes into. Kernels decode a unit at a time and may replace that decode by the
+    # format's intrinsic (decode_intrin) on targets that have one.
+    decode_unit: int = 8
+
+    def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
+        """TIR expression (float16) of element j of decode unit c of row n (column c*unit + j)."""
+        raise NotImplementedError
+
     def tir_decode(self, bufs: Mapping[str, object], n, k):
         """TIR expression (float16) of the decoded weight at (n, k), reading te tensors ``bufs``."""
-        raise NotImplementedError
+        return self.tir_decode_unit(bufs, n, k // self.decode_unit, k % self.decode_unit)
+
+    def decode_intrin(self, target_kind: str):
+        """(TensorIntrin name, CUDA source to inject) of a hand-written decode of one unit for
+        ``target_kind``, or None when the plain TIR expression is used."""
+        return None
 
     def bits_per_weight(self, n: int, k: int) -> float:
         specs = self.tensor_specs(n, k)

@@ -34,21 +34,27 @@ def _func_mod(func):
     return tvm.IRModule({"main": func})
 
 
-def _vectorize_inner(sch, block, nbytes):
-    """Split the innermost loop of a copy block into vectors of ``nbytes`` bytes."""
+def _vectorize_inner(sch, block, nbytes, n_outer):
+    """Split the innermost loop of a copy block into vectors of ``nbytes`` bytes. ``n_outer``:
+    how many enclosing loops are not the copy's own (a copy of one element has no loop)."""
     import tvm
 
-    loop = sch.get_loops(block)[-1]
+    loops = sch.get_loops(block)
+    if len(loops) <= n_outer:
+        return
+    loop = loops[-1]
     dtype = str(sch.get(block).writes[0].source.dtype)
     lanes = max(1, nbytes * 8 // tvm.DataType(dtype).bits)
     extent = int(sch.get(loop).extent)
+    if extent == 1:
+        return
     if extent > lanes and extent % lanes == 0:
         outer, loop = sch.split(loop, [None, lanes])
         sch.unroll(outer)
     sch.vectorize(loop)
 
 
-def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig()):
+def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
     """Inner-reduction GEMV for small M: every thread decodes its chunk once and reuses it for
     all M activation rows; partial sums meet in a cross-thread reduction."""
     import tvm
@@ -76,18 +82,24 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig()):
     sch.set_scope(part, 0, "local")
     sch.compute_at(dec, kv)  # decode one chunk once, reuse it for all M rows
     sch.set_scope(dec, 0, "local")
-    for loop in sch.get_loops(dec)[-2:]:
-        sch.unroll(loop)
+
     for loop in sch.get_loops(part)[-1:]:
         sch.unroll(loop)
 
     # 16-byte vector loads of the packed words and of the activations
+    n_outer = 4  # bx, ty, tx, ko enclose the per-step copies
     wq = sch.cache_read(dec, 0, "local")
     sch.compute_at(wq, ko)
-    _vectorize_inner(sch, wq, 16)
+    _vectorize_inner(sch, wq, 16, n_outer)
     xl = sch.cache_read(part, 0, "local")
     sch.compute_at(xl, ko)
-    _vectorize_inner(sch, xl, 16)
+    _vectorize_inner(sch, xl, 16, n_outer)
+    if intrin is not None:  # the format's hand-written decode of one unit
+        name, source = intrin
+        sch.tensorize(sch.get_loops(dec)[-1], name)
+        sch.annotate(rf, "pragma_import_c", source)
+    else:
+        sch.unroll(sch.get_loops(dec)[-1])
     sch.unroll(kv)
     sch.unroll(m_loop)
     if cfg.unroll > 1:
@@ -96,12 +108,15 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig()):
 
     # cross-thread reduction and the fp16 store
     sch.reverse_compute_at(acc, ty)
-    sch.bind(sch.get_loops(acc)[-1], "threadIdx.x")
+    # rfactor(factor_axis=0) left the loops as (thread reduction, m); the thread-bound reduction
+    # must be innermost so that each m gets its own cross-thread reduction
+    inner = sch.get_loops(acc)[2:]
+    if len(inner) == 2:
+        sch.reorder(inner[1], inner[0])
+    sch.bind(inner[0], "threadIdx.x")
     sch.set_scope(acc, 0, "local")
     out = sch.get_sblock("Y")
     sch.reverse_compute_at(out, ty)
-    sch.annotate(sch.get_loops(rf)[0], "pragma_auto_unroll_max_step", 256)
-    sch.annotate(sch.get_loops(rf)[0], "pragma_unroll_explicit", 1)
     return sch.mod
 
 
@@ -127,9 +142,17 @@ def schedule_gemm_cuda(func, target):
     import tvm
     from tvm.s_tir import dlight as dl
 
+    from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
+
+    tgt = target.tvm_target()
+    # dlight's Matmul only tensorizes above M=64; its WMMA rule itself is fine from M=32
+    sch = MatmulTensorization().apply(func, tgt, False)
+    if sch is not None:
+        return sch.mod
     mod = _func_mod(func)
-    with target.tvm_target():
+    with tgt:
         out = dl.ApplyDefaultSchedule(dl.gpu.Matmul())(mod)
-    if tvm.ir.structural_equal(out, mod):
+    attrs = out["main"].attrs
+    if attrs is None or "tirx.is_scheduled" not in attrs:
         raise ValueError("the tensor-core GEMM rule does not apply to this shape")
     return out
