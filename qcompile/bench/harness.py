@@ -1,0 +1,493 @@
+"""``qcompile bench``: time the compiled kernels against cuBLAS fp16 and torch's int4 kernel.
+
+For every layer shape (N out x K in) and batch M, in one process on one GPU: the qcompile kernel,
+torch fp16 ``F.linear`` and ``torch._weight_int4pack_mm`` (where it runs), each timed the same way
+(qcompile.bench.timing) with its weights rotated through more than 2x the L2 cache, plus one
+device-to-device copy whose bandwidth (read + write) is the yardstick of ``bandwidth_fraction``.
+Writes ``<out-dir>/<name>.json`` (schema in RECORD_FIELDS / DOCUMENT_FIELDS), a PNG plot and
+prints a table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import QCompileError
+
+DEFAULT_FORMAT = "int4-g128"
+DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,28672x8192,8192x28672"
+DEFAULT_MS = "1,4,16,64,256"
+DEFAULT_OUT_DIR = os.path.join("artifacts", "bench")
+DEFAULT_ITERS = 200
+DEFAULT_WARMUP = 10
+REL_ERR_WARN = 1e-2        # fp16 kernel vs float64 reference
+INT4_REL_ERR_WARN = 5e-2   # torch int4 on the same codes (bf16 activations and scales)
+
+# The JSON schema other checks read: these keys, these types (extra keys may follow).
+DOCUMENT_FIELDS = {"device": (str,), "commit": (str,), "copy_bandwidth_GBps": (float,), "records": (list,)}
+RECORD_FIELDS = {"format": (str,), "N": (int,), "K": (int,), "M": (int,), "us": (float,),
+                 "cublas_fp16_us": (float,), "torch_int4_us": (float, type(None)),
+                 "speedup_vs_fp16": (float,), "bandwidth_fraction": (float,)}
+
+
+# --- arithmetic and records (pure: no GPU) ---------------------------------------------------
+
+def kernel_bytes(weight_bytes: int, n: int, k: int, m: int) -> int:
+    """Bytes one launch must move: the packed weight, fp16 activations in, fp16 output out."""
+    return int(weight_bytes) + m * k * 2 + m * n * 2
+
+
+def bandwidth_fraction(nbytes: int, us: float, copy_bandwidth_GBps: float) -> float:
+    """Achieved bytes per second over the measured copy bandwidth."""
+    return nbytes / (us * 1e-6) / (copy_bandwidth_GBps * 1e9)
+
+
+def make_record(fmt: str, n: int, k: int, m: int, us: float, cublas_fp16_us: float,
+                torch_int4_us: Optional[float], weight_bytes: int, copy_bandwidth_GBps: float,
+                **extra) -> dict:
+    """One JSON record; ``extra`` keys (rel_err, ...) follow the schema keys."""
+    nbytes = kernel_bytes(weight_bytes, n, k, m)
+    record = {
+        "format": str(fmt), "N": int(n), "K": int(k), "M": int(m),
+        "us": float(us), "cublas_fp16_us": float(cublas_fp16_us),
+        "torch_int4_us": None if torch_int4_us is None else float(torch_int4_us),
+        "speedup_vs_fp16": float(cublas_fp16_us) / float(us),
+        "bandwidth_fraction": float(bandwidth_fraction(nbytes, us, copy_bandwidth_GBps)),
+        "bytes": nbytes,
+    }
+    for key, value in extra.items():
+        if key in record:
+            raise ValueError(f"extra record key {key!r} would overwrite a schema key")
+        record[key] = value
+    return record
+
+
+def bench_document(device: str, commit: str, copy_bandwidth_GBps: float, records: List[dict],
+                   **extra) -> dict:
+    doc = {"device": str(device), "commit": str(commit),
+           "copy_bandwidth_GBps": float(copy_bandwidth_GBps), "records": list(records)}
+    for key, value in extra.items():
+        if key in doc:
+            raise ValueError(f"extra document key {key!r} would overwrite a schema key")
+        doc[key] = value
+    return doc
+
+
+def _type_ok(value, types) -> bool:
+    if isinstance(value, bool):  # bool is an int in Python, never a valid field here
+        return False
+    if float in types and isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, types)
+
+
+def check_bench_document(doc: dict) -> None:
+    """Raise ValueError (one line) unless ``doc`` has every schema key with the schema's type."""
+    problems = []
+    for key, types in DOCUMENT_FIELDS.items():
+        if key not in doc:
+            problems.append(f"missing {key!r}")
+        elif not _type_ok(doc[key], types):
+            problems.append(f"{key!r} is {doc[key]!r}")
+    for i, record in enumerate(doc.get("records") or []):
+        if not isinstance(record, dict):
+            problems.append(f"records[{i}] is not an object")
+            continue
+        for key, types in RECORD_FIELDS.items():
+            if key not in record:
+                problems.append(f"records[{i}] missing {key!r}")
+            elif not _type_ok(record[key], types):
+                problems.append(f"records[{i}][{key!r}] is {record[key]!r}")
+    if problems:
+        raise ValueError("bench JSON does not match the schema: " + "; ".join(problems[:10]))
+
+
+def _json_safe(value):
+    """Non-finite floats become null (strict JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_bench_json(path, doc: dict) -> None:
+    check_bench_document(doc)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(_json_safe(doc), f, indent=1, allow_nan=False)
+        f.write("\n")
+
+
+def _fmt_us(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def format_table(doc: dict) -> str:
+    header = (f"{'N':>6} {'K':>6} {'M':>4} {'qcompile us':>12} {'cublas us':>10} {'int4 us':>9} "
+              f"{'speedup':>8} {'bw frac':>8} {'rel err':>8}")
+    lines = [f"qcompile bench on {doc['device']} (commit {doc['commit']})", header]
+    for r in doc["records"]:
+        err = r.get("rel_err")
+        lines.append(
+            f"{r['N']:>6} {r['K']:>6} {r['M']:>4} {_fmt_us(r['us']):>12} {_fmt_us(r['cublas_fp16_us']):>10} "
+            f"{_fmt_us(r['torch_int4_us']):>9} {r['speedup_vs_fp16']:>7.2f}x {r['bandwidth_fraction']:>8.3f} "
+            f"{'n/a' if err is None else f'{err:.1e}':>8}")
+    lines.append(f"copy bandwidth: {doc['copy_bandwidth_GBps']:.0f} GB/s "
+                 f"(device-to-device copy, bytes read + written)")
+    return "\n".join(lines)
+
+
+# --- names and provenance --------------------------------------------------------------------
+
+_VENDOR_WORDS = re.compile(r"^(nvidia|geforce|tesla|quadro)$")
+_VARIANT_WORDS = re.compile(r"^(\d+gb|pcie|sxm\d*|hbm\d*e?|nvl|mig|generation|laptop|gpu)$")
+
+
+def gpu_short_name(device_name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'h100', 'NVIDIA A100-SXM4-80GB' -> 'a100',
+    'NVIDIA GeForce RTX 4090' -> 'rtx4090'."""
+    kept = []
+    for token in re.split(r"[\s\-_]+", device_name.lower()):
+        if not token or _VENDOR_WORDS.match(token):
+            continue
+        if _VARIANT_WORDS.match(token):
+            break
+        kept.append(re.sub(r"[^0-9a-z]", "", token))
+    return "".join(kept) or "gpu"
+
+
+def source_commit(repo_dir=None) -> str:
+    """Short commit of the source tree (+ '-dirty' with uncommitted tracked changes), else
+    'unknown' (no git, or a copy of the tree without .git, as on the device machine)."""
+    repo_dir = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parents[2]
+    if not (repo_dir / ".git").exists():  # never describe an unrelated repository further up
+        return "unknown"
+    git = ["git", "--no-optional-locks", "-C", str(repo_dir)]
+    try:
+        head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=20)
+        if head.returncode != 0 or not head.stdout.strip():
+            return "unknown"
+        status = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    dirty = status.returncode == 0 and status.stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type, first line and (for long TVM errors) last line."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:
+        text += " ... " + lines[-1]
+    text = f"{type(err).__name__}: {text}"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+# --- arguments -------------------------------------------------------------------------------
+
+def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    shapes = []
+    for item in str(text).split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
+        if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
+            raise QCompileError(f"--shapes: {item.strip()!r} is not NxK (out x in features, e.g. 11008x4096)")
+        shapes.append((int(m.group(1)), int(m.group(2))))
+    return shapes
+
+
+def parse_ms(text: str) -> List[int]:
+    ms = []
+    for item in str(text).split(","):
+        if not item.strip().isdigit() or int(item) <= 0:
+            raise QCompileError(f"--m: {item.strip()!r} is not a positive batch size (e.g. --m 1,4,16)")
+        ms.append(int(item))
+    return ms
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="qcompile bench",
+        description="Time the compiled kernels against cuBLAS fp16 and torch's int4 kernel on this GPU.")
+    ap.add_argument("--format", default=DEFAULT_FORMAT, help=f"weight format (default {DEFAULT_FORMAT})")
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES,
+                    help=f"layer shapes NxK, out x in features (default {DEFAULT_SHAPES})")
+    ap.add_argument("--m", default=DEFAULT_MS, help=f"batch sizes (default {DEFAULT_MS})")
+    ap.add_argument("--name", default=None, help="output name (default <format>-<gpu>, e.g. int4-g128-h100)")
+    ap.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the JSON and PNG go (default {DEFAULT_OUT_DIR})")
+    ap.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"timed launches per measurement (default {DEFAULT_ITERS})")
+    ap.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed launches first (default {DEFAULT_WARMUP})")
+    ap.add_argument("--timing", choices=("graph", "events"), default="graph",
+                    help="graph: CUDA graphs of launches, timed per replay (default); events: events around each launch")
+    return ap
+
+
+# --- the GPU run ---------------------------------------------------------------------------
+
+def require_cuda():
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QCompileError(
+            f"qcompile bench needs a CUDA GPU; torch {torch.__version__} sees none here "
+            f"(run it on a machine with an NVIDIA GPU)")
+    return torch
+
+
+def relative_error(out, ref) -> Optional[float]:
+    """||out - ref|| / ||ref|| in float64; None where out has NaN/Inf (e.g. unwritten elements)."""
+    import torch
+
+    out = out.to(torch.float64)
+    if not torch.isfinite(out).all():
+        return None
+    return float((out - ref).norm() / ref.norm())
+
+
+def build_kernels(specs, target, log: Callable[[str], None]):
+    """One module for every kernel that schedules and compiles; (executable, {spec: error})."""
+    from ..kernels.library import build, scheduled_func
+
+    failures: Dict[object, str] = {}
+    schedulable = []
+    for spec in specs:
+        try:
+            scheduled_func(spec, target)
+            schedulable.append(spec)
+        except Exception as err:  # a schedule that does not apply must not stop the others
+            failures[spec] = one_line(err)
+    if not schedulable:
+        return None, failures
+    try:
+        return build(schedulable, target), failures
+    except Exception as err:
+        log(f"warning: compiling all kernels in one module failed ({one_line(err)}); "
+            f"compiling them one by one to find the broken ones")
+    good = []
+    for spec in schedulable:
+        try:
+            build([spec], target)
+            good.append(spec)
+        except Exception as err:
+            failures[spec] = one_line(err)
+    return (build(good, target) if good else None), failures
+
+
+class _Bench:
+    """State of one run: settings, the failure list, and warnings said once."""
+
+    def __init__(self, iters: int, warmup: int, timing_mode: str, log: Callable[[str], None]):
+        self.iters, self.warmup, self.timing_mode, self.log = iters, warmup, timing_mode, log
+        self.failures: List[dict] = []
+        self._said = set()
+
+    def warn_once(self, text: str) -> None:
+        if text not in self._said:
+            self._said.add(text)
+            self.log(f"warning: {text}")
+
+    def fail(self, method: str, n: int, k: int, m: Optional[int], err: str) -> None:
+        self.failures.append({"method": method, "N": n, "K": k, "M": m, "error": err})
+
+    def time(self, method, n: int, k: int, m: int):
+        """Timing of one method, or None (failure noted). A graph capture that fails falls back
+        to per-launch events for that method; the record says which mode each method used."""
+        from .timing import time_cuda
+
+        modes = [self.timing_mode] + (["events"] if self.timing_mode == "graph" else [])
+        for mode in modes:
+            try:
+                return time_cuda(method.launch, self.iters, self.warmup, mode, period=method.weights.count)
+            except Exception as err:
+                reason = one_line(err)
+                if mode == "graph" and "events" in modes:
+                    self.warn_once(f"{method.name}: CUDA graph timing failed ({reason}); timing with events")
+                    continue
+                self.warn_once(f"{method.name} not timed: {reason}")
+                self.fail(method.name, n, k, m, reason)
+        return None
+
+
+def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] = None,
+              ms: Sequence[int] = None, iters: int = DEFAULT_ITERS, warmup: int = DEFAULT_WARMUP,
+              timing_mode: str = "graph", log: Callable[[str], None] = None) -> dict:
+    """Run the benchmark on the local GPU and return the JSON document (not yet written)."""
+    from ..formats import get as get_format
+
+    log = log or (lambda text: print(text, flush=True))
+    shapes = list(shapes or parse_shapes(DEFAULT_SHAPES))
+    ms = list(ms or parse_ms(DEFAULT_MS))
+    fmt = get_format(fmt_name)
+    for n, k in shapes:
+        fmt.check_shape(n, k)
+    torch = require_cuda()
+
+    import tvm
+
+    from ..kernels.library import KernelSpec
+    from ..kernels.target import parse_target
+    from .baselines import (RotatingWeights, cublas_fp16_method, prepare_torch_int4, qcompile_method,
+                            torch_int4_method)
+    from .timing import copy_bandwidth_GBps, copy_test_bytes, l2_cache_bytes
+
+    device = torch.device("cuda")
+    device_name = torch.cuda.get_device_name(device)
+    l2_bytes = l2_cache_bytes(device)
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    copy_bytes = copy_test_bytes(l2_bytes, free_bytes)
+    copy_bw = copy_bandwidth_GBps(copy_bytes)
+    log(f"{device_name}: L2 {l2_bytes / 2**20:.0f} MiB, copy bandwidth {copy_bw:.0f} GB/s "
+        f"({copy_bytes / 2**30:.2f} GiB copy, read + written)")
+
+    bench = _Bench(iters, warmup, timing_mode, log)
+    target = parse_target("auto")
+    specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in ms]
+    t0 = time.perf_counter()
+    executable, build_failures = build_kernels(specs, target, log)
+    build_s = time.perf_counter() - t0
+    log(f"compiled {len(specs) - len(build_failures)} of {len(specs)} kernels for {target.key} in {build_s:.1f} s")
+    for spec, err in build_failures.items():
+        log(f"warning: no kernel for N={spec.n} K={spec.k} M={spec.m}: {err}")
+        bench.fail("qcompile", spec.n, spec.k, spec.m, err)
+
+    torch.manual_seed(0)
+    records = []
+    for n, k in shapes:
+        W = torch.randn(n, k, device=device) * 0.02
+        qw = fmt.quantize(W).to(device)
+        del W
+        w16 = fmt.decode_fp16(qw)  # the exact values the kernels multiply with
+        w64_t = w16.to(torch.float64).T
+        q_weights = RotatingWeights([qw.tensors[name] for name in fmt.tensor_specs(n, k)], l2_bytes)
+        fp16_weights = RotatingWeights([w16], l2_bytes)
+        int4 = None
+        try:
+            int4 = prepare_torch_int4(fmt, qw, w16, l2_bytes)
+            torch.cuda.synchronize()
+        except Exception as err:
+            bench.warn_once(f"torch int4 baseline unavailable: {one_line(err)}")
+            bench.fail("torch_int4", n, k, None, one_line(err))
+        weight_bytes = fmt.weight_bytes(n, k)
+
+        for m in ms:
+            spec = KernelSpec(fmt.name, n, k, m)
+            if spec in build_failures:
+                continue
+            X = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = X.to(torch.float64) @ w64_t
+            kernel = executable[spec.name]
+            Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)  # poison
+            try:
+                kernel(X, *q_weights[0], Y)
+                torch.cuda.synchronize()
+            except Exception as err:
+                bench.warn_once(f"qcompile kernel N={n} K={k} M={m} failed: {one_line(err)}")
+                bench.fail("qcompile", n, k, m, one_line(err))
+                continue
+            rel_err = relative_error(Y, ref)
+            if rel_err is None or rel_err > REL_ERR_WARN:
+                log(f"warning: qcompile N={n} K={k} M={m} rel_err "
+                    f"{'NaN/unwritten output' if rel_err is None else f'{rel_err:.2e}'} > {REL_ERR_WARN:g}")
+
+            t_q = bench.time(qcompile_method(kernel, X, q_weights, Y), n, k, m)
+            t_fp16 = bench.time(cublas_fp16_method(X, fp16_weights), n, k, m)
+            if t_q is None or t_fp16 is None:
+                continue
+            t_int4, int4_err = None, None
+            if int4 is not None:
+                try:
+                    int4_call = torch_int4_method(X, int4)
+                    int4_err = relative_error(int4_call.launch(0), ref)
+                    torch.cuda.synchronize()
+                    t_int4 = bench.time(int4_call, n, k, m)
+                except Exception as err:
+                    bench.warn_once(f"torch int4 baseline failed: {one_line(err)}")
+                    bench.fail("torch_int4", n, k, m, one_line(err))
+                if int4.same_weights and t_int4 is not None and (int4_err is None or int4_err > INT4_REL_ERR_WARN):
+                    bench.warn_once(f"torch int4 output differs from the reference (rel_err {int4_err}); "
+                                    f"its packing may not match this torch version")
+            records.append(make_record(
+                fmt.name, n, k, m, t_q.median_us, t_fp16.median_us,
+                None if t_int4 is None else t_int4.median_us, weight_bytes, copy_bw,
+                rel_err=rel_err, torch_int4_rel_err=int4_err,
+                torch_int4_same_weights=None if int4 is None else int4.same_weights,
+                us_p10=t_q.p10_us, us_p90=t_q.p90_us,
+                timing_modes={"qcompile": t_q.mode, "cublas_fp16": t_fp16.mode,
+                              "torch_int4": None if t_int4 is None else t_int4.mode},
+                weight_copies={"qcompile": q_weights.count, "cublas_fp16": fp16_weights.count,
+                               "torch_int4": None if int4 is None else int4.weights.count}))
+            r = records[-1]
+            log(f"  N={n:>6} K={k:>6} M={m:>4}: {r['us']:8.2f} us  cublas {r['cublas_fp16_us']:8.2f} us  "
+                f"int4 {_fmt_us(r['torch_int4_us']):>8} us  speedup {r['speedup_vs_fp16']:.2f}x  "
+                f"bw {r['bandwidth_fraction']:.3f}")
+        del q_weights, fp16_weights, int4, qw, w16, w64_t
+        torch.cuda.empty_cache()
+
+    return bench_document(
+        device_name, source_commit(), copy_bw, records,
+        format=fmt.name, target=target.key,
+        tvm_version=tvm.__version__, torch_version=torch.__version__, cuda_version=torch.version.cuda,
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        l2_bytes=l2_bytes, copy_bytes=copy_bytes, build_s=build_s,
+        timing={"mode": timing_mode, "iters": iters, "warmup": warmup, "statistic": "median",
+                "rotation": "weights of every method rotated through >= 2x L2 of distinct copies",
+                "activations": "one X per (shape, M), reused (stays in L2, as between real layers)"},
+        failures=bench.failures)
+
+
+def default_name(fmt_name: str, device_name: str) -> str:
+    return f"{fmt_name}-{gpu_short_name(device_name)}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``qcompile bench`` (also ``python -m qcompile.bench.harness``)."""
+    from ..formats import get as get_format
+
+    args = build_parser().parse_args(argv)
+    shapes = parse_shapes(args.shapes)
+    ms = parse_ms(args.m)
+    if args.iters < 1 or args.warmup < 0:
+        raise QCompileError("--iters must be >= 1 and --warmup >= 0")
+    if args.name is not None and not re.fullmatch(r"[0-9A-Za-z._-]+", args.name):
+        raise QCompileError(f"--name {args.name!r} may only hold letters, digits, '.', '_' and '-'")
+    fmt = get_format(args.format)
+    for n, k in shapes:
+        fmt.check_shape(n, k)
+    require_cuda()
+
+    doc = run_bench(fmt.name, shapes, ms, args.iters, args.warmup, args.timing)
+    name = args.name or default_name(fmt.name, doc["device"])
+    json_path = Path(args.out_dir) / f"{name}.json"
+    png_path = Path(args.out_dir) / f"{name}.png"
+    write_bench_json(json_path, doc)
+    from .plot import plot_bench
+
+    plot_bench(doc, png_path)
+    print(format_table(doc))
+    if doc["failures"]:
+        print(f"{len(doc['failures'])} measurement(s) failed; see 'failures' in {json_path}")
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except QCompileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

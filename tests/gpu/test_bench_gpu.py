@@ -1,0 +1,30 @@
+"""qcompile bench on a real GPU: a small run writes a valid JSON whose kernels are correct."""
+import json
+
+import pytest
+import torch
+
+from qcompile.bench import harness
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_small_bench_writes_valid_json(tmp_path, capsys):
+    rc = harness.main(["--shapes", "4096x4096", "--m", "1,16", "--iters", "30", "--warmup", "3",
+                       "--name", "small", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    doc = json.loads((tmp_path / "small.json").read_text())
+    harness.check_bench_document(doc)
+    assert (tmp_path / "small.png").read_bytes()[:4] == b"\x89PNG"
+    assert doc["copy_bandwidth_GBps"] > 100  # any datacenter GPU copies far faster
+    assert [(r["N"], r["K"], r["M"]) for r in doc["records"]] == [(4096, 4096, 1), (4096, 4096, 16)]
+    for r in doc["records"]:
+        assert r["format"] == "int4-g128"
+        assert r["rel_err"] is not None and r["rel_err"] < 1e-2
+        assert 0 < r["us"] < 10_000 and 0 < r["cublas_fp16_us"] < 10_000
+        assert 0 < r["bandwidth_fraction"] < 1.5
+        if r["torch_int4_us"] is not None:  # where torch's int4 kernel runs, it runs our codes
+            assert r["torch_int4_rel_err"] < 5e-2
+    out = capsys.readouterr().out
+    assert "copy bandwidth" in out and "4096" in out

@@ -1,0 +1,174 @@
+"""qcompile bench without a GPU: the JSON schema, the byte and bandwidth arithmetic, the L2
+rotation arithmetic, the plot, the names, and the one-line error where there is no GPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qcompile.bench import harness, timing
+from qcompile.bench.harness import (bandwidth_fraction, bench_document, check_bench_document, format_table,
+                                    gpu_short_name, kernel_bytes, make_record, parse_ms, parse_shapes,
+                                    source_commit, write_bench_json)
+from qcompile.bench.plot import plot_bench
+from qcompile.errors import QCompileError
+from qcompile.formats import get as get_format
+
+COPY_BW = 3000.0  # GB/s
+
+
+def synthetic_records():
+    fmt = get_format("int4-g128")
+    records = []
+    for n, k in [(4096, 4096), (28672, 8192)]:
+        for m, us, fp16_us, int4_us in [(1, 7.5, 15.6, 6.8), (16, 9.0, 15.9, None), (256, 60.0, 30.0, 80.0)]:
+            records.append(make_record(fmt.name, n, k, m, us, fp16_us, int4_us, fmt.weight_bytes(n, k), COPY_BW,
+                                       rel_err=3e-4, timing_modes={"qcompile": "graph"}))
+    return records
+
+
+def synthetic_doc():
+    return bench_document("NVIDIA H100 80GB HBM3", "abc1234-dirty", COPY_BW, synthetic_records(),
+                          format="int4-g128", tvm_version="0.27.0")
+
+
+def test_json_has_exactly_the_schema_types(tmp_path):
+    path = tmp_path / "b.json"
+    write_bench_json(path, synthetic_doc())
+    doc = json.loads(path.read_text())
+    assert isinstance(doc["device"], str) and isinstance(doc["commit"], str)
+    assert type(doc["copy_bandwidth_GBps"]) is float
+    assert len(doc["records"]) == 6
+    required = {"format": str, "N": int, "K": int, "M": int, "us": float, "cublas_fp16_us": float,
+                "speedup_vs_fp16": float, "bandwidth_fraction": float}
+    for r in doc["records"]:
+        for key, typ in required.items():
+            assert type(r[key]) is typ, (key, r[key])
+        assert r["torch_int4_us"] is None or type(r["torch_int4_us"]) is float
+        assert r["rel_err"] == 3e-4  # extra keys survive
+    assert [r["torch_int4_us"] for r in doc["records"][:3]] == [6.8, None, 80.0]
+    check_bench_document(doc)
+
+
+def test_schema_check_rejects_wrong_types():
+    doc = synthetic_doc()
+    doc["records"][0]["N"] = 4096.0
+    with pytest.raises(ValueError, match="N"):
+        check_bench_document(doc)
+    doc = synthetic_doc()
+    del doc["records"][1]["cublas_fp16_us"]
+    with pytest.raises(ValueError, match="cublas_fp16_us"):
+        check_bench_document(doc)
+    doc = synthetic_doc()
+    doc["records"][2]["us"] = float("nan")
+    with pytest.raises(ValueError):
+        check_bench_document(doc)
+    with pytest.raises(ValueError, match="overwrite"):
+        make_record("int4-g128", 1, 128, 1, 1.0, 1.0, None, 64, COPY_BW, speedup_vs_fp16=2.0)
+
+
+def test_bytes_and_bandwidth_fraction():
+    fmt = get_format("int4-g128")
+    weight = fmt.weight_bytes(4096, 4096)
+    assert weight == 4096 * 4096 // 2 + 4096 * (4096 // 128) * 2  # int4 codes + fp16 group scales
+    assert kernel_bytes(weight, 4096, 4096, 16) == weight + 16 * 4096 * 2 + 16 * 4096 * 2
+    assert kernel_bytes(100, n=10, k=20, m=3) == 100 + 3 * 20 * 2 + 3 * 10 * 2
+    # 3 GB in one second against a 3000 GB/s copy is one thousandth
+    assert bandwidth_fraction(3_000_000_000, 1e6, 3000.0) == pytest.approx(1e-3)
+    assert bandwidth_fraction(3_000_000, 1.0, 3000.0) == pytest.approx(1.0)
+    r = make_record("int4-g128", 4096, 4096, 1, 5.0, 15.0, 7.0, weight, COPY_BW)
+    assert r["speedup_vs_fp16"] == pytest.approx(3.0)
+    assert r["bytes"] == weight + 4096 * 2 + 4096 * 2
+    assert r["bandwidth_fraction"] == pytest.approx(r["bytes"] / 5e-6 / 3000e9)
+
+
+def test_rotation_copies_cover_twice_the_l2():
+    l2 = 50 * 2**20
+    fp16_4096 = 4096 * 4096 * 2  # 32 MiB: 100 MiB needs 4 copies
+    assert timing.rotation_copies(fp16_4096, l2) == 4
+    assert timing.rotation_copies(25 * 2**20, l2) == 4  # exact multiple: no extra copy
+    assert timing.rotation_copies(25 * 2**20 - 1, l2) == 5
+    int4_4096 = get_format("int4-g128").weight_bytes(4096, 4096)  # ~8.25 MiB
+    n = timing.rotation_copies(int4_4096, l2)
+    assert n * int4_4096 >= 2 * l2 > (n - 1) * int4_4096
+    assert timing.rotation_copies(28672 * 8192 * 2, l2) == 2  # larger than the L2: still two
+    with pytest.raises(ValueError):
+        timing.rotation_copies(0, l2)
+    # a graph holds whole rotations, so every replay starts on a cold copy
+    assert timing.launches_per_graph(1) == 10
+    assert timing.launches_per_graph(4) == 12
+    assert timing.launches_per_graph(13) == 13
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where no GPU reports an L2")
+def test_l2_defaults_to_50_mb_without_gpu():
+    assert timing.l2_cache_bytes() == 50 * 2**20
+
+
+def test_timing_summary_is_the_median():
+    t = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0], launches=5, mode="events")
+    assert (t.median_us, t.p10_us, t.p90_us) == (3.0, 1.0, 5.0)
+    assert timing.copy_test_bytes(50 * 2**20, 80 * 2**30) == 1 << 30
+    assert timing.copy_test_bytes(50 * 2**20, 512 * 2**20) == 200 * 2**20  # little free memory: 4x L2
+
+
+def test_plot_writes_png(tmp_path):
+    path = plot_bench(synthetic_doc(), tmp_path / "sub" / "b.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    empty = bench_document("NVIDIA H100", "unknown", COPY_BW, [])
+    assert plot_bench(empty, tmp_path / "empty.png").exists()
+
+
+def test_table_lists_every_record():
+    text = format_table(synthetic_doc())
+    lines = text.splitlines()
+    assert len(lines) == 2 + 6 + 1
+    assert "n/a" in lines[3]  # the record without a torch int4 time
+    assert "3000 GB/s" in lines[-1]
+
+
+def test_names():
+    assert gpu_short_name("NVIDIA H100 80GB HBM3") == "h100"
+    assert gpu_short_name("NVIDIA H200") == "h200"
+    assert gpu_short_name("NVIDIA A100-SXM4-80GB") == "a100"
+    assert gpu_short_name("NVIDIA GeForce RTX 4090") == "rtx4090"
+    assert gpu_short_name("NVIDIA H100 PCIe") == "h100"
+    assert harness.default_name("int4-g128", "NVIDIA H100 80GB HBM3") == "int4-g128-h100"
+
+
+def test_commit_is_unknown_without_git(tmp_path):
+    assert source_commit(tmp_path) == "unknown"
+
+
+def test_argument_errors_are_one_line():
+    assert parse_shapes("4096x4096, 11008X4096") == [(4096, 4096), (11008, 4096)]
+    assert parse_ms("1,4,16") == [1, 4, 16]
+    for bad in ("4096", "4096x", "0x128", "axb"):
+        with pytest.raises(QCompileError) as err:
+            parse_shapes(bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(QCompileError):
+        parse_ms("1,0")
+    with pytest.raises(QCompileError, match="group size"):
+        harness.main(["--shapes", "4096x100"])
+    with pytest.raises(QCompileError, match="unknown format"):
+        harness.main(["--format", "int3-g7"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")
+def test_bench_without_gpu_is_a_one_line_error(tmp_path):
+    with pytest.raises(QCompileError) as err:
+        harness.main(["--shapes", "4096x4096", "--m", "1", "--out-dir", str(tmp_path)])
+    message = str(err.value)
+    assert message.startswith("qcompile bench needs a CUDA GPU;") and "\n" not in message
+    assert not any(tmp_path.iterdir())  # nothing written
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "qcompile.bench.harness", "--m", "1"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0
+    assert proc.stderr.startswith("error: qcompile bench needs a CUDA GPU;")
