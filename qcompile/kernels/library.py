@@ -92,9 +92,16 @@ def source_key(code: str) -> str:
 def compile_fatbin(code: str, arch: str) -> bytes:
     """nvcc the generated CUDA source into a fatbin for ``arch`` (done at build time, so loading
     an artifact needs no CUDA compiler)."""
+    import shutil
+
     import tvm
     from tvm.support import nvcc
 
+    from ..errors import QCompileError
+
+    if shutil.which("nvcc") is None:
+        raise QCompileError(f"building for {arch} needs nvcc (the CUDA toolkit) on PATH to compile the "
+                            f"kernels into a fatbin; install it or build with --target llvm")
     sm = arch.replace("sm_", "")
     # SASS for the arch plus its PTX, so a newer GPU can still JIT the kernels
     gencode = ["-gencode", f"arch=compute_{sm},code=[sm_{sm},compute_{sm}]"]

@@ -36,7 +36,7 @@ def _install_callback() -> None:
             binary = _BINARIES.get(key)
         if binary is not None:
             return binary
-        return nvcc.tvm_callback_cuda_compile(code)
+        return nvcc.tvm_callback_cuda_compile(code, *args)
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_or_lookup, override=True)
     _installed = True

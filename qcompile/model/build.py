@@ -1,0 +1,354 @@
+"""`qcompile build`: a Hugging Face Llama-family model -> a self-contained artifact directory.
+
+Artifact files (see DESIGN.md):
+  kernels.so          every (layer shape x M bucket) kernel of the model in one TVM module
+  kernels.cu/.fatbin  CUDA targets: the kernel source and its compiled fatbin (loading needs no compiler)
+  model.safetensors   packed weights as ``<linear path>.<tensor name>`` + unquantized tensors in fp16
+  config.json         the model config with a ``quantization_config`` block; tokenizer files beside it
+  manifest.json       written last: versions, target, layers and kernels, sha256 of every other file
+
+Everything is written into a temporary directory beside out_dir and renamed into place at the end;
+any failure removes it, so there is never a partial artifact.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+from ..errors import QCompileError
+from ..formats import Format
+from ..formats import get as get_format
+from ..kernels.library import DEFAULT_BUCKETS, KernelSpec
+from ..kernels.target import TargetInfo, parse_target
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+ARTIFACT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+KERNELS_LIB, KERNELS_FATBIN, KERNELS_SOURCE = "kernels.so", "kernels.fatbin", "kernels.cu"
+# copied from the model directory when present (generation_config.json is not a tokenizer file,
+# but generate() needs it just as much)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+
+PathLike = Union[str, os.PathLike]
+
+
+def build(model_dir: Optional[PathLike], format: Union[str, Format], target: str, out_dir: PathLike,
+          buckets: Sequence[int] = DEFAULT_BUCKETS, progress: Optional[Callable[[str], None]] = print,
+          overwrite: bool = False) -> Path:
+    """Quantize every decoder linear of the model with ``format``, compile its kernels for ``target``
+    and write the artifact to ``out_dir``. ``model_dir=None`` builds the default model. Returns out_dir."""
+    say = progress or (lambda msg: None)
+    out = Path(out_dir).absolute()
+    fmt = get_format(format)
+    tinfo = parse_target(target)
+    buckets = parse_buckets(buckets)
+    check_out_dir(out, overwrite)
+    if model_dir is None:
+        from .default import find_default_model
+
+        model_dir = find_default_model()
+        say(f"no model given: using the default model {model_dir}")
+    model_dir = Path(model_dir).absolute()
+    raw_config = read_model_config(model_dir)
+    if model_dir.resolve() == out.resolve() or model_dir.resolve() in out.resolve().parents:
+        raise QCompileError(f"output directory {out} is inside the model directory {model_dir}; choose another -o")
+    linear_shapes = decoder_linear_shapes(model_dir)
+    for path, (n, k) in linear_shapes.items():
+        check_layer_shape(fmt, path, n, k)
+
+    say(f"loading {raw_config['model_type']} model from {model_dir}")
+    model = load_hf_model(model_dir)
+    say(f"quantizing {len(linear_shapes)} linears to {fmt.name}")
+    quantized = quantize_linears(model, fmt, list(linear_shapes))
+    shapes = sorted({qw.shape for qw, _ in quantized.values()})
+    specs = [KernelSpec(fmt.name, n, k, m) for (n, k) in shapes for m in buckets]
+    say(f"compiling {len(specs)} kernels ({len(shapes)} shapes x {len(buckets)} batch buckets) for {tinfo.key}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        kernel_files = compile_kernels(specs, tinfo, tmp)
+        write_weights(tmp / WEIGHTS, model, quantized)
+        write_config(tmp / CONFIG, raw_config, fmt, quantized)
+        copied = copy_tokenizer_files(model_dir, tmp)
+        write_manifest(tmp, fmt=fmt, target=tinfo, buckets=buckets, model_type=raw_config["model_type"],
+                       quantized=quantized, kernel_files=kernel_files,
+                       files=kernel_files + [WEIGHTS, CONFIG] + copied)
+        install(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"wrote {out}")
+    return out
+
+
+# --- validation -------------------------------------------------------------------------------------
+def parse_buckets(buckets) -> Tuple[int, ...]:
+    """Buckets from a sequence of ints or a string "1,4,16"; sorted and distinct."""
+    from ..runtime.dispatch import check_buckets
+
+    try:
+        if isinstance(buckets, str):
+            buckets = [int(b) for b in buckets.split(",") if b.strip()]
+        return check_buckets(buckets)
+    except (TypeError, ValueError):
+        raise QCompileError(f"invalid M buckets {buckets!r}; give positive integers, e.g. 1,4,16,64,256") from None
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise QCompileError(f"output path {out} exists and is not a directory; choose another -o")
+    if not overwrite:
+        raise QCompileError(f"output directory {out} already exists; pass --overwrite to replace it or choose another -o")
+    if any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise QCompileError(f"output directory {out} is not a qcompile artifact (no {MANIFEST}); "
+                            f"refusing to replace it, choose another -o")
+
+
+def read_model_config(model_dir: Path) -> dict:
+    """config.json of a supported transformers model directory, as a dict."""
+    if not model_dir.exists():
+        raise QCompileError(f"model directory {model_dir} does not exist")
+    if not model_dir.is_dir():
+        raise QCompileError(f"model path {model_dir} is not a directory; give a Hugging Face model directory")
+    cfg_path = model_dir / CONFIG
+    if not cfg_path.is_file():
+        raise QCompileError(f"{model_dir} has no {CONFIG}; give a Hugging Face transformers model directory")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as err:
+        raise QCompileError(f"cannot read {cfg_path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise QCompileError(f"{cfg_path} is not a transformers config (not a JSON object)")
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise QCompileError(f"{model_dir} holds a {model_type!r} model; qcompile build supports "
+                            f"Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    if raw.get("quantization_config"):
+        method = raw["quantization_config"].get("quant_method", "?")
+        raise QCompileError(f"{model_dir} is already quantized ({method}); build from the unquantized model")
+    return raw
+
+
+def decoder_linear_shapes(model_dir: Path) -> Dict[str, Tuple[int, int]]:
+    """{linear path: (out, in)} of every decoder linear, from the config alone (meta tensors)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir))
+    except Exception as err:  # transformers raises many kinds for a bad config
+        raise QCompileError(f"cannot parse {model_dir / CONFIG}: {one_line(err)}") from None
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, TypeError, AttributeError) as err:  # an inconsistent config
+        raise QCompileError(f"cannot build a {config.model_type} model from {model_dir / CONFIG}: "
+                            f"{one_line(err)}") from None
+    shapes = {path: (int(m.out_features), int(m.in_features)) for path, m in decoder_linears(model)}
+    if not shapes:
+        raise QCompileError(f"found no decoder linear layers in the {config.model_type} model at {model_dir}")
+    return shapes
+
+
+def decoder_linears(model):
+    """(path, nn.Linear) of every linear inside the decoder layers: attention q/k/v/o and MLP
+    gate/up/down. lm_head and the embeddings stay unquantized."""
+    from torch import nn
+
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear) and path.startswith("model.layers."):
+            yield path, module
+
+
+def check_layer_shape(fmt: Format, path: str, n: int, k: int) -> None:
+    try:
+        fmt.check_shape(n, k)
+    except QCompileError as err:
+        raise QCompileError(f"layer {path} ({n}x{k}) cannot be stored as {fmt.name}: {err}") from None
+
+
+# --- the steps ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_transformers():
+    """No progress bars from transformers while we print our own progress."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def load_hf_model(model_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet_transformers():
+            try:
+                model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+            except TypeError:  # transformers < 4.56 names it torch_dtype
+                model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise QCompileError(f"cannot load the model weights from {model_dir}: {one_line(err)}") from None
+    return model.eval()
+
+
+def quantize_linears(model, fmt: Format, paths: List[str]):
+    """{path: (QuantizedWeight, bias or None)} for the given linears (weights on the CPU)."""
+    import torch
+
+    modules = dict(model.named_modules())
+    out = {}
+    with torch.no_grad():
+        for path in paths:
+            linear = modules[path]
+            try:
+                qw = fmt.quantize(linear.weight.detach().float().cpu())
+            except QCompileError as err:
+                raise QCompileError(f"layer {path}: {err}") from None
+            bias = None if linear.bias is None else linear.bias.detach().cpu()
+            out[path] = (qw, bias)
+    return out
+
+
+def compile_kernels(specs: List[KernelSpec], target: TargetInfo, out_dir: Path) -> List[str]:
+    from ..kernels import library
+
+    try:
+        executable = library.build(specs, target)
+    except ValueError as err:  # a shape the kernel schedules cannot tile
+        raise QCompileError(f"cannot compile the kernels for {target.key}: {one_line(err)}") from None
+    return library.export(executable, target, str(out_dir))
+
+
+def write_weights(path: Path, model, quantized) -> None:
+    """Packed tensors as ``<path>.<tensor>``, biases and every unquantized tensor in fp16."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for lin_path, (qw, bias) in quantized.items():
+        for name, t in qw.tensors.items():
+            tensors[f"{lin_path}.{name}"] = t.detach().cpu().contiguous()
+        if bias is not None:
+            tensors[f"{lin_path}.bias"] = bias.to(torch.float16).contiguous()
+    skip = {f"{p}.weight" for p in quantized} | {f"{p}.bias" for p in quantized}
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        # .to() copies, so tied tensors (embeddings / lm_head) become separate entries, as safetensors needs
+        tensors[name] = t.detach().cpu().to(torch.float16 if t.is_floating_point() else t.dtype).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt", "producer": "qcompile"})
+
+
+def measured_bits_per_weight(quantized) -> float:
+    bits = sum(qw.bits_per_weight * qw.shape[0] * qw.shape[1] for qw, _ in quantized.values())
+    weights = sum(qw.shape[0] * qw.shape[1] for qw, _ in quantized.values())
+    return bits / weights
+
+
+def write_config(path: Path, raw_config: dict, fmt: Format, quantized) -> None:
+    config = dict(raw_config)
+    config["quantization_config"] = {
+        "quant_method": "qcompile",
+        "format": fmt.name,
+        "bits_per_weight": round(measured_bits_per_weight(quantized), 6),
+        "modules": list(quantized),
+    }
+    write_json(path, config)
+
+
+def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> List[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = model_dir / name
+        if src.is_file():
+            shutil.copyfile(src, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, model_type: str, quantized,
+                   kernel_files: List[str], files: List[str]) -> None:
+    import tvm
+
+    from .. import __version__
+
+    layers = []
+    for path, (qw, bias) in quantized.items():
+        n, k = qw.shape
+        layers.append({"name": path, "format": qw.format, "shape": [n, k], "bias": bias is not None,
+                       "kernels": [KernelSpec(qw.format, n, k, m).name for m in buckets]})
+    manifest = {
+        "artifact_version": ARTIFACT_VERSION,
+        "qcompile_version": __version__,
+        "tvm_version": tvm.__version__,
+        "target": target.key,
+        "target_name": target.name,
+        "format": fmt.name,
+        "bits_per_weight": round(measured_bits_per_weight(quantized), 6),
+        "model_type": model_type,
+        "buckets": list(buckets),
+        "kernels": {"library": KERNELS_LIB,
+                    "fatbin": KERNELS_FATBIN if KERNELS_FATBIN in kernel_files else None,
+                    "source": KERNELS_SOURCE if KERNELS_SOURCE in kernel_files else None},
+        "layers": layers,
+        "files": {name: {"sha256": sha256_file(out_dir / name), "bytes": (out_dir / name).stat().st_size}
+                  for name in files},
+    }
+    write_json(out_dir / MANIFEST, manifest)
+
+
+def install(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Rename the finished artifact into place; an existing one is moved aside, then deleted."""
+    check_out_dir(out, overwrite)  # again: something may have appeared while we compiled
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
