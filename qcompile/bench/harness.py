@@ -172,6 +172,9 @@ def gpu_short_name(device_name: str) -> str:
 def source_commit(repo_dir=None) -> str:
     """Short commit of the source tree (+ '-dirty' with uncommitted tracked changes), else
     'unknown' (no git, or a copy of the tree without .git, as on the device machine)."""
+    override = os.environ.get("QCOMPILE_COMMIT", "").strip()
+    if override:  # a copy of the tree without .git (the device machine) is told its commit
+        return override
     repo_dir = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parents[2]
     if not (repo_dir / ".git").exists():  # never describe an unrelated repository further up
         return "unknown"
