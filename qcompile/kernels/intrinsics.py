@@ -27,7 +27,7 @@ def register_unit_decode(fmt, func_name: str, cuda_source: str) -> str:
     if name in _REGISTERED:
         return name
     unit = fmt.decode_unit
-    specs = fmt.tensor_specs(fmt.group, fmt.group)  # dtypes only; one element of each is read
+    specs = fmt.tensor_specs(fmt.group, fmt.group)  # only the dtypes matter: one element of each is read
     (qname, qspec), (sname, sspec) = list(specs.items())
     qdtype, sdtype = qspec.dtype, sspec.dtype
 
@@ -73,10 +73,6 @@ class _Single:
         self.buf = buf
 
     def __getitem__(self, idx):
-        return tvm_buffer_load(self.buf, idx)
+        from tvm import tirx
 
-
-def tvm_buffer_load(buf, idx):
-    from tvm import tirx
-
-    return tirx.BufferLoad(buf, [tirx.const(0, "int32") if isinstance(i, int) else i for i in idx])
+        return tirx.BufferLoad(self.buf, [tirx.const(i, "int32") if isinstance(i, int) else i for i in idx])
