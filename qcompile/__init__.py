@@ -10,3 +10,11 @@ def load(path, device=None):
     from .model.artifact import load_artifact
 
     return load_artifact(path, device=device)
+
+
+def quantize_model(model_or_dir=None, format="int4-g128", calibration=None, out_dir=None, **kwargs):
+    """Quantize a transformers model layer by layer into a checkpoint directory (see
+    qcompile.model.quantize.quantize_model); returns the directory. ``qcompile build`` accepts it."""
+    from .model.quantize import quantize_model as _quantize_model
+
+    return _quantize_model(model_or_dir, format, calibration, out_dir, **kwargs)

@@ -1,4 +1,4 @@
-"""The qcompile command line: build, inspect, run, bench.
+"""The qcompile command line: quantize, build, inspect, run, eval, bench.
 
 User errors (QCompileError) print ``error: <message>`` on one line to stderr and exit with 2.
 """
@@ -24,12 +24,38 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
+    q = sub.add_parser("quantize", help="quantize a model layer by layer into a checkpoint directory",
+                       description="Quantize every decoder linear of a Hugging Face Llama-family model (optionally "
+                                   "with the randomized Hadamard transform and Hessian-aware LDLQ rounding) into a "
+                                   "checkpoint directory that qcompile build accepts. An interrupted run resumes "
+                                   "when started again with the same settings and -o.")
+    q.add_argument("model_dir", nargs="?", default=None,
+                   help="Hugging Face model directory (default: the built-in default model)")
+    q.add_argument("--format", "-f", required=True, help="weight format, e.g. int4-g128 (see qcompile.formats.names())")
+    q.add_argument("--rht", action="store_true", help="randomized Hadamard transform (incoherence processing)")
+    q.add_argument("--ldlq", action=argparse.BooleanOptionalAction, default=True,
+                   help="Hessian-aware rounding from calibration text (default: on; --no-ldlq rounds to nearest "
+                        "and needs no calibration)")
+    q.add_argument("--seed", type=int, default=0, help="seed of the RHT signs and calibration windows (default: 0)")
+    q.add_argument("--sigma", type=float, default=1e-2, help="Hessian damping, relative ridge (default: %(default)s)")
+    q.add_argument("--calibration-samples", type=int, default=None,
+                   help="calibration windows from the corpus train split (default: 128)")
+    q.add_argument("--context", type=int, default=None,
+                   help="tokens per calibration window (default: min(512, the model's positions))")
+    q.add_argument("--device", default=None, help="torch device to run layers on (default: cuda if available)")
+    q.add_argument("-o", "--output", required=True, help="checkpoint directory to write (or resume)")
+    q.add_argument("--overwrite", action="store_true", help="replace a checkpoint made with other settings")
+    q.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+
     b = sub.add_parser("build", help="quantize a model and compile its kernels into an artifact directory",
-                       description="Quantize every decoder linear of a Hugging Face Llama-family model and "
-                                   "compile its kernels into an artifact directory.")
+                       description="Quantize every decoder linear of a Hugging Face Llama-family model (or take "
+                                   "the weights of a qcompile quantize checkpoint) and compile its kernels into an "
+                                   "artifact directory.")
     b.add_argument("model_dir", nargs="?", default=None,
-                   help="Hugging Face model directory (default: the built-in tiny model)")
-    b.add_argument("--format", "-f", required=True, help="weight format, e.g. int4-g128 (see qcompile.formats.names())")
+                   help="Hugging Face model directory or qcompile checkpoint (default: the built-in tiny model)")
+    b.add_argument("--format", "-f", default=None,
+                   help="weight format, e.g. int4-g128 (see qcompile.formats.names()); required for a model "
+                        "directory, optional for a checkpoint (which carries its format)")
     b.add_argument("--target", "-t", default="auto",
                    help="auto (the local GPU, else the CPU), llvm, sm_XX or a GPU name such as h100 (default: auto)")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
@@ -48,9 +74,82 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", "-n", type=int, default=32)
     r.add_argument("--device", default=None, help="torch device (default: the artifact's target)")
 
+    e = sub.add_parser("eval", help="quality: perplexity of a model, checkpoint or artifact; the quality table")
+    esub = e.add_subparsers(dest="eval_command", metavar="WHAT")
+    esub.required = True
+    ep = esub.add_parser("ppl", help="perplexity on the corpus's held-out test split")
+    ep.add_argument("path", nargs="?", default=None,
+                    help="model directory, qcompile checkpoint (evaluated dequantized) or artifact "
+                         "(default: the trained small model)")
+    ep.add_argument("--context", type=int, default=None, help="window length in tokens (default: 256)")
+    ep.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: 128)")
+    ep.add_argument("--device", default=None, help="torch device (default: cuda if available / the artifact's target)")
+    ep.add_argument("--max-tokens", type=int, default=None, help="score only the first N test tokens")
+    ep.add_argument("--json", action="store_true", help="print the result as JSON")
+    eq = esub.add_parser("quality", help="quantize the trained model with each configuration and write the "
+                                         "perplexity table (artifacts/bench/quality.json)")
+    eq.add_argument("--model", default=None, help="unquantized model directory (default: the trained small model)")
+    eq.add_argument("--formats", nargs="+", default=None, help="formats to measure (default: int4-g128)")
+    eq.add_argument("--out", default="artifacts/bench/quality.json", help="table to write (default: %(default)s)")
+    eq.add_argument("--context", type=int, default=None, help="perplexity window (default: 256)")
+    eq.add_argument("--stride", type=int, default=None, help="perplexity stride (default: 128)")
+    eq.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    eq.add_argument("--max-tokens", type=int, default=None, help="score only the first N test tokens")
+    eq.add_argument("--calibration-samples", type=int, default=None, help="calibration windows (default: 128)")
+    eq.add_argument("--calibration-context", type=int, default=None, help="tokens per calibration window")
+    eq.add_argument("--seed", type=int, default=0)
+    eq.add_argument("--work-dir", default=None,
+                    help="where the checkpoints go (default: ~/.cache/qcompile/quality/<model>)")
+    eq.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
+
     sub.add_parser("bench", help="benchmark kernels against baselines (see qcompile bench --help)",
                    add_help=False)
     return p
+
+
+def cmd_quantize(args) -> int:
+    from .model.quantize import DEFAULT_CALIBRATION_SAMPLES, quantize_model
+
+    quantize_model(args.model_dir, args.format, out_dir=args.output, rht=args.rht, ldlq=args.ldlq, seed=args.seed,
+                   sigma=args.sigma, n_calibration=args.calibration_samples or DEFAULT_CALIBRATION_SAMPLES,
+                   context=args.context, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    if args.eval_command == "quality":
+        from .model.quality import markdown_table, quality_table
+
+        table = quality_table(args.model, args.formats, out=args.out, context=args.context, stride=args.stride,
+                              device=args.device, work_dir=args.work_dir, n_calibration=args.calibration_samples,
+                              calibration_context=args.calibration_context, seed=args.seed,
+                              max_tokens=args.max_tokens)
+        if args.markdown:
+            print(markdown_table(table))
+        return 0
+    from .model.checkpoint import is_checkpoint
+
+    try:
+        from .model import evaluate
+    except ImportError as err:
+        raise QCompileError(f"perplexity evaluation is not available in this install ({err})") from None
+    kwargs = {"context": args.context if args.context is not None else evaluate.DEFAULT_CONTEXT,
+              "stride": args.stride if args.stride is not None else evaluate.DEFAULT_STRIDE,
+              "device": args.device, "max_tokens": args.max_tokens}
+    if args.path is not None and is_checkpoint(args.path):
+        from .model.quality import eval_checkpoint_ppl
+
+        result = eval_checkpoint_ppl(args.path, **kwargs)
+    else:
+        result = evaluate.eval_ppl(args.path, **kwargs)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        fmt = getattr(evaluate, "format_result", None)
+        print(fmt(result) if fmt else f"ppl {result['ppl']:.3f}")
+    return 0
 
 
 def cmd_build(args) -> int:
@@ -130,7 +229,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if argv and argv[0] == "bench":  # the harness parses its own options (and --help)
             return cmd_bench(argv[1:])
         args = parser().parse_args(argv)
-        return {"build": cmd_build, "inspect": cmd_inspect, "run": cmd_run}[args.command](args)
+        return {"build": cmd_build, "inspect": cmd_inspect, "run": cmd_run, "quantize": cmd_quantize,
+                "eval": cmd_eval}[args.command](args)
     except QCompileError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -92,3 +92,29 @@ def test_check_qweight_rejects_wrong_tensors():
     qw.tensors["scales"] = qw.tensors["scales"].float()
     with pytest.raises(QCompileError, match="scales"):
         fmt.decode_fp16(qw)
+
+
+def test_rht_weight_carries_sign_vectors():
+    fmt = qc.formats.get(FMT)
+    W = torch.randn(24, 256, generator=torch.Generator().manual_seed(4))  # 24 = 12·2: a tabulated K_h
+    qw = fmt.quantize(W, rht=True, seed=11)
+    assert set(qw.tensors) == {"qweight", "scales", "SU", "SV"} and qw.rht and qw.meta["rht"]
+    assert set(qw.kernel_tensors()) == set(fmt.tensor_specs(24, 256)) == {"qweight", "scales"}
+    assert fmt.aux_specs(24, 256, True)["SU"].shape == (256,) and fmt.aux_specs(24, 256, False) == {}
+    assert fmt.decode_fp16(qw).dtype == torch.float16  # the kernel-basis values
+    rel = (fmt.dequantize(qw) - W).pow(2).mean() / W.pow(2).mean()
+    assert rel < 0.02
+
+
+def test_hessian_only_changes_codes_with_ldlq():
+    fmt = qc.formats.get(FMT)
+    gen = torch.Generator().manual_seed(5)
+    W = torch.randn(16, 128, generator=gen)
+    X = torch.randn(512, 128, generator=gen) @ (torch.eye(128) + 0.3 * torch.randn(128, 128, generator=gen))
+    H = X.T @ X / 512
+    rtn, with_h = fmt.quantize(W), fmt.quantize(W, hessian=H, ldlq=False)
+    assert torch.equal(rtn.tensors["qweight"], with_h.tensors["qweight"]) and "proxy_loss" not in rtn.meta
+    ldlq = fmt.quantize(W, hessian=H)
+    assert ldlq.meta["ldlq"] and ldlq.meta["proxy_loss"] < with_h.meta["proxy_loss"]
+    with pytest.raises(QCompileError, match="LDLQ needs a Hessian"):
+        fmt.quantize(W, ldlq=True)

@@ -30,9 +30,25 @@ class QuantizedWeight:
         bits = sum(t.numel() * t.element_size() * 8 for t in self.tensors.values())
         return bits / float(n * k)
 
+    @property
+    def rht(self) -> bool:
+        """True when the weight is stored in a randomized-Hadamard basis (it carries SU / SV)."""
+        return any(name in self.tensors for name in RHT_TENSORS)
+
+    def kernel_tensors(self) -> Dict[str, torch.Tensor]:
+        """The tensors the compiled kernels take (everything but the RHT sign vectors)."""
+        return {k: v for k, v in self.tensors.items() if k not in RHT_TENSORS}
+
     def to(self, device) -> "QuantizedWeight":
         return QuantizedWeight(self.format, self.shape,
                                {k: v.to(device) for k, v in self.tensors.items()}, dict(self.meta))
+
+
+# Incoherence processing (qcompile.quant.hadamard) wraps any format: a weight quantized with rht=True
+# stores W~ = U_N^T diag(SV) W diag(SU) U_K in the format's own tensors, plus the sign vectors
+# SU (fp16 [K], input side) and SV (fp16 [N], output side). The kernels multiply with W~; the runtime
+# applies x -> hadUt(SU * x) before and y -> SV * hadU(y) after them.
+RHT_TENSORS = ("SU", "SV")
 
 
 @dataclass(frozen=True)
@@ -62,18 +78,107 @@ class Format:
         """The packed tensors (name -> spec), in the order the kernels take them."""
         raise NotImplementedError
 
+    def aux_specs(self, n: int, k: int, rht: bool) -> Dict[str, TensorSpec]:
+        """Tensors stored beside the kernel tensors but applied outside the kernels: the RHT sign
+        vectors SU (fp16 [k]) and SV (fp16 [n]) when ``rht``, else none."""
+        if not rht:
+            return {}
+        return {"SU": TensorSpec((k,), "float16"), "SV": TensorSpec((n,), "float16")}
+
+    def stored_specs(self, n: int, k: int, rht: bool) -> Dict[str, TensorSpec]:
+        """Every tensor a stored weight has: the kernel tensors, then the auxiliary ones."""
+        return {**self.tensor_specs(n, k), **self.aux_specs(n, k, rht)}
+
     # --- quantize / decode (torch reference) ---------------------------------------------------
     def quantize(self, W: torch.Tensor, hessian: Optional[torch.Tensor] = None, seed: int = 0,
-                 scale: Optional[float] = None) -> QuantizedWeight:
+                 scale: Optional[float] = None, rht: bool = False, ldlq: Optional[bool] = None,
+                 sigma: float = 1e-2) -> QuantizedWeight:
+        """W float [N, K] (out, in) -> QuantizedWeight.
+
+        ``hessian``: E[x xᵀ] of the layer's inputs [K, K] (raw; damped here with ``sigma``).
+        ``rht``: quantize in a randomized Hadamard basis (signs drawn from ``seed``; stores SU/SV).
+        ``ldlq``: Hessian-aware rounding (BlockLDLQ); None = on when a Hessian is given.
+        ``scale``: target RMS in code units, None = the format default.
+        """
         raise NotImplementedError
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
-        """Torch reference decode -> float32 [N, K]."""
-        raise NotImplementedError
+        """Torch reference decode -> float32 [N, K], in the original basis (RHT undone)."""
+        return self.undo_rht(qw, self.decode_fp16(qw).to(torch.float32))
 
     def decode_fp16(self, qw: QuantizedWeight) -> torch.Tensor:
-        """The exact fp16 values the kernels multiply with (bit-exact to ``tir_decode``)."""
+        """The exact fp16 values the kernels multiply with (bit-exact to ``tir_decode``); for an
+        RHT weight these are in the Hadamard basis (see ``dequantize`` for the original one)."""
         raise NotImplementedError
+
+    # --- shared front end: incoherence processing, Hessian checks, proxy loss ----------------------
+    def prepare_input(self, W: torch.Tensor, hessian: Optional[torch.Tensor], seed: int, rht: bool,
+                      ldlq: Optional[bool]):
+        """Validate W (and H), apply the RHT when asked. Returns (W_work float32 [N, K],
+        H_work float64 [K, K] or None, aux tensors {"SU", "SV"} or {}, use_ldlq).
+
+        W_work = rht_weight(W, SU, SV) and H_work = rht_hessian(H, SU) with SU = random_signs(K,
+        sub-seed "SU" of ``seed``) and SV = random_signs(N, sub-seed "SV"); without RHT they are
+        W and H. A K or N with no Hadamard construction raises the QCompileError of hadamard.py.
+        """
+        from ..quant.hessian import check_hessian
+
+        if not isinstance(W, torch.Tensor) or W.dim() != 2:
+            shape = list(W.shape) if isinstance(W, torch.Tensor) else type(W).__name__
+            raise QCompileError(f"{self.name}: weight must be 2-D [out, in], got shape {shape}")
+        n, k = W.shape
+        self.check_shape(n, k)
+        if not W.dtype.is_floating_point:
+            raise QCompileError(f"{self.name}: weight must be floating point, got {W.dtype}")
+        W = W.detach().to(torch.float32)
+        if not torch.isfinite(W).all():
+            raise QCompileError(f"{self.name}: weight contains NaN or Inf; fix the model weights first")
+        if ldlq is None:
+            ldlq = hessian is not None
+        if ldlq and hessian is None:
+            raise QCompileError(f"{self.name}: LDLQ needs a Hessian; pass hessian=E[x xᵀ] of the layer inputs "
+                                f"or quantize with ldlq=False (round to nearest)")
+        H = None
+        if hessian is not None:
+            check_hessian(hessian, k)
+            H = hessian.detach().to(W.device, torch.float64)
+        aux: Dict[str, torch.Tensor] = {}
+        if rht:
+            from ..quant.hadamard import hadamard_factor, random_signs, rht_hessian, rht_weight
+
+            for size, side in ((k, "in_features"), (n, "out_features")):
+                try:
+                    hadamard_factor(size)
+                except QCompileError as err:
+                    raise QCompileError(f"{self.name}: cannot apply the RHT to {side}={size}: {err}") from None
+            SU = random_signs(k, subseed(seed, "SU"), device=W.device)
+            SV = random_signs(n, subseed(seed, "SV"), device=W.device)
+            W = rht_weight(W, SU, SV)
+            if H is not None:
+                H = rht_hessian(H, SU)
+            aux = {"SU": SU.to(torch.float16), "SV": SV.to(torch.float16)}
+        return W, H, aux, bool(ldlq)
+
+    def undo_rht(self, qw: QuantizedWeight, W_work: torch.Tensor) -> torch.Tensor:
+        """A weight in the stored (kernel) basis -> the original basis (float32)."""
+        if not qw.rht:
+            return W_work.to(torch.float32)
+        from ..quant.hadamard import unrht_weight
+
+        dev = W_work.device
+        return unrht_weight(W_work.to(torch.float32), qw.tensors["SU"].to(dev, torch.float32),
+                            qw.tensors["SV"].to(dev, torch.float32))
+
+    @staticmethod
+    def relative_proxy_loss(W_work: torch.Tensor, W_hat_work: torch.Tensor, H_work: torch.Tensor) -> float:
+        """tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of the undamped Hessian. Computed in the RHT basis when the weight
+        is RHT'd: with W̃, H̃ transformed by the same orthogonal maps the ratio equals the one in the
+        original basis (up to float rounding), so no transform back is needed."""
+        from ..quant.ldlq import proxy_loss
+
+        # float32 keeps this a fast GEMM (float64 is slow on most GPUs); H is normalised first
+        H = H_work / H_work.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+        return proxy_loss(W_work.to(torch.float32), W_hat_work.to(torch.float32), H.to(torch.float32))
 
     # --- TIR ----------------------------------------------------------------------------------
     # The decode unit: how many consecutive input columns one small packed fragment (e.g. one
@@ -109,11 +214,12 @@ class Format:
         return int(round(self.bits_per_weight(n, k) * n * k / 8))
 
     def check_qweight(self, qw: QuantizedWeight) -> None:
-        """Raise QCompileError if ``qw`` does not have exactly the tensors this format expects."""
+        """Raise QCompileError if ``qw`` does not have exactly the tensors this format expects
+        (the kernel tensors, plus SU and SV for an RHT weight)."""
         if qw.format != self.name:
             raise QCompileError(f"weight is in format {qw.format!r}, not {self.name!r}")
         n, k = qw.shape
-        specs = self.tensor_specs(n, k)
+        specs = self.stored_specs(n, k, qw.rht)
         if set(qw.tensors) != set(specs):
             raise QCompileError(f"{self.name} weight needs tensors {sorted(specs)}, got {sorted(qw.tensors)}")
         for name, spec in specs.items():
@@ -122,6 +228,15 @@ class Format:
                 raise QCompileError(
                     f"{self.name} tensor {name!r} must be {spec.dtype}{list(spec.shape)}, "
                     f"got {str(t.dtype).replace('torch.', '')}{list(t.shape)}")
+
+
+def subseed(seed: int, tag: str) -> int:
+    """A 63-bit seed derived from ``seed`` and a tag (e.g. "SU", or a layer name), stable across
+    processes and platforms (sha256, not Python's salted hash)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"qcompile-seed-v1:{int(seed)}:{tag}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
 
 
 _REGISTRY: Dict[str, Callable[[], Format]] = {}

@@ -49,17 +49,20 @@ class GroupwiseIntFormat(Format):
 
     # --- quantize / pack ----------------------------------------------------------------------
     def quantize(self, W: torch.Tensor, hessian: Optional[torch.Tensor] = None, seed: int = 0,
-                 scale: Optional[float] = None) -> QuantizedWeight:
-        if W.dim() != 2:
-            raise QCompileError(f"{self.name}: weight must be 2-D [out, in], got shape {list(W.shape)}")
+                 scale: Optional[float] = None, rht: bool = False, ldlq: Optional[bool] = None,
+                 sigma: float = 1e-2) -> QuantizedWeight:
+        """Symmetric int4 with one fp16 scale per group of ``group`` input columns.
+
+        Round to nearest (RTN) by default. With ``rht`` the weight is first rotated into a random
+        Hadamard basis (SU/SV stored beside the codes). With a Hessian (and ``ldlq`` not False) the
+        codes come from LDLQ with g = 1, i.e. GPTQ/OPTQ: columns are rounded last to first with
+        linear feedback of the errors so far through the LDL factor of damp(H, sigma). The group
+        scales are fixed up front from the (rotated) weight, exactly as RTN computes them, so LDLQ
+        only changes the codes. ``meta["proxy_loss"]`` (given a Hessian) is the relative proxy loss
+        tr(ΔW H ΔWᵀ)/tr(W H Wᵀ) of the stored weight under the undamped H.
+        """
+        W, H, aux, use_ldlq = self.prepare_input(W, hessian, seed, rht, ldlq)
         n, k = W.shape
-        self.check_shape(n, k)
-        if hessian is not None:
-            raise QCompileError(f"{self.name}: Hessian-aware rounding (LDLQ) is not available yet; "
-                                f"quantize with hessian=None (round to nearest)")
-        W = W.detach().to(torch.float32)
-        if not torch.isfinite(W).all():
-            raise QCompileError(f"{self.name}: weight contains NaN or Inf; fix the model weights first")
         g = W.reshape(n, k // self.group, self.group)
         if scale is None:
             s = g.abs().amax(dim=2) / self.qmax  # no clipping: +-amax is representable
@@ -69,10 +72,44 @@ class GroupwiseIntFormat(Format):
             s = g.pow(2).mean(dim=2).sqrt() / float(scale)
         s16 = s.to(torch.float16)
         s16 = torch.where(s16 == 0, torch.ones_like(s16), s16)  # all-zero group: any scale works
-        q = torch.round(g / s16.to(torch.float32).unsqueeze(2)).clamp(-self.offset, self.qmax)
-        u = (q + self.offset).to(torch.int64).reshape(n, k)
-        return QuantizedWeight(self.name, (n, k), {"qweight": self.pack(u), "scales": s16.contiguous()},
-                               {"bits": self.bits, "group": self.group})
+        meta = {"bits": self.bits, "group": self.group}
+        if use_ldlq:
+            q = self._ldlq_codes(W, H, s16, sigma)
+        else:
+            q = torch.round(g / s16.to(torch.float32).unsqueeze(2)).clamp(-self.offset, self.qmax).reshape(n, k)
+        u = (q + self.offset).to(torch.int64)
+        qw = QuantizedWeight(self.name, (n, k), {"qweight": self.pack(u), "scales": s16.contiguous(), **aux}, meta)
+        if rht:
+            meta["rht"] = True
+        if H is not None:
+            meta["ldlq"] = use_ldlq
+            meta["proxy_loss"] = self.relative_proxy_loss(W, self.decode_fp16(qw).to(torch.float32), H)
+        return qw
+
+    def _ldlq_codes(self, W: torch.Tensor, H: torch.Tensor, s16: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Integer codes q (float32 [N, K], in [-offset, qmax]) from BlockLDLQ with g = 1."""
+        from ..quant.hessian import damp
+        from ..quant.ldlq import block_ldlq
+
+        n, k = W.shape
+        scales = s16.to(torch.float32)
+        codes = torch.empty(n, k, dtype=torch.float32, device=W.device)
+        col = [k]
+
+        def round_column(x: torch.Tensor):
+            # block_ldlq rounds the columns from the last to the first, one per call (g = 1)
+            col[0] -= 1
+            c = col[0]
+            s_col = s16[:, c // self.group]
+            q = torch.round(x[:, 0] / scales[:, c // self.group]).clamp(-self.offset, self.qmax)
+            codes[:, c] = q
+            # what the kernels will multiply with: the fp16 product, so the feedback sees the true error
+            return (q.to(torch.float16) * s_col).to(torch.float32).unsqueeze(1), c
+
+        result = block_ldlq(W, damp(H, sigma).to(W.device), 1, round_column)
+        if col[0] != 0 or result.states != list(range(k)):
+            raise RuntimeError("block_ldlq did not visit the columns last to first, one at a time")
+        return codes
 
     def pack(self, u: torch.Tensor) -> torch.Tensor:
         """Codes u (int, [N, K], 0..2^bits-1) -> int32 words [N, K/per_word] in this format's order."""
@@ -99,7 +136,8 @@ class GroupwiseIntFormat(Format):
         return q * s  # fp16 multiply: one rounding, as the kernels do
 
     def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
-        return self.decode_fp16(qw).to(torch.float32)
+        """float32 [N, K] in the original basis: the fp16 decode, with the RHT undone if stored."""
+        return self.undo_rht(qw, self.decode_fp16(qw).to(torch.float32))
 
     # --- TIR ------------------------------------------------------------------------------------
     @property

@@ -177,11 +177,14 @@ def assemble_model(path: Path, manifest: dict, handle: int, dtype):
         n, k = layer["shape"]
         fmt = get_format(layer["format"])
         try:
-            tensors = {t: state.pop(f"{name}.{t}") for t in fmt.tensor_specs(n, k)}
+            tensors = {t: state.pop(f"{name}.{t}") for t in fmt.stored_specs(n, k, bool(layer.get("rht")))}
         except KeyError as err:
             raise QCompileError(f"artifact {WEIGHTS} has no tensor {err.args[0]}; {REBUILD}") from None
         bias = state.pop(f"{name}.bias", None)
-        qlinear = QuantLinear(QuantizedWeight(fmt.name, (n, k), tensors), handle, bias=bias)
+        try:
+            qlinear = QuantLinear(QuantizedWeight(fmt.name, (n, k), tensors), handle, bias=bias)
+        except (QCompileError, ValueError) as err:
+            raise QCompileError(f"artifact layer {name} has bad tensors ({err}); {REBUILD}") from None
         set_submodule(model, name, qlinear)
 
     expected = {key for key in model.state_dict() if not is_quantlinear_key(model, key)}

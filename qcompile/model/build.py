@@ -43,14 +43,19 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PathLike = Union[str, os.PathLike]
 
 
-def build(model_dir: Optional[PathLike], format: Union[str, Format], target: str, out_dir: PathLike,
+def build(model_dir: Optional[PathLike], format: Union[str, Format, None], target: str, out_dir: PathLike,
           buckets: Sequence[int] = DEFAULT_BUCKETS, progress: Optional[Callable[[str], None]] = print,
           overwrite: bool = False) -> Path:
     """Quantize every decoder linear of the model with ``format``, compile its kernels for ``target``
-    and write the artifact to ``out_dir``. ``model_dir=None`` builds the default model. Returns out_dir."""
+    and write the artifact to ``out_dir``. ``model_dir=None`` builds the default model. A checkpoint
+    written by ``qcompile quantize`` (qcompile.model.checkpoint) is built from its stored weights
+    (RHT sign vectors included); its format is used, and ``format`` may be None or must match it.
+    Returns out_dir."""
+    from .checkpoint import is_checkpoint
+
     say = progress or (lambda msg: None)
     out = Path(out_dir).absolute()
-    fmt = get_format(format)
+    fmt = get_format(format) if format is not None else None
     tinfo = parse_target(target)
     buckets = parse_buckets(buckets)
     check_out_dir(out, overwrite)
@@ -60,17 +65,23 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format], target: str
         model_dir = find_default_model()
         say(f"no model given: using the default model {model_dir}")
     model_dir = Path(model_dir).absolute()
-    raw_config = read_model_config(model_dir)
     if model_dir.resolve() == out.resolve() or model_dir.resolve() in out.resolve().parents:
         raise QCompileError(f"output directory {out} is inside the model directory {model_dir}; choose another -o")
-    linear_shapes = decoder_linear_shapes(model_dir)
-    for path, (n, k) in linear_shapes.items():
-        check_layer_shape(fmt, path, n, k)
+    if is_checkpoint(model_dir):
+        fmt, raw_config, unquantized, quantized = load_checkpoint_for_build(model_dir, fmt, say)
+    else:
+        if fmt is None:
+            raise QCompileError(f"{model_dir} is not a quantized checkpoint, so --format is required "
+                                f"(e.g. --format int4-g128); or quantize it first with qcompile quantize")
+        raw_config = read_model_config(model_dir)
+        linear_shapes = decoder_linear_shapes(model_dir)
+        for path, (n, k) in linear_shapes.items():
+            check_layer_shape(fmt, path, n, k)
 
-    say(f"loading {raw_config['model_type']} model from {model_dir}")
-    model = load_hf_model(model_dir)
-    say(f"quantizing {len(linear_shapes)} linears to {fmt.name}")
-    quantized = quantize_linears(model, fmt, list(linear_shapes))
+        say(f"loading {raw_config['model_type']} model from {model_dir}")
+        unquantized = load_hf_model(model_dir)
+        say(f"quantizing {len(linear_shapes)} linears to {fmt.name}")
+        quantized = quantize_linears(unquantized, fmt, list(linear_shapes))
     shapes = sorted({qw.shape for qw, _ in quantized.values()})
     specs = [KernelSpec(fmt.name, n, k, m) for (n, k) in shapes for m in buckets]
     say(f"compiling {len(specs)} kernels ({len(shapes)} shapes x {len(buckets)} batch buckets) for {tinfo.key}")
@@ -79,7 +90,7 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format], target: str
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         kernel_files = compile_kernels(specs, tinfo, tmp)
-        write_weights(tmp / WEIGHTS, model, quantized)
+        write_weights(tmp / WEIGHTS, unquantized, quantized)
         write_config(tmp / CONFIG, raw_config, fmt, quantized)
         copied = copy_tokenizer_files(model_dir, tmp)
         write_manifest(tmp, fmt=fmt, target=tinfo, buckets=buckets, model_type=raw_config["model_type"],
@@ -91,6 +102,28 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format], target: str
         raise
     say(f"wrote {out}")
     return out
+
+
+def load_checkpoint_for_build(path: Path, fmt: Optional[Format], say):
+    """(format, raw config, unquantized tensors, {linear path: (QuantizedWeight, bias)}) of a
+    quantized checkpoint; its config keeps the checkpoint's settings under quantization_config."""
+    from .checkpoint import load_checkpoint
+
+    quantized, unquantized, raw = load_checkpoint(path)
+    qcfg = raw["quantization_config"]
+    ck_fmt = get_format(qcfg["format"])
+    if fmt is not None and fmt.name != ck_fmt.name:
+        raise QCompileError(f"checkpoint {path} is quantized to {ck_fmt.name}, not {fmt.name}; drop --format or "
+                            f"requantize the model with qcompile quantize --format {fmt.name}")
+    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise QCompileError(f"checkpoint {path} holds a {raw.get('model_type')!r} model; qcompile build supports "
+                            f"Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    for lin_path, qw in quantized.items():
+        check_layer_shape(ck_fmt, lin_path, *qw.shape)
+    say(f"using the {ck_fmt.name} checkpoint {path} ({'RHT, ' if qcfg.get('rht') else ''}"
+        f"{'LDLQ' if qcfg.get('ldlq') else 'round to nearest'}, {len(quantized)} linears)")
+    entries = {p: (qw, unquantized.pop(f"{p}.bias", None)) for p, qw in quantized.items()}
+    return ck_fmt, raw, unquantized, entries
 
 
 # --- validation -------------------------------------------------------------------------------------
@@ -241,7 +274,9 @@ def compile_kernels(specs: List[KernelSpec], target: TargetInfo, out_dir: Path) 
 
 
 def write_weights(path: Path, model, quantized) -> None:
-    """Packed tensors as ``<path>.<tensor>``, biases and every unquantized tensor in fp16."""
+    """Packed tensors as ``<path>.<tensor>`` (RHT sign vectors ``SU``/``SV`` included), biases and
+    every unquantized tensor in fp16. ``model``: the source module, or a dict of its unquantized
+    tensors (from a checkpoint)."""
     import torch
     from safetensors.torch import save_file
 
@@ -252,11 +287,16 @@ def write_weights(path: Path, model, quantized) -> None:
         if bias is not None:
             tensors[f"{lin_path}.bias"] = bias.to(torch.float16).contiguous()
     skip = {f"{p}.weight" for p in quantized} | {f"{p}.bias" for p in quantized}
-    for name, t in model.state_dict().items():
+    state = model if isinstance(model, dict) else model.state_dict()
+    seen = set()  # storages already written: safetensors refuses shared tensors (tied embeddings)
+    for name, t in state.items():
         if name in skip:
             continue
-        # .to() copies, so tied tensors (embeddings / lm_head) become separate entries, as safetensors needs
-        tensors[name] = t.detach().cpu().to(torch.float16 if t.is_floating_point() else t.dtype).contiguous()
+        t = t.detach().cpu().to(torch.float16 if t.is_floating_point() else t.dtype)
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[name] = t.contiguous()
     save_file(tensors, str(path), metadata={"format": "pt", "producer": "qcompile"})
 
 
@@ -268,12 +308,18 @@ def measured_bits_per_weight(quantized) -> float:
 
 def write_config(path: Path, raw_config: dict, fmt: Format, quantized) -> None:
     config = dict(raw_config)
+    checkpoint = config.pop("quantization_config", None)
     config["quantization_config"] = {
         "quant_method": "qcompile",
         "format": fmt.name,
         "bits_per_weight": round(measured_bits_per_weight(quantized), 6),
+        "rht": any(qw.rht for qw, _ in quantized.values()),
         "modules": list(quantized),
     }
+    if checkpoint:  # built from a quantized checkpoint: keep how it was made
+        config["quantization_config"]["checkpoint"] = {
+            k: checkpoint.get(k) for k in ("format", "rht", "ldlq", "seed", "sigma", "calibration", "source_sha256",
+                                           "settings_sha256")}
     write_json(path, config)
 
 
@@ -297,7 +343,7 @@ def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, mode
     for path, (qw, bias) in quantized.items():
         n, k = qw.shape
         layers.append({"name": path, "format": qw.format, "shape": [n, k], "bias": bias is not None,
-                       "kernels": [KernelSpec(qw.format, n, k, m).name for m in buckets]})
+                       "rht": qw.rht, "kernels": [KernelSpec(qw.format, n, k, m).name for m in buckets]})
     manifest = {
         "artifact_version": ARTIFACT_VERSION,
         "qcompile_version": __version__,

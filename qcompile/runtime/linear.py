@@ -22,6 +22,7 @@ from ..errors import QCompileError
 from ..formats import QuantizedWeight
 from ..formats import get as get_format
 from ..kernels.library import DEFAULT_BUCKETS, KernelSpec
+from ..quant.hadamard import hadamard_factor
 from .dispatch import check_buckets, plan_rows
 
 
@@ -121,10 +122,39 @@ def _quant_linear_fake(x, packed, handle, fmt, n):
     return x.new_empty((x.shape[0], n))
 
 
+# --- the RHT around the kernels ---------------------------------------------------------------------------
+def _hadamard(x: torch.Tensor, hk: Optional[torch.Tensor]) -> torch.Tensor:
+    """U·x over the last dim of float32 x, with U = (H_K ⊗ H_2^p)/√n and ``hk`` the (possibly
+    transposed) K×K factor, None for K = 1: the same butterflies and order as
+    qcompile.quant.hadamard.had_transform, but with H_K passed in (a module buffer) so that
+    torch.compile(fullgraph=True) traces it without reading the packaged tables."""
+    n = x.shape[-1]
+    k = 1 if hk is None else hk.shape[0]
+    p2 = n // k
+    lead = x.shape[:-1]
+    y = x.reshape(-1, n)
+    rows = y.shape[0]
+    half = 1
+    while half < p2:
+        y = y.reshape(rows, n // (2 * half), 2, half)
+        a, b = y[:, :, 0, :], y[:, :, 1, :]
+        y = torch.stack((a + b, a - b), dim=2)
+        half *= 2
+    y = y.reshape(rows, k, p2)
+    if hk is not None:
+        y = torch.matmul(hk.to(y.dtype), y)
+    return y.reshape(*lead, n) * (1.0 / (n ** 0.5))
+
+
 # --- the module -------------------------------------------------------------------------------------
 class QuantLinear(nn.Module):
     """Drop-in for nn.Linear over a QuantizedWeight: buffers are the packed tensors (named as the
-    format names them, so the state dict keys are ``<path>.<tensor name>``) and an optional bias."""
+    format names them, so the state dict keys are ``<path>.<tensor name>``) and an optional bias.
+
+    A weight quantized with the randomized Hadamard transform also carries the sign vectors SU [K]
+    and SV [N] (buffers "SU", "SV"); forward then computes y = SV ⊙ hadU(kernel(hadUt(SU ⊙ x))) with
+    the transforms in float32 torch code around the custom op, so torch.compile traces them too.
+    """
 
     def __init__(self, qweight: QuantizedWeight, kernels, bias: Optional[torch.Tensor] = None,
                  buckets: Sequence[int] = DEFAULT_BUCKETS):
@@ -140,6 +170,19 @@ class QuantLinear(nn.Module):
             if name == "bias" or hasattr(self, name):
                 raise ValueError(f"format {fmt.name} names a tensor {name!r}, which clashes with a module attribute")
             self.register_buffer(name, qweight.tensors[name].contiguous())
+        self.rht = qweight.rht
+        hk_in = hk_out = None
+        if self.rht:
+            for name in fmt.aux_specs(self.out_features, self.in_features, True):
+                self.register_buffer(name, qweight.tensors[name].contiguous())
+            # the K_h factors of U_K (input side, transposed: hadUt) and U_N (output side: hadU);
+            # not in the state dict, rebuilt from the shapes
+            k_in, h = hadamard_factor(self.in_features)
+            hk_in = h.T.contiguous() if k_in > 1 else None
+            k_out, h = hadamard_factor(self.out_features)
+            hk_out = h.contiguous() if k_out > 1 else None
+        self.register_buffer("_hk_in", hk_in, persistent=False)
+        self.register_buffer("_hk_out", hk_out, persistent=False)
         if bias is not None:
             if tuple(bias.shape) != (self.out_features,):
                 raise ValueError(f"bias must have shape [{self.out_features}], got {list(bias.shape)}")
@@ -153,16 +196,25 @@ class QuantLinear(nn.Module):
         return [getattr(self, name) for name in self.tensor_names]
 
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.format, (self.out_features, self.in_features),
-                               {name: getattr(self, name) for name in self.tensor_names}, dict(self.meta))
+        tensors = {name: getattr(self, name) for name in self.tensor_names}
+        if self.rht:
+            tensors.update(SU=self.SU, SV=self.SV)
+        return QuantizedWeight(self.format, (self.out_features, self.in_features), tensors, dict(self.meta))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got {list(x.shape)}")
-        x2 = x.reshape(-1, self.in_features).to(torch.float16)
-        y = torch.ops.qcompile.quant_linear(x2, self.packed(), self.kernel_handle, self.format,
+        x2 = x.reshape(-1, self.in_features)
+        if self.rht:
+            # x' = hadUt(SU ⊙ x) in float32 (qcompile.quant.hadamard.rht_input)
+            # TODO: a compiled TVM FWHT kernel (fused with the sign flips) instead of torch code
+            x2 = _hadamard(x2.to(torch.float32) * self.SU.to(torch.float32), self._hk_in)
+        y = torch.ops.qcompile.quant_linear(x2.to(torch.float16), self.packed(), self.kernel_handle, self.format,
                                             self.out_features)
+        if self.rht:
+            # y = SV ⊙ hadU(y') (qcompile.quant.hadamard.rht_output)
+            y = _hadamard(y.to(torch.float32), self._hk_out) * self.SV.to(torch.float32)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
@@ -170,4 +222,4 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-                f"bias={self.bias is not None}")
+                f"rht={self.rht}, bias={self.bias is not None}")
