@@ -26,7 +26,7 @@ def random_packed(fmt, n, k, seed):
 @pytest.mark.parametrize("m", [1, 4, 16])
 def test_cuda_decode_bit_exact_through_the_kernel(target, m):
     """One-hot activation rows read decoded columns back exactly (1*w is exact in fp16, the other
-    products are zeros), so this checks the decode intrinsic bit for bit, every nibble position."""
+    products are zeros), so this checks the decode intrinsic's values, every nibble position."""
     fmt = qc.formats.get(FMT)
     n, k = 256, 1024
     qw = random_packed(fmt, n, k, seed=m).to("cuda")
@@ -39,9 +39,10 @@ def test_cuda_decode_bit_exact_through_the_kernel(target, m):
         X[torch.arange(m), cols.cuda()] = 1.0
         Y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
         fn(X, qw.tensors["qweight"], qw.tensors["scales"], Y)
-        got = Y.cpu().view(torch.int16)
-        want = ref[:, cols].T.contiguous().view(torch.int16)
-        assert torch.equal(got, want), f"columns {cols.tolist()}"
+        # exact equality of values (a decoded -0.0 comes out as +0.0 after the zero-initialised sum;
+        # the bit pattern of the decode itself is checked on llvm)
+        got, want = Y.cpu(), ref[:, cols].T.contiguous()
+        assert torch.isfinite(got).all() and torch.equal(got, want), f"columns {cols.tolist()}"
 
 
 @pytest.mark.parametrize("n, k", [(4096, 4096), (11008, 4096), (768, 256)])
