@@ -1,0 +1,1 @@
+"""The recipe of qcompile's small trained Llama (see models/README.md)."""
