@@ -11,9 +11,9 @@ Deterministic for a given machine and software: the weights are drawn from a see
 and torch runs with deterministic algorithms (warning where an op has none). bf16 autocast on CUDA,
 fp32 on the CPU. AdamW, linear warmup then cosine decay. The validation loss is measured every
 ``eval_every`` steps and the best weights are kept (so too many epochs cannot overfit the result).
-``--max-minutes`` caps the wall time of the training loop: if the measured step time says the
-planned steps will not fit, the schedule is shortened to fit (recorded), and the loop stops at the
-cap in any case.
+``--max-minutes`` is only a safety cap on the wall time of the training loop: the schedule (steps,
+learning-rate curve) never depends on the machine's speed, so a run is reproducible; a run stopped
+by the cap says so in its log and in training_record.json.
 
 The model is saved (fp16 safetensors, with the tokenizer and training_record.json) to
 ``~/.cache/qcompile/models/tiny-llama-trained`` (``$QCOMPILE_CACHE_DIR`` moves it) or ``--out``,
@@ -290,7 +290,6 @@ def train(args, cfg=None, log=print) -> Path:
 
     cap_s = args.max_minutes * 60 if args.max_minutes else None
     total_steps = args.steps
-    shrunk_from = None
     history, evals = [], []
     best = (float("inf"), -1, None)  # (val loss, step, state on the CPU)
     loss_window = []
@@ -319,16 +318,6 @@ def train(args, cfg=None, log=print) -> Path:
         step += 1
         tokens_since += tokens_per_step
         loss_window.append(loss.detach())
-        if step in (5, 20) and cap_s is not None:  # fit the schedule into the cap from the measured pace
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            per_step = (time.time() - t_loop) / step
-            eval_share = 64 / (3 * args.batch_size * max(1, args.eval_every))  # a validation check ~ 64/(3B) steps
-            fits = int((0.95 * cap_s - (time.time() - t_loop)) / (per_step * (1 + eval_share))) + step
-            if fits < total_steps:
-                shrunk_from, total_steps = shrunk_from or total_steps, max(step + 1, fits)
-                log(f"at {per_step * 1000:.0f} ms/step only {total_steps} of {shrunk_from} steps fit in "
-                    f"{args.max_minutes} min: shortening the schedule to {total_steps} steps")
         if step % args.log_every == 0 or step == total_steps:
             train_loss = float(torch.stack(loss_window).mean())
             loss_window = []
@@ -381,7 +370,7 @@ def train(args, cfg=None, log=print) -> Path:
             "train_fraction_kept": info.get("train_fraction_kept"), "tokenizer_sha256": tok["sha256"],
             "parameters": n_params, "decoder_linear_parameters": n_linear,
             "steps_planned": args.steps, "steps_scheduled": total_steps, "steps_done": step,
-            "schedule_shortened_from": shrunk_from, "stopped_by_max_minutes": stopped_by_cap,
+            "stopped_by_max_minutes": stopped_by_cap,
             "kept_step": kept_step, "tokens_seen": step * tokens_per_step,
             "epochs": round(batches.epochs_done, 3), "final_train_loss": final_train_loss,
             "val_ppl": ppl["validation"]["ppl"], "test_ppl": ppl["test"]["ppl"], "final_eval": ppl,
