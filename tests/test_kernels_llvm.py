@@ -55,10 +55,11 @@ def test_fused_matmul_llvm_matches_float64(m):
 
 
 def test_gemv_configs_tile_real_shapes():
-    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672), (768, 256)]:
+    for n, k in [(4096, 4096), (11008, 4096), (4096, 11008), (28672, 8192), (8192, 28672), (768, 256),
+                 (128, 256), (13824, 5120), (10, 8 * 96)]:
         for m in (1, 4, 16):
             cfg = default_gemv_config(n, k, m)
-            assert n % cfg.rows == 0 and (k // 8) % (cfg.threads_k * cfg.chunks) == 0
+            assert n % (cfg.rows * cfg.row_tile) == 0 and (k // 8) % (cfg.threads_k * cfg.chunks) == 0
             assert ((k // 8) // (cfg.threads_k * cfg.chunks)) % cfg.unroll == 0
 
 

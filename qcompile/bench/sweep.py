@@ -38,7 +38,9 @@ def main():
     ap.add_argument("--format", default="int4-g128")
     ap.add_argument("--shapes", default="28672x8192,8192x28672,4096x4096")
     ap.add_argument("--m", default="1")
-    ap.add_argument("--configs", default="default")
+    ap.add_argument("--configs", default="default", help="default, or all (the --grid product)")
+    ap.add_argument("--grid", default="rows=2,4,8;threads_k=32,64;chunks=1,2,4;unroll=1,2,4;row_tile=1",
+                    help="GemvConfig knob values, e.g. 'rows=4;threads_k=64;chunks=2;unroll=1;row_tile=1,2'")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     fmt = get_format(args.format)
@@ -61,7 +63,9 @@ def main():
             if args.configs == "default" or m > 16:
                 cfgs = [None]
             else:
-                cfgs = [None] + [GemvConfig(*c) for c in itertools.product((2, 4, 8), (32, 64), (1, 2, 4) if m > 1 else (2, 4), (1, 2, 4))]
+                grid = dict((kv.split("=")[0], [int(v) for v in kv.split("=")[1].split(",")])
+                            for kv in args.grid.split(";"))
+                cfgs = [None] + [GemvConfig(**dict(zip(grid, c))) for c in itertools.product(*grid.values())]
             for cfg in cfgs:
                 spec = KernelSpec(fmt.name, n, k, m)
                 try:

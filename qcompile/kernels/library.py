@@ -34,21 +34,25 @@ class KernelSpec:
 
 
 def default_gemv_config(n: int, k: int, m: int) -> GemvConfig:
-    """The best hand-picked GEMV config that tiles (n, k) exactly (H100 sweep, M=1: 4 rows x 64
-    threads, 2 words per thread per step, 2 steps unrolled). Fewer words per step for larger M keeps
-    the activation registers (M x chunks x 8 halves) bounded."""
-    chunks_pref = 2 if m <= 4 else 1
-    unroll = 2 if m <= 2 else 1
+    """The best hand-picked GEMV config that tiles (n, k) exactly. From H100 sweeps
+    (qcompile.bench.sweep): M <= 2: 4 rows x 64 threads, 2 words per step, 2 steps unrolled; larger M:
+    32 threads and 2 rows per thread, which halves the activation re-reads that bound M > 1."""
+    if m <= 2:
+        preferred = GemvConfig(rows=4, threads_k=64, chunks=2, unroll=2, row_tile=1)
+    else:
+        preferred = GemvConfig(rows=4, threads_k=32, chunks=2, unroll=1, row_tile=2)
     chunks_k = k // 8
-    for threads_k in (64, 32, 16, 8, 4, 2, 1):
-        for chunks in (2, 1):
-            if chunks > chunks_pref or chunks_k % (threads_k * chunks):
+    for threads_k in (preferred.threads_k, 64, 32, 16, 8, 4, 2, 1):
+        for chunks in (preferred.chunks, 1):
+            if chunks_k % (threads_k * chunks):
                 continue
             steps = chunks_k // (threads_k * chunks)
-            u = unroll if steps % unroll == 0 else 1
-            for rows in (4, 2, 1):
-                if n % rows == 0:
-                    return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=u)
+            unroll = preferred.unroll if steps % preferred.unroll == 0 else 1
+            for row_tile in (preferred.row_tile, 1):
+                for rows in (preferred.rows, 2, 1):
+                    if n % (rows * row_tile) == 0:
+                        return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=unroll,
+                                          row_tile=row_tile)
     raise ValueError(f"no GEMV config tiles N={n}, K={k}")
 
 

@@ -16,13 +16,16 @@ class GemvConfig:
     rows: output rows per thread block (threadIdx.y); threads_k: threads sharing one row's K
     (threadIdx.x, reduced with warp shuffles / shared memory); chunks: consecutive 8-column
     chunks a thread handles per step (4 chunks = 16 bytes of int4 words: one vector load);
-    unroll: steps of the K loop unrolled so that several loads are in flight per thread.
+    unroll: steps of the K loop unrolled so that several loads are in flight per thread;
+    row_tile: rows per thread (register blocking over N), which divides the activation traffic from
+    L1/shared memory by row_tile, the bound of the GEMV family at M > 1.
     """
 
     rows: int = 4
     threads_k: int = 32
     chunks: int = 4
     unroll: int = 2
+    row_tile: int = 1  # output rows per thread: each activation load is reused row_tile times
 
     def as_dict(self):
         return asdict(self)
@@ -64,13 +67,13 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
     m_loop, n_loop, c_loop = sch.get_loops(acc)
     n_chunks = int(sch.get(c_loop).extent)
     n_rows = int(sch.get(n_loop).extent)
-    if n_rows % cfg.rows or n_chunks % (cfg.threads_k * cfg.chunks):
+    if n_rows % (cfg.rows * cfg.row_tile) or n_chunks % (cfg.threads_k * cfg.chunks):
         raise ValueError(f"config {cfg} does not tile N={n_rows}, K/8={n_chunks}")
-    bx, ty = sch.split(n_loop, [None, cfg.rows])
+    bx, ty, rt = sch.split(n_loop, [None, cfg.rows, cfg.row_tile])
     ko, tx, kv = sch.split(c_loop, [None, cfg.threads_k, cfg.chunks])
-    sch.reorder(bx, ty, tx, ko, kv, m_loop)
+    sch.reorder(bx, ty, tx, ko, kv, rt, m_loop)
     rf = sch.rfactor(tx, factor_axis=0)  # per-thread partial sums, then a cross-thread reduction
-    bx, ty, tx, ko, kv, m_loop = sch.get_loops(rf)
+    bx, ty, tx, ko, kv, rt, m_loop = sch.get_loops(rf)
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
@@ -80,7 +83,7 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
     dec = sch.get_sblock("W_decode")
     sch.compute_at(part, m_loop)
     sch.set_scope(part, 0, "local")
-    sch.compute_at(dec, kv)  # decode one chunk once, reuse it for all M rows
+    sch.compute_at(dec, rt)  # decode one chunk of one row once, reuse it for all M activation rows
     sch.set_scope(dec, 0, "local")
 
     for loop in sch.get_loops(part)[-1:]:
@@ -101,6 +104,7 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
     else:
         sch.unroll(sch.get_loops(dec)[-1])
     sch.unroll(kv)
+    sch.unroll(rt)
     sch.unroll(m_loop)
     if cfg.unroll > 1:
         ko_outer, ko_inner = sch.split(ko, [None, cfg.unroll])
@@ -108,11 +112,12 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
 
     # cross-thread reduction and the fp16 store
     sch.reverse_compute_at(acc, ty)
-    # rfactor(factor_axis=0) left the loops as (thread reduction, m); the thread-bound reduction
-    # must be innermost so that each m gets its own cross-thread reduction
+    # rfactor(factor_axis=0) left the loops as (thread reduction, row tile, m) (unit loops
+    # dropped); the thread-bound reduction must be innermost so that every output gets its own
+    # cross-thread reduction
     inner = sch.get_loops(acc)[2:]
-    if len(inner) == 2:
-        sch.reorder(inner[1], inner[0])
+    if len(inner) > 1:
+        sch.reorder(*inner[1:], inner[0])
     sch.bind(inner[0], "threadIdx.x")
     sch.set_scope(acc, 0, "local")
     out = sch.get_sblock("Y")
