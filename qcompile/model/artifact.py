@@ -188,15 +188,7 @@ def assemble_model(path: Path, manifest: dict, handle: int, dtype):
         set_submodule(model, name, qlinear)
 
     expected = {key for key in model.state_dict() if not is_quantlinear_key(model, key)}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise QCompileError(f"artifact {WEIGHTS} does not match its {CONFIG} (missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}); {REBUILD}")
-    state = {key: t.to(dtype) if t.is_floating_point() else t for key, t in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()  # assign=True loaded the two stored copies as separate tensors
-    materialize_meta_buffers(model)
+    assign_state(model, state, config, dtype, expected, f"artifact {WEIGHTS}", REBUILD)
     for p in model.parameters():
         p.requires_grad_(False)
 
@@ -222,6 +214,23 @@ def set_submodule(model, name: str, module) -> None:
     if not hasattr(parent, child):
         raise QCompileError(f"artifact layer {name} is not in the {model.config.model_type} model; {REBUILD}")
     setattr(parent, child, module)
+
+
+def assign_state(model, state: dict, config, dtype, expected: set, source: str, remedy: str) -> None:
+    """Load ``state`` into a model built on the meta device: it must hold exactly the ``expected``
+    keys (a tied lm_head may be absent); floats are cast to ``dtype``; tied embeddings are re-tied
+    (assign=True loads two stored copies as separate tensors) and RoPE buffers rebuilt."""
+    tied = getattr(config, "tie_word_embeddings", False)
+    missing = sorted(expected - set(state) - ({"lm_head.weight"} if tied else set()))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise QCompileError(f"{source} does not match its {CONFIG} (missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}); {remedy}")
+    state = {key: t.to(dtype) if t.is_floating_point() else t for key, t in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    materialize_meta_buffers(model)
 
 
 def materialize_meta_buffers(model) -> None:

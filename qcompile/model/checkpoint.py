@@ -310,7 +310,7 @@ def dequantized_model(path: PathLike, dtype=None, device=None):
     from transformers import AutoModelForCausalLM
 
     from ..formats import get as get_format
-    from .artifact import load_tokenizer, materialize_meta_buffers
+    from .artifact import assign_state, load_tokenizer
     from .build import quiet_transformers
 
     p = Path(path).absolute()
@@ -326,18 +326,7 @@ def dequantized_model(path: PathLike, dtype=None, device=None):
             model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
     for mpath, qw in quantized.items():
         state[f"{mpath}.weight"] = get_format(qw.format).dequantize(qw)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if getattr(config, "tie_word_embeddings", False) and missing == ["lm_head.weight"]:
-        missing = []
-    if missing or unexpected:
-        raise QCompileError(f"checkpoint {p} does not match its {CONFIG} (missing {missing[:3]}, unexpected "
-                            f"{unexpected[:3]}); requantize the model")
-    state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    materialize_meta_buffers(model)
+    assign_state(model, state, config, dtype, set(model.state_dict()), f"checkpoint {p}", "requantize the model")
     model.to(dev).eval()
     for param in model.parameters():
         param.requires_grad_(False)
