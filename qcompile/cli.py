@@ -102,9 +102,61 @@ def parser() -> argparse.ArgumentParser:
                     help="where the checkpoints go (default: ~/.cache/qcompile/quality/<model>)")
     eq.add_argument("--markdown", action="store_true", help="also print the table as Markdown")
 
+    im = sub.add_parser("import", help="read a reference-format checkpoint (QuIP#, QTIP) into a qcompile checkpoint")
+    im.add_argument("src_dir", help="Hugging Face directory of a QuIP# or QTIP quantized model")
+    im.add_argument("-o", "--output", required=True, help="qcompile checkpoint directory to write")
+    ex = sub.add_parser("export", help="write a qcompile checkpoint in a reference layout")
+    ex.add_argument("checkpoint_dir")
+    ex.add_argument("--layout", required=True, choices=sorted(REFERENCE_LAYOUTS))
+    ex.add_argument("-o", "--output", required=True, help="directory to write")
+    ex.add_argument("--allow-unfused", action="store_true",
+                    help="write separately quantized q/k/v and gate/up (the reference loader expects fused ones)")
+
     sub.add_parser("bench", help="benchmark kernels against baselines (see qcompile bench --help)",
                    add_help=False)
     return p
+
+
+# layout name -> module with import_checkpoint / export_checkpoint / detect
+REFERENCE_LAYOUTS = {"quip-sharp": "qcompile.formats.quipsharp_io"}
+
+
+def _layout_module(name):
+    import importlib
+
+    return importlib.import_module(REFERENCE_LAYOUTS[name])
+
+
+def cmd_import(args) -> int:
+    import json
+    from pathlib import Path
+
+    cfg_path = Path(args.src_dir) / "config.json"
+    if not cfg_path.is_file():
+        raise QCompileError(f"{args.src_dir} has no config.json; give a Hugging Face model directory")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as err:
+        raise QCompileError(f"cannot read {cfg_path}: {err}") from None
+    params = cfg.get("quip_params") if isinstance(cfg, dict) else None
+    if not isinstance(params, dict):
+        raise QCompileError(f"{args.src_dir} is not a QuIP#/QTIP checkpoint (config.json has no quip_params)")
+    layout = "qtip" if "qtip" in REFERENCE_LAYOUTS and _is_qtip(params) else "quip-sharp"
+    _layout_module(layout).import_checkpoint(args.src_dir, args.output)
+    print(f"imported {args.src_dir} ({layout} layout) into {args.output}")
+    return 0
+
+
+def _is_qtip(params: dict) -> bool:
+    """QTIP checkpoints describe a trellis (L, K, V, td_x ...); QuIP# ones a codebook id."""
+    return any(key in params for key in ("L", "td_x", "tlut_bits", "decode_mode"))
+
+
+def cmd_export(args) -> int:
+    kwargs = {"allow_unfused": args.allow_unfused} if args.layout == "quip-sharp" else {}
+    _layout_module(args.layout).export_checkpoint(args.checkpoint_dir, args.output, **kwargs)
+    print(f"wrote {args.output} ({args.layout} layout)")
+    return 0
 
 
 def cmd_quantize(args) -> int:
@@ -230,6 +282,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_bench(argv[1:])
         args = parser().parse_args(argv)
         return {"build": cmd_build, "inspect": cmd_inspect, "run": cmd_run, "quantize": cmd_quantize,
+                "import": cmd_import, "export": cmd_export,
                 "eval": cmd_eval}[args.command](args)
     except QCompileError as err:
         print(f"error: {err}", file=sys.stderr)

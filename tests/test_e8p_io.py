@@ -243,3 +243,24 @@ def test_export_refuses_separately_quantized_parts(tmp_path):
         assert_same_weight(qw, back[path])
     with pytest.raises(QCompileError, match="e8p-2/3/4"):
         qio.export_quipsharp(tmp_path / "c", dict(CONFIG), {"x": qc.formats.get("int4-g128").quantize(torch.randn(8, 128))}, {})
+
+
+def test_cli_import_export_round_trip(ref_e8p2, tmp_path):
+    """`qcompile import` detects the QuIP# layout; `qcompile export --layout quip-sharp` writes it back."""
+    from qcompile.cli import main
+
+    src, _, _ = ref_e8p2
+    assert main(["import", str(src), "-o", str(tmp_path / "ck")]) == 0
+    assert main(["export", str(tmp_path / "ck"), "--layout", "quip-sharp", "-o", str(tmp_path / "out")]) == 0
+    a = load_file(str(src / "model.safetensors"))
+    b = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_cli_import_refuses_a_plain_model(tmp_path, capsys):
+    from qcompile.cli import main
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["import", str(tmp_path), "-o", str(tmp_path / "ck")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no quip_params" in err[0]
