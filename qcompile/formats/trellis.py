@@ -1,0 +1,753 @@
+"""QTIP bitshift-trellis formats: qtip-1mad-K, qtip-3inst-K (V=1) and qtip-hyb-K (V=2), K = 2, 3, 4.
+
+Written from the facts and the math in ../shared/reference/qtip.md (the reference code is GPL-3.0
+and was not read). Section numbers (§) refer to that report.
+
+Trellis (§1.1–1.3). L = 16 state bits, K bits per weight, V weights per step, one sequence per
+16×16 tile (T = 256 weights, S = T/V steps). The tile's bitstream has exactly T·K bits, MSB first,
+and is read circularly (tail-biting): state t is the 16-bit window at bit t·K·V, modulo T·K. State
+t's top K·V bits are stream bits [t·KV, t·KV + KV), so packing a valid tail-biting path is just
+"concatenate every state's top KV bits". Streams are stored in 16-bit words, first stream bit = bit
+15 (the reference's int16 words).
+
+Codes (§2, exact constants). A state s decodes to V fp16 values:
+  1MAD  x = 34038481·s + 76625530 mod 2^32; y = sum of x's 4 bytes; fp16(fp32(y − 510) ⊗ fp32(1/147.800537109375))
+        (one fp32 multiply by the rounded reciprocal — portable bit-exact on CPUs and GPUs, where a
+        division or a fused multiply-add is not — then the fp16 round; ≤ 1 fp16 ulp from the
+        reference's division; at most 1021 distinct values, 908 over the 2^16 states)
+  3INST x = 89226354·s + 64248484 mod 2^32; r = (x & 0x8FFF8FFF) ^ 0x3B603B60;
+        fp16(r >> 16) + fp16(r & 0xFFFF) (one fp16 add; each half is ±[2^-3, 2))
+  HYB   h = s·(s+1) mod 2^32; (v0, v1) = tlut[(h >> 6) & 511]; v0's sign bit ^= bit 15 of h
+        (the sign flip is an XOR of 0x8000, as the reference kernel does, so ±0 stay exact).
+        tlut: fp16 [512, 2] per layer, stored with the weight ("tlut"); the default comes from a
+        deterministic k-means on Gaussian samples (``kmeans_tlut``), rescaled to std √(15/16).
+
+Layouts (§1.2, §1.4). A layout is an in-tile ORDER (sequence position p → tile element) plus a
+PACKING (where a tile's stream bytes live). Both are the reference's:
+  generic = order "row" (position p = row·16 + col, row-major) + packing "tiles" (tensor row
+            I·(k/16) + J holds tile (I, J)'s 16K stream words)                        (§1.2)
+  kernel  = order "mma" (the mma.m16n8k16 A-fragment order) + packing "kernel" (each lane's K-byte
+            chunk byte-reversed, lanes of 2×2 tiles interleaved per 32×32 super-tile)  (§1.4)
+The order is part of what was encoded (the trellis couples consecutive positions), so converting
+between orders needs a re-quantization; converting between packings is a lossless byte shuffle
+(``repack`` / ``pack_kernel`` / ``unpack_kernel``). For V=1 the "mma" order is our extension: the
+same position → element map, one state per position.
+
+OUR STORED LAYOUTS: qtip-hyb-K uses the kernel layout, qtip-1mad-K / qtip-3inst-K the generic one —
+exactly what the reference writes for each (§1.4: only HYB L16 Q9 V2 16×16 gets the kernel layout).
+Why: (1) every public QTIP model is HYB in the kernel layout, and the order cannot be converted
+without re-quantizing, so HYB must keep the mma order; keeping the reference's bytes too makes
+import/export zero-copy and leaves the proven mma A-fragment kernel design (§5.1) open for the GPU
+work (a warp per 32×32 super-tile, each lane reading its own 4K contiguous bytes + its neighbour's);
+(2) 1MAD/3INST have no public checkpoints and no reference kernel; their generic layout gives a
+16-column decode unit (one tile row) = K contiguous int16 words + the next row's first word, which
+suits our row-wise GEMV; keeping the reference's bytes again makes export/import exact. Every other
+(order, packing) pair is available as an unregistered variant (``variant``), e.g. HYB in mma order
+with tile-contiguous streams, for kernels that prefer it; ``tir_decode_unit`` handles all four.
+
+Tensors: "trellis" int16 [N/16, k/16, 16·K] (exactly K bits per weight; the same bytes as the
+reference's nominal 2-D [(N/16)·(k/16), 16·K], 3-D so that the TIR decode knows k), "tlut" fp16
+[512, 2] (HYB only), and the RHT vectors SU fp16 [k], SV fp16 [N]. QTIP quantizes in the RHT basis,
+always: the ``rht`` argument of quantize is ignored (the trellis codes are Gaussian codebooks and SV is where
+the layer scale lives). Wscale (the reference's per-layer scale, §3.3) is rms(W̃)/(rms(codebook)·ρ)
+with ρ = ``scale`` (default 0.9 = the reference's scale_override); the quantizer sees W̃/Wscale. Like
+the reference, the kernels multiply activations divided by 32 (keeps fp16 partial sums in range,
+§2.4): we fold that into the stored vectors, SU = ±1/32 and SV = ±fp16(32·Wscale), both exact in fp16
+(powers of two / one rounding of the scale, which the quantizer then uses). So for the stored weight
+W = diag(SV)·U·Ŵ·Uᵀ·diag(SU) with Ŵ = decode_fp16 (what ``dequantize`` returns).
+
+Quantization (§3): BlockLDLQ (qcompile.quant.ldlq.block_ldlq) with g = 16 input columns; each 16-column
+block is cut into m/16 tiles, ordered by the layout's in-tile order and encoded with the two-pass
+tail-biting Viterbi of qcompile.formats.viterbi (fp32 costs). Without a Hessian every tile is encoded
+independently (no feedback).
+
+Measured here (2-core CPU, one thread; ``gaussian_mse``, i.i.d. N(0,1), T=256, best ρ of the grid):
+  256 sequences, K=2:  3INST 0.0686 (ρ 1.0), 1MAD 0.0686 (ρ 1.0), HYB 0.0702 (ρ 1.0)
+                       (paper Table 1: 0.069, 0.069, 0.071; distortion-rate bound 0.0625)
+  64 sequences:        K=2  3INST 0.0697  1MAD 0.0694  HYB 0.0713
+                       K=3  3INST 0.0181  1MAD 0.0178  HYB 0.0191   (best ρ 0.9-0.95)
+                       K=4  3INST 0.0047  1MAD 0.0046  HYB 0.0056   (best ρ 0.8-0.85)
+  Viterbi, both tail-biting passes: ~55 ms per 256-weight sequence for V=1, ~25 ms for V=2
+  (all K); a 256×256 layer with LDLQ: 6 s (HYB), 16 s (3INST).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+from ..errors import QCompileError
+from .base import Format, QuantizedWeight, TensorSpec, register
+
+# --- trellis parameters ------------------------------------------------------------------------------
+L_BITS = 16          # state bits (the only L the formats use; tests use smaller L on the raw helpers)
+TILE = 16            # tile side: td_x = td_y = 16
+TILE_WEIGHTS = TILE * TILE  # T = 256
+Q_BITS = 9           # HYB table index bits
+BITS = (2, 3, 4)     # K
+CODES = {"1mad": 1, "3inst": 1, "hyb": 2}  # code -> V
+DEFAULT_SCALE = 0.9  # ρ: the reference's --scale_override
+RUNTIME_SCALE = 32   # activations ÷32 before the kernel, outputs ×32 (folded into SU / SV)
+DEFAULT_LAYOUT = {"1mad": "generic", "3inst": "generic", "hyb": "kernel"}
+LAYOUTS = {"generic": ("row", "tiles"), "kernel": ("mma", "kernel")}
+ORDERS = ("row", "mma")
+PACKINGS = ("tiles", "kernel")
+
+# --- code constants (§2) -----------------------------------------------------------------------------
+MAD1_A, MAD1_B = 34038481, 76625530
+MAD1_OFFSET = 510
+MAD1_DIVISOR = 147.800537109375
+INST3_A, INST3_B = 89226354, 64248484
+INST3_MASK = 0x8FFF8FFF
+INST3_XOR = 0x3B603B60  # fp16 0x3B60 = 0.921875 in both halves
+HYB_STD = 0.9682458365518543  # √(15/16): std of the tlut entries after the k-means
+
+
+def _f32(v: float) -> float:
+    return float(torch.tensor(v, dtype=torch.float32))
+
+
+MAD1_RECIP = _f32(1.0 / MAD1_DIVISOR)  # the fp32 constant both decoders multiply with
+
+
+# --- codes: state -> value, vectorised (CPU or CUDA) ----------------------------------------------------
+def _u32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.int64) & 0xFFFFFFFF
+
+
+def _u16_to_f16(u: torch.Tensor) -> torch.Tensor:
+    """uint16 bit patterns (in an int64 tensor) -> float16 values with those bits."""
+    u = u.to(torch.int64) & 0xFFFF
+    return torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16).view(torch.float16)
+
+
+def decode_1mad(states: torch.Tensor) -> torch.Tensor:
+    """1MAD (§2.1): fp16 [...] of int states [...]."""
+    x = _u32(states.to(torch.int64) * MAD1_A + MAD1_B)
+    y = (x & 0xFF) + ((x >> 8) & 0xFF) + ((x >> 16) & 0xFF) + (x >> 24)
+    recip = torch.tensor(MAD1_RECIP, dtype=torch.float32, device=states.device)
+    return ((y - MAD1_OFFSET).to(torch.float32) * recip).to(torch.float16)
+
+
+def decode_3inst(states: torch.Tensor) -> torch.Tensor:
+    """3INST (§2.2): fp16 [...] of int states [...] (the sum of two fp16 halves, fp16-rounded)."""
+    x = _u32(states.to(torch.int64) * INST3_A + INST3_B)
+    r = (x & INST3_MASK) ^ INST3_XOR
+    return _u16_to_f16(r >> 16) + _u16_to_f16(r & 0xFFFF)
+
+
+def hyb_index_sign(states: torch.Tensor, Q: int = Q_BITS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """HYB hash (§2.3): (table index int64, sign bit int64) of int states."""
+    s = states.to(torch.int64)
+    h = _u32(s * (s + 1))
+    return (h >> (15 - Q)) & ((1 << Q) - 1), (h >> 15) & 1
+
+
+def decode_hyb(states: torch.Tensor, tlut: torch.Tensor) -> torch.Tensor:
+    """HYB (§2.3): fp16 [..., 2] of int states [...] with the layer's table tlut fp16 [512, 2]."""
+    idx, sign = hyb_index_sign(states)
+    vals = tlut.to(states.device, torch.float16)[idx]  # [..., 2]
+    bits = vals.view(torch.int16).to(torch.int32)
+    flip = torch.zeros_like(bits)
+    flip[..., 0] = sign.to(torch.int32) << 15
+    bits = bits ^ flip  # XOR 0x8000 into element 0
+    return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.float16)
+
+
+def decode_states(code: str, states: torch.Tensor, tlut: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """fp16 [..., V] values of int states [...] under ``code``."""
+    if code == "1mad":
+        return decode_1mad(states).unsqueeze(-1)
+    if code == "3inst":
+        return decode_3inst(states).unsqueeze(-1)
+    if code == "hyb":
+        if tlut is None:
+            raise QCompileError("the HYB code needs its lookup table (tlut fp16 [512, 2])")
+        return decode_hyb(states, tlut)
+    raise QCompileError(f"unknown trellis code {code!r}; choose one of {', '.join(CODES)}")
+
+
+@functools.lru_cache(maxsize=8)
+def _fixed_codebook(code: str, device: str) -> torch.Tensor:
+    return decode_states(code, torch.arange(1 << L_BITS, device=device))
+
+
+def codebook(code: str, tlut: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """fp16 [2^16, V]: the value(s) of every state (cached for the table-free codes)."""
+    dev = torch.device(device) if device is not None else (tlut.device if tlut is not None else torch.device("cpu"))
+    if code == "hyb":
+        return decode_states(code, torch.arange(1 << L_BITS, device=dev), tlut)
+    return _fixed_codebook(code, str(dev)).clone()
+
+
+# --- the HYB table: k-means on Gaussian samples ------------------------------------------------------
+KMEANS_SAMPLES = 1 << 18   # the reference uses 2^20 (scipy); 2^18 = 512 samples per centre
+KMEANS_ITERS = 100
+KMEANS_SEED = 0
+
+
+def kmeans_tlut(n_samples: int = KMEANS_SAMPLES, iters: int = KMEANS_ITERS, seed: int = KMEANS_SEED,
+                Q: int = Q_BITS) -> torch.Tensor:
+    """The default HYB table (§2.3): Lloyd's k-means with 2^Q centres on ``n_samples`` i.i.d. N(0, I₂)
+    samples, started from randn(2^Q, 2) (both drawn from one CPU generator seeded with ``seed``),
+    ``iters`` iterations (an empty cluster keeps its centre), then rescaled so that the std of all
+    entries is √(15/16) (torch's unbiased std), rounded to fp16. float64 and no threaded reductions,
+    so the result is deterministic. The shipped default (``default_tlut``) is this function at the
+    default arguments (2^18 samples; the reference uses 2^20 with scipy, ~4× more than 2 CPU cores
+    do in reasonable time; the MSE difference is small, see tests/test_trellis.py)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    k = 1 << Q
+    X = torch.randn(int(n_samples), 2, generator=gen, dtype=torch.float64)
+    C = torch.randn(k, 2, generator=gen, dtype=torch.float64)
+    chunk = 1 << 14
+    assign = torch.empty(X.shape[0], dtype=torch.int64)
+    for _ in range(int(iters)):
+        for a in range(0, X.shape[0], chunk):
+            xs = X[a:a + chunk]
+            # elementwise squared distances (no BLAS: its summation order varies between CPUs)
+            d = (xs[:, None, 0] - C[None, :, 0]).square_()
+            d += (xs[:, None, 1] - C[None, :, 1]).square_()
+            assign[a:a + chunk] = d.argmin(dim=1)
+        counts = torch.bincount(assign, minlength=k).to(torch.float64)
+        sums = torch.stack([torch.bincount(assign, weights=X[:, i], minlength=k) for i in range(2)], dim=1)
+        C = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], C)
+    C = C * (HYB_STD / C.std())
+    return C.to(torch.float16)
+
+
+# the output of kmeans_tlut() (fp16 bit patterns, row-major [512, 2]); see test_trellis.py (slow)
+_DEFAULT_TLUT_HEX = """
+b8b93ababd4bbf81bd8eb99f3842b873b441b8c23438ae66b8bfb97cbc8cb40b380cbc77bf19b919b7abb79e30ff3de7
+b8b7b4bc307db6e9be773b4ca55f3592b6042fe9b69b33983c8b20babed4b5a63c2f38c23f903672bb5baf44b9293fe2
+bd1d361c3ee839aa3cf5b3dc3600b9bcbef22fa6b85dbba8ba343c9b3dc5bc61bb6cb936b5903a63b3c4b0513e833726
+3c52bdb03d383dc42df234c2bb6134273e2db9fcb83c34363679bddd396a3b51b8d4b6e63579bae2376cb77fb4ad3b86
+bb123a02b30ab9dbbbc7b41db871a9cd9182bdf3bbcc41053b7d39b73a0bbb0db9e93a33b801bec630553c0bb1683c4a
+b6aeb16dbc32b85d3c52b127b101b818c00c3e49396dc10434649b1838e9b7693791ba57b7b23eedbbb03c48b70035c2
+b282c0b49901a478c0d3b63b3e7f3d1c37963eb13c4a3d2231c437bf3d3f3ca43ca2b84c3aed3d7cbc40aedab1e63286
+be6dbd0c3eb1bd33b214bdfc39d53ceb3bdea5e8bc1abdd53ddf345cbe32b84bbdbb3c403d3c3b20c11ebbab30123d35
+3b47b12cbaa7243635983af3bbd13e6bad60bc03257939423cc73f4fbef8bbb1aa073e6a36bbb8e6276130ec3c5cc074
+bc5f353c36b338c5b41cbeddb889ba8839c53f17b936bcf9bf444074391a3a3140053fd93216b553b79037ce37b9409f
+b157bafb3b9c37523a47b91a3323b821b0fe38413dccb2b8b8b02c54bcf73e12ad1e31afc15b3c9a3145c08a34c42e1b
+3925bda5bdbfbc073c043057361627d52c1abbb339873921bf2db037bd472c07ba43be543c90bbd3401bb927b6aa3d2d
+b7853a1839bc299eb5f0b681c00ead6ab3033511391f33fc34c8392aac923d983af5b9fe3b3d41763aab38afb59223b7
+b34dbc05bc0f3fd53421b6c9b959c1a03539b1c73dde28b6b76a29b532e8305b3ca8b9e5b942b86fb0b1b8f23857b982
+37d12d0b1944bd1c2dc8405a3a83b472bc0abac4b4d2bd46af1a348f3efebb7c3198be52b750b9c9b9c438b323d1b00a
+bd4e3ac63982ac5b2d55b556bbd1bc07b064b491ba723b7f3c753c0838bd2027bbdc3b0b319e2adab3a79979b4654004
+368635f6a9b73769bf143cd438efbe8a357cb8201a2833e43720b0cda920baea298db37fb16bac5db62fbc043930b47c
+3a3e3c17b83d3c85bc8d297eb136bc9a33c53a20b6de40b63d81378bb80230e3b8eb3970b83fb8adbee13930ab703a1d
+324a33fdb0d12dff3870aefd3a523a38379aa8533d292fb0b955ae653968bccf346b3853bbd52648bf1236a6bd9c342c
+3ecc31ae3dd4397b3cd4bcd6bcbbbc17be062dd1b98d216939eab80328473f73bdf5b50139b6b5f7b670b8df3b56bb9b
+34c232b9be43ba52b80c38f3b96eb2d9bc9a3a4fb6d9badfb0703664b4272f1f3bfab91bbad6b5b2ba9ebb7839e13116
+b8d1381fba68356aba8e37ab3d004070c034b9f8be50352c3a5abc4c39643e12b4c2330036e03c8e3be0bc9141423a39
+3df1b7de3e3e3baa407734a2b9b9b5482f09b05930f3bd8fa893b527b4103ee63c3d35823819bf633b6734bd3272bb10
+bcf4bab8b5713c693d0434e3c003bcb92d6eb8352fdf31733f08b884b98dbae7bdda3804b5b83790bc0f3d30bbf03827
+b557b9d5b3a03d05b7cab5c5b8e2c07035d1acdf34b435193ad7b65b38503d43be5dae3f2e0a3a233bd93e5fbce8b8d1
+b4023706b4743986b613b4c03eaead793c0fba89baa8bd432b19b8ffaca1bfeca0a041643102bc3a3a814011bb0a308c
+3afa31ed364b3de5bc363948b53535633fd0283bb9e92f82b34cb3fc3d23ad223a8abfb4b808bc713adcbd433ade2c03
+ba60b8a3366d37cac1b12f1e3973380facd3ae163825b3a8b9d1bf7fbd123ce93945361235f8beae3bc6b4b4b0a0b18f
+3870b5df37afbd224144a0c23d52bb01b159b61b3c46bef13f67bea1baadbc86b93234e0b7b3b3e43c77b5b3410fba12
+bdcf3f6b254bba003a3434a536313fc73a7336d4ba4b3d8dbc25bcdbb98636b5bc60b9a8bda0af76aa80389cc0173885
+2c713843336d3eb83715b560bb8f3646b971bc3337eb3badbef4be71b637bdf738ca3c6434fb3c03aac7b2c12cee36a4
+3e653eb634deb54a3d75bf47acd33cd53d50b91cb5afb81835f2b69231fd35e13c0bb765b9d83e9131e0aa9dbefcc056
+384437253e91b55034a236ca40dabd89ba9ab353bc1bb6453281b138bca73c1ebcdc325dbffe33bb3053b9bd3f10c084
+bd1838ee3b663c74bd4ebdffb75e3b9da885b834be223da140443d5eb8713637383b397ba8672d1b3404b3f02651b6ba
+3987b9e638c4bac031403915bfe8b6824017bc87b515b2ae2debc1b23432bbf73acfbe4eb9c6b9a03620bc183633b40c
+b86bb11bb4adbaf5bc0fbf033d7fbdd5bd24bcebb8103df431a5b8e82e08a8113b08b858365230aa34c9bd46c0633c20
+bd3bb462a701becfb40cb753390dbc0bb0013b4db436388caede20ec313cbccf3834352eb0b4394bb90031b9b63138f8
+3920b1913414b9fd364939d3c0d237d43b6f3b34bacdba29407cb32e3865387e32a2bf7f3070b39fb52fbc9aba48aec0
+ba03335ea4c23c1ab049bd48b9323bf53819327b25d43b10aecab9ffbc9737c8b550ad9a3caf3749b49d3de3c0a82d03
+368034373d3bb68fbc2f317138d73009baf838dc31f43b18c098be2b1dc6bc76353e3d33a945b92d3c813247349fb900
+b771bd1f2cb12c14b603bfea33c93c9438073a963c673a60b8ddbdcdbcc3b6bdbcedae443f623c27b9f6b740bd70b78c
+ad30b6ba381bc047b8f83d2a3ce539303a9eaad43a17b1bbbdee39ad3fa4b467b26b3a6bbb2ab7c5bf953b22402e39d2
+b457b5703548bca42e79bab5bc32c080b715ac423930b8cb2ca03c9e37c2bb81
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _default_tlut_cpu() -> torch.Tensor:
+    raw = bytes.fromhex("".join(_DEFAULT_TLUT_HEX.split()))
+    words = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(-1, 2).to(torch.int64)
+    u = (words[:, 0] << 8) | words[:, 1]  # big-endian hex: stable across hosts
+    return _u16_to_f16(u).view(1 << Q_BITS, 2).clone()
+
+
+def default_tlut(device=None) -> torch.Tensor:
+    """The default per-layer HYB table: fp16 [512, 2] (a copy; see ``kmeans_tlut``)."""
+    t = _default_tlut_cpu().clone()
+    return t if device is None else t.to(device)
+
+
+# --- bitstreams ------------------------------------------------------------------------------------------
+def _check_stream(L: int, KV: int, S: int) -> None:
+    if not (1 <= KV < L <= 16):
+        raise QCompileError(f"unsupported trellis: L={L} state bits and K·V={KV} bits per step "
+                            f"(need 1 ≤ K·V < L ≤ 16)")
+    if S * KV < L:
+        raise QCompileError(f"a tail-biting stream of {S} steps × {KV} bits is shorter than one state (L={L})")
+
+
+def states_to_words(states: torch.Tensor, L: int, KV: int) -> torch.Tensor:
+    """Pack tail-biting state paths [..., S] into MSB-first 16-bit words int16 [..., ⌈S·KV/16⌉]:
+    the stream is the concatenation of every state's top KV bits (zero-padded to whole words)."""
+    S = states.shape[-1]
+    _check_stream(L, KV, S)
+    top = (states.to(torch.int64) >> (L - KV)) & ((1 << KV) - 1)
+    shifts = torch.arange(KV - 1, -1, -1, device=states.device)
+    bits = ((top.unsqueeze(-1) >> shifts) & 1).reshape(*states.shape[:-1], S * KV)
+    pad = (-S * KV) % 16
+    if pad:
+        bits = torch.cat([bits, bits.new_zeros(*bits.shape[:-1], pad)], dim=-1)
+    bits = bits.reshape(*bits.shape[:-1], -1, 16)
+    weights = torch.tensor([1 << (15 - i) for i in range(16)], dtype=torch.int64, device=states.device)
+    u = (bits * weights).sum(-1)
+    return torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16)
+
+
+def words_to_bits(words: torch.Tensor) -> torch.Tensor:
+    """int16 MSB-first words [..., W] -> bits uint8 [..., 16·W]."""
+    u = words.to(torch.int64) & 0xFFFF
+    shifts = torch.arange(15, -1, -1, device=words.device)
+    return ((u.unsqueeze(-1) >> shifts) & 1).to(torch.uint8).reshape(*words.shape[:-1], -1)
+
+
+def words_to_states(words: torch.Tensor, S: int, L: int, KV: int) -> torch.Tensor:
+    """States int64 [..., S] of streams [..., W] int16: state t = bits [t·KV, t·KV + L) of the first
+    S·KV stream bits, read circularly."""
+    _check_stream(L, KV, S)
+    nbits = S * KV
+    if words.shape[-1] * 16 < nbits:
+        raise QCompileError(f"{words.shape[-1]} words hold fewer than the {nbits} stream bits of {S} states")
+    dev = words.device
+    p = torch.arange(S, device=dev) * KV
+    if nbits == words.shape[-1] * 16:  # whole words: two-word windows (the kernels' arithmetic)
+        u = words.to(torch.int64) & 0xFFFF
+        w = p >> 4
+        hi = u[..., w]
+        lo = u[..., (w + 1) % words.shape[-1]]
+        return (((hi << 16) | lo) >> (32 - L - (p & 15))) & ((1 << L) - 1)
+    bits = words_to_bits(words)[..., :nbits].to(torch.int64)
+    idx = (p[:, None] + torch.arange(L, device=dev)[None, :]) % nbits  # [S, L]
+    weights = torch.tensor([1 << (L - 1 - i) for i in range(L)], dtype=torch.int64, device=dev)
+    return (bits[..., idx] * weights).sum(-1)
+
+
+# --- in-tile orders ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)
+def _order_cpu(order: str) -> torch.Tensor:
+    p = torch.arange(TILE_WEIGHTS)
+    if order == "row":
+        return p
+    if order == "mma":  # §1.4(a): p = 8·lane + 2·j + v
+        lane, j, v = p >> 3, (p >> 1) & 3, p & 1
+        row = (lane >> 2) + 8 * (j & 1)
+        col = 2 * (lane & 3) + 8 * (j >> 1) + v
+        return row * TILE + col
+    raise QCompileError(f"unknown in-tile order {order!r}; choose one of {', '.join(ORDERS)}")
+
+
+def tile_order(order: str, device=None) -> torch.Tensor:
+    """int64 [256]: sequence position p -> tile element row·16 + col."""
+    t = _order_cpu(order)
+    return t if device is None else t.to(device)
+
+
+# --- packings -----------------------------------------------------------------------------------------------
+def _check_kernel_shape(n: int, k: int) -> None:
+    if n % 32 or k % 32:
+        raise QCompileError(f"the kernel packing interleaves 2×2 tiles: both dims must be multiples of 32, "
+                            f"got {n}x{k}")
+
+
+def _words_to_bytes(words: torch.Tensor) -> torch.Tensor:
+    u = words.to(torch.int64) & 0xFFFF
+    return torch.stack([u >> 8, u & 0xFF], dim=-1).reshape(*words.shape[:-1], -1)  # MSB-first byte order
+
+
+def pack_kernel(streams: torch.Tensor, n: int, k: int, K: int) -> torch.Tensor:
+    """Tile streams int16 [(n/16)(k/16), 16K] (tile (I, J) at row I·(k/16) + J, MSB-first words) ->
+    the kernel packing (§1.4 b, c), same shape and dtype: per 32×32 super-tile (row-major) and lane ℓ,
+    the four tiles' K-byte chunks (m-subtile fastest), each chunk byte-reversed; the int16 words are
+    little-endian pairs of those bytes."""
+    _check_kernel_shape(n, k)
+    ti, tj = n // TILE, k // TILE
+    b = _words_to_bytes(streams).view(ti // 2, 2, tj // 2, 2, 32, K)  # [I2, a, J2, b, lane, byte]
+    b = b.flip(-1).permute(0, 2, 4, 3, 1, 5).reshape(-1, 2)           # [I2, J2, lane, b, a, K] bytes
+    u = b[:, 0] | (b[:, 1] << 8)                                        # little-endian int16 words
+    return torch.where(u >= 0x8000, u - 0x10000, u).to(torch.int16).view(ti * tj, 16 * K)
+
+
+def unpack_kernel(packed: torch.Tensor, n: int, k: int, K: int) -> torch.Tensor:
+    """Inverse of ``pack_kernel``: kernel-packed int16 -> tile streams int16 [(n/16)(k/16), 16K]."""
+    _check_kernel_shape(n, k)
+    ti, tj = n // TILE, k // TILE
+    u = packed.to(torch.int64).reshape(-1) & 0xFFFF
+    b = torch.stack([u & 0xFF, u >> 8], dim=-1).view(ti // 2, tj // 2, 32, 2, 2, K)  # [I2, J2, lane, b, a, K]
+    b = b.flip(-1).permute(0, 4, 1, 3, 2, 5).reshape(ti * tj, 16 * K, 2)             # [I2, a, J2, b, lane, K]
+    w = (b[..., 0] << 8) | b[..., 1]
+    return torch.where(w >= 0x8000, w - 0x10000, w).to(torch.int16)
+
+
+# --- the formats ----------------------------------------------------------------------------------------------
+def _layout_of(order: str, packing: str) -> str:
+    for name, pair in LAYOUTS.items():
+        if pair == (order, packing):
+            return name
+    return f"{order}-{packing}"
+
+
+class TrellisFormat(Format):
+    """qtip-{code}-{K} (see the module doc). ``order``/``packing`` default to the code's stored
+    layout; other pairs make unregistered variants named ``qtip-{code}-{K}@{order}-{packing}``."""
+
+    decode_unit = 16  # one tile row: 16 consecutive input columns of one output row
+
+    def __init__(self, code: str, K: int, order: Optional[str] = None, packing: Optional[str] = None):
+        if code not in CODES:
+            raise QCompileError(f"unknown trellis code {code!r}; choose one of {', '.join(CODES)}")
+        if K not in BITS:
+            raise QCompileError(f"unsupported bits per weight K={K} for qtip-{code}; choose one of "
+                                f"{', '.join(map(str, BITS))}")
+        d_order, d_packing = LAYOUTS[DEFAULT_LAYOUT[code]]
+        order = order or d_order
+        packing = packing or d_packing
+        if order not in ORDERS:
+            raise QCompileError(f"unknown in-tile order {order!r}; choose one of {', '.join(ORDERS)}")
+        if packing not in PACKINGS:
+            raise QCompileError(f"unknown packing {packing!r}; choose one of {', '.join(PACKINGS)}")
+        self.code, self.K, self.V, self.L = code, int(K), CODES[code], L_BITS
+        self.KV = self.K * self.V
+        self.S = TILE_WEIGHTS // self.V
+        self.order, self.packing = order, packing
+        self.layout = _layout_of(order, packing)
+        self.base_name = f"qtip-{code}-{K}"
+        self.is_default_layout = (order, packing) == (d_order, d_packing)
+        self.name = self.base_name if self.is_default_layout else f"{self.base_name}@{order}-{packing}"
+
+    # --- shapes ---------------------------------------------------------------------------------------
+    def check_shape(self, n: int, k: int) -> None:
+        if n <= 0 or k <= 0:
+            raise QCompileError(f"{self.name}: weight shape {n}x{k} is empty")
+        if n % TILE or k % TILE:
+            raise QCompileError(f"{self.name}: both dims must be multiples of the 16x16 trellis tile, got {n}x{k}")
+        if self.packing == "kernel" and (n % 32 or k % 32):
+            raise QCompileError(f"{self.name}: the kernel layout interleaves 2x2 tiles, so both dims must be "
+                                f"multiples of 32, got {n}x{k}")
+
+    def tensor_specs(self, n: int, k: int) -> Dict[str, TensorSpec]:
+        self.check_shape(n, k)
+        specs = {"trellis": TensorSpec((n // TILE, k // TILE, TILE * self.K), "int16")}
+        if self.code == "hyb":
+            specs["tlut"] = TensorSpec((1 << Q_BITS, 2), "float16")
+        return specs
+
+    # --- layouts -----------------------------------------------------------------------------------------
+    def variant(self, order: Optional[str] = None, packing: Optional[str] = None) -> "TrellisFormat":
+        return variant(self.base_name, order or self.order, packing or self.packing)
+
+    def streams(self, qw: QuantizedWeight) -> torch.Tensor:
+        """Tile streams int16 [(N/16)(k/16), 16K] (tiles row-major, MSB-first words) of a stored weight."""
+        n, k = qw.shape
+        t = qw.tensors["trellis"].reshape((n // TILE) * (k // TILE), TILE * self.K)
+        return unpack_kernel(t, n, k, self.K) if self.packing == "kernel" else t
+
+    def pack_streams(self, streams: torch.Tensor, n: int, k: int) -> torch.Tensor:
+        """Tile streams [(N/16)(k/16), 16K] -> the stored "trellis" tensor [N/16, k/16, 16K]."""
+        t = pack_kernel(streams, n, k, self.K) if self.packing == "kernel" else streams
+        return t.reshape(n // TILE, k // TILE, TILE * self.K).contiguous()
+
+    def states(self, qw: QuantizedWeight) -> torch.Tensor:
+        """Trellis states int64 [(N/16)(k/16), S] of a stored weight (tiles row-major)."""
+        return words_to_states(self.streams(qw), self.S, self.L, self.KV)
+
+    # --- quantize ----------------------------------------------------------------------------------------
+    def codebook(self, tlut: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+        return codebook(self.code, tlut, device)
+
+    def quantize(self, W: torch.Tensor, hessian: Optional[torch.Tensor] = None, seed: int = 0,
+                 scale: Optional[float] = None, rht: bool = True, ldlq: Optional[bool] = None,
+                 sigma: float = 1e-2, memory_budget: Optional[int] = None) -> QuantizedWeight:
+        """W float [N, k] -> QuantizedWeight, always in the RHT basis (``rht`` is ignored; see the
+        module doc). ``scale`` = ρ (default 0.9): the quantizer input has RMS ρ·rms(codebook).
+        ``hessian`` + ``ldlq`` (default: on with a Hessian): BlockLDLQ with 16-column blocks.
+        ``memory_budget``: bytes of Viterbi working memory (default: qcompile.formats.viterbi)."""
+        from ..quant.hessian import damp
+        from ..quant.ldlq import block_ldlq
+
+        try:
+            rho = DEFAULT_SCALE if scale is None else float(scale)
+        except (TypeError, ValueError):
+            rho = float("nan")
+        if not (math.isfinite(rho) and rho > 0):
+            raise QCompileError(f"{self.name}: scale must be a positive finite RMS factor (default "
+                                f"{DEFAULT_SCALE}), got {scale}")
+        W_work, H, aux, use_ldlq = self.prepare_input(W, hessian, seed, True, ldlq)
+        n, k = W_work.shape
+        dev = W_work.device
+        tlut = default_tlut(dev) if self.code == "hyb" else None
+        cb16 = self.codebook(tlut, dev)
+        cb = cb16.to(torch.float32)
+        rms_cb = float(cb.pow(2).mean().sqrt())
+        rms_w = float(W_work.pow(2).mean().sqrt())
+        if rms_w > 0:
+            sv16 = torch.tensor(RUNTIME_SCALE * rms_w / (rms_cb * float(rho)), dtype=torch.float16)
+            if not bool(torch.isfinite(sv16)) or float(sv16) == 0.0:
+                raise QCompileError(f"{self.name}: the layer scale {rms_w / (rms_cb * rho):.3g} does not fit fp16; "
+                                    f"rescale the weight")
+            wscale = float(sv16) / RUNTIME_SCALE
+            X = W_work / wscale
+        else:  # an all-zero weight: SV = 0 makes it exact whatever the trellis holds
+            sv16, wscale = torch.tensor(0.0, dtype=torch.float16), 0.0
+            X = W_work
+        perm = tile_order(self.order, dev)
+        enc = _TileEncoder(self, cb, perm, memory_budget)
+        if use_ldlq:
+            result = block_ldlq(X, damp(H, sigma).to(dev), TILE, enc.round_block)
+            states = torch.stack(result.states, dim=1)  # [N/16, k/16, S]
+        else:
+            tiles = X.view(n // TILE, TILE, k // TILE, TILE).permute(0, 2, 1, 3).reshape(-1, TILE_WEIGHTS)
+            states = enc.encode(tiles)[0].view(n // TILE, k // TILE, self.S)
+        streams = states_to_words(states.reshape(-1, self.S), self.L, self.KV)
+        tensors = {"trellis": self.pack_streams(streams, n, k)}
+        if tlut is not None:
+            tensors["tlut"] = tlut.contiguous()
+        tensors["SU"] = (aux["SU"].to(torch.float32) / RUNTIME_SCALE).to(torch.float16)
+        tensors["SV"] = (aux["SV"].to(torch.float32) * float(sv16)).to(torch.float16)
+        meta = {"code": self.code, "K": self.K, "V": self.V, "L": self.L, "layout": self.layout,
+                "scale": float(rho), "wscale": wscale, "runtime_scale": RUNTIME_SCALE, "rht": True}
+        if self.code == "hyb":
+            meta["tlut_bits"] = Q_BITS
+        qw = QuantizedWeight(self.name, (n, k), tensors, meta)
+        if H is not None:
+            meta["ldlq"] = use_ldlq
+            W_hat = self.decode_fp16(qw).to(torch.float32) * wscale
+            meta["proxy_loss"] = self.relative_proxy_loss(W_work, W_hat, H)
+        return qw
+
+    # --- decode (torch reference) ----------------------------------------------------------------------
+    def decode_fp16(self, qw: QuantizedWeight) -> torch.Tensor:
+        self.check_qweight(qw)
+        n, k = qw.shape
+        states = self.states(qw)
+        vals = decode_states(self.code, states, qw.tensors.get("tlut")).reshape(-1, TILE_WEIGHTS)
+        tiles = torch.empty_like(vals)
+        tiles[:, tile_order(self.order, vals.device)] = vals
+        return tiles.view(n // TILE, k // TILE, TILE, TILE).permute(0, 2, 1, 3).reshape(n, k)
+
+    def dequantize(self, qw: QuantizedWeight) -> torch.Tensor:
+        """float32 [N, k] in the original basis: SV ⊙ U·decode_fp16·Uᵀ ⊙ SU (Wscale and the ×32 live in SV/SU)."""
+        return self.undo_rht(qw, self.decode_fp16(qw).to(torch.float32))
+
+    # --- TIR ---------------------------------------------------------------------------------------------
+    def _tir_bit_offset(self, r, cc):
+        """TIR int32: bit offset (in the tile stream) of the state holding tile element (r, cc), and
+        which of the state's V values it is."""
+        from tvm import tirx
+
+        fd, fm = tirx.floordiv, tirx.floormod
+        if self.order == "row":
+            p = r * TILE + cc
+        else:  # mma: the inverse of §1.4(a)
+            lane = 4 * fm(r, 8) + fd(fm(cc, 8), 2)
+            j = fd(r, 8) + 2 * fd(cc, 8)
+            p = 8 * lane + 2 * j + fm(cc, 2)
+        if self.V == 1:
+            return p * self.K, 0
+        return fd(p, 2) * self.KV, fm(cc, 2)
+
+    def _tir_window(self, T, n, c, p0):
+        """TIR uint32: the 16-bit window at bit p0 of tile (n // 16, c)'s circular stream."""
+        from tvm import tirx
+
+        fd, fm = tirx.floordiv, tirx.floormod
+        u32 = lambda e: tirx.Cast("uint32", e)  # noqa: E731
+        c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+        I = fd(n, TILE)
+        words = TILE * self.K
+        if self.packing == "tiles":
+            w = fd(p0, 16)
+            hi = u32(tirx.Cast("uint16", T[I, c, w]))
+            lo = u32(tirx.Cast("uint16", T[I, c, fm(w + 1, words)]))
+            both = tirx.bitwise_or(tirx.shift_left(hi, c32(16)), lo)
+            return tirx.bitwise_and(tirx.shift_right(both, u32(16 - fm(p0, 16))), c32(0xFFFF))
+        # kernel packing: three stream bytes q0..q0+2, each at its byte-reversed, interleaved address
+        K = self.K
+        tiles_k = int(T.shape[1])
+        sup = (fd(I, 2) * (tiles_k // 2) + fd(c, 2)) * 32
+
+        def byte(q):
+            q = fm(q, words * 2)
+            addr = ((sup + fd(q, K)) * 4 + fm(c, 2) * 2 + fm(I, 2)) * K + (K - 1 - fm(q, K))
+            f = fd(addr, 2)  # flat int16 index
+            word = u32(tirx.Cast("uint16", T[fd(f, tiles_k * words), fm(fd(f, words), tiles_k), fm(f, words)]))
+            return tirx.bitwise_and(tirx.shift_right(word, u32(8 * fm(addr, 2))), c32(0xFF))
+
+        q0 = fd(p0, 8)
+        three = tirx.bitwise_or(tirx.bitwise_or(tirx.shift_left(byte(q0), c32(16)),
+                                                tirx.shift_left(byte(q0 + 1), c32(8))), byte(q0 + 2))
+        return tirx.bitwise_and(tirx.shift_right(three, u32(8 - fm(p0, 8))), c32(0xFFFF))
+
+    def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
+        """fp16 value of weight (n, 16c + j): window → code, from the packed words (and the tlut)."""
+        from tvm import tirx
+
+        T = bufs["trellis"]
+        r = tirx.floormod(n, TILE)
+        p0, v = self._tir_bit_offset(r, j)
+        s = self._tir_window(T, n, c, p0)
+        return _tir_code(self.code, s, v, bufs.get("tlut"))
+
+
+def _tir_code(code: str, s, v, tlut):
+    """TIR fp16 value v (0 or TIR expr) of state s (uint32 expr) under ``code``."""
+    from tvm import tirx
+
+    u32 = lambda x: tirx.const(x, "uint32")  # noqa: E731
+    sr, band = tirx.shift_right, tirx.bitwise_and
+    if code == "1mad":
+        x = s * u32(MAD1_A) + u32(MAD1_B)
+        y = band(x, u32(255)) + band(sr(x, u32(8)), u32(255)) + band(sr(x, u32(16)), u32(255)) + sr(x, u32(24))
+        f = tirx.Cast("float32", tirx.Cast("int32", y) - MAD1_OFFSET) * tirx.const(MAD1_RECIP, "float32")
+        return tirx.Cast("float16", f)
+    if code == "3inst":
+        x = s * u32(INST3_A) + u32(INST3_B)
+        r = tirx.bitwise_xor(band(x, u32(INST3_MASK)), u32(INST3_XOR))
+        hi = tirx.reinterpret("float16", tirx.Cast("uint16", sr(r, u32(16))))
+        lo = tirx.reinterpret("float16", tirx.Cast("uint16", band(r, u32(0xFFFF))))
+        return hi + lo
+    if code == "hyb":
+        h = s * (s + u32(1))
+        idx = tirx.Cast("int32", band(sr(h, u32(15 - Q_BITS)), u32((1 << Q_BITS) - 1)))
+        val = tlut[idx, v]
+        if isinstance(v, int) and v == 1:
+            return val
+        bits = tirx.reinterpret("uint16", val)
+        sign = tirx.Cast("uint16", tirx.shift_left(band(sr(h, u32(15)), u32(1)), u32(15)))
+        flipped = tirx.reinterpret("float16", tirx.bitwise_xor(bits, sign))
+        if isinstance(v, int):  # v == 0
+            return flipped
+        return tirx.Select(v == 0, flipped, val)
+    raise QCompileError(f"unknown trellis code {code!r}")
+
+
+class _TileEncoder:
+    """Encodes 16×16 tiles (flattened row-major, [B, 256]) with the tail-biting Viterbi."""
+
+    def __init__(self, fmt: TrellisFormat, cb: torch.Tensor, perm: torch.Tensor, memory_budget):
+        self.fmt, self.cb, self.perm, self.budget = fmt, cb, perm, memory_budget
+
+    def encode(self, tiles: torch.Tensor):
+        from .viterbi import viterbi_tailbiting
+
+        f = self.fmt
+        seq = tiles[:, self.perm].reshape(-1, f.S, f.V)
+        states, _ = viterbi_tailbiting(seq, self.cb, f.L, f.KV, memory_budget=self.budget)
+        vals = self.cb[states].reshape(-1, TILE_WEIGHTS)
+        out = torch.empty_like(vals)
+        out[:, self.perm] = vals
+        return states, out
+
+    def round_block(self, x: torch.Tensor):
+        """BlockLDLQ round function: x [m, 16] -> (x_hat [m, 16], states [m/16, S])."""
+        m = x.shape[0]
+        states, vals = self.encode(x.reshape(m // TILE, TILE_WEIGHTS))
+        return vals.view(m, TILE), states
+
+
+@functools.lru_cache(maxsize=None)
+def variant(base_name: str, order: str, packing: str) -> TrellisFormat:
+    """The format ``base_name`` (e.g. "qtip-hyb-2") with another (order, packing); the stored layout
+    returns the registered format."""
+    try:
+        _, code, k = base_name.split("-")
+        fmt = TrellisFormat(code, int(k), order, packing)
+    except (ValueError, TypeError):
+        raise QCompileError(f"{base_name!r} is not a qtip format name (qtip-<code>-<K>)") from None
+    if fmt.is_default_layout:
+        from .base import get
+
+        return get(fmt.name)
+    return fmt
+
+
+def repack(qw: QuantizedWeight, packing: str) -> QuantizedWeight:
+    """The same weight (same in-tile order, same decoded values) in another packing: a lossless
+    byte shuffle. Returns a weight of the variant format (or of the registered one)."""
+    fmt = qw_format(qw)
+    target = variant(fmt.base_name, fmt.order, packing)
+    n, k = qw.shape
+    target.check_shape(n, k)
+    tensors = dict(qw.tensors)
+    tensors["trellis"] = target.pack_streams(fmt.streams(qw), n, k)
+    meta = dict(qw.meta, layout=target.layout)
+    return QuantizedWeight(target.name, qw.shape, tensors, meta)
+
+
+def trellis_format(name) -> TrellisFormat:
+    """A qtip format by name: registered ("qtip-hyb-2") or a variant ("qtip-hyb-2@mma-tiles")."""
+    from .base import get
+
+    if isinstance(name, TrellisFormat):
+        return name
+    name = str(name)
+    if "@" in name:
+        base, layout = name.split("@", 1)
+        try:
+            order, packing = layout.split("-")
+        except ValueError:
+            raise QCompileError(f"{name!r} is not a qtip format variant name "
+                                f"(qtip-<code>-<K>@<order>-<packing>)") from None
+        return variant(base, order, packing)
+    fmt = get(name)
+    if not isinstance(fmt, TrellisFormat):
+        raise QCompileError(f"{name!r} is not a qtip trellis format")
+    return fmt
+
+
+def qw_format(qw: QuantizedWeight) -> TrellisFormat:
+    """The TrellisFormat (registered or variant) a weight is stored in."""
+    return trellis_format(qw.format)
+
+
+for _code in CODES:
+    for _k in BITS:
+        register(f"qtip-{_code}-{_k}", (lambda c=_code, kk=_k: TrellisFormat(c, kk)))
+
+
+# --- measurement: MSE on i.i.d. Gaussian sequences ------------------------------------------------------------
+DEFAULT_MSE_SCALES = (0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05)  # covers the optima at K = 2..4
+
+
+def gaussian_mse(fmt_name: str, n_sequences: int = 4096, seed: int = 0, scales=None, device=None,
+                 memory_budget: Optional[int] = None) -> dict:
+    """MSE per weight of the format's trellis (L=16, two-pass tail-biting Viterbi, the layout's
+    in-tile order does not matter for i.i.d. data) on ``n_sequences`` i.i.d. N(0, 1) sequences of 256,
+    at the best of ``scales`` (ρ values as in ``quantize``: the quantizer input x·rms(codebook)·ρ; default
+    DEFAULT_MSE_SCALES). The sequences come from a CPU generator seeded with ``seed``; work runs on
+    ``device`` (default: CUDA when available). HYB uses the default table.
+
+    Returns {"format", "mse", "scale", "mse_by_scale": {ρ: mse}, "n_sequences", "seconds"}."""
+    import time
+
+    from .viterbi import viterbi_tailbiting
+
+    fmt = trellis_format(fmt_name)
+    if int(n_sequences) < 1:
+        raise QCompileError(f"n_sequences must be at least 1, got {n_sequences}")
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(int(seed))
+    x = torch.randn(int(n_sequences), TILE_WEIGHTS, generator=gen).to(dev)
+    tlut = default_tlut(dev) if fmt.code == "hyb" else None
+    cb = fmt.codebook(tlut, dev).to(torch.float32)
+    rms_cb = float(cb.pow(2).mean().sqrt())
+    t0 = time.time()
+    by_scale = {}
+    for rho in (DEFAULT_MSE_SCALES if scales is None else scales):
+        g = rms_cb * float(rho)
+        states, _ = viterbi_tailbiting((x * g).view(-1, fmt.S, fmt.V), cb, fmt.L, fmt.KV, memory_budget=memory_budget)
+        x_hat = cb[states].reshape(x.shape) / g
+        by_scale[float(rho)] = float((x - x_hat).pow(2).mean())
+    best = min(by_scale, key=by_scale.get)
+    return {"format": fmt.name, "mse": by_scale[best], "scale": best, "mse_by_scale": by_scale,
+            "n_sequences": int(n_sequences), "seconds": time.time() - t0}

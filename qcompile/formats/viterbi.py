@@ -1,0 +1,217 @@
+"""Viterbi encoding of sequences on a bitshift trellis (QTIP §3.1), plus tail-biting (§1.3).
+
+Trellis: 2^L states; state i can be followed by j iff the top L−KV bits of j equal the low L−KV
+bits of i, i.e. j = ((i << KV) mod 2^L) | c with 0 ≤ c < 2^KV. Every step consumes V values and
+emits KV fresh bits. ``codebook[s]`` ([2^L, V]) is the vector state s decodes to.
+
+Shared-predecessor trick: the 2^KV states j that share their group g = j >> KV (top L−KV bits)
+all have the same 2^KV predecessors i = (c << (L−KV)) | g. So one step is
+
+    best[g]   = min_c cost[(c << (L−KV)) | g]        # viewing cost as [2^KV, 2^(L−KV)]: min over dim 0
+    cost'[j]  = best[j >> KV] + ||x_t − codebook[j]||²
+
+O(2^L) per step, O(2^L·S) per sequence of S = T/V steps. The backpointer of group g is the
+argmin c, only KV bits: stored as uint8 [S−1, B, 2^(L−KV)] (the reference keeps int64 [S, B, 2^(L−KV)]:
+8× more). Costs are float32 (the reference uses fp16; fp32 costs the same bandwidth on CPUs,
+which have no fast fp16, and removes ties/rounding in 256-step sums; the GPU path can reuse it).
+
+The squared error is expanded, ||x − c||² = ||c||² − 2⟨x, c⟩ + ||x||², and the per-step constant
+||x||² is dropped: the new costs of one step are then one rank-(V+1) GEMM (``addmm_``) on top of
+the broadcast group minima, so a step is a few passes over [B, 2^L] floats (min/argmin,
+broadcast, GEMM). When fp32 matmuls may use TF32/bf16 (torch.set_float32_matmul_precision, CUDA allow_tf32) the GEMM is replaced by
+V+1 elementwise fp32 passes, so the costs stay fp32 either way.
+Returned costs therefore exclude Σ||x_t||²; ``path_cost`` gives true squared errors.
+
+Tail-biting (the sequence is a cycle: the low L−KV bits of the last state equal the top L−KV bits of
+the first, so S·KV bits store the whole path): the reference's two-pass approximation. Pass 1 runs an
+unconstrained Viterbi on the sequence rotated right by ⌊S/2⌋ steps and reads the overlap O = top
+L−KV bits of the state at the rotated step ⌊S/2⌋ (= original step 0). Pass 2 reruns on the original
+sequence with s_0's top bits and s_{S−1}'s low bits forced to O. The result is always a valid
+tail-biting path (needs S·KV ≥ L); it can miss the exact tail-biting optimum
+(``viterbi_tailbiting_exact``, 2^(L−KV) constrained runs): measured in tests/test_viterbi.py, the
+gap is large only on streams barely longer than one state (S·KV ≈ L) and vanished on every
+sequence once S·KV ≥ 16·L (e.g. L=10, T=256).
+
+Memory: sequences are processed in chunks sized from ``memory_budget`` bytes (per sequence about
+10·2^L bytes of cost buffers + (S−1)·2^(L−KV) bytes of backpointers: L=16, K=2, V=1: ≈4.9 MiB).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..errors import QCompileError
+
+_INF = float("inf")
+
+
+def _check(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int) -> Tuple[int, int, int]:
+    if not (1 <= L <= 24):
+        raise QCompileError(f"trellis state bits L={L} must be between 1 and 24")
+    if not (1 <= KV < L):
+        raise QCompileError(f"bits per trellis step K·V={KV} must be between 1 and L-1={L - 1}")
+    if KV > 8:
+        raise QCompileError(f"bits per trellis step K·V={KV} > 8 does not fit the uint8 backpointers")
+    if x.dim() != 3:
+        raise QCompileError(f"Viterbi input must be [batch, steps, V], got shape {list(x.shape)}")
+    B, S, V = x.shape
+    if codebook.dim() != 2 or codebook.shape[0] != (1 << L) or codebook.shape[1] != V:
+        raise QCompileError(f"codebook must be [2^L={1 << L}, V={V}], got {list(codebook.shape)}")
+    if S < 1:
+        raise QCompileError("Viterbi needs at least one step")
+    return B, S, V
+
+
+def per_sequence_bytes(L: int, KV: int, S: int) -> int:
+    """Approximate working memory of one sequence in ``viterbi`` (bytes)."""
+    n, g = 1 << L, 1 << (L - KV)
+    return 4 * n * 2 + 2 * n + 4 * g + max(S - 1, 0) * g + 64 * S
+
+
+def default_memory_budget(device) -> int:
+    """Bytes of working memory the encoder may use at once: 256 MiB on CPUs; on CUDA a quarter of
+    the free memory, at least 256 MiB and at most 8 GiB."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(min(8 << 30, max(256 << 20, free // 4)))
+    return 256 << 20
+
+
+def _gemm_operands(codebook: torch.Tensor):
+    """M [V+1, 2^L] with rows −2·codebookᵀ and ||codebook||², so [x, 1] @ M = ||c||² − 2⟨x, c⟩."""
+    cb = codebook.to(torch.float32)
+    return torch.cat([-2.0 * cb.T, cb.pow(2).sum(dim=1, keepdim=True).T], dim=0).contiguous()
+
+
+def viterbi(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
+            start_top: Optional[torch.Tensor] = None, end_low: Optional[torch.Tensor] = None,
+            memory_budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Minimum squared-error path of each sequence.
+
+    x: float [B, S, V] (S steps of V values); codebook: [2^L, V]. ``start_top`` (int [B]): force the
+    top L−KV bits of the first state; ``end_low`` (int [B]): force the low L−KV bits of the last.
+    Returns (states int64 [B, S], cost float32 [B]) where cost = Σ_t ||x_t − c(s_t)||² − Σ_t ||x_t||².
+    """
+    B, S, V = _check(x, codebook, L, KV)
+    dev = x.device
+    budget = default_memory_budget(dev) if memory_budget is None else int(memory_budget)
+    chunk = max(1, budget // per_sequence_bytes(L, KV, S))
+    M = _gemm_operands(codebook.to(dev))
+    out_s = torch.empty(B, S, dtype=torch.int64, device=dev)
+    out_c = torch.empty(B, dtype=torch.float32, device=dev)
+    for b0 in range(0, B, chunk):
+        b1 = min(B, b0 + chunk)
+        st = None if start_top is None else start_top[b0:b1]
+        en = None if end_low is None else end_low[b0:b1]
+        s, c = _viterbi_chunk(x[b0:b1].to(torch.float32), M, L, KV, st, en)
+        out_s[b0:b1] = s
+        out_c[b0:b1] = c
+    return out_s, out_c
+
+
+def _viterbi_chunk(x, M, L, KV, start_top, end_low):
+    B, S, V = x.shape
+    dev = x.device
+    n, nc, G = 1 << L, 1 << KV, 1 << (L - KV)
+    # [x_t, 1] for every step: the GEMM left operand
+    xa = torch.cat([x, torch.ones(B, S, 1, dtype=torch.float32, device=dev)], dim=2)
+    # the GEMM form is exact fp32 only when matmuls may not drop to TF32/bf16 internally
+    gemm = torch.get_float32_matmul_precision() == "highest" and not (
+        dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    cost = torch.mm(xa[:, 0], M) if gemm else \
+        M[V].expand(B, n).clone().addcmul_(x[:, 0, 0:1], M[0:1]) if V == 1 else \
+        M[V].expand(B, n).clone().addcmul_(x[:, 0, 0:1], M[0:1]).addcmul_(x[:, 0, 1:2], M[1:2])
+    if start_top is not None:
+        top = start_top.to(dev, torch.int64).view(B, 1)
+        bad = torch.arange(G, device=dev).view(1, G) != top  # group g = top L−KV bits
+        cost.view(B, G, nc).masked_fill_(bad.unsqueeze(2), _INF)
+    bp = torch.empty(max(S - 1, 0), B, G, dtype=torch.uint8, device=dev)
+    best = torch.empty(B, G, dtype=torch.float32, device=dev)
+    eq = torch.empty(B, nc, G, dtype=torch.bool, device=dev)
+    tagged = torch.empty(B, nc, G, dtype=torch.uint8, device=dev)
+    ids = torch.arange(nc, dtype=torch.uint8, device=dev).view(1, nc, 1)
+    for t in range(1, S):
+        pred = cost.view(B, nc, G)
+        # best[g] = min_c cost[c, g]; argmin as max{c : cost[c, g] == best[g]} (torch.min with indices
+        # over a strided dim is ~3x slower on CPUs than these four vectorised passes)
+        torch.amin(pred, dim=1, out=best)
+        torch.eq(pred, best.unsqueeze(1), out=eq)
+        torch.mul(eq.view(torch.uint8), ids, out=tagged)
+        torch.amax(tagged, dim=1, out=bp[t - 1])
+        cost.view(B, G, nc).copy_(best.unsqueeze(2).expand(B, G, nc))
+        if gemm:
+            cost.addmm_(xa[:, t], M)
+        else:  # the same sum, elementwise in full fp32
+            cost.add_(M[V])
+            for v in range(V):
+                cost.addcmul_(x[:, t, v:v + 1], M[v:v + 1])
+    # final state
+    if end_low is not None:
+        low = end_low.to(dev, torch.int64).view(B, 1, 1)
+        cand = cost.view(B, nc, G).gather(2, low.expand(B, nc, 1)).squeeze(2)  # [B, 2^KV]
+        final_cost, c = cand.min(dim=1)
+        state = (c << (L - KV)) | low.view(B)
+    else:
+        final_cost, state = cost.min(dim=1)
+    states = torch.empty(B, S, dtype=torch.int64, device=dev)
+    states[:, S - 1] = state
+    rows = torch.arange(B, device=dev)
+    for t in range(S - 1, 0, -1):
+        g = state >> KV
+        c = bp[t - 1][rows, g].to(torch.int64)
+        state = (c << (L - KV)) | g
+        states[:, t - 1] = state
+    return states, final_cost
+
+
+def path_cost(x: torch.Tensor, codebook: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
+    """Σ_t ||x_t − codebook[s_t]||² per sequence (float64 [B]); x [B, S, V], states [B, S]."""
+    rec = codebook.to(x.device, torch.float64)[states]
+    return (x.to(torch.float64) - rec).pow(2).sum(dim=(1, 2))
+
+
+def is_tailbiting(states: torch.Tensor, L: int, KV: int) -> torch.Tensor:
+    """bool [B]: every step is a trellis edge, including the wrap from the last state to the first."""
+    mask = (1 << (L - KV)) - 1
+    nxt = torch.roll(states, -1, dims=1)
+    return ((nxt >> KV) == (states & mask)).all(dim=1)
+
+
+def is_path(states: torch.Tensor, L: int, KV: int) -> torch.Tensor:
+    """bool [B]: every consecutive pair of states is a trellis edge (no wrap)."""
+    mask = (1 << (L - KV)) - 1
+    return ((states[:, 1:] >> KV) == (states[:, :-1] & mask)).all(dim=1)
+
+
+def viterbi_tailbiting(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
+                       memory_budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two-pass tail-biting Viterbi (see the module doc). x [B, S, V] -> (states int64 [B, S],
+    cost float32 [B], without Σ||x_t||²). Needs S·KV ≥ L."""
+    B, S, V = _check(x, codebook, L, KV)
+    if S * KV < L:
+        raise QCompileError(f"a tail-biting trellis needs S·K·V ≥ L; got {S} steps of {KV} bits with L={L}")
+    shift = S // 2
+    rot_states, _ = viterbi(torch.roll(x, shift, dims=1), codebook, L, KV, memory_budget=memory_budget)
+    overlap = rot_states[:, shift] >> KV  # state at original step 0: its top L−KV bits
+    return viterbi(x, codebook, L, KV, start_top=overlap, end_low=overlap, memory_budget=memory_budget)
+
+
+def viterbi_tailbiting_exact(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
+                             memory_budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact tail-biting optimum: one constrained Viterbi per overlap value (2^(L−KV) runs per
+    sequence, i.e. quadratic in 2^L). For measuring the two-pass gap at small L only."""
+    B, S, V = _check(x, codebook, L, KV)
+    if S * KV < L:
+        raise QCompileError(f"a tail-biting trellis needs S·K·V ≥ L; got {S} steps of {KV} bits with L={L}")
+    G = 1 << (L - KV)
+    overlaps = torch.arange(G, device=x.device)
+    best_s = torch.empty(B, S, dtype=torch.int64, device=x.device)
+    best_c = torch.empty(B, dtype=torch.float32, device=x.device)
+    for b in range(B):
+        xb = x[b:b + 1].expand(G, S, V)
+        s, c = viterbi(xb, codebook, L, KV, start_top=overlaps, end_low=overlaps, memory_budget=memory_budget)
+        i = int(torch.argmin(c))
+        best_s[b], best_c[b] = s[i], c[i]
+    return best_s, best_c
