@@ -118,7 +118,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 # layout name -> module with import_checkpoint / export_checkpoint / detect
-REFERENCE_LAYOUTS = {"quip-sharp": "qcompile.formats.quipsharp_io"}
+REFERENCE_LAYOUTS = {"quip-sharp": "qcompile.formats.quipsharp_io", "qtip": "qcompile.formats.qtip_io"}
 
 
 def _layout_module(name):
@@ -141,15 +141,16 @@ def cmd_import(args) -> int:
     params = cfg.get("quip_params") if isinstance(cfg, dict) else None
     if not isinstance(params, dict):
         raise QCompileError(f"{args.src_dir} is not a QuIP#/QTIP checkpoint (config.json has no quip_params)")
-    layout = "qtip" if "qtip" in REFERENCE_LAYOUTS and _is_qtip(params) else "quip-sharp"
+    layout = "qtip" if _is_qtip(params) else "quip-sharp"
     _layout_module(layout).import_checkpoint(args.src_dir, args.output)
     print(f"imported {args.src_dir} ({layout} layout) into {args.output}")
     return 0
 
 
 def _is_qtip(params: dict) -> bool:
-    """QTIP checkpoints describe a trellis (L, K, V, td_x ...); QuIP# ones a codebook id."""
-    return any(key in params for key in ("L", "td_x", "tlut_bits", "decode_mode"))
+    """QTIP checkpoints describe a bitshift trellis (codebook "bitshift", L, decode_mode); QuIP#
+    ones an E8P codebook id."""
+    return params.get("codebook") == "bitshift" or any(key in params for key in ("L", "decode_mode"))
 
 
 def cmd_export(args) -> int:

@@ -33,7 +33,7 @@ class KernelSpec:
         return f"{re.sub(r'[^0-9a-zA-Z]', '_', self.format)}_n{self.n}_k{self.k}_m{self.m}"
 
 
-def default_gemv_config(n: int, k: int, m: int) -> GemvConfig:
+def default_gemv_config(n: int, k: int, m: int, unit: int = 8) -> GemvConfig:
     """The best hand-picked GEMV config that tiles (n, k) exactly. From H100 sweeps
     (qcompile.bench.sweep): M <= 2: 4 rows x 64 threads, 2 words per step, 2 steps unrolled; larger M:
     32 threads and 2 rows per thread, which halves the activation re-reads that bound M > 1."""
@@ -41,7 +41,7 @@ def default_gemv_config(n: int, k: int, m: int) -> GemvConfig:
         preferred = GemvConfig(rows=4, threads_k=64, chunks=2, unroll=2, row_tile=1)
     else:
         preferred = GemvConfig(rows=4, threads_k=32, chunks=2, unroll=1, row_tile=2)
-    chunks_k = k // 8
+    chunks_k = k // unit  # decode units (the format's decode_unit columns each) along K
     for threads_k in (preferred.threads_k, 64, 32, 16, 8, 4, 2, 1):
         for chunks in (preferred.chunks, 1):
             if chunks_k % (threads_k * chunks):
@@ -53,7 +53,7 @@ def default_gemv_config(n: int, k: int, m: int) -> GemvConfig:
                     if n % (rows * row_tile) == 0:
                         return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=unroll,
                                           row_tile=row_tile)
-    raise ValueError(f"no GEMV config tiles N={n}, K={k}")
+    raise ValueError(f"no GEMV config tiles N={n}, K={k} in units of {unit}")
 
 
 def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvConfig] = None):
@@ -62,7 +62,7 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvCo
     if target.kind == "llvm":
         mod = schedule_llvm(matmul_func(fmt, spec.n, spec.k, spec.m))
     elif spec.m <= GEMV_MAX_M:
-        cfg = config or default_gemv_config(spec.n, spec.k, spec.m)
+        cfg = config or default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit)
         mod = schedule_gemv_cuda(matmul_func(fmt, spec.n, spec.k, spec.m), cfg, fmt.decode_intrin("cuda"))
     else:
         mod = schedule_gemm_cuda(matmul_func(fmt, spec.n, spec.k, spec.m, two_level=False), target)
