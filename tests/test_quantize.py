@@ -531,3 +531,15 @@ def test_default_calibration_uses_the_prepared_train_tokens(tmp_path, monkeypatc
     assert calib["source"] == "corpus" and calib["split"] == "train" and calib["via"] == "prepared tokens"
     assert calib["samples"] == 4 and calib["tokens"] == 128
     assert (out / "tokenizer.json").is_file()
+
+
+def test_formats_that_always_use_the_rht_record_it(tiny_dir, tmp_path):
+    """E8P and the QTIP trellises quantize in the RHT basis whatever is asked; the checkpoint says so."""
+    import json
+
+    from qcompile.model.quantize import quantize_model
+
+    out = quantize_model(tiny_dir, "e8p-2", calibration=calibration(), out_dir=tmp_path / "ck",
+                         rht=False, ldlq=False, progress=False)
+    qcfg = json.loads((Path(out) / "config.json").read_text())["quantization_config"]
+    assert qcfg["rht"] is True

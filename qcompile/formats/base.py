@@ -68,6 +68,9 @@ class Format:
     """Base class of a weight format. Subclasses set ``name`` and implement the abstract methods."""
 
     name: str = ""
+    # formats whose codebooks assume incoherent (Gaussian-like) weights quantize in the RHT basis
+    # whatever the caller asks (E8P, the QTIP trellises); their checkpoints record rht=True
+    always_rht: bool = False
 
     # --- shapes -----------------------------------------------------------------------------
     def check_shape(self, n: int, k: int) -> None:

@@ -444,6 +444,7 @@ class E8PFormat(Format):
     """QuIP# E8P12 (``residual=None``), E8P12RVQ4B (``residual="e8p"``) or E8P12RVQ3B (``"e81b"``)."""
 
     decode_unit = 8
+    always_rht = True
 
     def __init__(self, name: str, residual: Optional[str], rho: float, resid_scale: Optional[float]):
         self.name = name

@@ -401,6 +401,8 @@ class TrellisFormat(Format):
     """qtip-{code}-{K} (see the module doc). ``order``/``packing`` default to the code's stored
     layout; other pairs make unregistered variants named ``qtip-{code}-{K}@{order}-{packing}``."""
 
+    always_rht = True
+
     decode_unit = 16  # one tile row: 16 consecutive input columns of one output row
 
     def __init__(self, code: str, K: int, order: Optional[str] = None, packing: Optional[str] = None):

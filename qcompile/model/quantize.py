@@ -356,6 +356,7 @@ def quantize_model(model_or_dir=None, format: Union[str, Format] = "int4-g128", 
 
     say = _say_fn(progress)
     fmt = get_format(format)
+    rht = bool(rht) or fmt.always_rht  # the checkpoint must say what the weights are
     ldlq = True if ldlq is None else bool(ldlq)
     need_hessians = ldlq if capture_hessians is None else (bool(capture_hessians) or ldlq)
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
