@@ -32,6 +32,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 
 from ..errors import QCompileError
+from ..jsonio import read_json_object
 from .base import QuantizedWeight
 from .trellis import BITS, CODES, L_BITS, Q_BITS, RUNTIME_SCALE, TILE, qw_format, repack, variant
 
@@ -46,14 +47,7 @@ _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch
 
 # --- reading ---------------------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict:
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as err:
-        raise QCompileError(f"cannot read {path}: {' '.join(str(err).split())}") from None
-    if not isinstance(raw, dict):
-        raise QCompileError(f"{path} is not a JSON object")
-    return raw
+    return read_json_object(path)
 
 
 def safetensors_files(src: Path):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import QCompileError
+from ..jsonio import read_json_object
 from .build import (ARTIFACT_VERSION, CONFIG, KERNELS_LIB, MANIFEST, WEIGHTS, PathLike, quiet_transformers,
                     sha256_file)
 
@@ -26,12 +27,8 @@ def read_manifest(path: PathLike) -> dict:
     mpath = path / MANIFEST
     if not mpath.is_file():
         raise QCompileError(f"{path} is not a qcompile artifact (no {MANIFEST}); {REBUILD}")
-    try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as err:
-        raise QCompileError(f"artifact manifest {mpath} is not valid JSON ({err}); {REBUILD}") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+    manifest = read_json_object(mpath, REBUILD)
+    if not isinstance(manifest.get("files"), dict):
         raise QCompileError(f"artifact manifest {mpath} is malformed; {REBUILD}")
     version = manifest.get("artifact_version")
     if version != ARTIFACT_VERSION:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import QCompileError
+from ..jsonio import read_json_object
 from ..formats import Format
 from ..formats import get as get_format
 from ..kernels.library import DEFAULT_BUCKETS, KernelSpec
@@ -160,13 +161,7 @@ def read_model_config(model_dir: Path) -> dict:
     cfg_path = model_dir / CONFIG
     if not cfg_path.is_file():
         raise QCompileError(f"{model_dir} has no {CONFIG}; give a Hugging Face transformers model directory")
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as err:
-        raise QCompileError(f"cannot read {cfg_path}: {err}") from None
-    if not isinstance(raw, dict):
-        raise QCompileError(f"{cfg_path} is not a transformers config (not a JSON object)")
+    raw = read_json_object(cfg_path, "give a Hugging Face transformers model directory")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise QCompileError(f"{model_dir} holds a {model_type!r} model; qcompile build supports "

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 from ..errors import QCompileError
+from ..jsonio import read_json_object
 
 CHECKPOINT_VERSION = 1
 CONFIG = "config.json"
@@ -110,14 +111,7 @@ def read_config(path: PathLike) -> Optional[dict]:
     cfg = Path(path) / CONFIG
     if not cfg.is_file():
         return None
-    try:
-        with open(cfg) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as err:
-        raise QCompileError(f"cannot read {cfg}: {' '.join(str(err).split())}") from None
-    if not isinstance(raw, dict):
-        raise QCompileError(f"{cfg} is not a JSON object")
-    return raw
+    return read_json_object(cfg)
 
 
 def is_checkpoint(path: PathLike) -> bool:

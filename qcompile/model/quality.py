@@ -17,13 +17,13 @@ and test tokens). Checkpoints are kept under the work directory, so a rerun reus
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import QCompileError
+from ..jsonio import read_json_object
 
 PathLike = Union[str, os.PathLike]
 
@@ -184,12 +184,8 @@ def quality_table(model_dir: Optional[PathLike] = None, formats: Optional[Sequen
 
 
 def read_table(path: PathLike) -> dict:
-    try:
-        with open(path) as f:
-            table = json.load(f)
-    except (OSError, ValueError) as err:
-        raise QCompileError(f"cannot read the quality table {path}: {err}") from None
-    if not isinstance(table, dict) or not isinstance(table.get("rows"), list):
+    table = read_json_object(path, "write a new one with qcompile eval quality")
+    if not isinstance(table.get("rows"), list):
         raise QCompileError(f"{path} is not a quality table (no rows)")
     return table
 
