@@ -374,17 +374,9 @@ def import_checkpoint(src_dir: PathLike, out_checkpoint_dir: PathLike, overwrite
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
-    layers, bits, weights = {}, 0.0, 0
-    for path, qw in quantized.items():
-        n, k = qw.shape
-        layers[path] = {"shape": [n, k], "bits_per_weight": round(qw.bits_per_weight, 6), "proxy_loss": None}
-        bits += qw.bits_per_weight * n * k
-        weights += n * k
-    files = {rel: ckpt.sha256_file(out / rel) for rel in
-             [ckpt.UNQUANTIZED] + [ckpt.layer_file(i) for i in range(num_layers)]}
-    qcfg.update(complete=True, bits_per_weight=round(bits / weights, 6), layers=layers, files=files)
+    qcfg.update(ckpt.completion_fields(out, quantized.items(), num_layers))
     ckpt.atomic_write_json(out / ckpt.CONFIG, cfg)
-    say(f"wrote {out} ({fmt_name}, {len(quantized)} linears, {bits / weights:.3f} bits per weight)")
+    say(f"wrote {out} ({fmt_name}, {len(quantized)} linears, {qcfg['bits_per_weight']:.3f} bits per weight)")
     return out
 
 

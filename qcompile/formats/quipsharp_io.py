@@ -469,19 +469,12 @@ def import_checkpoint(src_dir, out_checkpoint_dir) -> Path:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copyfile(src / name, out / name)
-    layers_info, bits, weights = {}, 0.0, 0
-    for i in range(num_layers):
-        for path, (qw, _) in sorted(layers[i].items()):
-            n, k = qw.shape
-            layers_info[path] = {"shape": [n, k], "bits_per_weight": round(qw.bits_per_weight, 6), "proxy_loss": None}
-            bits += qw.bits_per_weight * n * k
-            weights += n * k
-    files = {rel: ckpt.sha256_file(out / rel) for rel in [ckpt.UNQUANTIZED] + [ckpt.layer_file(i) for i in range(num_layers)]}
+    in_order = ((path, qw) for i in range(num_layers) for path, (qw, _) in sorted(layers[i].items()))
     raw = {k: v for k, v in config.items() if k != "quip_params"}
     raw["quantization_config"] = {
         "quant_method": ckpt.QUANT_METHOD, "checkpoint_version": ckpt.CHECKPOINT_VERSION, **settings,
-        "source_path": str(src), "settings_sha256": digest, "complete": True, "num_layers": num_layers,
-        "layers": layers_info, "bits_per_weight": round(bits / weights, 6), "files": files,
+        "source_path": str(src), "settings_sha256": digest, "num_layers": num_layers,
+        **ckpt.completion_fields(out, in_order, num_layers),
         "imported_from": {"layout": "quip-sharp", "quip_params": qp}}
     ckpt.atomic_write_json(out / ckpt.CONFIG, raw)
     return out

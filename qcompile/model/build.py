@@ -13,7 +13,6 @@ any failure removes it, so there is never a partial artifact.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..errors import QCompileError
 from ..jsonio import read_json_object
+from .checkpoint import sha256_file  # noqa: F401  (also used by artifact.py)
 from ..formats import Format
 from ..formats import get as get_format
 from ..kernels.library import DEFAULT_BUCKETS, KernelSpec
@@ -376,14 +376,6 @@ def install(tmp: Path, out: Path, overwrite: bool) -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_json(path: Path, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)

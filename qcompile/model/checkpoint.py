@@ -60,6 +60,22 @@ def settings_sha256(settings: dict) -> str:
                           .encode()).hexdigest()
 
 
+def completion_fields(out: Path, weights, num_layers: int) -> dict:
+    """The quantization_config fields of a finished checkpoint in ``out``: per-linear shape, measured
+    bits per weight and proxy loss (``weights``: (path, QuantizedWeight) in model order), the overall
+    bits per weight, and the sha256 of every data file."""
+    layers, bits, count = {}, 0.0, 0
+    for path, qw in weights:
+        n, k = qw.shape
+        loss = qw.meta.get("proxy_loss")
+        layers[path] = {"shape": [n, k], "bits_per_weight": round(qw.bits_per_weight, 6),
+                        "proxy_loss": None if loss is None else float(loss)}
+        bits += qw.bits_per_weight * n * k
+        count += n * k
+    files = {rel: sha256_file(Path(out) / rel) for rel in [UNQUANTIZED] + [layer_file(i) for i in range(num_layers)]}
+    return {"complete": True, "bits_per_weight": round(bits / count, 6), "layers": layers, "files": files}
+
+
 def sha256_file(path: PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

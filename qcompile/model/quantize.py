@@ -503,21 +503,11 @@ def quantize_model(model_or_dir=None, format: Union[str, Format] = "int4-g128", 
         with quiet_transformers():
             tokenizer.save_pretrained(str(out))
 
-    layers_info, bits, weights = {}, 0.0, 0
-    for i in range(num_layers):
-        for path, _, _ in structure[i][1]:  # model order, whether the layer was resumed or not
-            qw = done[i][path][0]
-            n, k = qw.shape
-            loss = qw.meta.get("proxy_loss")
-            layers_info[path] = {"shape": [n, k], "bits_per_weight": round(qw.bits_per_weight, 6),
-                                 "proxy_loss": None if loss is None else float(loss)}
-            bits += qw.bits_per_weight * n * k
-            weights += n * k
-    files = {rel: ckpt.sha256_file(out / rel) for rel in
-             [ckpt.UNQUANTIZED] + [ckpt.layer_file(i) for i in range(num_layers)]}
-    qcfg.update(complete=True, bits_per_weight=round(bits / weights, 6), layers=layers_info, files=files)
+    # model order, whether the layer was resumed or not
+    in_order = ((path, done[i][path][0]) for i in range(num_layers) for path, _, _ in structure[i][1])
+    qcfg.update(ckpt.completion_fields(out, in_order, num_layers))
     ckpt.atomic_write_json(out / ckpt.CONFIG, config)
-    say(f"wrote {out} ({bits / weights:.3f} bits per weight)")
+    say(f"wrote {out} ({qcfg['bits_per_weight']:.3f} bits per weight)")
     return out
 
 
