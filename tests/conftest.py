@@ -13,6 +13,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of many small matrix/Viterbi ops: on a small machine shared with other jobs,
+    OpenMP spinning with 2 threads makes small LAPACK and elementwise calls far slower than one.
+    Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def qcompile_cache(tmp_path_factory):
     """A private cache root, so tests neither read nor write ~/.cache/qcompile."""

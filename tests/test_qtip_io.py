@@ -18,12 +18,7 @@ LINEARS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HI
 MODES = {"hyb": ("quantlut_sym", 2), "1mad": ("1mad", 1), "3inst": ("3inst", 1)}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def make_qtip(path, code="hyb", K=2, layers=2, K_v=None, dtype=torch.float16, rcp=True, extra_qp=None):

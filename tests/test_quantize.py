@@ -23,14 +23,7 @@ FMT = "int4-g128"
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # small matrices on a 2-core machine shared with other jobs: OpenMP spinning with 2 threads
-    # makes eigvalsh / LAPACK calls 100x slower than with one
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(autouse=True)

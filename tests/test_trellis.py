@@ -13,13 +13,7 @@ NAMES = [f"qtip-{c}-{k}" for c in ("1mad", "3inst", "hyb") for k in (2, 3, 4)]
 ALL_STATES = np.arange(1 << 16, dtype=np.uint64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine is small and shared: these tests run on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def f16_bits(t: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,7 @@ from qcompile.formats.viterbi import (is_path, is_tailbiting, path_cost, per_seq
                                       viterbi_tailbiting, viterbi_tailbiting_exact)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The CI machine is small and shared: these tests run on one thread."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def all_paths(L, KV, S):
