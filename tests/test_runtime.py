@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import qcompile as qc
 from qcompile.kernels import library
-from qcompile.kernels.library import DEFAULT_BUCKETS, GEMV_MAX_M, KernelSpec
+from qcompile.kernels.library import DEFAULT_BUCKETS, GEMV_MAX_M, TUNED_BUCKETS, KernelSpec
 from qcompile.kernels.target import parse_target
 from qcompile.runtime.dispatch import check_buckets, plan_rows
 from qcompile.runtime.linear import QuantLinear, kernel_module, register_kernel_module
@@ -23,14 +23,32 @@ N, K = 128, 256
     (16, [(0, 16, 16)]),
     (17, [(0, 17, 64)]),
     (300, [(0, 256, 256), (256, 44, 64)]),
-    (1000, [(0, 256, 256), (256, 256, 256), (512, 256, 256),
-            (768, 64, 64), (832, 64, 64), (896, 64, 64), (960, 40, 64)]),
+    (130, [(0, 64, 64), (64, 64, 64), (128, 2, 4)]),  # 132 rows in 3 launches beat 256 rows in one
+    # the 232-row tail: one padded 256 launch, not 64 + 64 + 64 + 40 (same rows, four weight reads)
+    (1000, [(0, 256, 256), (256, 256, 256), (512, 256, 256), (768, 232, 256)]),
 ])
 def test_plan_default_buckets(m, plan):
     assert plan_rows(m, DEFAULT_BUCKETS) == plan
 
 
-@pytest.mark.parametrize("buckets", [DEFAULT_BUCKETS, (1, 4, 16), (1, 4), (8,), (2, 32, 128)])
+@pytest.mark.parametrize("m,plan", [
+    (1, [(0, 1, 1)]), (2, [(0, 2, 2)]), (3, [(0, 3, 4)]), (5, [(0, 5, 8)]), (9, [(0, 9, 16)]),
+    (16, [(0, 16, 16)]),
+    (17, [(0, 17, 32)]),                       # past the GEMV family: the smallest GEMM bucket
+    (48, [(0, 48, 64)]),
+    (80, [(0, 64, 64), (64, 16, 16)]),          # 80 rows in two launches beat 128 in one
+    (100, [(0, 100, 128)]),                     # 128 in one launch beat 64 + 32 + 4
+    (512, [(0, 512, 512)]),
+    (513, [(0, 512, 512), (512, 1, 1)]),        # >= 512: blocks of 512, then the tail
+    (1000, [(0, 512, 512), (512, 488, 512)]),
+    (1100, [(0, 512, 512), (512, 512, 512), (1024, 64, 64), (1088, 12, 16)]),
+])
+def test_plan_tuned_buckets(m, plan):
+    assert TUNED_BUCKETS == (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    assert plan_rows(m, TUNED_BUCKETS) == plan
+
+
+@pytest.mark.parametrize("buckets", [DEFAULT_BUCKETS, TUNED_BUCKETS, (1, 4, 16), (1, 4), (8,), (2, 32, 128)])
 def test_plan_covers_every_row_once(buckets):
     for m in range(0, 1100):
         plan = plan_rows(m, buckets)

@@ -18,6 +18,9 @@ from .schedules import GemvConfig, schedule_gemm_cuda, schedule_gemv_cuda, sched
 from .target import TargetInfo
 
 DEFAULT_BUCKETS = (1, 4, 16, 64, 256)
+# every bucket issue 5 asks for; each needs a kernel, so it is opt-in (qcompile build --buckets) while
+# compile time matters more than the last few percent of padding
+TUNED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GEMV_MAX_M = 16  # up to here the GEMV family (decode once, reuse over M); above, tensor-core GEMM
 
 

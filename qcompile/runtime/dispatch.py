@@ -10,6 +10,12 @@ runs padded.
   remainder (smaller than every GEMM bucket) runs as one launch of the smallest bucket >= it.
   Taking GEMV buckets for that tail would cost one weight read per launch (e.g. 44 = 16+16+4+4+4:
   five launches instead of one 64-row GEMM).
+- once fewer rows than the largest bucket are left, those greedy blocks are compared with one
+  padded launch of the smallest bucket >= the rows left, at a cost of (rows computed +
+  LAUNCH_COST_ROWS per launch), and the cheaper wins. Every launch reads the whole weight again;
+  LAUNCH_COST_ROWS is about what that read costs in rows of tensor-core work. With the dense
+  qcompile.kernels.library.TUNED_BUCKETS (..., 32, 64, 128, 256, 512), M=100 runs one 128-row
+  launch instead of 64 + 32 + 4, and M=80 keeps 64 + 16.
 A module without GEMM buckets (e.g. buckets 1,4,16) splits large M into its largest bucket.
 """
 from __future__ import annotations
@@ -19,6 +25,9 @@ from typing import List, Sequence, Tuple
 from ..kernels.library import GEMV_MAX_M
 
 RowBlock = Tuple[int, int, int]  # (row_start, rows_used, bucket)
+# One more launch costs about as much as this many more rows: a 4-bit weight read at ~3 TB/s takes
+# as long as ~40 rows of fp16 tensor-core math over the same weight (H100); fewer at 2 bits
+LAUNCH_COST_ROWS = 32
 
 
 def check_buckets(buckets: Sequence[int]) -> Tuple[int, ...]:
@@ -43,15 +52,30 @@ def plan_rows(m: int, buckets: Sequence[int], gemv_max_m: int = GEMV_MAX_M) -> L
     large = [b for b in buckets if b > gemv_max_m] or [buckets[-1]]
     plan: List[RowBlock] = []
     start = 0
-    while start < m:
-        left = m - start
-        fitting = [b for b in large if b <= left]
-        if fitting:
-            b = fitting[-1]
-            plan.append((start, b, b))
-            start += b
-        else:  # left < min(large) <= max(buckets), so a bucket >= left exists
-            b = next(b for b in buckets if b >= left)
-            plan.append((start, left, b))
-            start = m
+    while m - start >= large[-1]:  # whole blocks of the largest bucket
+        plan.append((start, large[-1], large[-1]))
+        start += large[-1]
+    if start < m:
+        tail = _greedy_blocks(m - start, large, buckets)
+        single = next(b for b in buckets if b >= m - start)  # exists: m - start < large[-1]
+        if single + LAUNCH_COST_ROWS < sum(bucket + LAUNCH_COST_ROWS for _, bucket in tail):
+            tail = [(m - start, single)]
+        for used, bucket in tail:
+            plan.append((start, used, bucket))
+            start += used
     return plan
+
+
+def _greedy_blocks(rows: int, large: Sequence[int], buckets: Sequence[int]) -> List[Tuple[int, int]]:
+    """(rows_used, bucket) blocks for ``rows`` < max(large): the largest bucket of ``large`` that
+    still fits, repeatedly; the remainder padded to the smallest bucket >= it."""
+    blocks: List[Tuple[int, int]] = []
+    while rows > 0:
+        fitting = [b for b in large if b <= rows]
+        if fitting:
+            blocks.append((fitting[-1], fitting[-1]))
+            rows -= fitting[-1]
+        else:  # rows < min(large) <= max(buckets), so a bucket >= rows exists
+            blocks.append((rows, next(b for b in buckets if b >= rows)))
+            rows = 0
+    return blocks
