@@ -10,7 +10,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional
 
 from ..formats import get as get_format
 from .compute import matmul_func
@@ -73,14 +73,18 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvCo
     return func
 
 
-def build(specs: Iterable[KernelSpec], target: TargetInfo):
-    """Compile every kernel into one TVM executable."""
+def build(specs: Iterable[KernelSpec], target: TargetInfo,
+          config_for: Optional[Callable[[KernelSpec], Optional[GemvConfig]]] = None):
+    """Compile every kernel into one TVM executable. ``config_for(spec)``: a tuned GEMV config for
+    the spec, or None for the default (e.g. ``qcompile.tune.records.TuningRecords.lookup``); build
+    never tunes."""
     import tvm
 
     funcs = {}
     for spec in specs:
         if spec.name not in funcs:
-            funcs[spec.name] = scheduled_func(spec, target)
+            config = config_for(spec) if config_for is not None else None
+            funcs[spec.name] = scheduled_func(spec, target, config)
     mod = tvm.IRModule({name: f for name, f in funcs.items()})
     return tvm.compile(mod, target=target.tvm_target())
 

@@ -1,0 +1,13 @@
+"""Auto-tuning of the kernel schedules: search spaces, the record database, the tuning loop.
+
+- ``space``: the GEMV knob space of a kernel (``candidates(spec)``, ``config_key``).
+- ``records``: ``TuningRecords`` — measured configs per (format, N, K, M, GPU, qcompile and TVM
+  version) in ``schedules/<gpu>/<format>.json``; ``qcompile build`` applies the best one.
+- ``driver``: ``tune(specs, target, measure, records_dir, ...)`` — resumable, budgeted search.
+- ``measure``: ``CudaMeasure`` — times a candidate on the local GPU (needs CUDA).
+- ``cost_model``: the XGBoost model that orders candidates once some are measured.
+"""
+from .driver import DEFAULT_BUDGET, CandidateError, TuneResult, tune  # noqa: F401
+from .records import (RecordsError, TuningEntry, TuningRecords, TuningRecordsWarning,  # noqa: F401
+                      default_records_dir, records_gpu)
+from .space import candidates, config_key  # noqa: F401

@@ -1,0 +1,218 @@
+"""The tuning loop: for each GEMV kernel, build and measure candidates of its search space and keep
+every result in the records (``qcompile tune``).
+
+Per kernel (format, N, K, M): the default config is measured first (it is the baseline and what
+``qcompile build`` uses without a record), then candidates in the order of the space
+(``space.candidates``: nearest the default first) or, once enough measurements exist, in the order
+an XGBoost cost model predicts (``cost_model``; every EXPLORE_EVERY-th pick still follows the
+space, so a wrong model cannot hide a region). Each result is saved at once, atomically, so an
+interrupted run loses at most the candidate in flight, and a second run measures only what is
+missing: candidates already measured (or that failed) are never tried again, and the budget
+counts them.
+
+The measuring is pluggable: ``measure(spec, config, kernel) -> µs`` gets the compiled kernel
+(a TVM function taking X, the packed tensors, Y); ``qcompile.tune.measure.CudaMeasure`` times it
+on the local GPU. It raises ``CandidateError`` for a candidate that runs but is wrong or cannot
+launch (recorded as failed); any other exception stops the run (a broken GPU must not mark every
+later candidate as failed).
+
+TVM's meta-schedule (``tvm.s_tir.meta_schedule``) could drive the same knobs as a ScheduleFn
+space with its own XGBoost model and database; it is not used here because the knob space is
+explicit and small, the records must be readable and keyed by GPU and versions, and its generic
+database/builders added little but overhead for a space of a few hundred configs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, List, Optional, Union
+
+from ..errors import QCompileError
+from ..kernels.library import GEMV_MAX_M, KernelSpec, scheduled_func
+from ..kernels.schedules import GemvConfig
+from ..kernels.target import TargetInfo, parse_target
+from . import space
+from .cost_model import CostModel, training_set
+from .records import TuningEntry, TuningRecords, records_gpu
+
+DEFAULT_BUDGET = 64      # candidates per kernel, counting those measured by earlier runs
+REFIT_EVERY = 4          # new measurements between cost-model refits
+EXPLORE_EVERY = 4        # every n-th pick follows the space order instead of the model
+ORDERS = ("model", "space")
+
+Measure = Callable[[KernelSpec, GemvConfig, object], float]
+
+
+class CandidateError(Exception):
+    """Raised by a measure function when the candidate itself is at fault (wrong result, launch
+    failure); the driver records it as failed and goes on."""
+
+
+@dataclass
+class TuneResult:
+    """What happened to one kernel in a tuning run."""
+
+    spec: KernelSpec
+    entry: Optional[TuningEntry]   # None when the kernel was skipped
+    measured_now: int = 0          # candidates tried in this run (measured or failed)
+    skipped: Optional[str] = None  # why the kernel was not tuned
+
+    @property
+    def best(self):
+        return None if self.entry is None else self.entry.best()
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type, first line and (for long TVM errors) last line."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if len(lines) > 1:
+        text += " ... " + lines[-1]
+    text = f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def compile_candidate(spec: KernelSpec, target: TargetInfo, config: GemvConfig):
+    """The kernel of ``spec`` scheduled with ``config``, compiled alone: a callable TVM function
+    ``f(X, *packed tensors, Y)``."""
+    import tvm
+
+    func = scheduled_func(spec, target, config)
+    executable = tvm.compile(tvm.IRModule({spec.name: func}), target=target.tvm_target())
+    return executable[spec.name]
+
+
+def _shape(spec: KernelSpec) -> str:
+    return f"N={spec.n} K={spec.k} M={spec.m}"
+
+
+class _Picker:
+    """Which untried candidate comes next: the default, then the space order or the model's."""
+
+    def __init__(self, spec: KernelSpec, order: str, entry: TuningEntry, neighbours: List[TuningEntry]):
+        self.spec, self.order, self.entry, self.neighbours = spec, order, entry, neighbours
+        self.model = CostModel()
+        self.fitted_at = -1  # measurements the model last saw
+        self.picks = 0
+
+    def _refit(self) -> None:
+        seen = sum(len(e.measured_us) for e in self.neighbours) + len(self.entry.measured_us)
+        if self.fitted_at >= 0 and seen - self.fitted_at < REFIT_EVERY:
+            return
+        xs, ys = training_set(list(self.neighbours) + [self.entry])
+        self.model.fit(xs, ys)
+        self.fitted_at = seen
+
+    def next(self, todo: List[GemvConfig]) -> GemvConfig:
+        self.picks += 1
+        if self.entry.default in todo:
+            return self.entry.default
+        if self.order == "model" and self.picks % EXPLORE_EVERY != 0:
+            self._refit()
+            if self.model.fitted:
+                return self.model.rank(self.spec, todo)[0]
+        return todo[0]
+
+
+def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: Measure,
+         records_dir: Union[str, Path], budget: int = DEFAULT_BUDGET, time_budget_s: Optional[float] = None,
+         gpu: Optional[str] = None, order: str = "model", log: Optional[Callable[[str], None]] = print,
+         clock: Callable[[], float] = time.monotonic) -> List[TuneResult]:
+    """Tune every GEMV kernel of ``specs`` for ``target`` on ``gpu`` (default: the GPU the target
+    names, else the local one) and keep the results in ``records_dir/<gpu>/<format>.json``.
+
+    ``budget``: candidates per kernel in all (earlier runs' count); ``time_budget_s``: wall time per
+    kernel, checked between candidates; ``order``: "model" (XGBoost-ordered after the first
+    measurements) or "space" (the space's own order). GEMM kernels (M > 16) are skipped with a log
+    line: their search space is still to come. Returns one TuneResult per distinct spec."""
+    say = log or (lambda text: None)
+    target = parse_target(target) if isinstance(target, str) else target
+    if target.kind != "cuda":
+        raise QCompileError(f"tuning is for CUDA targets; {target.name} has no GEMV knobs to tune")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise QCompileError(f"the tuning budget must be a positive number of candidates, got {budget!r}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise QCompileError(f"the time budget must be positive seconds, got {time_budget_s!r}")
+    if order not in ORDERS:
+        raise QCompileError(f"unknown candidate order {order!r}; use {' or '.join(ORDERS)}")
+    gpu = gpu or records_gpu(target)
+    if gpu is None:
+        raise QCompileError(f"cannot tell which GPU the records of target {target.name} are for; "
+                            f"name it (e.g. --target h100) or run on the GPU itself")
+    records = TuningRecords(records_dir)
+    results: List[TuneResult] = []
+    seen = set()
+    for spec in specs:
+        if spec in seen:
+            continue
+        seen.add(spec)
+        if spec.m > GEMV_MAX_M:
+            reason = f"GEMM kernels (M > {GEMV_MAX_M}) have no tuning space yet; build uses the default"
+            say(f"skip {_shape(spec)}: {reason}")
+            results.append(TuneResult(spec, None, skipped=reason))
+            continue
+        results.append(_tune_one(spec, target, measure, records, gpu, budget, time_budget_s, order, say, clock))
+    return results
+
+
+def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_budget_s, order, say,
+              clock) -> TuneResult:
+    candidates = space.candidates(spec)  # QCompileError for a shape the format cannot take
+    entry = records.open_entry(spec, gpu, candidates[0])
+    path = records.path(gpu, spec.format)
+    planned = min(budget, len(candidates))
+    todo = [c for c in candidates if not entry.tried(c)]
+    if entry.tried_count:
+        say(f"{_shape(spec)}: {entry.tried_count} candidates already tried ({path})")
+    neighbours = [e for key, e in records.entries(gpu, spec.format).items()
+                  if key != entry.key and key[3:] == entry.key[3:]] if order == "model" else []
+    picker = _Picker(spec, order, entry, neighbours)
+    start = clock()
+    measured_now = 0
+    while todo and entry.tried_count < planned:
+        if time_budget_s is not None and clock() - start >= time_budget_s:
+            say(f"{_shape(spec)}: time budget of {time_budget_s:g} s reached")
+            break
+        cfg = picker.next(todo)
+        todo.remove(cfg)
+        key = space.config_key(cfg)
+        try:
+            kernel = compile_candidate(spec, target, cfg)
+        except Exception as err:  # a config TVM cannot schedule or compile: never retried
+            entry.add_failure(cfg, f"compile: {one_line(err)}")
+        else:
+            try:
+                us = measure(spec, cfg, kernel)
+            except CandidateError as err:
+                entry.add_failure(cfg, f"measure: {err}")
+            except Exception as err:
+                raise QCompileError(f"measuring {_shape(spec)} {key} failed ({one_line(err)}); the results so "
+                                    f"far are in {path}; fix the cause and run again to resume") from None
+            else:
+                if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us <= 0:
+                    raise QCompileError(f"the measure function returned {us!r} for {_shape(spec)} {key}; "
+                                        f"it must return a positive time in microseconds")
+                entry.add_measurement(cfg, float(us))
+        records.save(entry)
+        measured_now += 1
+        say(_progress(spec, entry, cfg, planned))
+    best = entry.best()
+    if best is None:
+        say(f"{_shape(spec)}: no candidate ran; build keeps the default config")
+    else:
+        default_us = entry.default_us
+        gain = f", default {default_us:.2f} us ({default_us / best[1]:.2f}x)" if default_us else ""
+        say(f"{_shape(spec)}: best {space.config_key(best[0])} {best[1]:.2f} us{gain}; "
+            f"{entry.tried_count} of {len(candidates)} candidates tried")
+    return TuneResult(spec, entry, measured_now)
+
+
+def _progress(spec: KernelSpec, entry: TuningEntry, cfg: GemvConfig, planned: int) -> str:
+    key = space.config_key(cfg)
+    head = f"[{entry.tried_count}/{planned}] {_shape(spec)} {key}"
+    if key in entry.failed:
+        return f"{head} failed: {entry.failed[key]}"
+    best = entry.best()
+    return f"{head} {entry.measured_us[key]:.2f} us (best {best[1]:.2f} us)"

@@ -1,0 +1,455 @@
+"""Tuning records: the measured GEMV configs of each kernel, per GPU, readable and resumable.
+
+One JSON file per GPU and format, ``<records dir>/<gpu>/<format>.json`` (e.g.
+``schedules/h100/int4-g128.json``), pretty-printed with sorted keys::
+
+    {"schema": "qcompile-tuning-records/1", "gpu": "h100", "format": "int4-g128",
+     "entries": [{"n": 4096, "k": 4096, "m": 1,
+                  "qcompile_version": "0.1.0", "tvm_version": "0.27.0.post1",
+                  "best":    {"config": {"rows": 4, ...}, "us": 11.9},
+                  "default": {"config": {"rows": 4, ...}, "us": 12.3},
+                  "measured_us": {"rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1": 12.3, ...},
+                  "failed": {"rows=8,threads_k=64,...": "compile: ValueError: ..."}}, ...]}
+
+``measured_us`` and ``failed`` hold every candidate ever tried for the entry, so a resumed tuning
+run never measures one twice; ``best`` (the fastest of ``measured_us``) and ``default`` (the config
+``qcompile build`` uses without a record, and its time when measured) are summaries, checked
+against ``measured_us`` on load.
+
+Keying: a record applies to exactly one (format, N, K, M bucket, GPU, qcompile version, TVM
+version). Versions compare as exact strings (``qcompile.__version__``, ``tvm.__version__``): a new
+TVM may generate different code for the same config, and a qcompile release may change what a
+knob does, so records of other versions are kept in the file but never applied; tune again (a
+run measures only what the current versions have not measured).
+
+Damage: a file that is not JSON or breaks the schema is never applied. ``config_for`` (what
+``qcompile build`` calls) reports it with one warning line naming the file and the problem and
+falls back to the default configs; the tuner (which would overwrite the file) refuses it with a
+one-line ``RecordsError`` instead. Writes are atomic (a temporary file renamed over the old one)
+and serialised between processes with an flock on the GPU's directory.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Optional, Tuple, Union
+
+from ..errors import QCompileError
+from ..kernels.library import GEMV_MAX_M, KernelSpec
+from ..kernels.schedules import GemvConfig
+from .space import config_from_dict, config_from_key, config_key, tiling_error
+
+SCHEMA = "qcompile-tuning-records/1"
+RECORDS_ENV = "QCOMPILE_SCHEDULES"  # overrides the default records directory
+GPU_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+PathLike = Union[str, Path]
+EntryKey = Tuple[int, int, int, str, str]  # (n, k, m, qcompile_version, tvm_version)
+
+
+class RecordsError(QCompileError):
+    """A records file that cannot be used; the message is one line and names the file."""
+
+
+class TuningRecordsWarning(UserWarning):
+    """A records file was ignored (damaged or of another schema); the default configs are used."""
+
+
+def current_versions() -> Tuple[str, str]:
+    """(qcompile version, TVM version) that records must carry to be applied."""
+    import tvm
+
+    from .. import __version__
+
+    return str(__version__), str(tvm.__version__)
+
+
+# --- which GPU, which directory ------------------------------------------------------------------
+
+def check_gpu_name(name: str) -> str:
+    """A GPU short name usable as a directory (``h100``, ``a100``, ``rtx4090``)."""
+    if not isinstance(name, str) or not GPU_NAME.fullmatch(name):
+        raise QCompileError(f"invalid GPU name {name!r} for tuning records; use lower-case letters, digits, "
+                            f"'.', '_' or '-' (e.g. h100)")
+    return name
+
+
+def local_gpu_name() -> Optional[str]:
+    """Short name of the local CUDA GPU (``h100``), or None without one."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        from ..bench.harness import gpu_short_name
+
+        return gpu_short_name(torch.cuda.get_device_name(0))
+    except Exception:  # a broken driver is the same as no GPU here
+        return None
+
+
+def records_gpu(target) -> Optional[str]:
+    """The GPU whose records apply to a build for ``target`` (a TargetInfo): the GPU named by the
+    target (``--target h100``), else the local GPU when the target is its arch (``--target auto``
+    or its ``sm_XX``), else None: an ``sm_XX`` alone does not say which GPU (H100 and H200 are both
+    sm_90), so a cross-compile uses records only when the GPU is named."""
+    from ..kernels.target import GPU_ARCH, local_cuda_arch
+
+    if target.kind != "cuda":
+        return None
+    if target.name in GPU_ARCH:
+        return target.name
+    local = local_gpu_name()
+    if local is not None and local_cuda_arch() == target.arch:
+        return local
+    return None
+
+
+def default_records_dir() -> Optional[Path]:
+    """Where ``qcompile build`` looks for records without ``--records``: ``$QCOMPILE_SCHEDULES``
+    when set, else the ``schedules/`` directory of the source tree this package runs from (the
+    records shipped in the repository), else None."""
+    env = os.environ.get(RECORDS_ENV, "").strip()
+    if env:
+        return Path(env)
+    shipped = Path(__file__).resolve().parents[2] / "schedules"
+    return shipped if shipped.is_dir() else None
+
+
+# --- one entry -----------------------------------------------------------------------------------
+
+@dataclass
+class TuningEntry:
+    """Everything measured for one kernel on one GPU with one pair of versions."""
+
+    format: str
+    gpu: str
+    n: int
+    k: int
+    m: int
+    qcompile_version: str
+    tvm_version: str
+    default: GemvConfig
+    measured_us: Dict[str, float] = field(default_factory=dict)  # config key -> median µs
+    failed: Dict[str, str] = field(default_factory=dict)         # config key -> one-line error
+
+    @property
+    def key(self) -> EntryKey:
+        """The entry's key inside its file (the file itself is the GPU's and the format's)."""
+        return (self.n, self.k, self.m, self.qcompile_version, self.tvm_version)
+
+    @property
+    def spec(self) -> KernelSpec:
+        return KernelSpec(self.format, self.n, self.k, self.m)
+
+    def tried(self, cfg: GemvConfig) -> bool:
+        key = config_key(cfg)
+        return key in self.measured_us or key in self.failed
+
+    @property
+    def tried_count(self) -> int:
+        return len(self.measured_us) + len(self.failed)
+
+    def add_measurement(self, cfg: GemvConfig, us: float) -> None:
+        key = config_key(cfg)
+        self.failed.pop(key, None)
+        self.measured_us[key] = float(us)
+
+    def add_failure(self, cfg: GemvConfig, error: str) -> None:
+        self.failed[config_key(cfg)] = " ".join(str(error).split())[:500]
+
+    def best(self) -> Optional[Tuple[GemvConfig, float]]:
+        """(config, µs) of the fastest measured candidate (ties: the smaller key), or None."""
+        if not self.measured_us:
+            return None
+        key, us = min(self.measured_us.items(), key=lambda item: (item[1], item[0]))
+        return config_from_key(key), us
+
+    @property
+    def default_us(self) -> Optional[float]:
+        return self.measured_us.get(config_key(self.default))
+
+    def to_json(self) -> dict:
+        best = self.best()
+        return {
+            "n": self.n, "k": self.k, "m": self.m,
+            "qcompile_version": self.qcompile_version, "tvm_version": self.tvm_version,
+            "best": None if best is None else {"config": best[0].as_dict(), "us": _round_us(best[1])},
+            "default": {"config": self.default.as_dict(), "us": _round_us(self.default_us)},
+            "measured_us": {key: _round_us(us) for key, us in self.measured_us.items()},
+            "failed": dict(self.failed),
+        }
+
+
+def _round_us(us: Optional[float]) -> Optional[float]:
+    return None if us is None else round(float(us), 4)
+
+
+def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional[int]) -> TuningEntry:
+    """One entry from its JSON form; ValueError (one line, says which entry) on any violation."""
+    where = f"entry {index}"
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} is not an object")
+    required = {"n", "k", "m", "qcompile_version", "tvm_version", "best", "default", "measured_us", "failed"}
+    missing = sorted(required - set(obj))
+    if missing:
+        raise ValueError(f"{where} lacks {', '.join(missing)}")
+    for name in ("n", "k", "m"):
+        value = obj[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
+    where = f"entry {index} (N={obj['n']} K={obj['k']} M={obj['m']})"
+    if obj["m"] > GEMV_MAX_M:
+        raise ValueError(f"{where}: M > {GEMV_MAX_M} has no GEMV config")
+    for name in ("qcompile_version", "tvm_version"):
+        if not isinstance(obj[name], str) or not obj[name]:
+            raise ValueError(f"{where}: {name} must be a non-empty string")
+
+    def config(value, what) -> GemvConfig:
+        try:
+            cfg = config_from_dict(value)
+        except ValueError as err:
+            raise ValueError(f"{where}: {what}: {err}") from None
+        if unit is not None:
+            problem = tiling_error(cfg, obj["n"], obj["k"], unit)
+            if problem:
+                raise ValueError(f"{where}: {what} {config_key(cfg)} does not fit the shape ({problem})")
+        return cfg
+
+    def canonical(key, what) -> str:
+        try:
+            return config_key(config_from_key(key))
+        except ValueError as err:
+            raise ValueError(f"{where}: {what}: {err}") from None
+
+    measured, failed = obj["measured_us"], obj["failed"]
+    if not isinstance(measured, dict) or not isinstance(failed, dict):
+        raise ValueError(f"{where}: measured_us and failed must be objects")
+    entry = TuningEntry(format_name, gpu, obj["n"], obj["k"], obj["m"], obj["qcompile_version"],
+                        obj["tvm_version"], default=GemvConfig())
+    for key, us in measured.items():
+        if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us <= 0:
+            raise ValueError(f"{where}: measured time of {key} must be a positive number, got {us!r}")
+        canon = canonical(key, "measured_us")
+        if canon in entry.measured_us:
+            raise ValueError(f"{where}: {canon} is measured twice")
+        entry.measured_us[canon] = float(us)
+    for key, error in failed.items():
+        if not isinstance(error, str):
+            raise ValueError(f"{where}: the error of failed candidate {key} must be a string")
+        canon = canonical(key, "failed")
+        if canon in entry.measured_us or canon in entry.failed:
+            raise ValueError(f"{where}: {canon} is listed twice")
+        entry.failed[canon] = error
+
+    default = obj["default"]
+    if not isinstance(default, dict) or "config" not in default:
+        raise ValueError(f"{where}: default must be an object with a config")
+    entry.default = config(default["config"], "default config")
+    if not _same_us(default.get("us"), entry.default_us):
+        raise ValueError(f"{where}: default us {default.get('us')!r} does not match measured_us "
+                         f"({_round_us(entry.default_us)!r})")
+    best, stored = entry.best(), obj["best"]
+    if stored is None:
+        if best is not None:
+            raise ValueError(f"{where}: best is null but candidates were measured")
+    else:
+        if not isinstance(stored, dict) or "config" not in stored:
+            raise ValueError(f"{where}: best must be null or an object with a config")
+        cfg = config(stored["config"], "best config")
+        if best is None or cfg != best[0] or not _same_us(stored.get("us"), best[1]):
+            raise ValueError(f"{where}: best {config_key(cfg)} is not the fastest measured candidate")
+    return entry
+
+
+def _same_us(stored, measured: Optional[float]) -> bool:
+    if measured is None or stored is None:
+        return stored is None and measured is None
+    return (not isinstance(stored, bool) and isinstance(stored, (int, float))
+            and abs(stored - _round_us(measured)) <= 1e-6 * max(1.0, abs(measured)))
+
+
+# --- one file ------------------------------------------------------------------------------------
+
+def _format_unit(format_name: str) -> int:
+    from ..formats import get as get_format
+
+    return get_format(format_name).decode_unit
+
+
+def read_records_file(path: PathLike, gpu: str, format_name: str) -> Dict[EntryKey, TuningEntry]:
+    """The entries of one records file ({} when it does not exist). RecordsError (one line naming
+    the file) when it cannot be read, is not JSON or breaks the schema, including a file whose
+    gpu/format fields are not the ones its place says (a copied file is never applied)."""
+    from ..jsonio import read_json_object
+
+    path = Path(path)
+    if not path.exists():
+        return {}
+    remedy = "fix or delete it (qcompile tune writes a new one)"
+    try:
+        doc = read_json_object(path)
+    except QCompileError as err:
+        raise RecordsError(f"tuning records {err}; {remedy}") from None
+
+    def bad(problem: str) -> RecordsError:
+        return RecordsError(f"tuning records {path}: {problem}; {remedy}")
+
+    if doc.get("schema") != SCHEMA:
+        raise bad(f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
+    if doc.get("gpu") != gpu or doc.get("format") != format_name:
+        raise bad(f"holds records for gpu {doc.get('gpu')!r} format {doc.get('format')!r}, "
+                  f"not gpu {gpu!r} format {format_name!r}")
+    if not isinstance(doc.get("entries"), list):
+        raise bad("entries must be a list")
+    try:
+        unit = _format_unit(format_name)
+    except QCompileError as err:
+        raise bad(str(err)) from None
+    entries: Dict[EntryKey, TuningEntry] = {}
+    for index, obj in enumerate(doc["entries"]):
+        try:
+            entry = _entry_from_json(obj, index, gpu, format_name, unit)
+        except ValueError as err:
+            raise bad(str(err)) from None
+        if entry.key in entries:
+            raise bad(f"entry {index} repeats N={entry.n} K={entry.k} M={entry.m} for qcompile "
+                      f"{entry.qcompile_version} / TVM {entry.tvm_version}")
+        entries[entry.key] = entry
+    return entries
+
+
+def write_records_file(path: PathLike, gpu: str, format_name: str, entries: Iterable[TuningEntry]) -> None:
+    """Write the file atomically: a temporary file in the same directory, fsync'ed, then renamed
+    over the old one, so a reader (or an interrupted run) sees the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"schema": SCHEMA, "gpu": gpu, "format": format_name,
+           "entries": [e.to_json() for e in sorted(entries, key=lambda e: e.key)]}
+    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _locked(directory: Path):
+    """An exclusive flock on the directory itself (no lock file to leave behind), so that two
+    tuning runs on one GPU never lose each other's read-modify-write."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+# --- the database --------------------------------------------------------------------------------
+
+def _warn_default(message: str) -> None:
+    warnings.warn(message, TuningRecordsWarning, stacklevel=3)
+
+
+class TuningRecords:
+    """The records under one directory (``schedules/``): ``<root>/<gpu>/<format>.json``.
+
+    ``warn`` receives the one-line message of a records file that ``config_for`` ignores
+    (default: ``warnings.warn`` with TuningRecordsWarning); each file is reported once.
+    """
+
+    def __init__(self, root: PathLike, warn: Optional[Callable[[str], None]] = None,
+                 versions: Optional[Tuple[str, str]] = None):
+        self.root = Path(root)
+        self._warn = warn or _warn_default
+        self._versions = versions
+        self._lenient: Dict[Tuple[str, str], Dict[EntryKey, TuningEntry]] = {}
+
+    @property
+    def versions(self) -> Tuple[str, str]:
+        """(qcompile, TVM) versions records must carry to apply; the running ones by default."""
+        if self._versions is None:
+            self._versions = current_versions()
+        return self._versions
+
+    def path(self, gpu: str, format_name: str) -> Path:
+        if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._-]*", format_name):
+            raise QCompileError(f"format name {format_name!r} cannot name a records file")
+        return self.root / check_gpu_name(gpu) / f"{format_name}.json"
+
+    def entries(self, gpu: str, format_name: str) -> Dict[EntryKey, TuningEntry]:
+        """Every entry of the GPU's file for the format, of all versions (RecordsError if damaged)."""
+        return read_records_file(self.path(gpu, format_name), gpu, format_name)
+
+    def entry(self, spec: KernelSpec, gpu: str) -> Optional[TuningEntry]:
+        """The entry of ``spec`` on ``gpu`` for the current versions, or None (RecordsError if the
+        file is damaged)."""
+        return self.entries(gpu, spec.format).get((spec.n, spec.k, spec.m, *self.versions))
+
+    def open_entry(self, spec: KernelSpec, gpu: str, default: GemvConfig) -> TuningEntry:
+        """The stored entry of ``spec`` on ``gpu`` for the current versions (its default set to
+        ``default``, the config build uses today), or a new empty one; RecordsError if the file is
+        damaged. Nothing is written until ``save``."""
+        entry = self.entry(spec, gpu)
+        if entry is None:
+            entry = TuningEntry(spec.format, check_gpu_name(gpu), spec.n, spec.k, spec.m, *self.versions,
+                                default=default)
+        entry.default = default
+        return entry
+
+    def save(self, entry: TuningEntry) -> Path:
+        """Store ``entry`` (replacing the same key) under the directory lock: re-read the file,
+        merge what another run may have measured for the same entry meanwhile, write atomically.
+        Returns the file's path."""
+        gpu, format_name = entry.gpu, entry.format
+        path = self.path(gpu, format_name)
+        with _locked(path.parent):
+            entries = read_records_file(path, gpu, format_name)
+            on_disk = entries.get(entry.key)
+            if on_disk is not None and on_disk is not entry:
+                for key, us in on_disk.measured_us.items():
+                    if key not in entry.measured_us and key not in entry.failed:
+                        entry.measured_us[key] = us
+                for key, error in on_disk.failed.items():
+                    if key not in entry.measured_us and key not in entry.failed:
+                        entry.failed[key] = error
+            entries[entry.key] = entry
+            write_records_file(path, gpu, format_name, entries.values())
+        self._lenient.pop((gpu, format_name), None)
+        return path
+
+    # --- what build uses: never raises for a damaged file ----------------------------------------
+    def config_for(self, spec: KernelSpec, gpu: Optional[str]) -> Optional[GemvConfig]:
+        """The best measured config of ``spec`` on ``gpu`` for the current versions, or None (no
+        GPU, not a GEMV kernel, no record, or a damaged file: warned once, then the defaults)."""
+        if gpu is None or spec.m > GEMV_MAX_M:
+            return None
+        cache_key = (gpu, spec.format)
+        if cache_key not in self._lenient:
+            try:
+                self._lenient[cache_key] = self.entries(gpu, spec.format)
+            except QCompileError as err:
+                self._warn(f"{err} (using the default schedules)")
+                self._lenient[cache_key] = {}
+        entry = self._lenient[cache_key].get((spec.n, spec.k, spec.m, *self.versions))
+        best = entry.best() if entry is not None else None
+        return None if best is None else best[0]
+
+    def lookup(self, gpu: Optional[str]) -> Callable[[KernelSpec], Optional[GemvConfig]]:
+        """``config_for`` bound to one GPU: what ``qcompile.kernels.library.build`` takes."""
+        return lambda spec: self.config_for(spec, gpu)
