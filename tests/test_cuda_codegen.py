@@ -36,3 +36,14 @@ def test_target_names(name, key):
 def test_bad_targets(name):
     with pytest.raises(QCompileError):
         parse_target(name)
+
+
+@pytest.mark.parametrize("name, func", [("e8p-2", "qc_e8p2_decode32"), ("e8p-3", "qc_e8p3_decode32"),
+                                        ("e8p-4", "qc_e8p4_decode32")])
+def test_e8p_kernels_use_the_decode_intrinsic_and_compile(name, func):
+    specs = [KernelSpec(name, 256, 1024, m) for m in (1, 16, 64)]
+    src = cuda_source(build(specs, parse_target("sm_90")))
+    assert f"{func}(" in src  # GEMV kernels decode a word pair with the hand-written §1.6 function
+    assert "W_gather_local" in src  # the abs-table lookups are their own TIR stage, in registers
+    if shutil.which("nvcc") is not None:  # the injected device code must compile
+        assert len(compile_fatbin(src, "sm_90")) > 1000

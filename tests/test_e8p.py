@@ -34,7 +34,7 @@ def qweight_from_codes(fmt, c1, c2, seed=0):
 # --- codebook -------------------------------------------------------------------------------------
 def test_registry():
     for name in FORMATS:
-        assert name in qc.formats.names() and qc.formats.get(name).decode_unit == 8
+        assert name in qc.formats.names() and qc.formats.get(name).decode_unit == 32
 
 
 def test_abs_grid_order_norms_and_packed_table():
@@ -130,18 +130,26 @@ def test_pack_unpack_and_reference_tiles():
     c = torch.randint(0, 65536, (32, 16), generator=torch.Generator().manual_seed(2))
     c[0, :4] = torch.tensor([0, 65535, 0x8000, 0x00FF])
     q = e8p.pack_e8p(c)
-    assert q.dtype == torch.int32 and q.shape == (2, 2, 8, 4, 2)
+    assert q.dtype == torch.int32 and q.shape == (32, 4, 2)
     assert torch.equal(e8p.unpack_e8p(q), c)
+    tiles = e8p.pack_e8p_tiles(c)
+    assert tiles.shape == (2, 2, 8, 4, 2) and torch.equal(e8p.unpack_e8p_tiles(tiles), c)
     ref = e8p.e8p_to_reference(q)
     assert ref.dtype == torch.int64 and ref.shape == (32, 4)
     assert torch.equal(ref, e8p.reference_pack_e8p(c))  # straight from the §1.5 description
     assert torch.equal(e8p.e8p_from_reference(ref), q)
-    assert torch.equal(q.reshape(-1, 2).view(torch.int64).reshape(32, 4), ref)  # a pure re-view (little endian)
-    # one word = rows r0, r0+1 × code columns c0, c0+1: code 1 is the next row
+    assert torch.equal(tiles.reshape(-1, 2).view(torch.int64).reshape(32, 4), ref)  # a pure re-view (little endian)
+    # a tile word = rows r0, r0+1 × code columns c0, c0+1: code 1 is the next row
     one = torch.zeros(16, 8, dtype=torch.int64)
     one[1, 0] = (7 << 8) | 0b00000001
-    w = e8p.pack_e8p(one)[0, 0, 0, 0]
+    w = e8p.pack_e8p_tiles(one)[0, 0, 0, 0]
     assert int(w[0]) == 7 << 8 and int(w[1]) == 1 << 1  # abs byte 1; sign bit 0 of code 1 at bit 1
+    # a kernel word pair = four consecutive codes of one row: code column 1 is code 1
+    w = e8p.pack_e8p(one)[1, 0]
+    assert int(w[0]) == 7 and int(w[1]) == 1  # abs byte 0; sign bit 0 of code 0 at bit 0
+    one[1, 0], one[1, 1] = 0, (9 << 8) | 0b10000000
+    w = e8p.pack_e8p(one)[1, 0]
+    assert int(w[0]) == 9 << 8 and int(w[1]) == 1 << (4 * 7 + 1)  # sign bit 7 of code 1
     e = torch.randint(0, 256, (16, 16), generator=torch.Generator().manual_seed(3))
     words = e8p.pack_e81b(e)
     assert torch.equal(e8p.unpack_e81b(words), e)

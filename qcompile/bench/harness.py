@@ -326,6 +326,19 @@ class _Bench:
         return None
 
 
+def bench_weight(fmt, n: int, k: int, device):
+    """The layer's weight: a quantized Gaussian matrix for group-wise formats (fast to make, and the
+    torch int4 baseline then runs on the very same codes); random codes for the RHT formats, whose
+    quantizers (E8P lattice search, Viterbi) would take minutes on large layers and whose kernels
+    do the same work whatever the codes are."""
+    import torch
+
+    if fmt.always_rht:
+        return fmt.random_weight(n, k, seed=n * 131 + k, device=device)
+    W = torch.randn(n, k, device=device) * 0.02
+    return fmt.quantize(W).to(device)
+
+
 def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] = None,
               ms: Sequence[int] = None, iters: int = DEFAULT_ITERS, warmup: int = DEFAULT_WARMUP,
               timing_mode: str = "graph", log: Callable[[str], None] = None) -> dict:
@@ -371,9 +384,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     torch.manual_seed(0)
     records = []
     for n, k in shapes:
-        W = torch.randn(n, k, device=device) * 0.02
-        qw = fmt.quantize(W).to(device)
-        del W
+        qw = bench_weight(fmt, n, k, device)
         w16 = fmt.decode_fp16(qw)  # the exact values the kernels multiply with
         w64_t = w16.to(torch.float64).T
         q_weights = RotatingWeights([qw.tensors[name] for name in fmt.tensor_specs(n, k)], l2_bytes)

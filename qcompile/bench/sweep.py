@@ -14,6 +14,7 @@ from ..kernels.compute import matmul_func
 from ..kernels.library import KernelSpec, scheduled_func
 from ..kernels.schedules import GemvConfig, schedule_gemv_cuda
 from ..kernels.target import parse_target
+from .harness import bench_weight
 
 
 def _time(fn, iters=200):
@@ -51,10 +52,9 @@ def main():
         n, k = map(int, shape.split("x"))
         w_bytes = fmt.weight_bytes(n, k)
         copies = max(2, int(200e6 // (n * k * 2)) + 1)  # rotate > L2 for the fp16 baseline too
-        Ws = [torch.randn(n, k, device=dev) * 0.02 for _ in range(1)]
-        qws = [fmt.quantize(Ws[0]).to(dev)]
+        qws = [bench_weight(fmt, n, k, dev)]
         qcopies = max(2, int(200e6 // w_bytes) + 1)
-        qsets = [{kk: v.clone() for kk, v in qws[0].tensors.items()} for _ in range(qcopies)]
+        qsets = [{kk: qws[0].tensors[kk].clone() for kk in fmt.tensor_specs(n, k)} for _ in range(qcopies)]
         w16 = [fmt.decode_fp16(qws[0]).clone() for _ in range(copies)]
         for m in map(int, args.m.split(",")):
             X = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -72,7 +72,8 @@ def main():
                     if cfg is None:
                         func = scheduled_func(spec, target)
                     else:
-                        func = schedule_gemv_cuda(matmul_func(fmt, n, k, m), cfg, fmt.decode_intrin("cuda"))["main"]
+                        func = schedule_gemv_cuda(matmul_func(fmt, n, k, m), cfg, fmt.decode_intrin("cuda"),
+                                                  fmt.streamed)["main"]
                     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                                      target=target.tvm_target())
                     f = ex["main"]

@@ -114,6 +114,16 @@ class Format:
         RHT weight these are in the Hadamard basis (see ``dequantize`` for the original one)."""
         raise NotImplementedError
 
+    def random_weight(self, n: int, k: int, seed: int = 0, device=None) -> QuantizedWeight:
+        """A valid stored weight of random codes (every packed word pattern the format allows), for
+        kernel tests and benchmarks where quantizing a real matrix would only cost time."""
+        raise NotImplementedError(f"{self.name} has no random_weight")
+
+    def _random_rht(self, n: int, k: int, gen: torch.Generator, su: float = 1.0, sv: float = 1.0):
+        """Random SU (±su, fp16 [k]) and SV (±sv, fp16 [n])."""
+        signs = lambda size: (torch.randint(0, 2, (size,), generator=gen) * 2 - 1).to(torch.float32)  # noqa: E731
+        return {"SU": (signs(k) * su).to(torch.float16), "SV": (signs(n) * sv).to(torch.float16)}
+
     # --- shared front end: incoherence processing, Hessian checks, proxy loss ----------------------
     def prepare_input(self, W: torch.Tensor, hessian: Optional[torch.Tensor], seed: int, rht: bool,
                       ldlq: Optional[bool]):
@@ -193,6 +203,29 @@ class Format:
         """TIR expression (float16) of element j of decode unit c of row n (column c*unit + j)."""
         raise NotImplementedError
 
+    # Table gathers: a format whose decode looks words up in a table indexed by packed bits (E8P's
+    # abs table) states the lookups as a separate stage, W_gather[n, c, g] = tir_gather(bufs, n, c, g)
+    # for g < gather_count, which tir_decode_unit reads as bufs["gathered"][n, c, g]. Kernels then
+    # place the gather as they like (registers; the table in global or shared memory) and a decode
+    # intrinsic sees only register words (tensorize cannot match data-dependent indices).
+    gather_count: int = 0
+
+    def tir_gather(self, bufs: Mapping[str, object], n, c, g):
+        """TIR expression of gathered word g of unit c of row n."""
+        raise NotImplementedError
+
+    def gathered(self, bufs: Mapping[str, object]):
+        """bufs["gathered"] when a kernel computed the gather stage, else the gather inlined."""
+        if "gathered" in bufs:
+            return bufs["gathered"]
+        fmt = self
+
+        class _Inline:
+            def __getitem__(self, idx):
+                return fmt.tir_gather(bufs, *idx)
+
+        return _Inline()
+
     def tir_decode(self, bufs: Mapping[str, object], n, k):
         """TIR expression (float16) of the decoded weight at (n, k), reading te tensors ``bufs``."""
         return self.tir_decode_unit(bufs, n, k // self.decode_unit, k % self.decode_unit)
@@ -201,6 +234,17 @@ class Format:
         """(TensorIntrin name, CUDA source to inject) of a hand-written decode of one unit for
         ``target_kind``, or None when the plain TIR expression is used."""
         return None
+
+    # Kernel tensors read afresh for every unit (the packed words): schedules stage these in
+    # registers with vector loads. The others (scales, tables) are read in place.
+    streamed: Tuple[str, ...] = ()
+
+    def unit_reads(self) -> Dict[str, Tuple[Tuple[int, ...], str, bool]]:
+        """For a decode intrinsic: name -> (shape, dtype, staged) of the region of each kernel tensor
+        that one decode unit reads (the same number of dimensions as the tensor; indices of unit
+        (0, 0) fall inside it), in the order the intrinsic's function takes them; staged = the
+        tensor is in ``streamed`` (the schedule holds it in registers)."""
+        raise NotImplementedError(f"{self.name} has no decode intrinsic")
 
     def bits_per_weight(self, n: int, k: int) -> float:
         specs = self.tensor_specs(n, k)

@@ -28,14 +28,14 @@ RVQ (§1.8): ``e8p-4`` Ŵ = E8P(q1) + E8P(q2)/s, s = 3.45; ``e8p-3`` Ŵ = E8P(q1
   value on every path (torch, TIR on llvm, an HFMA on the GPU). The encoder's stage-2 input is
   (x − a)/r so quantization and decode agree exactly.
 
-Our kernel-facing layout (a pure re-view of the reference int64 tiles, §1.5):
-  qidxs int32 [N/16, K/64, 8, 4, 2]: tile (rt, ct) of 16 rows × 64 columns, position [g][t] covers
-      rows 16rt+2g+{0,1} and code columns 8ct+2t+{0,1}; [..., 0] is the reference word's low 32
-      bits (four 8-bit abs indices, code i at byte i), [..., 1] the high 32 bits (bit 4j+i = sign bit
-      j of code i). Code i is row 16rt+2g+(i&1), code column 8ct+2t+(i>>1). One 16×64 tile is 256
-      contiguous bytes, exactly what one warp of the reference GEMV consumes per step. The int64 word
-      is kept as an int32 pair because TIR/CUDA shifts on int64 cost two instructions and the halves
-      are used separately anyway. ``qidxs.view(torch.int64)`` (little-endian) IS the reference Qidxs.
+Our kernel-facing layout (row-major word pairs; the reference tiles are converted at import/export):
+  qidxs int32 [N, K/32, 2]: word pair w of row n holds the four codes of columns 32w…32w+31 in the
+      reference word format (§1.5/§1.6): [..., 0] = four 8-bit abs indices (code i at byte i),
+      [..., 1] = sign bits interleaved (bit 4j+i = sign bit j of code i). One pair decodes into 32
+      consecutive weights of one row with the §1.6 bit trick, so a GEMV thread reads each word once
+      and never needs the next row (the reference 16×64 tiles put two rows in a word for its mma
+      fragments). ``pack_e8p_tiles`` / ``e8p_to_reference`` give the reference int64 tiles
+      (a tile word viewed as int64, little-endian, IS the reference Qidxs word).
   qidxs_resid: ``e8p-4``: as qidxs (stage 2); ``e8p-3``: int32 [N, K/32], byte b of word w = E81B
       code of columns 8(4w+b)…+7 (the reference's row-major E81B packing, viewed as int32).
   grid_packed_abs int32[256]: the 1 KiB abs table (§1.2), a kernel input passed per layer.
@@ -44,7 +44,7 @@ Our kernel-facing layout (a pure re-view of the reference int64 tiles, §1.5):
   SU fp16 [K], SV fp16 [N]: RHT signs (always on for E8P); SV carries the weight scale:
       SV = fp16(sign · Wscale) with Wscale = fp16(RMS(W̃)/ρ) (exact: ±1 times an fp16 number).
 
-decode_unit = 8: one 16-bit code (plus its residual code) → 8 consecutive weights of one row.
+decode_unit = 32: one word pair (plus its residual words) → 32 consecutive weights of one row.
 
 Default ρ (target RMS of W̃ in grid units; ``scale`` overrides it), measured here (report numbers):
   e8p-2: 0.9, the reference's recommended value for real weights with LDLQ (paper F.5). The
@@ -342,11 +342,9 @@ def _check_codes(codes: torch.Tensor, what: str = "codes") -> Tuple[int, int]:
     return codes.shape[0], codes.shape[1] * 8
 
 
-def pack_e8p(codes: torch.Tensor) -> torch.Tensor:
-    """16-bit codes [N, K/8] (code column c = weight columns 8c…8c+7) → qidxs int32 [N/16, K/64, 8, 4, 2]."""
-    n, k = _check_codes(codes)
-    c = codes.to(torch.int64).reshape(n // 16, 8, 2, k // 64, 4, 2)      # rt, g, ri, ct, t, ci
-    c = c.permute(0, 3, 1, 4, 5, 2).reshape(n // 16, k // 64, 8, 4, 4)   # rt, ct, g, t, i = 2ci + ri
+def _pack_words(c: torch.Tensor) -> torch.Tensor:
+    """Codes int64 [..., 4] → int32 word pairs [..., 2]: [0] the four abs bytes (code i at byte i),
+    [1] the sign bits interleaved (bit 4j+i = sign bit j of code i), as §1.5 / §1.6 want them."""
     abs32 = torch.zeros(c.shape[:-1], dtype=torch.int64, device=c.device)
     sign32 = torch.zeros_like(abs32)
     for i in range(4):
@@ -357,10 +355,18 @@ def pack_e8p(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
 
 
-def unpack_e8p(qidxs: torch.Tensor) -> torch.Tensor:
-    """qidxs int32 [N/16, K/64, 8, 4, 2] → 16-bit codes int64 [N, K/8]."""
-    rt, ct = qidxs.shape[0], qidxs.shape[1]
-    w = qidxs.to(torch.int64) & 0xFFFFFFFF
+def pack_e8p(codes: torch.Tensor) -> torch.Tensor:
+    """16-bit codes [N, K/8] (code column c = weight columns 8c…8c+7) → qidxs int32 [N, K/32, 2] (the
+    kernel layout: word pair w of row n holds codes 4w…4w+3; [0] their abs bytes, [1] their sign bits
+    interleaved, bit 4j+i = sign bit j of code i)."""
+    n, k = _check_codes(codes)
+    c = codes.to(torch.int64).reshape(n, k // 32, 4)
+    return _pack_words(c)
+
+
+def _unpack_words(w: torch.Tensor) -> torch.Tensor:
+    """int32 word pairs [..., 2] → the four 16-bit codes of each pair, int64 [..., 4]."""
+    w = w.to(torch.int64) & 0xFFFFFFFF
     abs32, sign32 = w[..., 0], w[..., 1]
     codes = []
     for i in range(4):
@@ -368,26 +374,50 @@ def unpack_e8p(qidxs: torch.Tensor) -> torch.Tensor:
         for j in range(8):
             sgn |= ((sign32 >> (4 * j + i)) & 1) << j
         codes.append((((abs32 >> (8 * i)) & 255) << 8) | sgn)
-    c = torch.stack(codes, dim=-1).reshape(rt, ct, 8, 4, 2, 2)           # rt, ct, g, t, ci, ri
+    return torch.stack(codes, dim=-1)
+
+
+def unpack_e8p(qidxs: torch.Tensor) -> torch.Tensor:
+    """qidxs int32 [N, K/32, 2] → 16-bit codes int64 [N, K/8]."""
+    n, kw = qidxs.shape[0], qidxs.shape[1]
+    return _unpack_words(qidxs).reshape(n, kw * 4).contiguous()
+
+
+def pack_e8p_tiles(codes: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K/8] → the reference tile words as int32 pairs [N/16, K/64, 8, 4, 2] (§1.5): tile
+    (rt, ct) of 16 rows × 64 columns, position [g][t] covers rows 16rt+2g+{0,1} and code columns
+    8ct+2t+{0,1}; code i of a word is row 16rt+2g+(i&1), code column 8ct+2t+(i>>1). Same word
+    format as ``pack_e8p``; viewed as int64 (little-endian) this IS the reference Qidxs."""
+    n, k = _check_codes(codes)
+    c = codes.to(torch.int64).reshape(n // 16, 8, 2, k // 64, 4, 2)      # rt, g, ri, ct, t, ci
+    c = c.permute(0, 3, 1, 4, 5, 2).reshape(n // 16, k // 64, 8, 4, 4)   # rt, ct, g, t, i = 2ci + ri
+    return _pack_words(c)
+
+
+def unpack_e8p_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """Reference tile words int32 [N/16, K/64, 8, 4, 2] → 16-bit codes int64 [N, K/8]."""
+    rt, ct = tiles.shape[0], tiles.shape[1]
+    c = _unpack_words(tiles).reshape(rt, ct, 8, 4, 2, 2)                 # rt, ct, g, t, ci, ri
     return c.permute(0, 2, 5, 1, 3, 4).reshape(rt * 16, ct * 8).contiguous()
 
 
 def e8p_to_reference(qidxs: torch.Tensor) -> torch.Tensor:
-    """Our qidxs int32 [N/16, K/64, 8, 4, 2] → the reference Qidxs int64 [N, K/32] (§1.5)."""
-    rt, ct = qidxs.shape[0], qidxs.shape[1]
-    w = qidxs.to(torch.int64)
+    """Our qidxs int32 [N, K/32, 2] → the reference Qidxs int64 [N, K/32] (§1.5 tiles)."""
+    n, kw = qidxs.shape[0], qidxs.shape[1]
+    w = pack_e8p_tiles(unpack_e8p(qidxs)).to(torch.int64)
     words = (w[..., 1] << 32) | (w[..., 0] & 0xFFFFFFFF)  # high word signed: two's complement int64
-    return words.reshape(rt * 16, ct * 64 // 32).contiguous()
+    return words.reshape(n, kw).contiguous()
 
 
 def e8p_from_reference(qidxs64: torch.Tensor) -> torch.Tensor:
-    """The reference Qidxs int64 [N, K/32] → our qidxs int32 [N/16, K/64, 8, 4, 2]."""
+    """The reference Qidxs int64 [N, K/32] → our qidxs int32 [N, K/32, 2]."""
     n, kw = qidxs64.shape
     w = qidxs64.to(torch.int64).reshape(n // 16, kw // 2, 8, 4)
     lo = w & 0xFFFFFFFF
     hi = (w >> 32) & 0xFFFFFFFF
     words = torch.stack((lo, hi), dim=-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
+    tiles = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return pack_e8p(unpack_e8p_tiles(tiles))
 
 
 def reference_pack_e8p(codes: torch.Tensor) -> torch.Tensor:
@@ -443,7 +473,7 @@ def e81b_from_reference(q64: torch.Tensor) -> torch.Tensor:
 class E8PFormat(Format):
     """QuIP# E8P12 (``residual=None``), E8P12RVQ4B (``residual="e8p"``) or E8P12RVQ3B (``"e81b"``)."""
 
-    decode_unit = 8
+    decode_unit = 32  # one word pair: four codes = 32 consecutive weights of one row
     always_rht = True
 
     def __init__(self, name: str, residual: Optional[str], rho: float, resid_scale: Optional[float]):
@@ -469,10 +499,10 @@ class E8PFormat(Format):
 
     def tensor_specs(self, n: int, k: int) -> Dict[str, TensorSpec]:
         self.check_shape(n, k)
-        tile = TensorSpec((n // 16, k // 64, 8, 4, 2), "int32")
-        specs = {"qidxs": tile}
+        words = TensorSpec((n, k // 32, 2), "int32")
+        specs = {"qidxs": words}
         if self.residual == "e8p":
-            specs["qidxs_resid"] = tile
+            specs["qidxs_resid"] = words
         elif self.residual == "e81b":
             specs["qidxs_resid"] = TensorSpec((n, k // 32), "int32")
         specs["grid_packed_abs"] = TensorSpec((256,), "int32")
@@ -571,6 +601,22 @@ class E8PFormat(Format):
             meta["proxy_loss"] = self.relative_proxy_loss(Wt, self.decode_fp16(qw).to(torch.float32) * wscale, H)
         return qw
 
+    def random_weight(self, n: int, k: int, seed: int = 0, device=None) -> QuantizedWeight:
+        """Uniformly random codes in both stages (every 16-bit E8P code is a codebook point), random
+        ±1 SU / SV."""
+        self.check_shape(n, k)
+        gen = torch.Generator().manual_seed(int(seed))
+        c1 = torch.randint(0, 1 << 16, (n, k // 8), generator=gen)
+        c2 = None
+        if self.residual is not None:
+            c2 = torch.randint(0, 1 << (16 if self.residual == "e8p" else 8), (n, k // 8), generator=gen)
+        tensors = {**self.tensors_from_codes(c1, c2), **self._random_rht(n, k, gen)}
+        meta = {"codebook": self.codebook, "rht": True, "random": True}
+        if self.residual is not None:
+            meta["resid_scale"] = float(self.resid_scale)
+        qw = QuantizedWeight(self.name, (n, k), tensors, meta)
+        return qw.to(device) if device is not None else qw
+
     def tensors_from_codes(self, c1: torch.Tensor, c2: Optional[torch.Tensor] = None,
                            resid_inv: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """The kernel tensors from codes [N, K/8] (stage 1) and [N, K/8] (stage 2, RVQ only)."""
@@ -625,46 +671,178 @@ class E8PFormat(Format):
         return W
 
     # --- TIR ------------------------------------------------------------------------------------
-    def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
+    @property
+    def gather_count(self) -> int:
+        # the abs-table words of the four codes (and of the four residual codes)
+        return 8 if self.residual else 4
+
+    def tir_gather(self, bufs: Mapping[str, object], n, c, g):
+        """Table word g of unit (n, c): g < 4: grid_packed_abs[abs byte g of the word pair]; g ≥ 4: the
+        residual's table word of code g − 4 (E8P abs table, or the E81B table for ``e8p-3``)."""
         from tvm import tirx
 
-        T = bufs["grid_packed_abs"]
-        a = _tir_e8p(bufs["qidxs"], T, n, c, j)
+        band, shr = tirx.bitwise_and, tirx.shift_right
+
+        def stage1(i):
+            return bufs["grid_packed_abs"][band(shr(bufs["qidxs"][n, c, 0], i * 8), 255)]
+
+        def stage2(i):
+            if self.residual == "e8p":
+                return bufs["grid_packed_abs"][band(shr(bufs["qidxs_resid"][n, c, 0], i * 8), 255)]
+            return bufs["grid_e81b"][band(shr(bufs["qidxs_resid"][n, c], i * 8), 255)]
+
+        if isinstance(g, int):
+            return stage1(g) if g < 4 else stage2(g - 4)
+        if not self.residual:  # the kernel's gather stage: g is a loop variable
+            return stage1(g)
+        i = tirx.floormod(g, 4)
+        return tirx.Select(g < 4, stage1(i), stage2(i))
+
+    def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
+        """fp16 weight (n, 32c + j): code j // 8 of word pair (n, c), coordinate j % 8."""
+        from tvm import tirx
+
+        G = self.gathered(bufs)
+        i = j // 8
+        a = _tir_e8p(bufs["qidxs"], G[n, c, i], n, c, j)
         if self.residual is None:
             return a
         R = bufs["resid_inv_scale"]
         if self.residual == "e8p":
-            b = _tir_e8p(bufs["qidxs_resid"], T, n, c, j).astype("float32")
+            b = _tir_e8p(bufs["qidxs_resid"], G[n, c, i + 4], n, c, j).astype("float32")
         else:
-            Q, G = bufs["qidxs_resid"], bufs["grid_e81b"]
-            code = tirx.bitwise_and(tirx.shift_right(Q[n, c // 4], (c % 4) * 8), 255)
-            nib = tirx.bitwise_and(tirx.shift_right(G[code], j * 4), 15)
+            nib = tirx.bitwise_and(tirx.shift_right(G[n, c, i + 4], (j % 8) * 4), 15)
             b = (nib - 8).astype("float32") * tirx.const(0.5, "float32")
         return (a.astype("float32") + b * R[0].astype("float32")).astype("float16")
 
+    @property
+    def streamed(self):
+        return ("qidxs", "qidxs_resid") if self.residual else ("qidxs",)
 
-def _tir_e8p(Q, T, n, c, j):
-    """fp16 value of coordinate j of the E8P code for row n, code column c, read from qidxs tiles
-    Q [N/16, K/64, 8, 4, 2] and the abs table T, by the §1.6 construction (XOR of the nibble with
-    0b1110 negates it about 8; fp16 0x5008 | n<<4 = 32.25 + n/2; adding −36 / −36.5 gives
-    (n−8)/2 ± ¼; every step exact)."""
+    def unit_reads(self):
+        # after the gather, the decode block reads the sign word(s) ([..., 1]) and the gathered table
+        # words, all in registers
+        sign = ((1, 1, 1), "int32", True, (0, 0, 1))
+        reads = {"qidxs": sign}
+        if self.residual == "e8p":
+            reads["qidxs_resid"] = sign
+        reads["gathered"] = ((1, 1, self.gather_count), "int32", True)
+        if self.residual is not None:
+            reads["resid_inv_scale"] = ((1,), "float16", False)
+        return reads
+
+    def decode_intrin(self, target_kind: str):
+        if target_kind != "cuda":
+            return None
+        from ..kernels.intrinsics import register_unit_decode
+
+        func = {None: "qc_e8p2_decode32", "e8p": "qc_e8p4_decode32", "e81b": "qc_e8p3_decode32"}[self.residual]
+        return register_unit_decode(self, func, _CUDA_E8P), _CUDA_E8P
+
+
+def _tir_e8p(Q, tword, n, c, j):
+    """fp16 value of weight 32c + j of row n from qidxs word pairs Q [N, K/32, 2] and ``tword``, the
+    abs-table word of its code (grid_packed_abs[abs byte]), by the §1.6 construction (XOR of the nibble with 0b1110 negates it about 8; fp16
+    0x5008 | n<<4 = 32.25 + n/2; adding −36 / −36.5 gives (n−8)/2 ± ¼; every step exact)."""
     from tvm import tirx
 
     band, shr, bor, bxor = tirx.bitwise_and, tirx.shift_right, tirx.bitwise_or, tirx.bitwise_xor
-    i = (n % 2) + (c % 2) * 2                            # code of the word
-    idx = (n // 16, c // 8, (n % 16) // 2, (c % 8) // 2)
-    A, B = Q[idx + (0,)], Q[idx + (1,)]
+    i = j // 8                                           # code of the word pair
+    jj = j % 8                                           # coordinate
+    B = Q[n, c, 1]
     s = bxor(B, shr(B, 4))
     s = bxor(s, shr(s, 8))
     s = bxor(s, shr(s, 16))                              # bits 0..3: sign parity of codes 0..3
     p = band(shr(s, i), 1)
-    kk = (j // 2) + (j % 2) * 4                          # nibble / sign bit of coordinate j
+    kk = (jj // 2) + (jj % 2) * 4                        # nibble / sign bit of coordinate jj
     flip = band(shr(bxor(B, tirx.shift_left(p, i)), kk * 4 + i), 1)  # sign bit 0 flipped by the parity
-    nib = band(shr(T[band(shr(A, i * 8), 255)], kk * 4), 15)
+    nib = band(shr(tword, kk * 4), 15)
     nib = bxor(nib, flip * 14)
     w = tirx.reinterpret("float16", tirx.Cast("uint16", bor(tirx.shift_left(nib, 4), 0x5008)))
     o = tirx.reinterpret("float16", tirx.Cast("uint16", bor(tirx.shift_left(p, 4), 0xD080)))
     return w + o
+
+
+# The §1.6 decode of one word pair (four codes, 32 weights of one row) in 16 half2, as
+# ``bit_trick_decode`` spells it: parity of each code's sign bits by three XOR-folds; the odd codes
+# get sign bit 0 flipped; per code one table load, one XOR that negates the signed nibbles about 8
+# (x ^ 0b1110), then per coordinate pair a shift, one LOP3 into the mantissas of half2(32.25 + n/2)
+# and one HADD2 of −36 / −36.5 (the ∓¼ coset by the parity). Every step is exact, so the values are
+# bit-identical to the TIR decode. The RVQ variants add the second stage with one HFMA2 (fp16 fma of
+# exact operands = one rounding of a + b·r, as the TIR decode's fp32 sum rounded once).
+_CUDA_E8P = r"""
+#ifndef QC_E8P_DECODE32
+#define QC_E8P_DECODE32
+#include <cuda_fp16.h>  // injected ahead of TVM's own header
+// b: the sign word of a word pair; t: the four gathered abs-table words of its codes
+__device__ __forceinline__ void qc_e8p_pairs(unsigned b, const int* __restrict__ t, unsigned* __restrict__ out) {
+  unsigned s = b ^ (b >> 4);
+  s ^= s >> 8;
+  s ^= s >> 16;
+  unsigned sb = s & 15u;       // bit i: parity of code i's sign bits
+  s = b ^ sb;                  // flip sign bit 0 of the odd codes
+  sb |= sb << 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned si = (i >= 2) ? (s >> 2) : s;
+    const unsigned x = static_cast<unsigned>(t[i]) ^ ((si & (0x11111111u << (i & 1))) * (14u >> (i & 1)));
+    const unsigned o_bits = 0xD080D080u | ((sb & (0x00010001u << i)) << (4 - i));
+    const half2 o = *reinterpret_cast<const half2*>(&o_bits);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const unsigned xs = (j == 0) ? (x << 4) : (x >> (4 * (j - 1)));
+      unsigned h;
+      asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(h) : "r"(xs), "n"(0x00F000F0), "n"(0x50085008));
+      const half2 v = __hadd2(*reinterpret_cast<const half2*>(&h), o);
+      out[4 * i + j] = *reinterpret_cast<const unsigned*>(&v);
+    }
+  }
+}
+__device__ __forceinline__ int qc_e8p2_decode32(const int* __restrict__ sign, const int* __restrict__ t,
+                                                half* __restrict__ w) {
+  qc_e8p_pairs(static_cast<unsigned>(sign[0]), t, reinterpret_cast<unsigned*>(w));
+  return 0;  // called as an expression statement by the generated code
+}
+__device__ __forceinline__ int qc_e8p4_decode32(const int* __restrict__ sign, const int* __restrict__ sign2,
+                                                const int* __restrict__ t, const half* __restrict__ r,
+                                                half* __restrict__ w) {
+  unsigned a[16], b[16];
+  qc_e8p_pairs(static_cast<unsigned>(sign[0]), t, a);
+  qc_e8p_pairs(static_cast<unsigned>(sign2[0]), t + 4, b);
+  const half2 r2 = __half2half2(*r);
+  unsigned* out = reinterpret_cast<unsigned*>(w);
+#pragma unroll
+  for (int q = 0; q < 16; ++q) {
+    const half2 v = __hfma2(*reinterpret_cast<const half2*>(&b[q]), r2, *reinterpret_cast<const half2*>(&a[q]));
+    out[q] = *reinterpret_cast<const unsigned*>(&v);
+  }
+  return 0;
+}
+// t[4 + i]: the E81B table word of residual code i (nibble j = 2·v_j + 8)
+__device__ __forceinline__ int qc_e8p3_decode32(const int* __restrict__ sign, const int* __restrict__ t,
+                                                const half* __restrict__ r, half* __restrict__ w) {
+  unsigned a[16];
+  qc_e8p_pairs(static_cast<unsigned>(sign[0]), t, a);
+  const half2 r2 = __half2half2(*r);
+  const unsigned bias_bits = 0x50805080u;  // half2(36, 36)
+  const half2 bias = *reinterpret_cast<const half2*>(&bias_bits);
+  unsigned* out = reinterpret_cast<unsigned*>(w);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const unsigned x = static_cast<unsigned>(t[4 + i]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      // coordinates 2j, 2j+1 (nibbles at bits 8j, 8j+4) into the mantissas of half2(32 + n/2), minus 36
+      const unsigned h = (((x >> (8 * j)) & 15u) << 4) | (((x >> (8 * j + 4)) & 15u) << 20) | 0x50005000u;
+      const half2 bv = __hsub2(*reinterpret_cast<const half2*>(&h), bias);
+      const half2 v = __hfma2(bv, r2, *reinterpret_cast<const half2*>(&a[4 * i + j]));
+      out[4 * i + j] = *reinterpret_cast<const unsigned*>(&v);
+    }
+  }
+  return 0;
+}
+#endif
+"""
 
 
 def wscale16(Wt: torch.Tensor, rho: float, name: str = "e8p") -> float:

@@ -156,6 +156,21 @@ class GroupwiseIntFormat(Format):
         q = as_half - tirx.const(1024 + self.offset, "float16")
         return q * S[n, c // (self.group // self.per_word)]
 
+    streamed = ("qweight",)
+
+    def random_weight(self, n: int, k: int, seed: int = 0, device=None) -> QuantizedWeight:
+        """Random codes in every word and random scales in [-2, 2) (no RHT)."""
+        self.check_shape(n, k)
+        gen = torch.Generator().manual_seed(int(seed))
+        words = torch.randint(-2**31, 2**31 - 1, (n, k // self.per_word), generator=gen, dtype=torch.int64)
+        scales = (torch.rand(n, k // self.group, generator=gen) * 4 - 2).to(torch.float16)
+        qw = QuantizedWeight(self.name, (n, k), {"qweight": words.to(torch.int32), "scales": scales})
+        return qw.to(device) if device is not None else qw
+
+    def unit_reads(self):
+        # one int32 word and its group scale
+        return {"qweight": ((1, 1), "int32", True), "scales": ((1, 1), "float16", False)}
+
     def decode_intrin(self, target_kind: str):
         if target_kind != "cuda" or self.bits != 4:
             return None

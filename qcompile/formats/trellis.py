@@ -528,6 +528,20 @@ class TrellisFormat(Format):
         return qw
 
     # --- decode (torch reference) ----------------------------------------------------------------------
+    def random_weight(self, n: int, k: int, seed: int = 0, device=None) -> QuantizedWeight:
+        """Random stream words (every bit stream is a valid tail-biting trellis walk), the default
+        tlut (HYB), SU = ±1/32 and SV = ±32 as the runtime scale folds them."""
+        self.check_shape(n, k)
+        gen = torch.Generator().manual_seed(int(seed))
+        words = torch.randint(-2**15, 2**15, (n // TILE, k // TILE, TILE * self.K), generator=gen, dtype=torch.int32)
+        tensors = {"trellis": words.to(torch.int16)}
+        if self.code == "hyb":
+            tensors["tlut"] = default_tlut()
+        tensors.update(self._random_rht(n, k, gen, su=1.0 / RUNTIME_SCALE, sv=float(RUNTIME_SCALE)))
+        qw = QuantizedWeight(self.name, (n, k), tensors, {"rht": True, "random": True,
+                                                          "runtime_scale": RUNTIME_SCALE})
+        return qw.to(device) if device is not None else qw
+
     def decode_fp16(self, qw: QuantizedWeight) -> torch.Tensor:
         self.check_qweight(qw)
         n, k = qw.shape

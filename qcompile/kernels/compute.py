@@ -2,13 +2,16 @@
 
 The decode is whatever the format's ``tir_decode_unit`` says; this module never looks at bits.
 GEMV form (two_level=True): the weight is decoded a unit at a time (W_decode[n, c, j] = column
-c*unit + j) and accumulated in two levels: fp16 partial sums over one unit (so the inner
-multiply-add is a single HFMA), then fp32 across units. GEMM form: one fp32 reduction, the shape
-tensor-core schedules expect.
+c*unit + j) and accumulated in two levels: fp16 partial sums over runs of FP16_RUN products (so
+the inner multiply-add is a single HFMA; short runs keep the fp16 rounding at the level of the
+fp16 weights themselves), then fp32 across runs and units. GEMM form: one fp32 reduction, the
+shape tensor-core schedules expect.
 """
 from __future__ import annotations
 
 from ..formats import Format
+
+FP16_RUN = 8  # products summed in fp16 before the fp32 accumulation
 
 
 def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True):
@@ -22,6 +25,10 @@ def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True):
     X = te.placeholder((m, k), "float16", name="X")
     specs = fmt.tensor_specs(n, k)
     bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in specs.items()}
+    params = list(bufs.values())
+    if fmt.gather_count:  # the format's table lookups as their own stage (see Format.gather_count)
+        bufs["gathered"] = te.compute((n, k // unit, fmt.gather_count),
+                                      lambda i, c, g: fmt.tir_gather(bufs, i, c, g), name="W_gather")
     if not two_level:
         W = te.compute((n, k), lambda i, j: fmt.tir_decode(bufs, i, j), name="W_decode")
         kr = te.reduce_axis((0, k), name="k")
@@ -30,11 +37,21 @@ def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True):
     else:
         W = te.compute((n, k // unit, unit), lambda i, c, j: fmt.tir_decode_unit(bufs, i, c, j),
                        name="W_decode")
-        kc = te.reduce_axis((0, unit), name="kc")
-        part = te.compute((m, n, k // unit),
-                          lambda a, i, c: te.sum(X[a, c * unit + kc] * W[i, c, kc], axis=kc),
-                          name="partial")
+        run = min(unit, FP16_RUN)
+        if unit % run:
+            raise ValueError(f"decode unit {unit} must be a multiple of {run}")
+        kc = te.reduce_axis((0, run), name="kc")
         ko = te.reduce_axis((0, k // unit), name="ko")
-        acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko].astype("float32"), axis=ko), name="acc")
+        if unit == run:  # one fp16 run per unit
+            part = te.compute((m, n, k // unit),
+                              lambda a, i, c: te.sum(X[a, c * unit + kc] * W[i, c, kc], axis=kc), name="partial")
+            acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko].astype("float32"), axis=ko), name="acc")
+        else:  # several fp16 runs per unit (axis r), all summed in fp32
+            part = te.compute((m, n, k // unit, unit // run),
+                              lambda a, i, c, r: te.sum(X[a, c * unit + r * run + kc] * W[i, c, r * run + kc],
+                                                        axis=kc), name="partial")
+            ro = te.reduce_axis((0, unit // run), name="ro")
+            acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko, ro].astype("float32"), axis=[ko, ro]),
+                             name="acc")
     Y = te.compute((m, n), lambda a, i: acc[a, i].astype("float16"), name="Y")
-    return te.create_prim_func([X, *bufs.values(), Y]).with_attr("global_symbol", "main")
+    return te.create_prim_func([X, *params, Y]).with_attr("global_symbol", "main")

@@ -1,10 +1,11 @@
-"""Decode TensorIntrins: a format's decode of one unit (e.g. one int32 word -> 8 fp16) as a small
-hand-written CUDA device function, swapped in by ``sch.tensorize`` for the plain TIR decode.
+"""Decode TensorIntrins: a format's decode of one unit (e.g. one int32 word -> 8 fp16, or one E8P
+word pair -> 32 fp16) as a small hand-written CUDA device function, swapped in by
+``sch.tensorize`` for the plain TIR decode.
 
 The intrinsic's description is built from the format's own ``tir_decode_unit``, so the
 tensorize pattern is the format's decode by construction; only the implementation (a
 ``call_extern`` into the injected CUDA source) is hand-written, and it must be bit-identical
-(tests/test_kernels_cuda.py checks it on the GPU).
+(tests/gpu check it on the GPU).
 """
 from __future__ import annotations
 
@@ -12,67 +13,112 @@ from typing import Dict
 
 _REGISTERED: Dict[str, str] = {}
 
+# TVMScript of the description / implementation, generated for the format's tensors: one buffer per
+# tensor the unit reads, shaped as the region one unit reads (see Format.unit_reads), then W. The
+# description states no read regions: the parser derives them from the expression in the same order
+# as the kernel's own decode block has them, which tensorize compares position by position.
+_SCRIPT = '''
+@T.prim_func(s_tir=True)
+def {fname}({handles}, w: T.handle):
+{matches}
+    W = T.match_buffer(w, (1, 1, {unit}), "float16", scope="local", offset_factor=1)
+    with T.sblock("root"):
+{root_regions}
+{body}
+'''
+_DESC_BODY = '''        for j in range({unit}):
+            with T.sblock("W_decode"):
+                vj = T.axis.spatial({unit}, j)
+                W[0, 0, vj] = decode_expr([{names}], vj)'''
+_IMPL_BODY = '''        T.evaluate(T.call_extern("int32", "{func}", {ptrs}, W.access_ptr("w")))'''
+
 
 def register_unit_decode(fmt, func_name: str, cuda_source: str) -> str:
-    """Register (once) the TensorIntrin that decodes one unit of ``fmt`` into a local fp16 buffer.
+    """Register (once) the TensorIntrin that decodes one unit of ``fmt`` into a local fp16 buffer
+    [1, 1, decode_unit] by calling ``func_name(<one pointer per tensor in unit_reads order>, W)``.
 
-    Unit layout assumed by the description: every packed tensor is read at one element per unit
-    (int32 word and its group scale) and the unit writes ``fmt.decode_unit`` fp16 values.
+    ``fmt.unit_reads()`` says which region of each kernel tensor one unit reads (its shape, dtype,
+    whether the schedule stages it in registers, and optionally the region's start at unit (0, 0));
+    the description evaluates ``tir_decode_unit`` at unit (0, 0) on buffers of exactly those shapes
+    (indices shifted by the start), so the function gets a pointer to the start of each region.
     """
     import tvm
-    from tvm import tirx
     from tvm.script import tirx as T
 
     name = f"qcompile.decode.{fmt.name}.cuda"
     if name in _REGISTERED:
         return name
     unit = fmt.decode_unit
-    specs = fmt.tensor_specs(fmt.group, fmt.group)  # only the dtypes matter: one element of each is read
-    (qname, qspec), (sname, sspec) = list(specs.items())
-    qdtype, sdtype = qspec.dtype, sspec.dtype
+    reads = fmt.unit_reads()
+    tensor_names = list(reads)
+    bufs = [f"B{i}" for i in range(len(reads))]
+    matches = []
+    reads = {name: (spec + (None,))[:4] for name, spec in reads.items()}  # (shape, dtype, staged, offset)
+    for b, (tname, (shape, dtype, staged, _)) in zip(bufs, reads.items()):
+        scope = ', scope="local"' if staged else ""
+        matches.append(f'    {b} = T.match_buffer({b.lower()}, {tuple(shape)!r}, "{dtype}"{scope}, offset_factor=1)')
+    common = dict(handles=", ".join(f"{b.lower()}: T.handle" for b in bufs), matches="\n".join(matches), unit=unit)
 
-    def decode_expr(Q, S, vj):
+    def decode_expr(buffers, vj):
         # the very expression the kernel's decode block holds, at unit (0, 0)
-        return fmt.tir_decode_unit({qname: _Single(Q), sname: _Single(S)}, 0, 0, vj)
+        return fmt.tir_decode_unit({name: _Shifted(buf, reads[name][3]) for name, buf in zip(tensor_names, buffers)},
+                                   0, 0, vj)
 
-    @T.prim_func(s_tir=True)
-    def desc(q: T.handle, s: T.handle, w: T.handle):
-        Q = T.match_buffer(q, (1, 1), qdtype, scope="local", offset_factor=1)
-        S = T.match_buffer(s, (1, 1), sdtype, offset_factor=1)
-        W = T.match_buffer(w, (1, 1, unit), "float16", scope="local", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(Q[0, 0], S[0, 0])
-            T.writes(W[0, 0, 0:unit])
-            for j in range(unit):
-                with T.sblock("W_decode"):
-                    vj = T.axis.spatial(unit, j)
-                    T.reads(Q[0, 0], S[0, 0])
-                    T.writes(W[0, 0, vj])
-                    W[0, 0, vj] = decode_expr(Q, S, vj)
-
-    @T.prim_func(s_tir=True)
-    def impl(q: T.handle, s: T.handle, w: T.handle):
-        Q = T.match_buffer(q, (1, 1), qdtype, scope="local", offset_factor=1)
-        S = T.match_buffer(s, (1, 1), sdtype, offset_factor=1)
-        W = T.match_buffer(w, (1, 1, unit), "float16", scope="local", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(Q[0, 0], S[0, 0])
-            T.writes(W[0, 0, 0:unit])
-            T.evaluate(T.call_extern("int32", func_name, Q.access_ptr("r"), S.access_ptr("r"),
-                                     W.access_ptr("w")))
-
+    env = {"T": T, "decode_expr": decode_expr}
+    desc_body = _DESC_BODY.format(unit=unit, names=", ".join(bufs))
+    # pass 1 lets the parser order the reads; the outer (root) block must state them in that order
+    probe = tvm.script.from_source(_SCRIPT.format(fname="desc", body=desc_body, root_regions="", **common),
+                                   extra_vars=env)
+    block = _inner_block(probe)
+    regions = [_region_text(r, block.iter_vars) for r in block.reads]
+    root_regions = (f"        T.reads({', '.join(regions)})\n"
+                    f"        T.writes(W[0, 0, 0:{unit}])")
+    desc = tvm.script.from_source(_SCRIPT.format(fname="desc", body=desc_body, root_regions=root_regions, **common),
+                                  extra_vars=env)
+    ptrs = ", ".join(f'{b}.access_ptr("r")' for b in bufs)
+    impl = tvm.script.from_source(_SCRIPT.format(fname="impl", body=_IMPL_BODY.format(func=func_name, ptrs=ptrs),
+                                                 root_regions=root_regions, **common), extra_vars=env)
     tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
     _REGISTERED[name] = cuda_source
     return name
 
 
-class _Single:
-    """Indexes a (1, 1) buffer the way the format indexes its full tensor at unit (0, 0)."""
 
-    def __init__(self, buf):
-        self.buf = buf
+def _inner_block(func):
+    """The W_decode block of a parsed description."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    return sch.get(sch.get_sblock("W_decode"))
+
+
+class _Shifted:
+    """A description buffer indexed as the format indexes its whole tensor at unit (0, 0): the
+    index minus the region's start."""
+
+    def __init__(self, buf, offset):
+        self.buf, self.offset = buf, offset
 
     def __getitem__(self, idx):
         from tvm import tirx
 
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        if self.offset is not None:
+            idx = tuple(i - o for i, o in zip(idx, self.offset))
         return tirx.BufferLoad(self.buf, [tirx.const(i, "int32") if isinstance(i, int) else i for i in idx])
+
+
+def _region_text(region, iter_vars) -> str:
+    """TVMScript of a buffer region of the inner block relaxed over its iteration variables (the
+    outer block's region), e.g. ``B0[0, 0, 0]`` or ``B1[0, 0, 0:4]``."""
+    import tvm
+
+    ana = tvm.sym.Analyzer()
+    for iv in iter_vars:
+        ana.bind(iv.var, iv.dom)
+    dims = []
+    for r in region.region:
+        lo_b, hi_b = ana.const_int_bound(r.min), ana.const_int_bound(r.min + r.extent - 1)
+        lo, hi = int(lo_b.min_value), int(hi_b.max_value)
+        dims.append(str(lo) if hi == lo else f"{lo}:{hi + 1}")
+    return f"{region.source.name}[{', '.join(dims)}]"

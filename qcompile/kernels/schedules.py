@@ -57,23 +57,25 @@ def _vectorize_inner(sch, block, nbytes, n_outer):
     sch.vectorize(loop)
 
 
-def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
+def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, streamed=None):
     """Inner-reduction GEMV for small M: every thread decodes its chunk once and reuses it for
-    all M activation rows; partial sums meet in a cross-thread reduction."""
+    all M activation rows; partial sums meet in a cross-thread reduction. ``streamed``: names of
+    the packed-word tensors to stage in registers with vector loads (default: the decode's first
+    read)."""
     import tvm
 
     sch = tvm.s_tir.Schedule(_func_mod(func))
     acc = sch.get_sblock("acc")
-    m_loop, n_loop, c_loop = sch.get_loops(acc)
+    m_loop, n_loop, c_loop, *runs = sch.get_loops(acc)  # runs: the fp16-run loop of units > FP16_RUN
     n_chunks = int(sch.get(c_loop).extent)
     n_rows = int(sch.get(n_loop).extent)
     if n_rows % (cfg.rows * cfg.row_tile) or n_chunks % (cfg.threads_k * cfg.chunks):
         raise ValueError(f"config {cfg} does not tile N={n_rows}, K/8={n_chunks}")
     bx, ty, rt = sch.split(n_loop, [None, cfg.rows, cfg.row_tile])
     ko, tx, kv = sch.split(c_loop, [None, cfg.threads_k, cfg.chunks])
-    sch.reorder(bx, ty, tx, ko, kv, rt, m_loop)
+    sch.reorder(bx, ty, tx, ko, kv, rt, m_loop, *runs)
     rf = sch.rfactor(tx, factor_axis=0)  # per-thread partial sums, then a cross-thread reduction
-    bx, ty, tx, ko, kv, rt, m_loop = sch.get_loops(rf)
+    bx, ty, tx, ko, kv, rt, m_loop, *runs = sch.get_loops(rf)
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
@@ -81,19 +83,27 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
 
     part = sch.get_sblock("partial")
     dec = sch.get_sblock("W_decode")
-    sch.compute_at(part, m_loop)
+    sch.compute_at(part, runs[-1] if runs else m_loop)
     sch.set_scope(part, 0, "local")
     sch.compute_at(dec, rt)  # decode one chunk of one row once, reuse it for all M activation rows
     sch.set_scope(dec, 0, "local")
+    gather = _gather_block(sch)
+    if gather is not None:  # table lookups of the chunk, into registers just before its decode
+        sch.compute_at(gather, rt)
+        sch.set_scope(gather, 0, "local")
+        sch.unroll(sch.get_loops(gather)[-1])
 
     for loop in sch.get_loops(part)[-1:]:
         sch.unroll(loop)
 
     # 16-byte vector loads of the packed words and of the activations
     n_outer = 4  # bx, ty, tx, ko enclose the per-step copies
-    wq = sch.cache_read(dec, 0, "local")
-    sch.compute_at(wq, ko)
-    _vectorize_inner(sch, wq, 16, n_outer)
+    read_names = [r.source.name for r in sch.get(dec).reads]
+    staged = [read_names.index(nm) for nm in streamed if nm in read_names] if streamed else [0]
+    for idx in staged:  # cache_read adds no reads, so the indices stay valid
+        wq = sch.cache_read(dec, idx, "local")
+        sch.compute_at(wq, ko)
+        _vectorize_inner(sch, wq, 16, n_outer)
     xl = sch.cache_read(part, 0, "local")
     sch.compute_at(xl, ko)
     _vectorize_inner(sch, xl, 16, n_outer)
@@ -106,6 +116,8 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
     sch.unroll(kv)
     sch.unroll(rt)
     sch.unroll(m_loop)
+    for loop in runs:
+        sch.unroll(loop)
     if cfg.unroll > 1:
         ko_outer, ko_inner = sch.split(ko, [None, cfg.unroll])
         sch.unroll(ko_inner)
@@ -125,13 +137,34 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None):
     return sch.mod
 
 
+def _gather_block(sch):
+    """The format's table-gather stage (W_gather), or None."""
+    try:
+        return sch.get_sblock("W_gather")
+    except Exception:  # noqa: BLE001 - TVM raises its own error type for a missing block
+        return None
+
+
+def inline_gather(func):
+    """``func`` with the gather stage inlined into the decode (for rules that expect one
+    elementwise decode producer, e.g. dlight's tensor-core GEMM)."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(_func_mod(func))
+    gather = _gather_block(sch)
+    if gather is None:
+        return func
+    sch.compute_inline(gather)
+    return sch.mod["main"]
+
+
 def schedule_llvm(func):
     """CPU schedule: rows in parallel, the decode of each chunk computed once per row."""
     import tvm
 
-    sch = tvm.s_tir.Schedule(_func_mod(func))
+    sch = tvm.s_tir.Schedule(_func_mod(inline_gather(func)))
     acc = sch.get_sblock("acc")
-    m_loop, n_loop, c_loop = sch.get_loops(acc)
+    m_loop, n_loop, c_loop, *runs = sch.get_loops(acc)
     sch.reorder(n_loop, m_loop, c_loop)
     sch.parallel(n_loop)
     part = sch.get_sblock("partial")
@@ -150,6 +183,7 @@ def schedule_gemm_cuda(func, target):
     from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
 
     tgt = target.tvm_target()
+    func = inline_gather(func)
     # dlight's Matmul only tensorizes above M=64; its WMMA rule itself is fine from M=32
     sch = MatmulTensorization().apply(func, tgt, False)
     if sch is not None:
