@@ -1,4 +1,4 @@
-"""The qcompile command line: quantize, build, inspect, run, eval, bench.
+"""The qcompile command line: quantize, build, tune, inspect, run, eval, bench.
 
 User errors (QCompileError) print ``error: <message>`` on one line to stderr and exit with 2.
 """
@@ -62,7 +62,34 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     b.add_argument("--buckets", default=",".join(str(m) for m in DEFAULT_BUCKETS),
                    help="batch-size buckets to compile kernels for (default: %(default)s)")
+    b.add_argument("--records", default=None, metavar="DIR",
+                   help="tuning records directory (<gpu>/<format>.json) to take tuned schedules from "
+                        "(default: $QCOMPILE_SCHEDULES, else the repository's schedules/); they apply when "
+                        "the target is the local GPU or names it (--target h100)")
+    b.add_argument("--no-records", action="store_true", help="default schedules only; ignore tuning records")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
+
+    from .tune.driver import DEFAULT_BUDGET, ORDERS
+
+    t = sub.add_parser("tune", help="tune the GEMV kernels of some layer shapes on the local GPU",
+                       description="Measure GEMV schedule candidates for each (shape, M) on the local CUDA GPU and "
+                                   "keep the results in the tuning records (<records>/<gpu>/<format>.json), which "
+                                   "qcompile build then uses. Resumable: an interrupted run loses at most one "
+                                   "measurement, and a run never measures a candidate twice.")
+    t.add_argument("--format", "-f", required=True, help="weight format, e.g. int4-g128")
+    t.add_argument("--shapes", required=True, help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096)")
+    t.add_argument("--m", default="1,4,16", help="batch sizes (M buckets) to tune (default: %(default)s)")
+    t.add_argument("--target", "-t", default="auto", help="the local GPU: auto, its sm_XX or its name (default: auto)")
+    t.add_argument("--records", default=None, metavar="DIR",
+                   help="records directory to read and extend (default: $QCOMPILE_SCHEDULES, else the "
+                        "repository's schedules/, else ./schedules)")
+    t.add_argument("--budget", type=int, default=DEFAULT_BUDGET,
+                   help="candidates per kernel, counting earlier runs (default: %(default)s)")
+    t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="wall time per kernel (default: none)")
+    t.add_argument("--order", choices=ORDERS, default="model",
+                   help="model: XGBoost cost model orders the candidates after the first measurements; "
+                        "space: nearest the default config first (default: %(default)s)")
 
     i = sub.add_parser("inspect", help="print an artifact's manifest summary")
     i.add_argument("artifact_dir")
@@ -208,8 +235,52 @@ def cmd_eval(args) -> int:
 def cmd_build(args) -> int:
     from .model.build import build
 
+    records = False if args.no_records else (args.records if args.records is not None else True)
     build(args.model_dir, args.format, args.target, args.output, buckets=args.buckets,
-          progress=None if args.quiet else print, overwrite=args.overwrite)
+          progress=None if args.quiet else print, overwrite=args.overwrite, records=records,
+          warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from pathlib import Path
+
+    from .bench.harness import parse_ms, parse_shapes
+    from .formats import get as get_format
+    from .kernels.library import KernelSpec
+    from .kernels.target import local_cuda_arch, parse_target
+    from .tune.driver import tune
+    from .tune.measure import CudaMeasure, require_cuda
+    from .tune.records import default_records_dir, local_gpu_name
+
+    fmt = get_format(args.format)
+    shapes = parse_shapes(args.shapes)
+    ms = parse_ms(args.m)
+    for n, k in shapes:
+        fmt.check_shape(n, k)
+    target = parse_target(args.target)
+    require_cuda()
+    if target.kind != "cuda" or target.arch != local_cuda_arch():
+        raise QCompileError(f"qcompile tune measures on the local GPU ({local_cuda_arch()}); target "
+                            f"{args.target!r} is not it (use --target auto)")
+    gpu = local_gpu_name()
+    if target.name not in (target.arch, gpu):  # e.g. --target h200 on an H100
+        raise QCompileError(f"--target {args.target} names another GPU than this one ({gpu})")
+    records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
+    specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in ms]
+    results = tune(specs, target, CudaMeasure(), records_dir, budget=args.budget, time_budget_s=args.time_budget,
+                   gpu=gpu, order=args.order, log=lambda text: print(text, flush=True))
+    print(f"\nrecords: {records_dir / gpu / (fmt.name + '.json')}")
+    for result in results:
+        spec = result.spec
+        best = result.best
+        if best is None:
+            print(f"  N={spec.n:>6} K={spec.k:>6} M={spec.m:>4}: {result.skipped or 'no candidate ran'}")
+            continue
+        default_us = result.entry.default_us
+        gain = f"  default {default_us:8.2f} us  {default_us / best[1]:.2f}x" if default_us else ""
+        print(f"  N={spec.n:>6} K={spec.k:>6} M={spec.m:>4}: {best[1]:8.2f} us{gain}  "
+              f"({result.measured_now} measured now)")
     return 0
 
 
@@ -240,6 +311,8 @@ def format_manifest(manifest: dict, verified: bool = False) -> str:
     for (n, k), names in sorted(shapes.items()):
         kinds = ", ".join(sorted(set(names)))
         lines.append(f"  {n:>6} x {k:<6} {len(names):>4} layers  ({kinds})")
+    tuned = manifest.get("tuned_kernels") or {}
+    lines.append(f"tuned kernels   {len(tuned)} of {n_kernels} (the others use the default schedules)")
     lines.append("files" + ("           (sha256 verified)" if verified else ""))
     for name, entry in sorted(manifest["files"].items()):
         lines.append(f"  {name:<24} {entry.get('bytes', 0):>12,} B  {entry.get('sha256', '')[:16]}")
@@ -283,7 +356,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_bench(argv[1:])
         args = parser().parse_args(argv)
         return {"build": cmd_build, "inspect": cmd_inspect, "run": cmd_run, "quantize": cmd_quantize,
-                "import": cmd_import, "export": cmd_export,
+                "import": cmd_import, "export": cmd_export, "tune": cmd_tune,
                 "eval": cmd_eval}[args.command](args)
     except QCompileError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -1,14 +1,17 @@
 """Tuning (CPU side): the GEMV search space, the record database, the resumable driver with a fake
-measure function, and records reaching the kernel library's build."""
+measure function, records reaching `build`, and `qcompile tune` without a GPU."""
 import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from qcompile.cli import main as cli_main
 from qcompile.errors import QCompileError
 from qcompile.kernels import library
 from qcompile.kernels.library import KernelSpec, default_gemv_config
@@ -23,6 +26,7 @@ FORMAT = "int4-g128"
 N, K = 256, 1024  # small: 8 groups of 128 along K, 128 decode units
 SM90 = parse_target("sm_90")
 GPU = "h100"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def fake_us(cfg: GemvConfig) -> float:
@@ -247,6 +251,27 @@ def test_build_applies_records_only_for_their_gpu(tmp_path):
         assert records_gpu(parse_target("sm_90")) is None
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+def test_model_build_uses_records_and_says_so(tmp_path, default_model):
+    from qcompile.model.build import build, decoder_linear_shapes
+
+    n, k = sorted(set(decoder_linear_shapes(Path(default_model)).values()))[0]
+    spec = KernelSpec(FORMAT, n, k, 1)
+    tuned = next(c for c in space.candidates(spec)[1:] if c.rows * c.threads_k == 64)
+    TuningRecords(tmp_path / "rec").save(make_entry(spec, times={tuned: 5.0}))
+    said = []
+    out = build(default_model, FORMAT, "h100", tmp_path / "art", buckets=(1, 4), progress=said.append,
+                records=tmp_path / "rec")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tuned_kernels"] == {spec.name: space.config_key(tuned)}
+    assert any(line.startswith("tuned schedules for 1 of ") for line in said)
+    source = (out / "kernels.cu").read_text()
+    assert f"__launch_bounds__(64) {spec.name}_kernel(" in source
+    with pytest.raises(QCompileError, match="does not exist"):
+        build(default_model, FORMAT, "h100", tmp_path / "art2", buckets=(1,), progress=None,
+              records=tmp_path / "missing")
+
+
 # --- the driver ---------------------------------------------------------------------------------------------
 
 def test_tune_measures_budget_saves_each_and_picks_the_best(tmp_path):
@@ -364,3 +389,26 @@ def test_model_order_is_deterministic_and_finds_the_best(tmp_path):
     assert runs[0] != space_order[:40]  # the model reordered the search
     best = min(space.candidates(spec), key=fake_us)
     assert TuningRecords(tmp_path / "a").entry(spec, GPU).best()[0] == best
+
+
+# --- command line -------------------------------------------------------------------------------------------
+
+def test_cli_tune_without_a_gpu_exits_2_with_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    proc = subprocess.run([sys.executable, "-m", "qcompile", "tune", "--format", FORMAT, "--shapes", f"{N}x{K}",
+                           "--m", "1,4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert proc.stderr.startswith("error: qcompile tune measures candidates on a CUDA GPU")
+
+
+def test_cli_tune_and_build_bad_arguments(tmp_path, capsys):
+    assert cli_main(["tune", "--format", "int4-g99", "--shapes", "256x1024"]) == 2
+    assert cli_main(["tune", "--format", FORMAT, "--shapes", "256x100"]) == 2
+    assert cli_main(["tune", "--format", FORMAT, "--shapes", "256by1024"]) == 2
+    assert cli_main(["build", "-f", FORMAT, "-t", "h100", "-o", str(tmp_path / "o"),
+                     "--records", str(tmp_path / "nowhere")]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
+    assert "does not exist" in errors[-1]

@@ -46,12 +46,18 @@ PathLike = Union[str, os.PathLike]
 
 def build(model_dir: Optional[PathLike], format: Union[str, Format, None], target: str, out_dir: PathLike,
           buckets: Sequence[int] = DEFAULT_BUCKETS, progress: Optional[Callable[[str], None]] = print,
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, records: Union[PathLike, bool, None] = True,
+          warn: Optional[Callable[[str], None]] = None) -> Path:
     """Quantize every decoder linear of the model with ``format``, compile its kernels for ``target``
     and write the artifact to ``out_dir``. ``model_dir=None`` builds the default model. A checkpoint
     written by ``qcompile quantize`` (qcompile.model.checkpoint) is built from its stored weights
     (RHT sign vectors included); its format is used, and ``format`` may be None or must match it.
-    Returns out_dir."""
+
+    ``records``: tuning records to take GEMV configs from (qcompile.tune.records): True = the
+    default directory (``$QCOMPILE_SCHEDULES``, else the repository's ``schedules/``), a path, or
+    False/None for the default configs only. They apply to CUDA targets that name their GPU
+    (``h100``) or are the local GPU; build never tunes. ``warn`` receives the one-line warning of a
+    damaged records file (default: ``warnings.warn``). Returns out_dir."""
     from .checkpoint import is_checkpoint
 
     say = progress or (lambda msg: None)
@@ -60,6 +66,7 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     tinfo = parse_target(target)
     buckets = parse_buckets(buckets)
     check_out_dir(out, overwrite)
+    config_for, records_note = tuned_configs(tinfo, records, warn)
     if model_dir is None:
         from .default import find_default_model
 
@@ -86,17 +93,23 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     shapes = sorted({qw.shape for qw, _ in quantized.values()})
     specs = [KernelSpec(fmt.name, n, k, m) for (n, k) in shapes for m in buckets]
     say(f"compiling {len(specs)} kernels ({len(shapes)} shapes x {len(buckets)} batch buckets) for {tinfo.key}")
+    tuned = tuned_kernels(specs, config_for)
+    if records_note and config_for is None:
+        say(f"default schedules: {records_note}")
+    elif records_note:
+        say(f"tuned schedules for {len(tuned)} of {len(specs)} kernels, default schedules for the rest "
+            f"({records_note})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        kernel_files = compile_kernels(specs, tinfo, tmp)
+        kernel_files = compile_kernels(specs, tinfo, tmp, config_for)
         write_weights(tmp / WEIGHTS, unquantized, quantized)
         write_config(tmp / CONFIG, raw_config, fmt, quantized)
         copied = copy_tokenizer_files(model_dir, tmp)
         write_manifest(tmp, fmt=fmt, target=tinfo, buckets=buckets, model_type=raw_config["model_type"],
                        quantized=quantized, kernel_files=kernel_files,
-                       files=kernel_files + [WEIGHTS, CONFIG] + copied)
+                       files=kernel_files + [WEIGHTS, CONFIG] + copied, tuned=tuned)
         install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -258,11 +271,44 @@ def quantize_linears(model, fmt: Format, paths: List[str]):
     return out
 
 
-def compile_kernels(specs: List[KernelSpec], target: TargetInfo, out_dir: Path) -> List[str]:
+def tuned_configs(target: TargetInfo, records, warn) -> Tuple[Optional[Callable], Optional[str]]:
+    """(lookup spec -> tuned GemvConfig or None, which records it reads) for a build; (None, None)
+    without records. An explicit records directory that does not exist is an error."""
+    from ..tune.records import TuningRecords, default_records_dir, records_gpu
+
+    if records is None or records is False:
+        return None, None
+    root = default_records_dir() if records is True else Path(records)
+    if root is None:
+        return None, None
+    if records is not True and not root.is_dir():
+        raise QCompileError(f"tuning records directory {root} does not exist; give the directory that holds "
+                            f"<gpu>/<format>.json (e.g. schedules) or leave --records out")
+    gpu = records_gpu(target)
+    if gpu is None:  # say so only when records were asked for by name
+        return None, (None if records is True else
+                      f"target {target.name} names no GPU, so no records apply; use e.g. --target h100")
+    return TuningRecords(root, warn=warn).lookup(gpu), f"records for {gpu} in {root}"
+
+
+def tuned_kernels(specs: List[KernelSpec], config_for) -> Dict[str, str]:
+    """{kernel name: config key} of the kernels that get a tuned config."""
+    from ..tune.space import config_key
+
+    tuned = {}
+    for spec in specs:
+        cfg = config_for(spec) if config_for is not None else None
+        if cfg is not None:
+            tuned[spec.name] = config_key(cfg)
+    return tuned
+
+
+def compile_kernels(specs: List[KernelSpec], target: TargetInfo, out_dir: Path,
+                    config_for: Optional[Callable] = None) -> List[str]:
     from ..kernels import library
 
     try:
-        executable = library.build(specs, target)
+        executable = library.build(specs, target, config_for)
     except ValueError as err:  # a shape the kernel schedules cannot tile
         raise QCompileError(f"cannot compile the kernels for {target.key}: {one_line(err)}") from None
     return library.export(executable, target, str(out_dir))
@@ -329,7 +375,7 @@ def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> List[str]:
 
 
 def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, model_type: str, quantized,
-                   kernel_files: List[str], files: List[str]) -> None:
+                   kernel_files: List[str], files: List[str], tuned: Optional[Dict[str, str]] = None) -> None:
     import tvm
 
     from .. import __version__
@@ -353,6 +399,7 @@ def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, mode
                     "fatbin": KERNELS_FATBIN if KERNELS_FATBIN in kernel_files else None,
                     "source": KERNELS_SOURCE if KERNELS_SOURCE in kernel_files else None},
         "layers": layers,
+        "tuned_kernels": dict(tuned or {}),  # kernel name -> the tuned GEMV config it was built with
         "files": {name: {"sha256": sha256_file(out_dir / name), "bytes": (out_dir / name).stat().st_size}
                   for name in files},
     }
