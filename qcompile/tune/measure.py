@@ -1,9 +1,10 @@
 """Measuring a tuning candidate on the local CUDA GPU (the ``measure`` of ``qcompile.tune.driver``).
 
-For each layer (format, N, K) one random weight is quantized with the format itself (round to
-nearest, so every packed tensor is a valid one) and copied until the copies hold more than twice
-the L2 cache (``RotatingWeights``), so every timed launch reads its weights from HBM as a real
-model's layers do. A candidate first runs once into a NaN-poisoned output, which must match the
+For each layer (format, N, K) one weight is made as ``qcompile bench`` makes it
+(``harness.bench_weight``: a quantized Gaussian matrix for group-wise formats, the format's valid
+random codes for the RHT formats, whose quantizers would take minutes on a large layer) and copied
+until the copies hold more than twice the L2 cache (``RotatingWeights``), so every timed launch
+reads its weights from HBM as a real model's layers do. A candidate first runs once into a NaN-poisoned output, which must match the
 float64 reference (X times the format's exact fp16 decode) to REL_ERR_MAX; then it is timed with
 ``qcompile.bench.timing.time_cuda`` (CUDA graphs of launches, CUDA events, median), falling back
 to per-launch events where graph capture fails. This module needs torch with CUDA; nothing here
@@ -49,6 +50,7 @@ class CudaMeasure:
         """(rotating weights, X, reference output, Y) of ``spec``, made once per layer and M."""
         torch = self.torch
         from ..bench.baselines import RotatingWeights
+        from ..bench.harness import bench_weight
         from ..bench.timing import l2_cache_bytes
         from ..formats import get as get_format
 
@@ -58,10 +60,8 @@ class CudaMeasure:
             self._layer_key = None
             torch.cuda.empty_cache()
             fmt = get_format(spec.format)
-            gen = torch.Generator(device=self.device).manual_seed(self.seed)
-            W = torch.randn(spec.n, spec.k, device=self.device, generator=gen) * 0.02
-            qw = fmt.quantize(W, ldlq=False).to(self.device)
-            del W
+            torch.manual_seed(self.seed)
+            qw = bench_weight(fmt, spec.n, spec.k, self.device)
             w64_t = fmt.decode_fp16(qw).to(torch.float64).T.contiguous()
             tensors = [qw.tensors[name] for name in fmt.tensor_specs(spec.n, spec.k)]
             self._layer = (RotatingWeights(tensors, l2_cache_bytes(self.device)), w64_t)
