@@ -46,12 +46,16 @@ def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True):
             part = te.compute((m, n, k // unit),
                               lambda a, i, c: te.sum(X[a, c * unit + kc] * W[i, c, kc], axis=kc), name="partial")
             acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko].astype("float32"), axis=ko), name="acc")
-        else:  # several fp16 runs per unit (axis r), all summed in fp32
-            part = te.compute((m, n, k // unit, unit // run),
-                              lambda a, i, c, r: te.sum(X[a, c * unit + r * run + kc] * W[i, c, r * run + kc],
-                                                        axis=kc), name="partial")
+        else:  # several fp16 runs per unit (axis r), each as two interleaved half sums (axis p: even
+            # and odd columns), so a schedule can vectorize p into HFMA2; all summed in fp32
+            kp = te.reduce_axis((0, run // 2), name="kp")
+            part = te.compute((m, n, k // unit, unit // run, 2),
+                              lambda a, i, c, r, p: te.sum(X[a, c * unit + r * run + 2 * kp + p]
+                                                           * W[i, c, r * run + 2 * kp + p], axis=kp),
+                              name="partial")
             ro = te.reduce_axis((0, unit // run), name="ro")
-            acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko, ro].astype("float32"), axis=[ko, ro]),
-                             name="acc")
+            po = te.reduce_axis((0, 2), name="po")
+            acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko, ro, po].astype("float32"),
+                                                         axis=[ko, ro, po]), name="acc")
     Y = te.compute((m, n), lambda a, i: acc[a, i].astype("float16"), name="Y")
     return te.create_prim_func([X, *params, Y]).with_attr("global_symbol", "main")

@@ -66,7 +66,8 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvCo
         mod = schedule_llvm(matmul_func(fmt, spec.n, spec.k, spec.m))
     elif spec.m <= GEMV_MAX_M:
         cfg = config or default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit)
-        mod = schedule_gemv_cuda(matmul_func(fmt, spec.n, spec.k, spec.m), cfg, fmt.decode_intrin("cuda"))
+        mod = schedule_gemv_cuda(matmul_func(fmt, spec.n, spec.k, spec.m), cfg, fmt.decode_intrin("cuda"),
+                                 fmt.streamed)
     else:
         mod = schedule_gemm_cuda(matmul_func(fmt, spec.n, spec.k, spec.m, two_level=False), target)
     func = mod["main"].with_attr("global_symbol", spec.name).with_attr("tirx.is_scheduled", True)

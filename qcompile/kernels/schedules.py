@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass
 class GemvConfig:
     """Knobs of the CUDA GEMV / low-batch kernel (inner reduction over K).
 
+    lut_shared: where a format's lookup tables live (E8P's 1 KiB abs table): 1 = shared memory
+    (filled once per thread block; a warp's random lookups cost a few bank-conflict replays),
+    0 = global memory through L1 (each warp lookup touches up to eight 128-byte lines).
     rows: output rows per thread block (threadIdx.y); threads_k: threads sharing one row's K
     (threadIdx.x, reduced with warp shuffles / shared memory); chunks: consecutive 8-column
     chunks a thread handles per step (4 chunks = 16 bytes of int4 words: one vector load);
@@ -26,6 +29,7 @@ class GemvConfig:
     chunks: int = 4
     unroll: int = 2
     row_tile: int = 1  # output rows per thread: each activation load is reused row_tile times
+    lut_shared: int = 1  # formats with table gathers: 1 = copy the tables to shared memory per block
 
     def as_dict(self):
         return asdict(self)
@@ -83,7 +87,7 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
 
     part = sch.get_sblock("partial")
     dec = sch.get_sblock("W_decode")
-    sch.compute_at(part, runs[-1] if runs else m_loop)
+    sch.compute_at(part, runs[0] if runs else m_loop)
     sch.set_scope(part, 0, "local")
     sch.compute_at(dec, rt)  # decode one chunk of one row once, reuse it for all M activation rows
     sch.set_scope(dec, 0, "local")
@@ -92,9 +96,25 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         sch.compute_at(gather, rt)
         sch.set_scope(gather, 0, "local")
         sch.unroll(sch.get_loops(gather)[-1])
+        if cfg.lut_shared:
+            stream_names = set(streamed or ())
+            tables = [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in stream_names]
+            for idx in tables:
+                tc = sch.cache_read(gather, idx, "shared")
+                sch.compute_at(tc, bx)
+                fused = sch.fuse(*sch.get_loops(tc)[1:])
+                _, t_y, t_x = sch.split(fused, [None, cfg.rows, cfg.threads_k])
+                sch.bind(t_y, "threadIdx.y")
+                sch.bind(t_x, "threadIdx.x")
 
-    for loop in sch.get_loops(part)[-1:]:
-        sch.unroll(loop)
+    if runs:  # (pair, k) loops of a paired fp16 run: pairs innermost and vectorized (HFMA2)
+        p_loop, k_loop = sch.get_loops(part)[-2:]
+        sch.reorder(k_loop, p_loop)
+        sch.unroll(k_loop)
+        sch.vectorize(p_loop)
+    else:
+        for loop in sch.get_loops(part)[-1:]:
+            sch.unroll(loop)
 
     # 16-byte vector loads of the packed words and of the activations
     n_outer = 4  # bx, ty, tx, ko enclose the per-step copies
