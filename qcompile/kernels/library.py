@@ -38,9 +38,14 @@ class KernelSpec:
 
 def default_gemv_config(n: int, k: int, m: int, unit: int = 8) -> GemvConfig:
     """The best hand-picked GEMV config that tiles (n, k) exactly. From H100 sweeps
-    (qcompile.bench.sweep): M <= 2: 4 rows x 64 threads, 2 words per step, 2 steps unrolled; larger M:
-    32 threads and 2 rows per thread, which halves the activation re-reads that bound M > 1."""
-    if m <= 2:
+    (qcompile.bench.sweep). 8-column units (int4): M <= 2: 4 rows x 64 threads, 2 words per step, 2
+    steps unrolled; larger M: 32 threads and 2 rows per thread, which halves the activation re-reads
+    that bound M > 1. 32-column units (E8P word pairs): 4 rows per thread, one pair per step (the
+    LSU, not DRAM, bounds these kernels: row_tile 4 divides the activation loads by 4; e8p-2 at
+    M=1 on 28672x8192 went 79 -> 45 us)."""
+    if unit >= 32:
+        preferred = GemvConfig(rows=4, threads_k=32, chunks=1, unroll=2 if m <= 2 else 1, row_tile=4 if m <= 4 else 2)
+    elif m <= 2:
         preferred = GemvConfig(rows=4, threads_k=64, chunks=2, unroll=2, row_tile=1)
     else:
         preferred = GemvConfig(rows=4, threads_k=32, chunks=2, unroll=1, row_tile=2)
@@ -51,7 +56,7 @@ def default_gemv_config(n: int, k: int, m: int, unit: int = 8) -> GemvConfig:
                 continue
             steps = chunks_k // (threads_k * chunks)
             unroll = preferred.unroll if steps % preferred.unroll == 0 else 1
-            for row_tile in (preferred.row_tile, 1):
+            for row_tile in (preferred.row_tile, 2, 1):
                 for rows in (preferred.rows, 2, 1):
                     if n % (rows * row_tile) == 0:
                         return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=unroll,
