@@ -70,7 +70,7 @@ def test_space_is_valid_deterministic_and_starts_with_the_default(m):
 
 
 def test_config_keys_and_dicts_reject_nonsense():
-    assert space.config_key(GemvConfig(4, 64, 2, 2, 1)) == "rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1"
+    assert space.config_key(GemvConfig(4, 64, 2, 2, 1)) == "rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1,lut_shared=1"
     assert space.config_from_dict({"rows": 8}) == GemvConfig(rows=8)  # missing knobs: their defaults
     for bad in ({"rows": 0}, {"rows": 2.0}, {"rows": True}, {"warps": 4}, [1, 2]):
         with pytest.raises(ValueError):
@@ -139,7 +139,7 @@ def test_records_round_trip_readable_and_atomic(tmp_path):
     (stored,) = doc["entries"]
     assert stored["best"] == {"config": BEST.as_dict(), "us": 9.25}
     assert stored["default"] == {"config": space.default_config(spec).as_dict(), "us": 12.5}
-    assert stored["failed"] == {"rows=8,threads_k=64,chunks=1,unroll=1,row_tile=1": "compile: boom line 2"}
+    assert stored["failed"] == {"rows=8,threads_k=64,chunks=1,unroll=1,row_tile=1,lut_shared=1": "compile: boom line 2"}
     back = records.entry(spec, GPU)
     assert back == entry and back.best() == (BEST, 9.25) and back.default_us == 12.5
     assert records.config_for(spec, GPU) == BEST
@@ -206,7 +206,7 @@ CORRUPTIONS = {
     "edited best": (_corrupt(lambda d: d["entries"][0]["best"]["config"].update(rows=1)), "not the fastest"),
     "best does not tile": (_corrupt(lambda d: d["entries"][0].update(
         best={"config": dict(BEST.as_dict(), rows=3), "us": 9.0},
-        measured_us={"rows=3,threads_k=32,chunks=1,unroll=1,row_tile=2": 9.0})), "does not fit"),
+        measured_us={"rows=3,threads_k=32,chunks=1,unroll=1,row_tile=2,lut_shared=1": 9.0})), "does not fit"),
     "entries missing": (_corrupt(lambda d: d.pop("entries")), "entries must be a list"),
 }
 
