@@ -235,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the JSON and PNG go (default {DEFAULT_OUT_DIR})")
     ap.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"timed launches per measurement (default {DEFAULT_ITERS})")
     ap.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed launches first (default {DEFAULT_WARMUP})")
+    ap.add_argument("--records", default=None, metavar="DIR",
+                    help="build with the tuned GEMV configs in DIR (qcompile tune); default: untuned defaults")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph",
                     help="graph: CUDA graphs of launches, timed per replay (default); events: events around each launch")
     return ap
@@ -262,15 +264,19 @@ def relative_error(out, ref) -> Optional[float]:
     return float((out - ref).norm() / ref.norm())
 
 
-def build_kernels(specs, target, log: Callable[[str], None]):
-    """One module for every kernel that schedules and compiles; (executable, {spec: error})."""
-    from ..kernels.library import build, scheduled_func
+def build_kernels(specs, target, log: Callable[[str], None], config_for=None):
+    """One module for every kernel that schedules and compiles; (executable, {spec: error}).
+    ``config_for(spec)``: a tuned GEMV config or None (the default schedule)."""
+    from ..kernels.library import build as build_all, scheduled_func
+
+    def build(specs_, target_):
+        return build_all(specs_, target_, config_for)
 
     failures: Dict[object, str] = {}
     schedulable = []
     for spec in specs:
         try:
-            scheduled_func(spec, target)
+            scheduled_func(spec, target, config_for(spec) if config_for else None)
             schedulable.append(spec)
         except Exception as err:  # a schedule that does not apply must not stop the others
             failures[spec] = one_line(err)
@@ -341,8 +347,9 @@ def bench_weight(fmt, n: int, k: int, device):
 
 def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] = None,
               ms: Sequence[int] = None, iters: int = DEFAULT_ITERS, warmup: int = DEFAULT_WARMUP,
-              timing_mode: str = "graph", log: Callable[[str], None] = None) -> dict:
-    """Run the benchmark on the local GPU and return the JSON document (not yet written)."""
+              timing_mode: str = "graph", log: Callable[[str], None] = None, records_dir=None) -> dict:
+    """Run the benchmark on the local GPU and return the JSON document (not yet written).
+    ``records_dir``: build the GEMV kernels with the tuned configs found there (qcompile tune)."""
     from ..formats import get as get_format
 
     log = log or (lambda text: print(text, flush=True))
@@ -374,7 +381,15 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     target = parse_target("auto")
     specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in ms]
     t0 = time.perf_counter()
-    executable, build_failures = build_kernels(specs, target, log)
+    config_for, tuned = None, {}
+    if records_dir is not None:
+        from ..tune.records import TuningRecords, records_gpu
+
+        lookup = TuningRecords(Path(records_dir), warn=log).lookup(records_gpu(target))
+        tuned = {spec: lookup(spec) for spec in specs}
+        config_for = tuned.get
+        log(f"tuned configs from {records_dir} for {sum(c is not None for c in tuned.values())} of {len(specs)} kernels")
+    executable, build_failures = build_kernels(specs, target, log, config_for)
     build_s = time.perf_counter() - t0
     log(f"compiled {len(specs) - len(build_failures)} of {len(specs)} kernels for {target.key} in {build_s:.1f} s")
     for spec, err in build_failures.items():
@@ -441,6 +456,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                 rel_err=rel_err, torch_int4_rel_err=int4_err,
                 torch_int4_same_weights=None if int4 is None else int4.same_weights,
                 us_p10=t_q.p10_us, us_p90=t_q.p90_us,
+                tuned_config=None if tuned.get(spec) is None else tuned[spec].as_dict(),
                 timing_modes={"qcompile": t_q.mode, "cublas_fp16": t_fp16.mode,
                               "torch_int4": None if t_int4 is None else t_int4.mode},
                 weight_copies={"qcompile": q_weights.count, "cublas_fp16": fp16_weights.count,
@@ -458,6 +474,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
         tvm_version=tvm.__version__, torch_version=torch.__version__, cuda_version=torch.version.cuda,
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         l2_bytes=l2_bytes, copy_bytes=copy_bytes, build_s=build_s,
+        tuning_records=None if records_dir is None else str(records_dir),
         timing={"mode": timing_mode, "iters": iters, "warmup": warmup, "statistic": "median",
                 "rotation": "weights of every method rotated through >= 2x L2 of distinct copies",
                 "activations": "one X per (shape, M), reused (stays in L2, as between real layers)"},
@@ -484,7 +501,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fmt.check_shape(n, k)
     require_cuda()
 
-    doc = run_bench(fmt.name, shapes, ms, args.iters, args.warmup, args.timing)
+    doc = run_bench(fmt.name, shapes, ms, args.iters, args.warmup, args.timing, records_dir=args.records)
     name = args.name or default_name(fmt.name, doc["device"])
     json_path = Path(args.out_dir) / f"{name}.json"
     png_path = Path(args.out_dir) / f"{name}.png"

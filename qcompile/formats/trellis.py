@@ -586,7 +586,9 @@ class TrellisFormat(Format):
             hi = u32(tirx.Cast("uint16", T[I, c, w]))
             lo = u32(tirx.Cast("uint16", T[I, c, fm(w + 1, words)]))
             both = tirx.bitwise_or(tirx.shift_left(hi, c32(16)), lo)
-            return tirx.bitwise_and(tirx.shift_right(both, u32(16 - fm(p0, 16))), c32(0xFFFF))
+            # (the & 31 changes no valid shift, 1..16; it keeps constant folding of unreachable index
+            # values that tensor-core rewrites create from casting a negative number to uint32)
+            return tirx.bitwise_and(tirx.shift_right(both, u32(tirx.bitwise_and(16 - fm(p0, 16), 31))), c32(0xFFFF))
         # kernel packing: three stream bytes q0..q0+2, each at its byte-reversed, interleaved address
         K = self.K
         tiles_k = int(T.shape[1])
@@ -602,7 +604,7 @@ class TrellisFormat(Format):
         q0 = fd(p0, 8)
         three = tirx.bitwise_or(tirx.bitwise_or(tirx.shift_left(byte(q0), c32(16)),
                                                 tirx.shift_left(byte(q0 + 1), c32(8))), byte(q0 + 2))
-        return tirx.bitwise_and(tirx.shift_right(three, u32(8 - fm(p0, 8))), c32(0xFFFF))
+        return tirx.bitwise_and(tirx.shift_right(three, u32(tirx.bitwise_and(8 - fm(p0, 8), 31))), c32(0xFFFF))
 
     def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
         """fp16 value of weight (n, 16c + j): window → code, from the packed words (and the tlut)."""

@@ -21,7 +21,8 @@ DEFAULT_BUCKETS = (1, 4, 16, 64, 256)
 # every bucket issue 5 asks for; each needs a kernel, so it is opt-in (qcompile build --buckets) while
 # compile time matters more than the last few percent of padding
 TUNED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-GEMV_MAX_M = 16  # up to here the GEMV family (decode once, reuse over M); above, tensor-core GEMM
+GEMV_MAX_M = 16
+MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)  # up to here the GEMV family (decode once, reuse over M); above, tensor-core GEMM
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,12 @@ def default_gemv_config(n: int, k: int, m: int, unit: int = 8) -> GemvConfig:
             steps = chunks_k // (threads_k * chunks)
             unroll = preferred.unroll if steps % preferred.unroll == 0 else 1
             for row_tile in (preferred.row_tile, 2, 1):
-                for rows in (preferred.rows, 2, 1):
+                # few threads along K (a K with a large odd factor, e.g. 11008 = 344 E8P units) leave
+                # too few threads to cover the GPU: give up rows per thread for parallelism first
+                if row_tile > 1 and (n // row_tile) * threads_k < MIN_GEMV_THREADS:
+                    continue
+                # and blocks of at least 128 threads when few threads share a row
+                for rows in (max(preferred.rows, 128 // threads_k), preferred.rows, 2, 1):
                     if n % (rows * row_tile) == 0:
                         return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=unroll,
                                           row_tile=row_tile)
