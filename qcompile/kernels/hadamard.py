@@ -27,8 +27,9 @@ CUDA (``schedule_rht_cuda``): one thread block per row, ``rht_groups`` sizes the
 thread runs at most one radix unit per group. A thread then reads all of its group input before
 any thread writes the group output (a barrier between), so TVM's dynamic shared memory planner
 puts every group output in the buffer of the one before: one row of n stage values in shared
-memory, 4·n bytes in fp32 (n = 28672 = 28·1024: 112 KiB; sm_80 allows 163 KiB per block, sm_90
-227 KiB, sm_86/89 99 KiB). Where 4·n bytes do not fit, the stage buffer is fp16
+memory, 4·n bytes in fp32 plus 1/8 (radix runs of >= 16 values get 16 bytes of padding against bank
+conflicts, ``stage_bytes``): n = 28672 = 28·1024 takes 126 KiB; sm_80 allows 163 KiB per block,
+sm_90 227 KiB, sm_86/89 99 KiB. Where fp32 does not fit, the stage buffer is fp16
 (``rht_store_dtype``): the arithmetic in registers stays fp32, each group boundary rounds once to
 fp16, and the 1/√n scale moves to the first stage so stored values keep the output's size (no fp16
 overflow). The last stage (the K×K stage, or the last butterfly group) writes Y straight from
