@@ -27,7 +27,7 @@ CUDA (``schedule_rht_cuda``): one thread block per row, ``rht_groups`` sizes the
 thread runs at most one radix unit per group. A thread then reads all of its group input before
 any thread writes the group output (a barrier between), so TVM's dynamic shared memory planner
 puts every group output in the buffer of the one before: one row of n stage values in shared
-memory, 4·n bytes in fp32 plus 1/8 (radix runs of >= 16 values get 16 bytes of padding against bank
+memory, 4·n bytes in fp32 plus up to 1/4 (radix runs of >= 16 values get 16 bytes of padding against bank
 conflicts, ``stage_bytes``): n = 28672 = 28·1024 takes 126 KiB; sm_80 allows 163 KiB per block,
 sm_90 227 KiB, sm_86/89 99 KiB. Where fp32 does not fit, the stage buffer is fp16
 (``rht_store_dtype``): the arithmetic in registers stays fp32, each group boundary rounds once to
