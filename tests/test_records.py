@@ -30,3 +30,24 @@ def test_quality_table_schema():
         assert set(row) >= {"format", "rht", "ldlq", "ppl", "bits_per_weight"}
         assert isinstance(row["rht"], bool) and isinstance(row["ldlq"], bool)
         assert row["ppl"] > 1 and 1 < row["bits_per_weight"] <= 16
+
+
+def test_shipped_tuning_records_are_valid():
+    """Every records file under schedules/ reads cleanly, and every best config tiles its shape."""
+    from pathlib import Path
+
+    import qcompile as qc
+    from qcompile.tune import space
+    from qcompile.tune.records import read_records_file
+
+    root = Path(__file__).resolve().parents[1] / "schedules"
+    files = sorted(root.glob("*/*.json"))
+    assert files, "no shipped tuning records"
+    for path in files:
+        entries = read_records_file(path, path.parent.name, path.stem)
+        assert entries, path
+        for entry in entries.values():
+            best = entry.best() if callable(entry.best) else entry.best
+            assert best is not None, (path, entry.n, entry.k, entry.m)
+            unit = qc.formats.get(path.stem).decode_unit
+            assert space.tiling_error(best[0], entry.n, entry.k, unit) is None
