@@ -107,11 +107,9 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
                 sch.bind(t_y, "threadIdx.y")
                 sch.bind(t_x, "threadIdx.x")
 
-    if runs:  # (pair, k) loops of a paired fp16 run: pairs innermost and vectorized (HFMA2)
+    if runs:  # (pair, k) loops of a paired fp16 run: pairs innermost, then one HFMA2 per pair (below)
         p_loop, k_loop = sch.get_loops(part)[-2:]
         sch.reorder(k_loop, p_loop)
-        sch.unroll(k_loop)
-        sch.vectorize(p_loop)
     else:
         for loop in sch.get_loops(part)[-1:]:
             sch.unroll(loop)
@@ -127,12 +125,23 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     xl = sch.cache_read(part, 0, "local")
     sch.compute_at(xl, ko)
     _vectorize_inner(sch, xl, 16, n_outer)
+    sources = []
+    if runs:  # a paired run as four HFMA2 (TVM prints float16x2 arithmetic lane by lane)
+        from .intrinsics import register_hdot_pairs
+
+        hdot, hdot_source = register_hdot_pairs()
+        k_loop = sch.get_loops(part)[-2]
+        sch.decompose_reduction(part, k_loop)
+        sch.tensorize(sch.get_loops(sch.get_sblock("partial_update"))[-2], hdot)
+        sources.append(hdot_source)
     if intrin is not None:  # the format's hand-written decode of one unit
         name, source = intrin
         sch.tensorize(sch.get_loops(dec)[-1], name)
-        sch.annotate(rf, "pragma_import_c", source)
+        sources.append(source)
     else:
         sch.unroll(sch.get_loops(dec)[-1])
+    if sources:
+        sch.annotate(rf, "pragma_import_c", "\n".join(sources))
     sch.unroll(kv)
     sch.unroll(rt)
     sch.unroll(m_loop)
