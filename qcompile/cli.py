@@ -311,6 +311,9 @@ def format_manifest(manifest: dict, verified: bool = False) -> str:
     for (n, k), names in sorted(shapes.items()):
         kinds = ", ".join(sorted(set(names)))
         lines.append(f"  {n:>6} x {k:<6} {len(names):>4} layers  ({kinds})")
+    rht_kernels = {name for layer in layers for name in layer.get("rht_kernels", ())}
+    if rht_kernels:
+        lines.append(f"rht kernels     {len(rht_kernels)} (the Hadamard transforms around the RHT layers)")
     tuned = manifest.get("tuned_kernels") or {}
     lines.append(f"tuned kernels   {len(tuned)} of {n_kernels} (the others use the default schedules)")
     lines.append("files" + ("           (sha256 verified)" if verified else ""))

@@ -3,6 +3,10 @@
 A kernel is keyed by (format, N, K, M bucket). Batches are served by the buckets compiled into
 the module (see qcompile.runtime.dispatch): small M pads up to the next bucket, large M is split
 into bucket-sized row blocks, so no M ever needs a kernel of its own.
+
+A model with RHT weights also needs the randomized Hadamard transform kernels of
+qcompile.kernels.hadamard (``RhtSpec(side, size, M bucket)``): ``rht_kernel_specs`` lists them and
+``build(..., rht=...)`` compiles them into the same module as the matmul kernels.
 """
 from __future__ import annotations
 
@@ -10,10 +14,11 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from ..formats import get as get_format
 from .compute import matmul_func
+from .hadamard import SIDES, RhtSpec, rht_specs, scheduled_rht_func
 from .schedules import GemvConfig, schedule_gemm_cuda, schedule_gemv_cuda, schedule_llvm
 from .target import TargetInfo
 
@@ -85,11 +90,24 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvCo
     return func
 
 
+def rht_kernel_specs(layers: Iterable[Tuple[int, int]], buckets: Sequence[int]) -> List[RhtSpec]:
+    """The RHT kernels that RHT layers of shapes (N, K) need, one per (side, size, bucket): the input
+    side at size K (hadUt(SU ⊙ x) before the matmul) and the output side at size N (SV ⊙ hadU(y)
+    after it). Sorted and deduplicated; QCompileError for a size no Hadamard construction covers."""
+    sizes = {side: set() for side in SIDES}
+    for n, k in layers:
+        sizes["input"].add(int(k))
+        sizes["output"].add(int(n))
+    return [spec for side in SIDES for size in sorted(sizes[side]) for spec in rht_specs(size, buckets, (side,))]
+
+
 def build(specs: Iterable[KernelSpec], target: TargetInfo,
-          config_for: Optional[Callable[[KernelSpec], Optional[GemvConfig]]] = None):
+          config_for: Optional[Callable[[KernelSpec], Optional[GemvConfig]]] = None,
+          rht: Iterable[RhtSpec] = ()):
     """Compile every kernel into one TVM executable. ``config_for(spec)``: a tuned GEMV config for
     the spec, or None for the default (e.g. ``qcompile.tune.records.TuningRecords.lookup``); build
-    never tunes."""
+    never tunes. ``rht``: RHT kernels (``rht_kernel_specs``) to compile into the same module,
+    named by ``RhtSpec.name``, with the target's RHT schedule (qcompile.kernels.hadamard)."""
     import tvm
 
     funcs = {}
@@ -97,6 +115,9 @@ def build(specs: Iterable[KernelSpec], target: TargetInfo,
         if spec.name not in funcs:
             config = config_for(spec) if config_for is not None else None
             funcs[spec.name] = scheduled_func(spec, target, config)
+    for spec in rht:
+        if spec.name not in funcs:
+            funcs[spec.name] = scheduled_rht_func(spec, target)
     mod = tvm.IRModule({name: f for name, f in funcs.items()})
     return tvm.compile(mod, target=target.tvm_target())
 

@@ -121,8 +121,10 @@ def load_artifact(path: PathLike, device: Optional[Union[str, "torch.device"]] =
     handle = register_kernel_module(module, manifest["buckets"], dev.type)
     for layer in manifest["layers"]:  # every kernel the manifest names is in the module
         n, k = layer["shape"]
-        for m in manifest["buckets"]:
-            name = KernelSpec(layer["format"], n, k, m).name
+        names = [KernelSpec(layer["format"], n, k, m).name for m in manifest["buckets"]]
+        # RHT layers of newer artifacts also list their Hadamard transform kernels (older ones
+        # list none and run the transforms in torch)
+        for name in names + list(layer.get("rht_kernels", ())):
             if not module.implements_function(name):
                 raise QCompileError(f"artifact kernels.so has no kernel {name}; {REBUILD}")
 

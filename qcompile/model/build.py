@@ -1,7 +1,8 @@
 """`qcompile build`: a Hugging Face Llama-family model -> a self-contained artifact directory.
 
 Artifact files (see DESIGN.md):
-  kernels.so          every (layer shape x M bucket) kernel of the model in one TVM module
+  kernels.so          every (layer shape x M bucket) kernel of the model in one TVM module, and for
+                      RHT weights the Hadamard transform kernels of every (side, size, M bucket)
   kernels.cu/.fatbin  CUDA targets: the kernel source and its compiled fatbin (loading needs no compiler)
   model.safetensors   packed weights as ``<linear path>.<tensor name>`` + unquantized tensors in fp16
   config.json         the model config with a ``quantization_config`` block; tokenizer files beside it
@@ -26,7 +27,8 @@ from ..jsonio import read_json_object
 from .checkpoint import sha256_file  # noqa: F401  (also used by artifact.py)
 from ..formats import Format
 from ..formats import get as get_format
-from ..kernels.library import DEFAULT_BUCKETS, KernelSpec
+from ..kernels.hadamard import RhtSpec
+from ..kernels.library import DEFAULT_BUCKETS, KernelSpec, rht_kernel_specs
 from ..kernels.target import TargetInfo, parse_target
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -92,7 +94,9 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
         quantized = quantize_linears(unquantized, fmt, list(linear_shapes))
     shapes = sorted({qw.shape for qw, _ in quantized.values()})
     specs = [KernelSpec(fmt.name, n, k, m) for (n, k) in shapes for m in buckets]
-    say(f"compiling {len(specs)} kernels ({len(shapes)} shapes x {len(buckets)} batch buckets) for {tinfo.key}")
+    rht = rht_kernel_specs(sorted({qw.shape for qw, _ in quantized.values() if qw.rht}), buckets)
+    say(f"compiling {len(specs)} kernels ({len(shapes)} shapes x {len(buckets)} batch buckets) for {tinfo.key}"
+        + (f", and {len(rht)} RHT kernels" if rht else ""))
     tuned = tuned_kernels(specs, config_for)
     if records_note and config_for is None:
         say(f"default schedules: {records_note}")
@@ -103,7 +107,7 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        kernel_files = compile_kernels(specs, tinfo, tmp, config_for)
+        kernel_files = compile_kernels(specs, tinfo, tmp, config_for, rht)
         write_weights(tmp / WEIGHTS, unquantized, quantized)
         write_config(tmp / CONFIG, raw_config, fmt, quantized)
         copied = copy_tokenizer_files(model_dir, tmp)
@@ -304,11 +308,12 @@ def tuned_kernels(specs: List[KernelSpec], config_for) -> Dict[str, str]:
 
 
 def compile_kernels(specs: List[KernelSpec], target: TargetInfo, out_dir: Path,
-                    config_for: Optional[Callable] = None) -> List[str]:
+                    config_for: Optional[Callable] = None, rht: Sequence[RhtSpec] = ()) -> List[str]:
+    """Compile the matmul kernels and the RHT kernels (``rht``) into one module; write its files."""
     from ..kernels import library
 
     try:
-        executable = library.build(specs, target, config_for)
+        executable = library.build(specs, target, config_for, rht=rht)
     except ValueError as err:  # a shape the kernel schedules cannot tile
         raise QCompileError(f"cannot compile the kernels for {target.key}: {one_line(err)}") from None
     return library.export(executable, target, str(out_dir))
@@ -383,8 +388,11 @@ def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, mode
     layers = []
     for path, (qw, bias) in quantized.items():
         n, k = qw.shape
-        layers.append({"name": path, "format": qw.format, "shape": [n, k], "bias": bias is not None,
-                       "rht": qw.rht, "kernels": [KernelSpec(qw.format, n, k, m).name for m in buckets]})
+        entry = {"name": path, "format": qw.format, "shape": [n, k], "bias": bias is not None,
+                 "rht": qw.rht, "kernels": [KernelSpec(qw.format, n, k, m).name for m in buckets]}
+        if qw.rht:  # the compiled RHT around the matmul: input side at K, output side at N
+            entry["rht_kernels"] = [spec.name for spec in rht_kernel_specs([(n, k)], buckets)]
+        layers.append(entry)
     manifest = {
         "artifact_version": ARTIFACT_VERSION,
         "qcompile_version": __version__,
