@@ -8,12 +8,18 @@ receives an int handle to one of them.
 Kernel calling convention (qcompile.kernels.compute): ``f(X fp16[bucket, K], *packed tensors in
 format.tensor_specs order, Y fp16[bucket, N])``; torch tensors go in directly (DLPack, zero-copy),
 and tvm-ffi launches CUDA kernels on torch's current stream.
+
+RHT weights: when the module also holds the Hadamard transform kernels (qcompile.kernels.hadamard,
+``f(X fp16[bucket, n], S fp16[n], HK fp32[K_h, K_h], Y fp16[bucket, n])``) for the layer's sizes,
+the op ``qcompile::quant_linear_rht`` runs input RHT, matmul and output RHT per row block in one
+call. Modules without them (artifacts built before qcompile compiled the RHT) run the transforms
+in torch around ``qcompile::quant_linear``.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -21,6 +27,7 @@ from torch import nn
 from ..errors import QCompileError
 from ..formats import QuantizedWeight
 from ..formats import get as get_format
+from ..kernels.hadamard import RhtSpec
 from ..kernels.library import DEFAULT_BUCKETS, KernelSpec
 from ..quant.hadamard import hadamard_factor
 from .dispatch import check_buckets, plan_rows
@@ -35,6 +42,7 @@ class KernelModule:
     buckets: Tuple[int, ...]
     device_type: str  # "cuda" or "cpu"
     _kernels: Dict[Tuple[str, int, int], Dict[int, object]] = field(default_factory=dict)
+    _rht: Dict[Tuple[str, int], Optional[Dict[int, object]]] = field(default_factory=dict)
 
     def kernels(self, fmt: str, n: int, k: int) -> Dict[int, object]:
         """bucket -> compiled function of the (format, N, K) layer (looked up once, then cached)."""
@@ -51,6 +59,19 @@ class KernelModule:
                 found[m] = self.module[name]
             self._kernels[key] = found
         return found
+
+    def rht_kernels(self, side: str, n: int) -> Optional[Dict[int, object]]:
+        """bucket -> compiled RHT kernel of (side, size n), or None when the module lacks any of them."""
+        key = (side, n)
+        if key not in self._rht:
+            names = {m: RhtSpec(side, n, m).name for m in self.buckets}
+            found = all(self.module.implements_function(name) for name in names.values())
+            self._rht[key] = {m: self.module[name] for m, name in names.items()} if found else None
+        return self._rht[key]
+
+    def has_rht(self, n: int, k: int) -> bool:
+        """True when the module holds the RHT kernels of an N x K layer (input side K, output side N)."""
+        return self.rht_kernels("input", k) is not None and self.rht_kernels("output", n) is not None
 
 
 _MODULES: Dict[int, KernelModule] = {}
@@ -89,32 +110,48 @@ def kernel_module(handle: int) -> KernelModule:
                             f"in this process (qcompile.load) before running the model") from None
 
 
-# --- the custom op --------------------------------------------------------------------------------
-@torch.library.custom_op("qcompile::quant_linear", mutates_args=())
-def quant_linear(x: torch.Tensor, packed: List[torch.Tensor], handle: int, fmt: str, n: int) -> torch.Tensor:
-    """Y fp16[M, n] = X fp16[M, K] @ decode(W)^T, with W's packed tensors in the format's order.
-    Kernels are the module's KernelSpec(fmt, n, K, bucket) functions; M is served by plan_rows."""
+# --- the custom ops --------------------------------------------------------------------------------
+def _checked_entry(handle: int, x: torch.Tensor, op: str) -> KernelModule:
     entry = kernel_module(handle)
     if x.device.type != entry.device_type:
         raise QCompileError(f"the kernels were compiled for {entry.device_type} but the input is on "
                             f"{x.device}; move the model to {entry.device_type}")
     if x.dtype != torch.float16 or x.dim() != 2:
-        raise ValueError(f"quant_linear takes fp16 [M, K] input, got {x.dtype} {list(x.shape)}")
-    x = x.contiguous()
+        raise ValueError(f"{op} takes fp16 [M, K] input, got {x.dtype} {list(x.shape)}")
+    return entry
+
+
+def _run_row_blocks(x: torch.Tensor, n: int, buckets: Sequence[int],
+                    launch: Callable[[int, torch.Tensor, torch.Tensor], None]) -> torch.Tensor:
+    """Y fp16[M, n] from contiguous X fp16[M, K], one ``launch(bucket, X block, Y block)`` per row
+    block of plan_rows; both blocks have exactly ``bucket`` contiguous rows."""
     m, k = x.shape
-    kernels = entry.kernels(fmt, n, k)
     y = torch.empty((m, n), dtype=torch.float16, device=x.device)
-    for start, used, bucket in plan_rows(m, entry.buckets):
+    for start, used, bucket in plan_rows(m, buckets):
         end = start + used
         if used == bucket:  # a full block: contiguous row slices, no copy
-            kernels[bucket](x[start:end], *packed, y[start:end])
-        else:  # pad the rows into a small scratch block; rows are independent, the pad is discarded
+            launch(bucket, x[start:end], y[start:end])
+        else:  # pad the rows with zeros into a small scratch block; rows are independent, the pad is discarded
             x_pad = torch.zeros((bucket, k), dtype=torch.float16, device=x.device)
             x_pad[:used].copy_(x[start:end])
             y_pad = torch.empty((bucket, n), dtype=torch.float16, device=x.device)
-            kernels[bucket](x_pad, *packed, y_pad)
+            launch(bucket, x_pad, y_pad)
             y[start:end].copy_(y_pad[:used])
     return y
+
+
+@torch.library.custom_op("qcompile::quant_linear", mutates_args=())
+def quant_linear(x: torch.Tensor, packed: List[torch.Tensor], handle: int, fmt: str, n: int) -> torch.Tensor:
+    """Y fp16[M, n] = X fp16[M, K] @ decode(W)^T, with W's packed tensors in the format's order.
+    Kernels are the module's KernelSpec(fmt, n, K, bucket) functions; M is served by plan_rows."""
+    entry = _checked_entry(handle, x, "quant_linear")
+    x = x.contiguous()
+    kernels = entry.kernels(fmt, n, x.shape[1])
+
+    def launch(bucket, xb, yb):
+        kernels[bucket](xb, *packed, yb)
+
+    return _run_row_blocks(x, n, entry.buckets, launch)
 
 
 @quant_linear.register_fake
@@ -122,12 +159,48 @@ def _quant_linear_fake(x, packed, handle, fmt, n):
     return x.new_empty((x.shape[0], n))
 
 
+@torch.library.custom_op("qcompile::quant_linear_rht", mutates_args=())
+def quant_linear_rht(x: torch.Tensor, packed: List[torch.Tensor], su: torch.Tensor, sv: torch.Tensor,
+                     hk_in: torch.Tensor, hk_out: torch.Tensor, handle: int, fmt: str, n: int) -> torch.Tensor:
+    """Y fp16[M, n] = SV ⊙ hadU(hadUt(SU ⊙ X) @ decode(W)^T) for an RHT weight, all three steps in
+    the module's compiled kernels: per row block of plan_rows (padded rows are zeros), the input
+    RHT kernel RhtSpec("input", K, bucket), the matmul kernel, then RhtSpec("output", n, bucket).
+    su fp16[K], sv fp16[n]; hk_in / hk_out: fp32 hadamard_factor(K)[1] / hadamard_factor(n)[1],
+    both untransposed ([[1.]] where K_h = 1)."""
+    entry = _checked_entry(handle, x, "quant_linear_rht")
+    x = x.contiguous()
+    k = x.shape[1]
+    kernels = entry.kernels(fmt, n, k)
+    rht_in, rht_out = entry.rht_kernels("input", k), entry.rht_kernels("output", n)
+    if rht_in is None or rht_out is None:
+        raise QCompileError(f"the loaded module has no RHT kernels for a {n}x{k} layer; the artifact does not "
+                            f"match its model (rebuild it with qcompile build)")
+    scratch: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # per bucket: X' and Y' blocks
+
+    def launch(bucket, xb, yb):
+        if bucket not in scratch:
+            scratch[bucket] = (torch.empty((bucket, k), dtype=torch.float16, device=x.device),
+                               torch.empty((bucket, n), dtype=torch.float16, device=x.device))
+        xr, yr = scratch[bucket]
+        rht_in[bucket](xb, su, hk_in, xr)
+        kernels[bucket](xr, *packed, yr)
+        rht_out[bucket](yr, sv, hk_out, yb)
+
+    return _run_row_blocks(x, n, entry.buckets, launch)
+
+
+@quant_linear_rht.register_fake
+def _quant_linear_rht_fake(x, packed, su, sv, hk_in, hk_out, handle, fmt, n):
+    return x.new_empty((x.shape[0], n))
+
+
 # --- the RHT around the kernels ---------------------------------------------------------------------------
 def _hadamard(x: torch.Tensor, hk: Optional[torch.Tensor]) -> torch.Tensor:
     """U·x over the last dim of float32 x, with U = (H_K ⊗ H_2^p)/√n and ``hk`` the (possibly
-    transposed) K×K factor, None for K = 1: the same butterflies and order as
-    qcompile.quant.hadamard.had_transform, but with H_K passed in (a module buffer) so that
-    torch.compile(fullgraph=True) traces it without reading the packaged tables."""
+    transposed) K×K factor, None for K = 1 (the torch fallback of the RHT kernels): the same
+    butterflies and order as qcompile.quant.hadamard.had_transform, but with H_K passed in (a
+    module buffer) so that torch.compile(fullgraph=True) traces it without reading the packaged
+    tables."""
     n = x.shape[-1]
     k = 1 if hk is None else hk.shape[0]
     p2 = n // k
@@ -152,14 +225,18 @@ class QuantLinear(nn.Module):
     format names them, so the state dict keys are ``<path>.<tensor name>``) and an optional bias.
 
     A weight quantized with the randomized Hadamard transform also carries the sign vectors SU [K]
-    and SV [N] (buffers "SU", "SV"); forward then computes y = SV ⊙ hadU(kernel(hadUt(SU ⊙ x))) with
-    the transforms in float32 torch code around the custom op, so torch.compile traces them too.
+    and SV [N] (buffers "SU", "SV"); forward then computes y = SV ⊙ hadU(kernel(hadUt(SU ⊙ x))):
+    with the module's compiled RHT kernels when it has them (``compiled_rht``, the custom op
+    qcompile::quant_linear_rht), else with the transforms in float32 torch code around
+    qcompile::quant_linear. Either way torch.compile(fullgraph=True) traces the whole forward.
     """
 
     def __init__(self, qweight: QuantizedWeight, kernels, bias: Optional[torch.Tensor] = None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS):
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, compiled_rht: Optional[bool] = None):
         """kernels: a handle from register_kernel_module, or a module from load_kernels (registered
-        here with ``buckets``)."""
+        here with ``buckets``). compiled_rht (RHT weights only): None = use the module's RHT kernels
+        when it has them, else the torch transforms; False = always the torch transforms; True =
+        the module's kernels (QCompileError when it lacks them)."""
         super().__init__()
         fmt = get_format(qweight.format)
         fmt.check_qweight(qweight)
@@ -175,12 +252,11 @@ class QuantLinear(nn.Module):
         if self.rht:
             for name in fmt.aux_specs(self.out_features, self.in_features, True):
                 self.register_buffer(name, qweight.tensors[name].contiguous())
-            # the K_h factors of U_K (input side, transposed: hadUt) and U_N (output side: hadU);
+            # the K_h factors of U_K (input side) and U_N (output side), fp32 and untransposed as the
+            # RHT kernels take them ([[1.]] for K_h = 1; the torch path transposes hk_in itself);
             # not in the state dict, rebuilt from the shapes
-            k_in, h = hadamard_factor(self.in_features)
-            hk_in = h.T.contiguous() if k_in > 1 else None
-            k_out, h = hadamard_factor(self.out_features)
-            hk_out = h.contiguous() if k_out > 1 else None
+            hk_in = hadamard_factor(self.in_features)[1].to(torch.float32).contiguous()
+            hk_out = hadamard_factor(self.out_features)[1].to(torch.float32).contiguous()
         self.register_buffer("_hk_in", hk_in, persistent=False)
         self.register_buffer("_hk_out", hk_out, persistent=False)
         if bias is not None:
@@ -191,6 +267,15 @@ class QuantLinear(nn.Module):
             self.bias = None
         self.kernel_handle = kernels if isinstance(kernels, int) else register_kernel_module(kernels, buckets)
         self.meta = dict(qweight.meta)
+        # Fallback: modules built before the RHT was compiled (older artifacts) lack the RHT kernels;
+        # their layers keep the torch transforms. Fixed here, so forward's branch is static for torch.compile.
+        self.compiled_rht = False
+        if self.rht and compiled_rht is not False:
+            has = kernel_module(self.kernel_handle).has_rht(self.out_features, self.in_features)
+            if compiled_rht and not has:
+                raise QCompileError(f"the kernel module has no RHT kernels for a {self.out_features}x"
+                                    f"{self.in_features} layer; rebuild the artifact with qcompile build")
+            self.compiled_rht = has
 
     def packed(self) -> List[torch.Tensor]:
         return [getattr(self, name) for name in self.tensor_names]
@@ -206,20 +291,35 @@ class QuantLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with {self.in_features} features, got {list(x.shape)}")
         x2 = x.reshape(-1, self.in_features)
-        if self.rht:
-            # x' = hadUt(SU ⊙ x) in float32 (qcompile.quant.hadamard.rht_input)
-            # TODO: a compiled TVM FWHT kernel (fused with the sign flips) instead of torch code
-            x2 = _hadamard(x2.to(torch.float32) * self.SU.to(torch.float32), self._hk_in)
-        y = torch.ops.qcompile.quant_linear(x2.to(torch.float16), self.packed(), self.kernel_handle, self.format,
-                                            self.out_features)
-        if self.rht:
-            # y = SV ⊙ hadU(y') (qcompile.quant.hadamard.rht_output)
-            y = _hadamard(y.to(torch.float32), self._hk_out) * self.SV.to(torch.float32)
+        if self.compiled_rht:
+            # input RHT, matmul and output RHT in the module's kernels (.to: no-ops unless the module
+            # was cast, e.g. by .half(); the ±1 tables and the fp16 signs survive casts exactly)
+            y = torch.ops.qcompile.quant_linear_rht(
+                x2.to(torch.float16), self.packed(), self.SU.to(torch.float16), self.SV.to(torch.float16),
+                self._hk_in.to(torch.float32), self._hk_out.to(torch.float32), self.kernel_handle, self.format,
+                self.out_features)
+        else:
+            if self.rht:
+                # torch fallback: x' = hadUt(SU ⊙ x) in float32 (qcompile.quant.hadamard.rht_input)
+                x2 = _hadamard(x2.to(torch.float32) * self.SU.to(torch.float32), self._hk_t(self._hk_in, True))
+            y = torch.ops.qcompile.quant_linear(x2.to(torch.float16), self.packed(), self.kernel_handle, self.format,
+                                                self.out_features)
+            if self.rht:
+                # y = SV ⊙ hadU(y') (qcompile.quant.hadamard.rht_output)
+                y = _hadamard(y.to(torch.float32), self._hk_t(self._hk_out, False)) * self.SV.to(torch.float32)
         y = y.to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
+    @staticmethod
+    def _hk_t(hk: torch.Tensor, transpose: bool) -> Optional[torch.Tensor]:
+        """The K_h factor as _hadamard takes it: transposed for hadUt, None for K_h = 1."""
+        if hk.shape[0] == 1:
+            return None
+        return hk.T if transpose else hk
+
     def extra_repr(self) -> str:
+        rht = f"rht={self.rht}" + (f", compiled_rht={self.compiled_rht}" if self.rht else "")
         return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
-                f"rht={self.rht}, bias={self.bias is not None}")
+                f"{rht}, bias={self.bias is not None}")
