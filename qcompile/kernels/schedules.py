@@ -77,9 +77,18 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         raise ValueError(f"config {cfg} does not tile N={n_rows}, K/8={n_chunks}")
     bx, ty, rt = sch.split(n_loop, [None, cfg.rows, cfg.row_tile])
     ko, tx, kv = sch.split(c_loop, [None, cfg.threads_k, cfg.chunks])
-    sch.reorder(bx, ty, tx, ko, kv, rt, m_loop, *runs)
+    # M > 1: activation rows outside the row tile, so one activation row of the chunk is in
+    # registers at a time (staging all M rows at once spills at M=16) and is reused row_tile times
+    m_outside = int(sch.get(m_loop).extent) > 1
+    if m_outside:
+        sch.reorder(bx, ty, tx, ko, kv, m_loop, rt, *runs)
+    else:
+        sch.reorder(bx, ty, tx, ko, kv, rt, m_loop, *runs)
     rf = sch.rfactor(tx, factor_axis=0)  # per-thread partial sums, then a cross-thread reduction
-    bx, ty, tx, ko, kv, rt, m_loop, *runs = sch.get_loops(rf)
+    if m_outside:
+        bx, ty, tx, ko, kv, m_loop, rt, *runs = sch.get_loops(rf)
+    else:
+        bx, ty, tx, ko, kv, rt, m_loop, *runs = sch.get_loops(rf)
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
@@ -89,11 +98,13 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     dec = sch.get_sblock("W_decode")
     sch.compute_at(part, runs[0] if runs else m_loop)
     sch.set_scope(part, 0, "local")
-    sch.compute_at(dec, rt)  # decode one chunk of one row once, reuse it for all M activation rows
+    # decode one chunk of one row (all row_tile rows when M > 1) once, reuse it for all M rows
+    dec_at = kv if m_outside else rt
+    sch.compute_at(dec, dec_at)
     sch.set_scope(dec, 0, "local")
     gather = _gather_block(sch)
     if gather is not None:  # table lookups of the chunk, into registers just before its decode
-        sch.compute_at(gather, rt)
+        sch.compute_at(gather, dec_at)
         sch.set_scope(gather, 0, "local")
         sch.unroll(sch.get_loops(gather)[-1])
         if cfg.lut_shared:
@@ -123,8 +134,8 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         sch.compute_at(wq, ko)
         _vectorize_inner(sch, wq, 16, n_outer)
     xl = sch.cache_read(part, 0, "local")
-    sch.compute_at(xl, ko)
-    _vectorize_inner(sch, xl, 16, n_outer)
+    sch.compute_at(xl, m_loop if m_outside else ko)
+    _vectorize_inner(sch, xl, 16, n_outer + (2 if m_outside else 0))
     sources = []
     if runs:  # a paired run as four HFMA2 (TVM prints float16x2 arithmetic lane by lane)
         from .intrinsics import register_hdot_pairs
