@@ -46,3 +46,58 @@ def llvm_artifact(default_model, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("artifacts") / "tiny-int4-llvm"
     return build(default_model, "int4-g128", "llvm", out, progress=None)
+
+
+def _dequantized_reference(model_dir, fmt_name="int4-g128", device="cpu"):
+    """The fp32 torch model with each decoder linear replaced by format.dequantize of its
+    quantization, and the tensors an artifact stores in fp16 rounded to fp16: what a built
+    artifact must compute."""
+    from transformers import AutoModelForCausalLM
+
+    import qcompile as qc
+    from qcompile.model.build import decoder_linears
+
+    fmt = qc.formats.get(fmt_name)
+    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        quantized = set()
+        for path, linear in decoder_linears(ref):
+            linear.weight.copy_(fmt.dequantize(fmt.quantize(linear.weight)))
+            quantized.add(f"{path}.weight")
+        for name, p in ref.named_parameters():
+            if name not in quantized:
+                p.copy_(p.half().float())
+    return ref.to(device)
+
+
+@pytest.fixture(scope="session")
+def dequantized_reference():
+    """``dequantized_reference(model_dir, fmt_name="int4-g128", device="cpu")`` (see above)."""
+    return _dequantized_reference
+
+
+def _check_graph_replay(module, inputs, atol=1e-2, rtol=1e-2):
+    """Capture ``module(x)`` in a CUDA graph for each x, replay it on new values of x, and check
+    the replay equals an eager call on those values (and differs from the first output)."""
+    for x in inputs:
+        with torch.no_grad():
+            eager = module(x)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm up off the default stream, as capture requires
+                module(x)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = module(x)
+            x.copy_(torch.randn_like(x))
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(captured, module(x), atol=atol, rtol=rtol)
+            assert not torch.equal(captured, eager)
+
+
+@pytest.fixture(scope="session")
+def check_graph_replay():
+    """``check_graph_replay(module, inputs)`` (see above)."""
+    return _check_graph_replay

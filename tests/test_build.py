@@ -13,7 +13,7 @@ from safetensors import safe_open
 import qcompile as qc
 from qcompile.cli import main as cli_main
 from qcompile.model import build as build_module
-from qcompile.model.build import build, decoder_linears
+from qcompile.model.build import build
 from qcompile.model.default import SEEDED_NAME, TRAINED_NAME, find_default_model, seeded_model, seeded_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,25 +83,7 @@ def test_artifact_contents(llvm_artifact):
     assert {"lm_head.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"} <= keys
 
 
-def dequantized_reference(model_dir):
-    """The fp32 torch model with each decoder linear replaced by format.dequantize of its
-    quantization, and the tensors the artifact stores in fp16 rounded to fp16."""
-    from transformers import AutoModelForCausalLM
-
-    fmt = qc.formats.get(FORMAT)
-    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        quantized = set()
-        for path, linear in decoder_linears(ref):
-            linear.weight.copy_(fmt.dequantize(fmt.quantize(linear.weight)))
-            quantized.add(f"{path}.weight")
-        for name, p in ref.named_parameters():
-            if name not in quantized:
-                p.copy_(p.half().float())
-    return ref
-
-
-def test_logits_match_dequantized_model(llvm_artifact, default_model):
+def test_logits_match_dequantized_model(llvm_artifact, default_model, dequantized_reference):
     model = qc.load(llvm_artifact)
     assert type(model.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
     tok = model.qcompile_tokenizer

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import qcompile as qc
-from qcompile.model.build import build, decoder_linears
+from qcompile.model.build import build
 
 pytestmark = pytest.mark.gpu
 FORMAT = "int4-g128"
@@ -15,22 +15,6 @@ def gpu_artifact(default_model, tmp_path_factory):
     return build(default_model, FORMAT, "auto", out, progress=None)
 
 
-def dequantized_reference(model_dir, device):
-    from transformers import AutoModelForCausalLM
-
-    fmt = qc.formats.get(FORMAT)
-    ref = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        quantized = set()
-        for path, linear in decoder_linears(ref):
-            linear.weight.copy_(fmt.dequantize(fmt.quantize(linear.weight)))
-            quantized.add(f"{path}.weight")
-        for name, p in ref.named_parameters():
-            if name not in quantized:
-                p.copy_(p.half().float())
-    return ref.to(device)
-
-
 def test_artifact_targets_this_gpu(gpu_artifact):
     major, minor = torch.cuda.get_device_capability()
     manifest = qc.load(gpu_artifact).qcompile_manifest
@@ -38,12 +22,12 @@ def test_artifact_targets_this_gpu(gpu_artifact):
     assert manifest["kernels"]["fatbin"] == "kernels.fatbin"
 
 
-def test_logits_and_generate(gpu_artifact, default_model):
+def test_logits_and_generate(gpu_artifact, default_model, dequantized_reference):
     model = qc.load(gpu_artifact)
     assert model.device.type == "cuda" and model.dtype == torch.float16
     tok = model.qcompile_tokenizer
     ids = tok(["The quick brown fox jumps", "over the lazy dog, again!"], return_tensors="pt").input_ids.cuda()
-    ref = dequantized_reference(default_model, "cuda")
+    ref = dequantized_reference(default_model, FORMAT, "cuda")
     with torch.no_grad():
         got, want = model(ids).logits.float(), ref(ids).logits
     # The whole model runs in fp16 here (norms, attention, residuals too), not only the linears:
@@ -59,26 +43,11 @@ def test_logits_and_generate(gpu_artifact, default_model):
     assert out.shape == (1, prompt.shape[1] + 8)
 
 
-def test_cuda_graph_capture(gpu_artifact):
+def test_cuda_graph_capture(gpu_artifact, check_graph_replay):
     model = qc.load(gpu_artifact)
     lin = model.model.layers[0].mlp.gate_proj
-    for m in (1, 5, 40):  # exact bucket, padded GEMV bucket, padded GEMM bucket
-        x = torch.randn(m, lin.in_features, device="cuda", dtype=torch.float16)
-        with torch.no_grad():
-            eager = lin(x)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm up off the default stream, as capture requires
-                lin(x)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                captured = lin(x)
-            x.copy_(torch.randn_like(x))
-            graph.replay()
-            torch.cuda.synchronize()
-            assert torch.allclose(captured, lin(x), atol=1e-2, rtol=1e-2)
-            assert not torch.equal(captured, eager)
+    # exact bucket, padded GEMV bucket, padded GEMM bucket
+    check_graph_replay(lin, [torch.randn(m, lin.in_features, device="cuda", dtype=torch.float16) for m in (1, 5, 40)])
 
 
 def test_loading_uses_the_stored_fatbin(gpu_artifact, monkeypatch):
