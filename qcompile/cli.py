@@ -69,16 +69,29 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-records", action="store_true", help="default schedules only; ignore tuning records")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
 
+    from .kernels.library import GEMV_MAX_M
     from .tune.driver import DEFAULT_BUDGET, ORDERS
 
-    t = sub.add_parser("tune", help="tune the GEMV kernels of some layer shapes on the local GPU",
-                       description="Measure GEMV schedule candidates for each (shape, M) on the local CUDA GPU and "
-                                   "keep the results in the tuning records (<records>/<gpu>/<format>.json), which "
-                                   "qcompile build then uses. Resumable: an interrupted run loses at most one "
-                                   "measurement, and a run never measures a candidate twice.")
-    t.add_argument("--format", "-f", required=True, help="weight format, e.g. int4-g128")
-    t.add_argument("--shapes", required=True, help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096)")
-    t.add_argument("--m", default="1,4,16", help="batch sizes (M buckets) to tune (default: %(default)s)")
+    t = sub.add_parser("tune", help="tune the GEMV kernels of a model, a checkpoint or some layer shapes on the "
+                                    "local GPU",
+                       description="Measure GEMV schedule candidates for each kernel (format, N, K, M) on the local "
+                                   "CUDA GPU and keep the results in the tuning records "
+                                   "(<records>/<gpu>/<format>.json), which qcompile build then uses. The kernels are "
+                                   "those qcompile build compiles for MODEL_OR_CHECKPOINT (at the --m buckets), or "
+                                   "--shapes. Resumable: an interrupted run loses at most one measurement, and a run "
+                                   "never measures a candidate twice.")
+    t.add_argument("model", nargs="?", default=None, metavar="MODEL_OR_CHECKPOINT",
+                   help="Hugging Face Llama-family model directory (with --format: the format it is built with) or "
+                        "qcompile checkpoint (its format); instead of --shapes")
+    t.add_argument("--format", "-f", default=None,
+                   help="weight format, e.g. int4-g128; required with a model directory or --shapes, optional for "
+                        "a checkpoint (which carries its format)")
+    t.add_argument("--shapes", default=None,
+                   help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096); instead of a model")
+    t.add_argument("--m", default="1,4,16",
+                   help=f"batch sizes (M buckets) to tune; only GEMV buckets (M <= {GEMV_MAX_M}) have a tuning "
+                        f"space (default: %(default)s)")
+    t.add_argument("--dry-run", action="store_true", help="print the kernels it would tune and exit (needs no GPU)")
     t.add_argument("--target", "-t", default="auto", help="the local GPU: auto, its sm_XX or its name (default: auto)")
     t.add_argument("--records", default=None, metavar="DIR",
                    help="records directory to read and extend (default: $QCOMPILE_SCHEDULES, else the "
@@ -242,23 +255,69 @@ def cmd_build(args) -> int:
     return 0
 
 
+def tune_kernels(args) -> List["KernelSpec"]:
+    """The kernels ``qcompile tune`` measures: the (format, N, K) of MODEL_OR_CHECKPOINT as
+    ``qcompile build`` compiles them (``model.build.kernel_shapes``), or of --format and --shapes,
+    times the GEMV M buckets of --m. Validates everything on the way (one-line QCompileError);
+    needs no GPU."""
+    from .bench.harness import parse_ms, parse_shapes
+    from .formats import get as get_format
+    from .kernels.library import GEMV_MAX_M, KernelSpec
+
+    if args.model is not None and args.shapes is not None:
+        raise QCompileError("give a model directory or checkpoint, or --shapes, not both")
+    if args.model is None and args.shapes is None:
+        raise QCompileError("give a model directory or checkpoint (qcompile tune MODEL_OR_CHECKPOINT) or "
+                            "--format F --shapes NxK,...")
+    if args.shapes is not None:
+        if args.format is None:
+            raise QCompileError("--shapes needs --format (e.g. --format int4-g128)")
+        fmt = get_format(args.format)
+        shapes = list(dict.fromkeys(parse_shapes(args.shapes)))
+        for n, k in shapes:
+            fmt.check_shape(n, k)
+        kernel_shapes = [(fmt.name, n, k) for n, k in shapes]
+    else:
+        from .model.build import kernel_shapes as model_kernel_shapes
+
+        kernel_shapes = model_kernel_shapes(args.model, args.format)
+    ms = list(dict.fromkeys(parse_ms(args.m)))
+    gemm = [m for m in ms if m > GEMV_MAX_M]
+    ms = [m for m in ms if m <= GEMV_MAX_M]
+    if not ms:
+        raise QCompileError(f"--m {args.m}: only GEMV buckets (M <= {GEMV_MAX_M}) can be tuned; the GEMM kernels "
+                            f"have no tuning space yet (e.g. --m 1,4,16)")
+    if gemm:
+        print(f"note: M {','.join(map(str, gemm))} > {GEMV_MAX_M} are GEMM kernels with no tuning space yet "
+              f"(build uses their default schedule); not tuned")
+    return [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in ms]
+
+
+def describe_kernels(specs, source: str) -> str:
+    """The list ``qcompile tune`` prints before it starts: one line per (format, N, K) with its Ms."""
+    by_shape = {}
+    for spec in specs:
+        by_shape.setdefault((spec.format, spec.n, spec.k), []).append(spec.m)
+    lines = [f"{len(specs)} kernels to tune ({len(by_shape)} shapes) from {source}:"]
+    for (fmt, n, k), ms in by_shape.items():
+        lines.append(f"  {fmt:<12} N={n:>6} K={k:>6}  M={','.join(map(str, ms))}")
+    return "\n".join(lines)
+
+
 def cmd_tune(args) -> int:
     from pathlib import Path
 
-    from .bench.harness import parse_ms, parse_shapes
-    from .formats import get as get_format
-    from .kernels.library import KernelSpec
     from .kernels.target import local_cuda_arch, parse_target
     from .tune.driver import tune
     from .tune.measure import CudaMeasure, require_cuda
     from .tune.records import default_records_dir, local_gpu_name
 
-    fmt = get_format(args.format)
-    shapes = parse_shapes(args.shapes)
-    ms = parse_ms(args.m)
-    for n, k in shapes:
-        fmt.check_shape(n, k)
+    specs = tune_kernels(args)
     target = parse_target(args.target)
+    source = args.model if args.model is not None else "--shapes"
+    if args.dry_run:
+        print(describe_kernels(specs, source))
+        return 0
     require_cuda()
     if target.kind != "cuda" or target.arch != local_cuda_arch():
         raise QCompileError(f"qcompile tune measures on the local GPU ({local_cuda_arch()}); target "
@@ -267,20 +326,28 @@ def cmd_tune(args) -> int:
     if target.name not in (target.arch, gpu):  # e.g. --target h200 on an H100
         raise QCompileError(f"--target {args.target} names another GPU than this one ({gpu})")
     records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
-    specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in ms]
-    results = tune(specs, target, CudaMeasure(), records_dir, budget=args.budget, time_budget_s=args.time_budget,
-                   gpu=gpu, order=args.order, log=lambda text: print(text, flush=True))
-    print(f"\nrecords: {records_dir / gpu / (fmt.name + '.json')}")
-    for result in results:
-        spec = result.spec
-        best = result.best
-        if best is None:
-            print(f"  N={spec.n:>6} K={spec.k:>6} M={spec.m:>4}: {result.skipped or 'no candidate ran'}")
-            continue
-        default_us = result.entry.default_us
-        gain = f"  default {default_us:8.2f} us  {default_us / best[1]:.2f}x" if default_us else ""
-        print(f"  N={spec.n:>6} K={spec.k:>6} M={spec.m:>4}: {best[1]:8.2f} us{gain}  "
-              f"({result.measured_now} measured now)")
+    print(describe_kernels(specs, source), flush=True)
+    measure = CudaMeasure()
+    formats = list(dict.fromkeys(spec.format for spec in specs))
+    results = []
+    for fmt_name in formats:  # one records file per format
+        if len(formats) > 1:
+            print(f"\n{fmt_name}:", flush=True)
+        results.append((fmt_name, tune([s for s in specs if s.format == fmt_name], target, measure, records_dir,
+                                       budget=args.budget, time_budget_s=args.time_budget, gpu=gpu,
+                                       order=args.order, log=lambda text: print(text, flush=True))))
+    for fmt_name, fmt_results in results:
+        print(f"\nrecords: {records_dir / gpu / (fmt_name + '.json')}")
+        for result in fmt_results:
+            spec = result.spec
+            best = result.best
+            if best is None:
+                print(f"  N={spec.n:>6} K={spec.k:>6} M={spec.m:>4}: {result.skipped or 'no candidate ran'}")
+                continue
+            default_us = result.entry.default_us
+            gain = f"  default {default_us:8.2f} us  {default_us / best[1]:.2f}x" if default_us else ""
+            print(f"  N={spec.n:>6} K={spec.k:>6} M={spec.m:>4}: {best[1]:8.2f} us{gain}  "
+                  f"({result.measured_now} measured now)")
     return 0
 
 

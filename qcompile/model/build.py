@@ -77,23 +77,21 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     model_dir = Path(model_dir).absolute()
     if model_dir.resolve() == out.resolve() or model_dir.resolve() in out.resolve().parents:
         raise QCompileError(f"output directory {out} is inside the model directory {model_dir}; choose another -o")
+    fmt, layers = model_layers(model_dir, fmt)  # what qcompile tune derives too (kernel_shapes)
     if is_checkpoint(model_dir):
         fmt, raw_config, unquantized, quantized = load_checkpoint_for_build(model_dir, fmt, say)
+        loaded = {path: (qw.format, *qw.shape) for path, (qw, _) in quantized.items()}
+        if loaded != layers:
+            raise QCompileError(f"checkpoint {model_dir}: the loaded layers differ from the layer files' metadata; "
+                                f"it is damaged, requantize the model")
     else:
-        if fmt is None:
-            raise QCompileError(f"{model_dir} is not a quantized checkpoint, so --format is required "
-                                f"(e.g. --format int4-g128); or quantize it first with qcompile quantize")
         raw_config = read_model_config(model_dir)
-        linear_shapes = decoder_linear_shapes(model_dir)
-        for path, (n, k) in linear_shapes.items():
-            check_layer_shape(fmt, path, n, k)
-
         say(f"loading {raw_config['model_type']} model from {model_dir}")
         unquantized = load_hf_model(model_dir)
-        say(f"quantizing {len(linear_shapes)} linears to {fmt.name}")
-        quantized = quantize_linears(unquantized, fmt, list(linear_shapes))
-    shapes = sorted({qw.shape for qw, _ in quantized.values()})
-    specs = [KernelSpec(fmt.name, n, k, m) for (n, k) in shapes for m in buckets]
+        say(f"quantizing {len(layers)} linears to {fmt.name}")
+        quantized = quantize_linears(unquantized, fmt, list(layers))
+    shapes = distinct_shapes(layers)
+    specs = [KernelSpec(f, n, k, m) for (f, n, k) in shapes for m in buckets]
     rht = rht_kernel_specs(sorted({qw.shape for qw, _ in quantized.values() if qw.rht}), buckets)
     say(f"compiling {len(specs)} kernels ({len(shapes)} shapes x {len(buckets)} batch buckets) for {tinfo.key}"
         + (f", and {len(rht)} RHT kernels" if rht else ""))
@@ -142,6 +140,88 @@ def load_checkpoint_for_build(path: Path, fmt: Optional[Format], say):
         f"{'LDLQ' if qcfg.get('ldlq') else 'round to nearest'}, {len(quantized)} linears)")
     entries = {p: (qw, unquantized.pop(f"{p}.bias", None)) for p, qw in quantized.items()}
     return ck_fmt, raw, unquantized, entries
+
+
+# --- the layers and kernel shapes of a model ---------------------------------------------------------
+LayerShapes = Dict[str, Tuple[str, int, int]]  # linear path -> (format name, N, K)
+
+
+def kernel_shapes(model_dir: PathLike, format: Union[str, Format, None] = None) -> List[Tuple[str, int, int]]:
+    """The distinct (format, N, K) whose kernels ``qcompile build model_dir --format format`` compiles
+    (one per M bucket each), sorted; what ``qcompile tune MODEL_OR_CHECKPOINT`` tunes. Cheap: reads
+    configs and file headers only. Same rules as build (see ``model_layers``)."""
+    return distinct_shapes(model_layers(model_dir, format)[1])
+
+
+def distinct_shapes(layers: LayerShapes) -> List[Tuple[str, int, int]]:
+    return sorted(set(layers.values()))
+
+
+def model_layers(model_dir: PathLike, format: Union[str, Format, None] = None) -> Tuple[Format, LayerShapes]:
+    """(format, {linear path: (format name, N, K)}) of every decoder linear ``qcompile build``
+    quantizes (a Hugging Face model directory: ``format`` is required; shapes from its config, on
+    meta tensors) or takes quantized (a ``qcompile quantize`` checkpoint: its format, which
+    ``format`` may repeat; each layer's format and shape from its layer file's metadata, fused
+    layers as stored). Every layer is checked against its format; QCompileError (one line) for
+    anything build would refuse on the same grounds."""
+    from .checkpoint import is_checkpoint
+
+    path = Path(model_dir).absolute()
+    fmt = get_format(format) if format is not None else None
+    if (path / MANIFEST).is_file():
+        raise QCompileError(f"{path} is a built qcompile artifact; give the model directory or checkpoint it was "
+                            f"built from")
+    if is_checkpoint(path):
+        fmt, layers = checkpoint_layers(path, fmt)
+    else:
+        if fmt is None:
+            raise QCompileError(f"{path} is not a quantized checkpoint, so --format is required "
+                                f"(e.g. --format int4-g128); or quantize it first with qcompile quantize")
+        read_model_config(path)
+        layers = {p: (fmt.name, n, k) for p, (n, k) in decoder_linear_shapes(path).items()}
+    for p, (f, n, k) in layers.items():
+        check_layer_shape(get_format(f), p, n, k)
+    return fmt, layers
+
+
+def checkpoint_layers(path: Path, fmt: Optional[Format]) -> Tuple[Format, LayerShapes]:
+    """A complete checkpoint's format and layers, from its config and the metadata of its layer files
+    (no tensors are read; ``load_checkpoint`` checks the same metadata against the tensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    from .checkpoint import LAYER_METADATA_KEY, layer_file, read_checkpoint_config
+
+    raw = read_checkpoint_config(path)
+    q = raw["quantization_config"]
+    ck_fmt = get_format(q["format"])
+    if fmt is not None and fmt.name != ck_fmt.name:
+        raise QCompileError(f"checkpoint {path} is quantized to {ck_fmt.name}, not {fmt.name}; drop --format or "
+                            f"requantize the model with qcompile quantize --format {fmt.name}")
+    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise QCompileError(f"checkpoint {path} holds a {raw.get('model_type')!r} model; qcompile build supports "
+                            f"Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)})")
+    layers: LayerShapes = {}
+    for i in range(int(q["num_layers"])):
+        file = path / layer_file(i)
+        if not file.is_file():
+            raise QCompileError(f"checkpoint file {layer_file(i)} is missing from {path}; rerun qcompile quantize "
+                                f"with the same settings to rewrite it")
+        try:
+            with safe_open(str(file), "pt") as f:
+                modules = json.loads((f.metadata() or {})[LAYER_METADATA_KEY])["modules"]
+            for mpath, info in modules.items():
+                n, k = (int(d) for d in info["shape"])
+                layers[mpath] = (str(info["format"]), n, k)
+        except (SafetensorError, OSError, KeyError, TypeError, ValueError, AttributeError):
+            raise QCompileError(f"checkpoint file {file} is damaged (no readable qcompile layer metadata); "
+                                f"delete it and rerun qcompile quantize with the same settings") from None
+    for mpath, (f, _, _) in layers.items():
+        if f != ck_fmt.name:
+            raise QCompileError(f"checkpoint layer {mpath} is {f}, not the checkpoint's {ck_fmt.name}; it is "
+                                f"damaged, requantize the model")
+    if not layers:
+        raise QCompileError(f"checkpoint {path} holds no quantized layers; requantize the model")
+    return ck_fmt, layers
 
 
 # --- validation -------------------------------------------------------------------------------------
