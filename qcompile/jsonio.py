@@ -1,7 +1,10 @@
-"""Reading the project's JSON files (configs, manifests, tables) with one-line errors."""
+"""Reading the project's JSON files (configs, manifests, tables) with one-line errors, and the
+atomic file write every writer here uses (no reader ever sees half a file)."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Union
 
@@ -22,3 +25,21 @@ def read_json_object(path: Union[str, Path], remedy: str = "") -> dict:
     if not isinstance(raw, dict):
         raise QCompileError(f"{path} is not a JSON object{tail}")
     return raw
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it: a reader (or an
+    interrupted writer) sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -36,13 +36,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 from ..errors import QCompileError
+from ..jsonio import atomic_write_bytes
 from ..kernels.library import GEMV_MAX_M, KernelSpec
 from ..kernels.schedules import GemvConfig
 from .space import config_from_dict, config_from_key, config_key, tiling_error
@@ -333,18 +333,7 @@ def write_records_file(path: PathLike, gpu: str, format_name: str, entries: Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"schema": SCHEMA, "gpu": gpu, "format": format_name,
            "entries": [e.to_json() for e in sorted(entries, key=lambda e: e.key)]}
-    text = json.dumps(doc, indent=1, sort_keys=True) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
 
 
 @contextlib.contextmanager
