@@ -288,29 +288,36 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        if x.shape[-1] != self.in_features:
-            raise ValueError(f"expected input with {self.in_features} features, got {list(x.shape)}")
-        x2 = x.reshape(-1, self.in_features)
-        if self.compiled_rht:
-            # input RHT, matmul and output RHT in the module's kernels (.to: no-ops unless the module
-            # was cast, e.g. by .half(); the ±1 tables and the fp16 signs survive casts exactly)
-            y = torch.ops.qcompile.quant_linear_rht(
-                x2.to(torch.float16), self.packed(), self.SU.to(torch.float16), self.SV.to(torch.float16),
-                self._hk_in.to(torch.float32), self._hk_out.to(torch.float32), self.kernel_handle, self.format,
-                self.out_features)
-        else:
-            if self.rht:
-                # torch fallback: x' = hadUt(SU ⊙ x) in float32 (qcompile.quant.hadamard.rht_input)
-                x2 = _hadamard(x2.to(torch.float32) * self.SU.to(torch.float32), self._hk_t(self._hk_in, True))
-            y = torch.ops.qcompile.quant_linear(x2.to(torch.float16), self.packed(), self.kernel_handle, self.format,
-                                                self.out_features)
-            if self.rht:
-                # y = SV ⊙ hadU(y') (qcompile.quant.hadamard.rht_output)
-                y = _hadamard(y.to(torch.float32), self._hk_t(self._hk_out, False)) * self.SV.to(torch.float32)
-        y = y.to(x.dtype)
+        y = self.product(self.flat_input(x)).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def flat_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., in_features] as [M, in_features] (ValueError for another feature count)."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input with {self.in_features} features, got {list(x.shape)}")
+        return x.reshape(-1, self.in_features)
+
+    def product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, K] @ W^T as [M, N], without the bias: fp16 from the kernels, float32 where the
+        torch RHT fallback applies the output transform."""
+        if self.compiled_rht:
+            # input RHT, matmul and output RHT in the module's kernels (.to: no-ops unless the module
+            # was cast, e.g. by .half(); the ±1 tables and the fp16 signs survive casts exactly)
+            return torch.ops.qcompile.quant_linear_rht(
+                x2.to(torch.float16), self.packed(), self.SU.to(torch.float16), self.SV.to(torch.float16),
+                self._hk_in.to(torch.float32), self._hk_out.to(torch.float32), self.kernel_handle, self.format,
+                self.out_features)
+        if self.rht:
+            # torch fallback: x' = hadUt(SU ⊙ x) in float32 (qcompile.quant.hadamard.rht_input)
+            x2 = _hadamard(x2.to(torch.float32) * self.SU.to(torch.float32), self._hk_t(self._hk_in, True))
+        y = torch.ops.qcompile.quant_linear(x2.to(torch.float16), self.packed(), self.kernel_handle, self.format,
+                                            self.out_features)
+        if self.rht:
+            # y = SV ⊙ hadU(y') (qcompile.quant.hadamard.rht_output)
+            y = _hadamard(y.to(torch.float32), self._hk_t(self._hk_out, False)) * self.SV.to(torch.float32)
+        return y
 
     @staticmethod
     def _hk_t(hk: torch.Tensor, transpose: bool) -> Optional[torch.Tensor]:
