@@ -13,7 +13,8 @@ kept fused: one QuantizedWeight over the concatenated output dim with
 ``meta["fused"] = {"parts": [...], "sizes": [...], "fuse_scales": [...]}``. Splitting them is
 impossible without requantizing: the output-side RHT (U_m, SV) mixes all rows of the concatenated
 dimension, so no part's weight is an E8P grid matrix in its own m_i-dimensional Hadamard basis.
-The runtime computes the fused product and splits its output (then multiplies part i by
+The runtime (qcompile.runtime.fused; ``qcompile build`` lists the parts, sizes and fuse scales in the
+artifact manifest) computes the fused product once and splits its output (then multiplies part i by
 fuse_scales[i]); ``E8PFormat.dequantize`` applies the fuse scales, ``fold_fuse_scales`` folds them
 into an fp16 SV for a runtime that does not know about parts (≤ 2^-11 relative rounding per row),
 and ``split_dequantized`` gives the per-part float weights.

@@ -154,13 +154,16 @@ def model_config(path: Path):
 
 def assemble_model(path: Path, manifest: dict, handle: int, dtype):
     """Build the model skeleton on the meta device (no memory for weights that are replaced), put
-    QuantLinear in place of every quantized linear, then assign the stored tensors."""
+    QuantLinear in place of every quantized linear (for a fused layer, a FusedQuantLinear and its
+    parts: qcompile.runtime.fused), then assign the stored tensors."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     from ..formats import QuantizedWeight
     from ..formats import get as get_format
+    from ..formats.quipsharp_io import FUSED_PARTS
+    from ..runtime.fused import FusedQuantLinear, check_fused_meta, install_fused
     from ..runtime.linear import QuantLinear
 
     config = model_config(path)
@@ -180,10 +183,24 @@ def assemble_model(path: Path, manifest: dict, handle: int, dtype):
         except KeyError as err:
             raise QCompileError(f"artifact {WEIGHTS} has no tensor {err.args[0]}; {REBUILD}") from None
         bias = state.pop(f"{name}.bias", None)
+        fused = layer.get("fused")
+        if fused is not None:  # QuIP# qkv_proj / upgate_proj: one weight for several of the model's linears
+            where = f"artifact layer {name}"
+            parts, sizes, scales = check_fused_meta(fused, n, where)
+            meta = {"fused": {"parts": parts, "sizes": sizes, "fuse_scales": scales}}
+            try:
+                qlinear = FusedQuantLinear(QuantizedWeight(fmt.name, (n, k), tensors, meta), handle, bias=bias)
+            except (QCompileError, ValueError) as err:
+                raise QCompileError(f"{where} has bad tensors ({err}); {REBUILD}") from None
+            install_fused(model, name, qlinear, where)
+            continue
         try:
             qlinear = QuantLinear(QuantizedWeight(fmt.name, (n, k), tensors), handle, bias=bias)
         except (QCompileError, ValueError) as err:
             raise QCompileError(f"artifact layer {name} has bad tensors ({err}); {REBUILD}") from None
+        if name.rpartition(".")[2] in FUSED_PARTS and not has_submodule(model, name):
+            raise QCompileError(f"artifact layer {name} is a fused QuIP# linear but the manifest does not list its "
+                                f"parts (built by an older qcompile); {REBUILD}")
         set_submodule(model, name, qlinear)
 
     expected = {key for key in model.state_dict() if not is_quantlinear_key(model, key)}
@@ -203,6 +220,14 @@ def is_quantlinear_key(model, key: str) -> bool:
     owner = key.rsplit(".", 1)[0]
     try:
         return isinstance(model.get_submodule(owner), QuantLinear)
+    except AttributeError:
+        return False
+
+
+def has_submodule(model, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
     except AttributeError:
         return False
 

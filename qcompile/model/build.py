@@ -472,6 +472,8 @@ def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, mode
                  "rht": qw.rht, "kernels": [KernelSpec(qw.format, n, k, m).name for m in buckets]}
         if qw.rht:  # the compiled RHT around the matmul: input side at K, output side at N
             entry["rht_kernels"] = [spec.name for spec in rht_kernel_specs([(n, k)], buckets)]
+        if isinstance(qw.meta, dict) and qw.meta.get("fused"):  # QuIP# qkv/upgate: parts, sizes, fuse scales
+            entry["fused"] = qw.meta["fused"]
         layers.append(entry)
     manifest = {
         "artifact_version": ARTIFACT_VERSION,
