@@ -172,3 +172,16 @@ def test_bench_without_gpu_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0
     assert proc.stderr.startswith("error: qcompile bench needs a CUDA GPU;")
+
+
+def test_roofline_plot_across_formats(tmp_path):
+    from qcompile.bench.plot import plot_roofline
+
+    a, b = synthetic_doc(), synthetic_doc()
+    for r in b["records"]:
+        r["format"] = "e8p-2"
+    b["format"] = "e8p-2"
+    assert plot_roofline([a, b], tmp_path / "r.png").stat().st_size > 1000
+    b["records"] = [dict(r, N=r["N"] + 16) for r in b["records"]]  # no shape in common
+    with pytest.raises(ValueError, match="share no layer shape"):
+        plot_roofline([a, b], tmp_path / "r2.png")

@@ -58,3 +58,81 @@ def plot_bench(doc: dict, path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_roofline(docs, path, shape=None) -> Path:
+    """One PNG comparing formats (one bench document each, e.g. artifacts/bench/*-h100.json):
+    achieved fraction of the copy bandwidth against M on one layer shape (default: the shape with
+    the most weights that every document measured), and the speedup over cuBLAS fp16 beside it.
+    The bytes counted are each format's own (packed weights + activations + outputs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = [d for d in docs if d["records"]]
+    if not docs:
+        raise ValueError("no bench records to plot")
+    if shape is None:
+        common = set.intersection(*({(r["N"], r["K"]) for r in d["records"]} for d in docs))
+        if not common:
+            raise ValueError("the bench documents share no layer shape; pass shape=(N, K)")
+        shape = max(common, key=lambda nk: (nk[0] * nk[1], nk))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, (ax_bw, ax_speed) = plt.subplots(1, 2, figsize=(13, 5))
+    all_ms = set()
+    for doc in docs:
+        rows = sorted((r for r in doc["records"] if (r["N"], r["K"]) == tuple(shape)), key=lambda r: r["M"])
+        if not rows:
+            continue
+        label = f"{doc.get('format') or rows[0]['format']} ({doc['commit']})"
+        ms = [r["M"] for r in rows]
+        all_ms.update(ms)
+        ax_bw.plot(ms, [r["bandwidth_fraction"] for r in rows], "o-", label=label)
+        ax_speed.plot(ms, [r["speedup_vs_fp16"] for r in rows], "o-", label=label)
+    for ax in (ax_bw, ax_speed):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(all_ms))
+        ax.set_xticklabels([str(m) for m in sorted(all_ms)])
+        ax.minorticks_off()
+        ax.set_xlabel("batch M")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    ax_bw.set_ylim(0, 1)
+    ax_bw.set_ylabel("bytes moved / time / copy bandwidth")
+    ax_bw.set_title(f"{shape[0]}x{shape[1]}: fraction of copy bandwidth")
+    ax_speed.axhline(1.0, color="black", linewidth=0.8)
+    ax_speed.set_yscale("log", base=2)
+    ax_speed.set_ylabel("speedup vs cuBLAS fp16 (x)")
+    ax_speed.set_title(f"{shape[0]}x{shape[1]}: speedup over cuBLAS fp16")
+    devices = sorted({d["device"] for d in docs})
+    fig.suptitle(f"qcompile formats on {', '.join(devices)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    """python -m qcompile.bench.plot --roofline A.json B.json ... -o OUT.png [--shape NxK]"""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m qcompile.bench.plot",
+                                 description="Roofline PNG comparing the formats of several bench JSON files.")
+    ap.add_argument("--roofline", nargs="+", required=True, metavar="JSON", help="bench documents (one per format)")
+    ap.add_argument("-o", "--out", required=True, help="PNG to write")
+    ap.add_argument("--shape", default=None, help="layer shape NxK (default: the largest shared one)")
+    args = ap.parse_args(argv)
+    docs = []
+    for name in args.roofline:
+        with open(name) as f:
+            docs.append(json.load(f))
+    shape = tuple(int(v) for v in args.shape.lower().split("x")) if args.shape else None
+    print(f"wrote {plot_roofline(docs, args.out, shape)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
