@@ -378,6 +378,10 @@ def format_manifest(manifest: dict, verified: bool = False) -> str:
     for (n, k), names in sorted(shapes.items()):
         kinds = ", ".join(sorted(set(names)))
         lines.append(f"  {n:>6} x {k:<6} {len(names):>4} layers  ({kinds})")
+    fused = [layer for layer in layers if layer.get("fused")]
+    if fused:
+        parts = sorted({"/".join(layer["fused"]["parts"]) for layer in fused})
+        lines.append(f"fused layers    {len(fused)} ({', '.join(parts)}: one product per call, split at run time)")
     rht_kernels = {name for layer in layers for name in layer.get("rht_kernels", ())}
     if rht_kernels:
         lines.append(f"rht kernels     {len(rht_kernels)} (the Hadamard transforms around the RHT layers)")

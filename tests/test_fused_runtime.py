@@ -178,3 +178,12 @@ def test_bad_fused_metadata(fused_artifact, tmp_path, edit, msg):
     with pytest.raises(QCompileError, match=msg) as err:
         qc.load(art)
     assert "\n" not in str(err.value) and "model.layers.1.self_attn.qkv_proj" in str(err.value)
+
+
+def test_inspect_lists_the_fused_layers(fused_artifact):
+    from qcompile.cli import format_manifest
+    from qcompile.model.artifact import read_manifest
+
+    art, _, _ = fused_artifact
+    text = format_manifest(read_manifest(art))
+    assert "fused layers    4 (q_proj/k_proj/v_proj, up_proj/gate_proj" in text
