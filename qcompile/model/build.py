@@ -77,9 +77,10 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     model_dir = Path(model_dir).absolute()
     if model_dir.resolve() == out.resolve() or model_dir.resolve() in out.resolve().parents:
         raise QCompileError(f"output directory {out} is inside the model directory {model_dir}; choose another -o")
-    fmt, layers = model_layers(model_dir, fmt)  # what qcompile tune derives too (kernel_shapes)
+    # the format, model type and every layer shape are checked here, as qcompile tune derives them
+    fmt, layers = model_layers(model_dir, fmt)
     if is_checkpoint(model_dir):
-        fmt, raw_config, unquantized, quantized = load_checkpoint_for_build(model_dir, fmt, say)
+        raw_config, unquantized, quantized = load_checkpoint_for_build(model_dir, fmt, say)
         loaded = {path: (qw.format, *qw.shape) for path, (qw, _) in quantized.items()}
         if loaded != layers:
             raise QCompileError(f"checkpoint {model_dir}: the loaded layers differ from the layer files' metadata; "
@@ -120,26 +121,18 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     return out
 
 
-def load_checkpoint_for_build(path: Path, fmt: Optional[Format], say):
-    """(format, raw config, unquantized tensors, {linear path: (QuantizedWeight, bias)}) of a
-    quantized checkpoint; its config keeps the checkpoint's settings under quantization_config."""
+def load_checkpoint_for_build(path: Path, fmt: Format, say):
+    """(raw config, unquantized tensors, {linear path: (QuantizedWeight, bias)}) of a quantized
+    checkpoint whose format and layers ``model_layers`` has already checked (``fmt``: its format);
+    its config keeps the checkpoint's settings under quantization_config."""
     from .checkpoint import load_checkpoint
 
     quantized, unquantized, raw = load_checkpoint(path)
     qcfg = raw["quantization_config"]
-    ck_fmt = get_format(qcfg["format"])
-    if fmt is not None and fmt.name != ck_fmt.name:
-        raise QCompileError(f"checkpoint {path} is quantized to {ck_fmt.name}, not {fmt.name}; drop --format or "
-                            f"requantize the model with qcompile quantize --format {fmt.name}")
-    if raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise QCompileError(f"checkpoint {path} holds a {raw.get('model_type')!r} model; qcompile build supports "
-                            f"Llama-family models ({', '.join(SUPPORTED_MODEL_TYPES)})")
-    for lin_path, qw in quantized.items():
-        check_layer_shape(ck_fmt, lin_path, *qw.shape)
-    say(f"using the {ck_fmt.name} checkpoint {path} ({'RHT, ' if qcfg.get('rht') else ''}"
+    say(f"using the {fmt.name} checkpoint {path} ({'RHT, ' if qcfg.get('rht') else ''}"
         f"{'LDLQ' if qcfg.get('ldlq') else 'round to nearest'}, {len(quantized)} linears)")
     entries = {p: (qw, unquantized.pop(f"{p}.bias", None)) for p, qw in quantized.items()}
-    return ck_fmt, raw, unquantized, entries
+    return raw, unquantized, entries
 
 
 # --- the layers and kernel shapes of a model ---------------------------------------------------------
