@@ -18,15 +18,20 @@ from test_e8p_io import CONFIG, model_weights
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def fused_artifact(tmp_path_factory):
+def build_fused_artifact(root, target):
+    """(artifact, quantized, unquantized) of the toy fused e8p-2 model: QuIP# export -> import ->
+    qcompile build for ``target`` (shared with the GPU test)."""
     from qcompile.model.build import build
 
     quantized, unq = model_weights("e8p-2")
-    root = tmp_path_factory.mktemp("fused")
     src = qio.export_quipsharp(root / "src", dict(CONFIG), quantized, unq)
     ck = qio.import_checkpoint(src, root / "ck")
-    return build(ck, None, "llvm", root / "art", progress=None), quantized, unq
+    return build(ck, None, target, root / "art", progress=None), quantized, unq
+
+
+@pytest.fixture(scope="module")
+def fused_artifact(tmp_path_factory):
+    return build_fused_artifact(tmp_path_factory.mktemp("fused"), "llvm")
 
 
 def reference_model(quantized, unq, fuse_scales=True):

@@ -5,22 +5,15 @@ import pytest
 import torch
 
 import qcompile as qc
-from qcompile.formats import quipsharp_io as qio
-from test_e8p_io import CONFIG, model_weights
-from test_fused_runtime import reference_model
+from test_e8p_io import CONFIG
+from test_fused_runtime import build_fused_artifact, reference_model
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.fixture(scope="module")
 def gpu_fused(tmp_path_factory):
-    from qcompile.model.build import build
-
-    quantized, unq = model_weights("e8p-2")
-    root = tmp_path_factory.mktemp("fused-gpu")
-    src = qio.export_quipsharp(root / "src", dict(CONFIG), quantized, unq)
-    ck = qio.import_checkpoint(src, root / "ck")
-    return build(ck, None, "auto", root / "art", progress=None), quantized, unq
+    return build_fused_artifact(tmp_path_factory.mktemp("fused-gpu"), "auto")
 
 
 def test_logits_match_the_dequantized_reference(gpu_fused):
