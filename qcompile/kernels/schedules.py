@@ -80,15 +80,11 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     # M > 1: activation rows outside the row tile, so one activation row of the chunk is in
     # registers at a time (staging all M rows at once spills at M=16) and is reused row_tile times
     m_outside = int(sch.get(m_loop).extent) > 1
-    if m_outside:
-        sch.reorder(bx, ty, tx, ko, kv, m_loop, rt, *runs)
-    else:
-        sch.reorder(bx, ty, tx, ko, kv, rt, m_loop, *runs)
+    row_loops = (m_loop, rt) if m_outside else (rt, m_loop)
+    sch.reorder(bx, ty, tx, ko, kv, *row_loops, *runs)
     rf = sch.rfactor(tx, factor_axis=0)  # per-thread partial sums, then a cross-thread reduction
-    if m_outside:
-        bx, ty, tx, ko, kv, m_loop, rt, *runs = sch.get_loops(rf)
-    else:
-        bx, ty, tx, ko, kv, rt, m_loop, *runs = sch.get_loops(rf)
+    bx, ty, tx, ko, kv, outer_i, inner_i, *runs = sch.get_loops(rf)
+    m_loop, rt = (outer_i, inner_i) if m_outside else (inner_i, outer_i)
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
