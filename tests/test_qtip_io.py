@@ -74,7 +74,8 @@ def test_import_then_export_is_byte_identical(tmp_path, code, K):
     assert set(unquantized) == {k for k in tensors if not k.split(".")[-1] in qtip_io.QTIP_TENSORS}
     qw = quantized["model.layers.1.mlp.down_proj"]
     assert qw.format == f"qtip-{code}-{K}" and qw.shape == (HIDDEN, INTER) and qw.rht
-    assert qw.tensors["trellis"].shape == (HIDDEN // 16, INTER // 16, 16 * K)  # same bytes, 3-D
+    assert qw.tensors["trellis"].shape == qc.formats.get(qw.format).tensor_specs(HIDDEN, INTER)["trellis"].shape
+    assert qw.tensors["trellis"].numel() == HIDDEN * INTER * K // 16  # same bytes, 3-D
     assert torch.equal(qw.tensors["trellis"].reshape(-1), tensors["model.layers.1.mlp.down_proj.trellis"].reshape(-1))
     assert qw.meta["runtime_scale"] == 32  # SU/32 and 32·SV are exact here
     assert torch.equal(qw.tensors["SU"].float() * 32, tensors["model.layers.1.mlp.down_proj.SU"].float())

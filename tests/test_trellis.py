@@ -27,7 +27,8 @@ def test_nine_formats_registered_with_exact_k_bits():
         fmt = qc.formats.get(name)
         specs = fmt.tensor_specs(4096, 4096)
         t = specs["trellis"]
-        assert t.dtype == "int16" and t.shape == (256, 256, 16 * fmt.K)
+        # the tiles packing has a row per tile, the kernel packing (HYB) one per 32x32 super-tile
+        assert t.dtype == "int16" and t.shape == ((128, 128, 64 * fmt.K) if fmt.code == "hyb" else (256, 256, 16 * fmt.K))
         assert np.prod(t.shape) * 16 / 4096 ** 2 == fmt.K  # exactly K bits per weight
         assert ("tlut" in specs) == (fmt.code == "hyb")
         assert fmt.decode_unit == 16
@@ -338,7 +339,7 @@ def test_bad_weights_and_parameters():
     qw.tensors["SU"], qw.tensors["SV"] = torch.ones(32).half(), torch.ones(32).half()
     cases = []
     bad = dict(qw.tensors, trellis=qw.tensors["trellis"].reshape(4, 32))
-    cases.append((bad, "trellis.*must be int16\\[2, 2, 32\\]"))
+    cases.append((bad, "trellis.*must be int16\\[1, 1, 128\\]"))
     bad = dict(qw.tensors, trellis=qw.tensors["trellis"].to(torch.int32))
     cases.append((bad, "trellis.*must be int16"))
     bad = {k: v for k, v in qw.tensors.items() if k != "tlut"}

@@ -103,6 +103,24 @@ def test_sampled_space_compiles_for_sm90(m):
         _compiles_as_configured(spec, cfg)
 
 
+@pytest.mark.parametrize("m", [1, 4])
+def test_space_of_a_ragged_k_keeps_many_threads_along_k(m):
+    """E8P at K = 11008 (344 units = 8 * 43, Llama-2-7B down_proj): exact splits stop at 8 threads
+    along K; the space also holds splits with a ragged last step (the schedule masks the units past
+    K) that leave at most MAX_RAGGED_IDLE of the step slots idle, the default among them."""
+    n, k, unit = 4096, 11008, 32
+    spec = KernelSpec("e8p-2", n, k, m)
+    cands = space.candidates(spec)
+    assert all(space.tiling_error(cfg, n, k, unit) is None for cfg in cands)  # the default too
+    ragged = [cfg for cfg in cands if (k // unit) % (cfg.threads_k * cfg.chunks)]
+    assert cands[0] in ragged and cands[0].threads_k >= 32
+    assert {cfg.threads_k for cfg in ragged} >= {16, 32, 64}
+    assert "idle" in space.tiling_error(GemvConfig(threads_k=64, chunks=4), n, k, unit)  # 344 of 512 slots
+    assert "exceeds" in space.tiling_error(GemvConfig(threads_k=128, chunks=4), n, k, unit)
+    for cfg in cands[:2] + cands[2::50]:
+        _compiles_as_configured(spec, cfg)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("m", [1, 4, 16])
 def test_every_config_in_the_space_compiles_for_sm90(m):

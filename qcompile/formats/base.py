@@ -238,12 +238,20 @@ class Format:
     # Kernel tensors read afresh for every unit (the packed words): schedules stage these in
     # registers with vector loads. The others (scales, tables) are read in place.
     streamed: Tuple[str, ...] = ()
+    # GEMV granularity (rows, decode units): the block of a row tile whose packed words are one
+    # contiguous region (a QTIP tile's 16 rows; HYB's 32x32 super-tiles: 32 rows x 2 units). A GEMV
+    # thread that holds whole blocks reads them with vector loads and indexes them by constants.
+    gemv_tile: Tuple[int, int] = (1, 1)
+    # Small lookup tables the decode reads directly (not through a gather stage), e.g. QTIP HYB's
+    # tlut: schedules may copy them to shared memory once per thread block.
+    tables: Tuple[str, ...] = ()
 
     def unit_reads(self) -> Dict[str, Tuple[Tuple[int, ...], str, bool]]:
-        """For a decode intrinsic: name -> (shape, dtype, staged) of the region of each kernel tensor
-        that one decode unit reads (the same number of dimensions as the tensor; indices of unit
-        (0, 0) fall inside it), in the order the intrinsic's function takes them; staged = the
-        tensor is in ``streamed`` (the schedule holds it in registers)."""
+        """For a decode intrinsic: name -> (shape, dtype, staged[, offset]) of the region of each
+        kernel tensor that one decode unit reads (the same number of dimensions as the tensor;
+        indices of unit (0, 0) fall inside it), in the order the intrinsic's function takes them;
+        staged = the tensor is in ``streamed`` or is the gather stage (the schedule holds it in
+        registers); offset = the region's start at unit (0, 0)."""
         raise NotImplementedError(f"{self.name} has no decode intrinsic")
 
     def bits_per_weight(self, n: int, k: int) -> float:

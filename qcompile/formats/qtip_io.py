@@ -163,7 +163,7 @@ def qtip_layer_to_qweight(path: str, t: Dict[str, torch.Tensor], code: str, K: i
     runtime_scale = RUNTIME_SCALE
     if su is None or sv is None:  # keep the vectors as they are (fp16) rather than lose bits
         su, sv, runtime_scale = SU.to(torch.float16), SV.to(torch.float16), 1
-    tensors = {"trellis": tr.reshape(n // TILE, k // TILE, TILE * K).contiguous()}
+    tensors = {"trellis": tr.reshape(fmt.tensor_specs(n, k)["trellis"].shape).contiguous()}
     if code == "hyb":
         tlut = t["tlut"]
         if tuple(tlut.shape) != (1 << Q_BITS, 2) or not tlut.is_floating_point():

@@ -45,8 +45,10 @@ suits our row-wise GEMV; keeping the reference's bytes again makes export/import
 (order, packing) pair is available as an unregistered variant (``variant``), e.g. HYB in mma order
 with tile-contiguous streams, for kernels that prefer it; ``tir_decode_unit`` handles all four.
 
-Tensors: "trellis" int16 [N/16, k/16, 16·K] (exactly K bits per weight; the same bytes as the
-reference's nominal 2-D [(N/16)·(k/16), 16·K], 3-D so that the TIR decode knows k), "tlut" fp16
+Tensors: "trellis" int16 [N/16, k/16, 16·K] in the tiles packing, [N/32, k/32, 64·K] (one row per
+32×32 super-tile) in the kernel packing (exactly K bits per weight; the same bytes as the reference's
+nominal 2-D [(N/16)·(k/16), 16·K], 3-D so that the TIR decode knows k and a kernel's staging of a
+tile or super-tile is one contiguous region of the last axis), "tlut" fp16
 [512, 2] (HYB only), and the RHT vectors SU fp16 [k], SV fp16 [N]. QTIP quantizes in the RHT basis,
 always: the ``rht`` argument of quantize is ignored (the trellis codes are Gaussian codebooks and SV is where
 the layer scale lives). Wscale (the reference's per-layer scale, §3.3) is rms(W̃)/(rms(codebook)·ρ)
@@ -404,6 +406,7 @@ class TrellisFormat(Format):
     always_rht = True
 
     decode_unit = 16  # one tile row: 16 consecutive input columns of one output row
+    streamed = ("trellis",)
 
     def __init__(self, code: str, K: int, order: Optional[str] = None, packing: Optional[str] = None):
         if code not in CODES:
@@ -420,6 +423,8 @@ class TrellisFormat(Format):
             raise QCompileError(f"unknown packing {packing!r}; choose one of {', '.join(PACKINGS)}")
         self.code, self.K, self.V, self.L = code, int(K), CODES[code], L_BITS
         self.KV = self.K * self.V
+        self.tables = ("tlut",) if code == "hyb" else ()
+        self.gemv_tile = (2 * TILE, 2) if packing == "kernel" else (TILE, 1)
         self.S = TILE_WEIGHTS // self.V
         self.order, self.packing = order, packing
         self.layout = _layout_of(order, packing)
@@ -439,7 +444,10 @@ class TrellisFormat(Format):
 
     def tensor_specs(self, n: int, k: int) -> Dict[str, TensorSpec]:
         self.check_shape(n, k)
-        specs = {"trellis": TensorSpec((n // TILE, k // TILE, TILE * self.K), "int16")}
+        if self.packing == "kernel":  # one row per 32x32 super-tile: 4 tiles' streams, lane-interleaved
+            specs = {"trellis": TensorSpec((n // (2 * TILE), k // (2 * TILE), 4 * TILE * self.K), "int16")}
+        else:
+            specs = {"trellis": TensorSpec((n // TILE, k // TILE, TILE * self.K), "int16")}
         if self.code == "hyb":
             specs["tlut"] = TensorSpec((1 << Q_BITS, 2), "float16")
         return specs
@@ -455,9 +463,9 @@ class TrellisFormat(Format):
         return unpack_kernel(t, n, k, self.K) if self.packing == "kernel" else t
 
     def pack_streams(self, streams: torch.Tensor, n: int, k: int) -> torch.Tensor:
-        """Tile streams [(N/16)(k/16), 16K] -> the stored "trellis" tensor [N/16, k/16, 16K]."""
+        """Tile streams [(N/16)(k/16), 16K] -> the stored "trellis" tensor (``tensor_specs`` shape)."""
         t = pack_kernel(streams, n, k, self.K) if self.packing == "kernel" else streams
-        return t.reshape(n // TILE, k // TILE, TILE * self.K).contiguous()
+        return t.reshape(self.tensor_specs(n, k)["trellis"].shape).contiguous()
 
     def states(self, qw: QuantizedWeight) -> torch.Tensor:
         """Trellis states int64 [(N/16)(k/16), S] of a stored weight (tiles row-major)."""
@@ -533,7 +541,7 @@ class TrellisFormat(Format):
         tlut (HYB), SU = ±1/32 and SV = ±32 as the runtime scale folds them."""
         self.check_shape(n, k)
         gen = torch.Generator().manual_seed(int(seed))
-        words = torch.randint(-2**15, 2**15, (n // TILE, k // TILE, TILE * self.K), generator=gen, dtype=torch.int32)
+        words = torch.randint(-2**15, 2**15, self.tensor_specs(n, k)["trellis"].shape, generator=gen, dtype=torch.int32)
         tensors = {"trellis": words.to(torch.int16)}
         if self.code == "hyb":
             tensors["tlut"] = default_tlut()
@@ -590,15 +598,13 @@ class TrellisFormat(Format):
             # values that tensor-core rewrites create from casting a negative number to uint32)
             return tirx.bitwise_and(tirx.shift_right(both, u32(tirx.bitwise_and(16 - fm(p0, 16), 31))), c32(0xFFFF))
         # kernel packing: three stream bytes q0..q0+2, each at its byte-reversed, interleaved address
+        # in the super-tile's row T[I // 2, c // 2, :] (lane-major, then tile column b, row a)
         K = self.K
-        tiles_k = int(T.shape[1])
-        sup = (fd(I, 2) * (tiles_k // 2) + fd(c, 2)) * 32
 
         def byte(q):
             q = fm(q, words * 2)
-            addr = ((sup + fd(q, K)) * 4 + fm(c, 2) * 2 + fm(I, 2)) * K + (K - 1 - fm(q, K))
-            f = fd(addr, 2)  # flat int16 index
-            word = u32(tirx.Cast("uint16", T[fd(f, tiles_k * words), fm(fd(f, words), tiles_k), fm(f, words)]))
+            addr = (fd(q, K) * 4 + fm(c, 2) * 2 + fm(I, 2)) * K + (K - 1 - fm(q, K))
+            word = u32(tirx.Cast("uint16", T[fd(I, 2), fd(c, 2), fd(addr, 2)]))
             return tirx.bitwise_and(tirx.shift_right(word, u32(8 * fm(addr, 2))), c32(0xFF))
 
         q0 = fd(p0, 8)
@@ -606,15 +612,95 @@ class TrellisFormat(Format):
                                                 tirx.shift_left(byte(q0 + 1), c32(8))), byte(q0 + 2))
         return tirx.bitwise_and(tirx.shift_right(three, u32(tirx.bitwise_and(8 - fm(p0, 8), 31))), c32(0xFFFF))
 
+    # The stored layouts decode through a gather stage: per unit (one tile row) a few 32-bit slices
+    # of the tile stream, in registers, from which every window of the row is one shift and mask;
+    # all of the row's position dependence (which words, the wrap of row 15, HYB's half-row offset)
+    # lives in the gather, so the decode of a unit is the same for every row and a CUDA intrinsic
+    # can replace it. Other (order, packing) variants use the direct window expression.
+    @property
+    def gather_count(self) -> int:
+        if not self.is_default_layout:
+            return 0
+        return self.K if self.V == 1 else 4
+
+    def tir_gather(self, bufs: Mapping[str, object], n, c, g):
+        """uint32 slice g of unit (n, c).
+        generic (row order, V=1): the row's stream starts at word r·K of its tile; slice g = stream
+          words r·K + g and r·K + g + 1 (circular), so state j's window sits at bit j·K of the slices.
+        kernel (mma order, V=2): row r = 8h + q of a tile uses lanes 4q..4q+3 (and the lookahead of
+          lane 4q+4); slice g = the 32 stream bits from bit h·KV of lane 4q+g's chunk, so the row's
+          states of lane 4q+g are the windows at bits 0 and 2·KV (columns 2g, 2g+1 and 2g+8, 2g+9)."""
+        from tvm import tirx
+
+        fd, fm = tirx.floordiv, tirx.floormod
+        u32 = lambda e: tirx.Cast("uint32", e)  # noqa: E731
+        c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+        T = bufs["trellis"]
+        I, r = fd(n, TILE), fm(n, TILE)
+        words = TILE * self.K
+        if self.V == 1:
+            w = r * self.K + g
+            hi = u32(tirx.Cast("uint16", T[I, c, w]))
+            lo = u32(tirx.Cast("uint16", T[I, c, fm(w + 1, words)]))
+            return tirx.bitwise_or(tirx.shift_left(hi, c32(16)), lo)
+        K = self.K
+        u64 = lambda e: tirx.Cast("uint64", e)  # noqa: E731
+        c64 = lambda v: tirx.const(v, "uint64")  # noqa: E731
+        h, q = fd(r, 8), fm(r, 8)
+        a, b = fm(I, 2), fm(c, 2)
+
+        def chunk(lane):
+            """Lane ``lane``'s K stream bytes as a big-endian integer: the packing stores them
+            byte-reversed, so they read as a little-endian integer at byte (lane·4 + b·2 + a)·K."""
+            base = (fm(lane, 32) * 4 + b * 2 + a) * K
+            val = None
+            for i in range(K):
+                addr = base + i
+                byte = tirx.bitwise_and(tirx.shift_right(u64(tirx.Cast("uint16", T[fd(I, 2), fd(c, 2), fd(addr, 2)])),
+                                                         u64(8 * fm(addr, 2))), c64(0xFF))
+                term = tirx.shift_left(byte, c64(8 * i))
+                val = term if val is None else tirx.bitwise_or(val, term)
+            return val
+
+        lane = 4 * q + g
+        z = tirx.bitwise_or(tirx.shift_left(chunk(lane), c64(8 * K)), chunk(lane + 1))  # 16K stream bits
+        return tirx.Cast("uint32", tirx.shift_right(tirx.shift_left(z, u64(h * self.KV)), c64(16 * K - 32)))
+
     def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
         """fp16 value of weight (n, 16c + j): window → code, from the packed words (and the tlut)."""
         from tvm import tirx
 
+        fd, fm = tirx.floordiv, tirx.floormod
+        c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+        if self.gather_count:
+            G = self.gathered(bufs)
+            if self.V == 1:  # state j at bit j·K of the slices
+                off = j * self.K
+                slice_, shift, v = G[n, c, fd(off, 16)], 16 - fm(off, 16), 0
+            else:  # column j: lane fm(j, 8) // 2, state h (j < 8) or h + 2 (j >= 8), value j % 2
+                slice_, shift, v = G[n, c, fd(fm(j, 8), 2)], 16 - 2 * self.KV * fd(j, 8), fm(j, 2)
+            # (& 31 as in _tir_window: no valid shift changes; tensor-core rewrites fold index values
+            # that cannot occur, and a negative one must not reach the uint32 cast)
+            s = tirx.bitwise_and(tirx.shift_right(slice_, tirx.Cast("uint32", tirx.bitwise_and(shift, 31))), c32(0xFFFF))
+            return _tir_code(self.code, s, v, bufs.get("tlut"))
         T = bufs["trellis"]
         r = tirx.floormod(n, TILE)
         p0, v = self._tir_bit_offset(r, j)
         s = self._tir_window(T, n, c, p0)
         return _tir_code(self.code, s, v, bufs.get("tlut"))
+
+    def unit_reads(self):
+        if not self.gather_count or self.V != 1:
+            raise NotImplementedError(f"{self.name} has no decode intrinsic (1MAD and 3INST in their stored layout have one)")
+        return {"gathered": ((1, 1, self.gather_count), "uint32", True)}
+
+    def decode_intrin(self, target_kind: str):
+        if target_kind != "cuda" or not self.gather_count or self.V != 1:
+            return None
+        from ..kernels.intrinsics import register_unit_decode
+
+        source = _cuda_trellis()
+        return register_unit_decode(self, f"qc_qtip_{self.code}_k{self.K}_decode16", source), source
 
 
 def _tir_code(code: str, s, v, tlut):
@@ -640,13 +726,74 @@ def _tir_code(code: str, s, v, tlut):
         val = tlut[idx, v]
         if isinstance(v, int) and v == 1:
             return val
-        bits = tirx.reinterpret("uint16", val)
-        sign = tirx.Cast("uint16", tirx.shift_left(band(sr(h, u32(15)), u32(1)), u32(15)))
-        flipped = tirx.reinterpret("float16", tirx.bitwise_xor(bits, sign))
-        if isinstance(v, int):  # v == 0
-            return flipped
-        return tirx.Select(v == 0, flipped, val)
+        sign_bit = band(sr(h, u32(15)), u32(1))
+        if not isinstance(v, int):  # only value 0 carries the sign (one table read either way, so
+            sign_bit = sign_bit * tirx.Cast("uint32", 1 - v)  # the read region is the same for every v)
+        sign = tirx.Cast("uint16", tirx.shift_left(sign_bit, u32(15)))
+        return tirx.reinterpret("float16", tirx.bitwise_xor(tirx.reinterpret("uint16", val), sign))
     raise QCompileError(f"unknown trellis code {code!r}")
+
+
+# The decode of one unit (16 weights of a tile row) from its gathered stream slices, in half2 pairs:
+# windows by one shift and mask; 3INST: IMAD, LOP3, then the two fp16 halves of two weights regrouped by
+# PRMT and added by one HADD2; 1MAD: IMAD, the byte sum by DP4A, y − 510 exactly in fp32 through the
+# 2^23 magic number, the fp32 multiply by the rounded reciprocal, one rounding to half2. Every step is
+# exact or rounds exactly as the TIR decode does, so the values are bit-identical to it. (HYB keeps
+# the TIR decode: its table read has a data-dependent index, which tensorize cannot match.)
+_CUDA_TRELLIS = r"""
+#ifndef QC_QTIP_DECODE16
+#define QC_QTIP_DECODE16
+#include <cuda_fp16.h>
+template <int K>
+__device__ __forceinline__ unsigned qc_qtip_window(const unsigned* __restrict__ g, int j) {
+  return (g[(j * K) >> 4] >> (16 - ((j * K) & 15))) & 0xFFFFu;
+}
+__device__ __forceinline__ unsigned qc_qtip_3inst(unsigned s) {
+  return ((s * @INST3_A@u + @INST3_B@u) & @INST3_MASK@u) ^ @INST3_XOR@u;
+}
+__device__ __forceinline__ float qc_qtip_1mad(unsigned s) {
+  const unsigned y = __dp4a(s * @MAD1_A@u + @MAD1_B@u, 0x01010101u, 0u);  // sum of the 4 bytes
+  return (__uint_as_float(0x4B000000u | y) - @MAD1_MAGIC@f) * @MAD1_RECIP@f;  // (y - 510) exactly, then one rounding
+}
+template <int K>
+__device__ __forceinline__ void qc_qtip_3inst16(const unsigned* __restrict__ g, half* __restrict__ w) {
+  unsigned* out = reinterpret_cast<unsigned*>(w);
+#pragma unroll
+  for (int j = 0; j < 16; j += 2) {
+    const unsigned x0 = qc_qtip_3inst(qc_qtip_window<K>(g, j)), x1 = qc_qtip_3inst(qc_qtip_window<K>(g, j + 1));
+    const unsigned lo = __byte_perm(x0, x1, 0x5410), hi = __byte_perm(x0, x1, 0x7632);
+    const half2 v = __hadd2(*reinterpret_cast<const half2*>(&hi), *reinterpret_cast<const half2*>(&lo));
+    out[j / 2] = *reinterpret_cast<const unsigned*>(&v);
+  }
+}
+template <int K>
+__device__ __forceinline__ void qc_qtip_1mad16(const unsigned* __restrict__ g, half* __restrict__ w) {
+  half2* out = reinterpret_cast<half2*>(w);
+#pragma unroll
+  for (int j = 0; j < 16; j += 2)
+    out[j / 2] = __floats2half2_rn(qc_qtip_1mad(qc_qtip_window<K>(g, j)), qc_qtip_1mad(qc_qtip_window<K>(g, j + 1)));
+}
+#define QC_QTIP_V1(code, K) \
+  __device__ __forceinline__ int qc_qtip_##code##_k##K##_decode16(const unsigned* __restrict__ g, half* __restrict__ w) { \
+    qc_qtip_##code##16<K>(g, w); return 0; }
+QC_QTIP_V1(3inst, 2) QC_QTIP_V1(3inst, 3) QC_QTIP_V1(3inst, 4)
+QC_QTIP_V1(1mad, 2) QC_QTIP_V1(1mad, 3) QC_QTIP_V1(1mad, 4)
+#endif
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_trellis() -> str:
+    import struct
+
+    recip = struct.unpack("<f", struct.pack("<f", MAD1_RECIP))[0]
+    values = {"INST3_A": INST3_A, "INST3_B": INST3_B, "INST3_MASK": f"0x{INST3_MASK:08X}",
+              "INST3_XOR": f"0x{INST3_XOR:08X}", "MAD1_A": MAD1_A, "MAD1_B": MAD1_B,
+              "MAD1_MAGIC": f"{float(2 ** 23 + MAD1_OFFSET):.1f}", "MAD1_RECIP": recip.hex().replace("0x", "0x")}
+    src = _CUDA_TRELLIS
+    for key, val in values.items():
+        src = src.replace(f"@{key}@", str(val))
+    return src
 
 
 class _TileEncoder:

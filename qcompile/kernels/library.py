@@ -42,13 +42,22 @@ class KernelSpec:
         return f"{re.sub(r'[^0-9a-zA-Z]', '_', self.format)}_n{self.n}_k{self.k}_m{self.m}"
 
 
-def default_gemv_config(n: int, k: int, m: int, unit: int = 8) -> GemvConfig:
-    """The best hand-picked GEMV config that tiles (n, k) exactly. From H100 sweeps
-    (qcompile.bench.sweep). 8-column units (int4): M <= 2: 4 rows x 64 threads, 2 words per step, 2
-    steps unrolled; larger M: 32 threads and 2 rows per thread, which halves the activation re-reads
-    that bound M > 1. 32-column units (E8P word pairs): 4 rows per thread, one pair per step (the
-    LSU, not DRAM, bounds these kernels: row_tile 4 divides the activation loads by 4; e8p-2 at
-    M=1 on 28672x8192 went 79 -> 45 us)."""
+def default_gemv_config(n: int, k: int, m: int, unit: int = 8, tile: Tuple[int, int] = (1, 1)) -> GemvConfig:
+    """The best hand-picked GEMV config for (n, k). From H100 sweeps (qcompile.bench.sweep). 8-column
+    units (int4): M <= 2: 4 rows x 64 threads, 2 words per step, 2 steps unrolled; larger M: 32
+    threads and 2 rows per thread, which halves the activation re-reads that bound M > 1. 32-column
+    units (E8P word pairs): 4 rows per thread, one pair per step (the LSU, not DRAM, bounds these
+    kernels: row_tile 4 divides the activation loads by 4; e8p-2 at M=1 on 28672x8192 went 79 -> 45 us).
+
+    The config tiles K exactly where that keeps the preferred threads_k. Where it does not (a K with
+    a large odd factor: 11008 = 344 E8P units = 8 * 43 would leave 8 threads per row), the preferred
+    threads_k runs with a ragged last K step instead (the schedule masks the units past K), provided
+    at most MAX_RAGGED_IDLE of the step slots are idle (344 units on 32 threads: 11 steps, 8 of 352
+    slots idle); of the preferred chunks and 1, the one with fewer idle slots (ties: the preferred)."""
+    from .schedules import MAX_RAGGED_IDLE, k_steps, ragged_idle
+
+    if tuple(tile) != (1, 1):
+        return _tiled_gemv_config(n, k, unit, tile)
     if unit >= 32:
         preferred = GemvConfig(rows=4, threads_k=32, chunks=1, unroll=2 if m <= 2 else 1, row_tile=4 if m <= 4 else 2)
     elif m <= 2:
@@ -56,23 +65,67 @@ def default_gemv_config(n: int, k: int, m: int, unit: int = 8) -> GemvConfig:
     else:
         preferred = GemvConfig(rows=4, threads_k=32, chunks=2, unroll=1, row_tile=2)
     chunks_k = k // unit  # decode units (the format's decode_unit columns each) along K
-    for threads_k in (preferred.threads_k, 64, 32, 16, 8, 4, 2, 1):
-        for chunks in (preferred.chunks, 1):
-            if chunks_k % (threads_k * chunks):
+
+    def tile_rows(threads_k, chunks):  # rows, row_tile and unroll for a K split, or None
+        steps = k_steps(chunks_k, threads_k, chunks)
+        unroll = preferred.unroll if steps % preferred.unroll == 0 else 1
+        for row_tile in (preferred.row_tile, 2, 1):
+            # few threads along K (a K with a large odd factor that not even a ragged split keeps at
+            # the preferred threads_k) leave too few threads to cover the GPU: give up rows per
+            # thread for parallelism first
+            if row_tile > 1 and (n // row_tile) * threads_k < MIN_GEMV_THREADS:
                 continue
-            steps = chunks_k // (threads_k * chunks)
-            unroll = preferred.unroll if steps % preferred.unroll == 0 else 1
-            for row_tile in (preferred.row_tile, 2, 1):
-                # few threads along K (a K with a large odd factor, e.g. 11008 = 344 E8P units) leave
-                # too few threads to cover the GPU: give up rows per thread for parallelism first
-                if row_tile > 1 and (n // row_tile) * threads_k < MIN_GEMV_THREADS:
-                    continue
-                # and blocks of at least 128 threads when few threads share a row
-                for rows in (max(preferred.rows, 128 // threads_k), preferred.rows, 2, 1):
-                    if n % (rows * row_tile) == 0:
-                        return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=unroll,
-                                          row_tile=row_tile)
-    raise ValueError(f"no GEMV config tiles N={n}, K={k} in units of {unit}")
+            # and blocks of at least 128 threads when few threads share a row
+            for rows in (max(preferred.rows, 128 // threads_k), preferred.rows, 2, 1):
+                if n % (rows * row_tile) == 0:
+                    return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=unroll,
+                                      row_tile=row_tile)
+        return None
+
+    def exact():
+        for threads_k in (preferred.threads_k, 64, 32, 16, 8, 4, 2, 1):
+            for chunks in (preferred.chunks, 1):
+                if chunks_k % (threads_k * chunks) == 0:
+                    cfg = tile_rows(threads_k, chunks)
+                    if cfg is not None:
+                        return cfg
+        return None
+
+    def ragged():
+        fits = [c for c in dict.fromkeys((preferred.chunks, 1))
+                if preferred.threads_k * c <= chunks_k
+                and ragged_idle(chunks_k, preferred.threads_k, c) <= MAX_RAGGED_IDLE]
+        for chunks in sorted(fits, key=lambda c: ragged_idle(chunks_k, preferred.threads_k, c)):  # stable
+            cfg = tile_rows(preferred.threads_k, chunks)
+            if cfg is not None:
+                return cfg
+        return None
+
+    cfg = exact()
+    if cfg is None or cfg.threads_k < preferred.threads_k:
+        cfg = ragged() or cfg
+    if cfg is None:
+        raise ValueError(f"no GEMV config tiles N={n}, K={k} in units of {unit}")
+    return cfg
+
+
+def _tiled_gemv_config(n: int, k: int, unit: int, tile: Tuple[int, int]) -> GemvConfig:
+    """Formats whose packed words come in groups of rows (``Format.gemv_tile``: a QTIP tile's 16 rows,
+    HYB's 32x32 super-tiles): one group per thread (row_tile x chunks), which makes every word index
+    a constant, and many threads along K, since each thread already holds 16-32 rows (from H100
+    sweeps of qtip-3inst-2 / 1mad-2 / hyb-2 on the 70B MLP shapes: 128 x 16-row tiles, 64 x super-tiles
+    along K; 2 row groups per block)."""
+    from .schedules import MAX_RAGGED_IDLE, ragged_idle
+
+    row_tile, chunks = tile
+    units = k // unit
+    if n % row_tile or units % chunks:
+        raise ValueError(f"no GEMV config tiles N={n}, K={k} in groups of {row_tile} rows x {chunks} units")
+    for threads_k in (128 // chunks, 64, 32, 16, 8, 4, 2, 1):
+        if threads_k * chunks <= units and ragged_idle(units, threads_k, chunks) <= MAX_RAGGED_IDLE:
+            break
+    rows = 2 if n % (2 * row_tile) == 0 else 1
+    return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=1, row_tile=row_tile)
 
 
 def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvConfig] = None):
@@ -81,9 +134,9 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvCo
     if target.kind == "llvm":
         mod = schedule_llvm(matmul_func(fmt, spec.n, spec.k, spec.m))
     elif spec.m <= GEMV_MAX_M:
-        cfg = config or default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit)
+        cfg = config or default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.gemv_tile)
         mod = schedule_gemv_cuda(matmul_func(fmt, spec.n, spec.k, spec.m), cfg, fmt.decode_intrin("cuda"),
-                                 fmt.streamed)
+                                 fmt.streamed, fmt.tables)
     else:
         mod = schedule_gemm_cuda(matmul_func(fmt, spec.n, spec.k, spec.m, two_level=False), target)
     func = mod["main"].with_attr("global_symbol", spec.name).with_attr("tirx.is_scheduled", True)

@@ -35,6 +35,24 @@ class GemvConfig:
         return asdict(self)
 
 
+# A K split whose threads_k * chunks does not divide the decode units runs a ragged last step (the
+# schedule masks the units past K); the config rules (default_gemv_config, the tuner's space) take
+# one only while at most this fraction of the K loop's unit slots is idle.
+MAX_RAGGED_IDLE = 1 / 8
+
+
+def k_steps(units: int, threads_k: int, chunks: int) -> int:
+    """Steps of the K loop over ``units`` decode units, threads_k * chunks units a step (the last
+    one ragged where that does not divide ``units``)."""
+    return -(-units // (threads_k * chunks))
+
+
+def ragged_idle(units: int, threads_k: int, chunks: int) -> float:
+    """The fraction of the K loop's unit slots past K: 0 when threads_k * chunks divides ``units``."""
+    slots = k_steps(units, threads_k, chunks) * threads_k * chunks
+    return (slots - units) / slots
+
+
 def _func_mod(func):
     import tvm
 
@@ -53,19 +71,31 @@ def _vectorize_inner(sch, block, nbytes, n_outer):
     dtype = str(sch.get(block).writes[0].source.dtype)
     lanes = max(1, nbytes * 8 // tvm.DataType(dtype).bits)
     extent = int(sch.get(loop).extent)
+    while extent % lanes:  # the widest vector (a power of two) that divides the copy
+        lanes //= 2
     if extent == 1:
         return
-    if extent > lanes and extent % lanes == 0:
+    if lanes == 1:
+        sch.unroll(loop)
+        return
+    if extent > lanes:
         outer, loop = sch.split(loop, [None, lanes])
         sch.unroll(outer)
     sch.vectorize(loop)
 
 
-def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, streamed=None):
+def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, streamed=None, tables=()):
     """Inner-reduction GEMV for small M: every thread decodes its chunk once and reuses it for
     all M activation rows; partial sums meet in a cross-thread reduction. ``streamed``: names of
     the packed-word tensors to stage in registers with vector loads (default: the decode's first
-    read)."""
+    read); ``tables``: lookup tables the decode reads directly (``Format.tables``), copied to shared
+    memory (``cfg.lut_shared`` places the tables of a gather stage).
+
+    threads_k * chunks need not divide the decode units along K (11008 = 344 E8P units = 8 * 43):
+    the split then runs a ragged last step, and TVM's predicate (unit < units) guards every stage
+    of a unit, from the global loads to the per-thread sum, so the units past K are neither read
+    nor summed. A step must still have at least threads_k * chunks units (every thread's partial
+    sum is initialized in the first step)."""
     import tvm
 
     sch = tvm.s_tir.Schedule(_func_mod(func))
@@ -73,8 +103,10 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     m_loop, n_loop, c_loop, *runs = sch.get_loops(acc)  # runs: the fp16-run loop of units > FP16_RUN
     n_chunks = int(sch.get(c_loop).extent)
     n_rows = int(sch.get(n_loop).extent)
-    if n_rows % (cfg.rows * cfg.row_tile) or n_chunks % (cfg.threads_k * cfg.chunks):
-        raise ValueError(f"config {cfg} does not tile N={n_rows}, K/8={n_chunks}")
+    if n_rows % (cfg.rows * cfg.row_tile) or n_chunks < cfg.threads_k * cfg.chunks:
+        raise ValueError(f"config {cfg} does not tile N={n_rows} (rows*row_tile) or has more than the "
+                         f"{n_chunks} decode units of K in one step (threads_k*chunks)")
+    ragged = n_chunks % (cfg.threads_k * cfg.chunks) != 0  # a masked last K step
     bx, ty, rt = sch.split(n_loop, [None, cfg.rows, cfg.row_tile])
     ko, tx, kv = sch.split(c_loop, [None, cfg.threads_k, cfg.chunks])
     # M > 1: activation rows outside the row tile, so one activation row of the chunk is in
@@ -99,20 +131,18 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     sch.compute_at(dec, dec_at)
     sch.set_scope(dec, 0, "local")
     gather = _gather_block(sch)
-    if gather is not None:  # table lookups of the chunk, into registers just before its decode
+    if gather is not None:  # table lookups / stream slices of the chunk, into registers just before its decode
         sch.compute_at(gather, dec_at)
         sch.set_scope(gather, 0, "local")
         sch.unroll(sch.get_loops(gather)[-1])
-        if cfg.lut_shared:
-            stream_names = set(streamed or ())
-            tables = [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in stream_names]
-            for idx in tables:
-                tc = sch.cache_read(gather, idx, "shared")
-                sch.compute_at(tc, bx)
-                fused = sch.fuse(*sch.get_loops(tc)[1:])
-                _, t_y, t_x = sch.split(fused, [None, cfg.rows, cfg.threads_k])
-                sch.bind(t_y, "threadIdx.y")
-                sch.bind(t_x, "threadIdx.x")
+    if cfg.lut_shared and gather is not None:  # tables to shared memory: what the gather reads besides the packed words
+        stream_names = set(streamed or ())
+        for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in stream_names]:
+            _table_to_shared(sch, gather, idx, bx, cfg)
+    # a table the decode reads directly (QTIP HYB's tlut) is always in shared memory: a decode
+    # intrinsic states the memory space of what it reads
+    for idx in [i for i, r in enumerate(sch.get(dec).reads) if r.source.name in tables]:
+        _table_to_shared(sch, dec, idx, bx, cfg)
 
     if runs:  # (pair, k) loops of a paired fp16 run: pairs innermost, then one HFMA2 per pair (below)
         p_loop, k_loop = sch.get_loops(part)[-2:]
@@ -123,15 +153,35 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
 
     # 16-byte vector loads of the packed words and of the activations
     n_outer = 4  # bx, ty, tx, ko enclose the per-step copies
-    read_names = [r.source.name for r in sch.get(dec).reads]
-    staged = [read_names.index(nm) for nm in streamed if nm in read_names] if streamed else [0]
-    for idx in staged:  # cache_read adds no reads, so the indices stay valid
-        wq = sch.cache_read(dec, idx, "local")
+    staged = [(dec, 0)]
+    if streamed:  # each from the decode block, or from the gather when only the gather reads it
+        staged = []
+        for nm in streamed:
+            for blk in (dec, gather):
+                names = [] if blk is None else [r.source.name for r in sch.get(blk).reads]
+                if nm in names:
+                    staged.append((blk, names.index(nm)))
+                    break
+    for blk, idx in staged:  # cache_read adds no reads, so the indices stay valid
+        wq = sch.cache_read(blk, idx, "local")
         sch.compute_at(wq, ko)
         _vectorize_inner(sch, wq, 16, n_outer)
     xl = sch.cache_read(part, 0, "local")
     sch.compute_at(xl, m_loop if m_outside else ko)
     _vectorize_inner(sch, xl, 16, n_outer + (2 if m_outside else 0))
+    # cross-thread reduction and the fp16 store (before the tensorize below: in a ragged split,
+    # blockizing a predicated block leaves a scope that reverse_compute_at refuses)
+    sch.reverse_compute_at(acc, ty)
+    # rfactor(factor_axis=0) left the loops as (thread reduction, row tile, m) (unit loops
+    # dropped); the thread-bound reduction must be innermost so that every output gets its own
+    # cross-thread reduction
+    inner = sch.get_loops(acc)[2:]
+    if len(inner) > 1:
+        sch.reorder(*inner[1:], inner[0])
+    sch.bind(inner[0], "threadIdx.x")
+    sch.set_scope(acc, 0, "local")
+    out = sch.get_sblock("Y")
+    sch.reverse_compute_at(out, ty)
     sources = []
     if runs:  # a paired run as four HFMA2 (TVM prints float16x2 arithmetic lane by lane)
         from .intrinsics import register_hdot_pairs
@@ -139,11 +189,11 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         hdot, hdot_source = register_hdot_pairs()
         k_loop = sch.get_loops(part)[-2]
         sch.decompose_reduction(part, k_loop)
-        sch.tensorize(sch.get_loops(sch.get_sblock("partial_update"))[-2], hdot)
+        _tensorize(sch, sch.get_sblock("partial_update"), 2, hdot, ragged)
         sources.append(hdot_source)
     if intrin is not None:  # the format's hand-written decode of one unit
         name, source = intrin
-        sch.tensorize(sch.get_loops(dec)[-1], name)
+        _tensorize(sch, dec, 1, name, ragged)
         sources.append(source)
     else:
         sch.unroll(sch.get_loops(dec)[-1])
@@ -158,19 +208,31 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         ko_outer, ko_inner = sch.split(ko, [None, cfg.unroll])
         sch.unroll(ko_inner)
 
-    # cross-thread reduction and the fp16 store
-    sch.reverse_compute_at(acc, ty)
-    # rfactor(factor_axis=0) left the loops as (thread reduction, row tile, m) (unit loops
-    # dropped); the thread-bound reduction must be innermost so that every output gets its own
-    # cross-thread reduction
-    inner = sch.get_loops(acc)[2:]
-    if len(inner) > 1:
-        sch.reorder(*inner[1:], inner[0])
-    sch.bind(inner[0], "threadIdx.x")
-    sch.set_scope(acc, 0, "local")
-    out = sch.get_sblock("Y")
-    sch.reverse_compute_at(out, ty)
     return sch.mod
+
+
+def _table_to_shared(sch, block, read_idx, bx, cfg):
+    """Copy a lookup table read by ``block`` to shared memory once per thread block, by all threads."""
+    tc = sch.cache_read(block, read_idx, "shared")
+    sch.compute_at(tc, bx)
+    fused = sch.fuse(*sch.get_loops(tc)[1:])
+    _, t_y, t_x = sch.split(fused, [None, cfg.rows, cfg.threads_k])
+    sch.bind(t_y, "threadIdx.y")
+    sch.bind(t_x, "threadIdx.x")
+
+
+def _tensorize(sch, block, n_loops, intrin, guarded):
+    """Tensorize the innermost ``n_loops`` loops of ``block``. ``guarded``: the block carries the
+    ragged-K predicate (units past K), which tensorize cannot match (it compares the block's
+    predicate with the intrinsic's, which has none): blockize the loops first, which moves the
+    predicate (it depends on outer loops only) onto the new outer block, and tensorize the
+    predicate-free copy inside it."""
+    loop = sch.get_loops(block)[-n_loops]
+    if guarded:
+        outer = sch.blockize(loop)
+        (inner,) = sch.get_child_blocks(outer)
+        loop = sch.get_loops(inner)[-n_loops]
+    sch.tensorize(loop, intrin)
 
 
 def _gather_block(sch):

@@ -1,8 +1,9 @@
 """The GEMV search space: every ``GemvConfig`` worth measuring for one kernel (format, N, K, M).
 
-A candidate is a GemvConfig that tiles the shape exactly (rows * row_tile divides N; threads_k *
-chunks divides K / decode_unit, and unroll divides the resulting K steps), pruned to blocks of
-MIN_THREADS..MAX_THREADS threads. The space is explicit and small (a few hundred configs), so the
+A candidate is a GemvConfig that tiles the shape (rows * row_tile divides N; threads_k * chunks
+divides K / decode_unit, or leaves a ragged last K step with at most MAX_RAGGED_IDLE of the step
+slots idle, as for K = 11008 = 344 E8P units = 8 * 43; unroll divides the K steps), pruned to blocks
+of MIN_THREADS..MAX_THREADS threads. The space is explicit and small (a few hundred configs), so the
 driver measures candidates from it directly; TVM's meta-schedule could drive the same knobs
 through a ScheduleFn space, but its generic CUDA space does not know a dequantizing GEMV (see
 ../shared/TVM-0.27.md), and our knobs already describe the whole schedule.
@@ -20,7 +21,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 from ..errors import QCompileError
 from ..formats import get as get_format
 from ..kernels.library import GEMV_MAX_M, KernelSpec, default_gemv_config
-from ..kernels.schedules import GemvConfig
+from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
 
 # values each knob takes in the search (all powers of two)
 KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
@@ -92,9 +93,14 @@ def tiling_error(cfg: GemvConfig, n: int, k: int, unit: int) -> Optional[str]:
     units = k // unit
     if n % (cfg.rows * cfg.row_tile):
         return f"rows*row_tile={cfg.rows * cfg.row_tile} does not divide N={n}"
-    if units % (cfg.threads_k * cfg.chunks):
-        return f"threads_k*chunks={cfg.threads_k * cfg.chunks} does not divide K/{unit}={units}"
-    steps = units // (cfg.threads_k * cfg.chunks)
+    per_step = cfg.threads_k * cfg.chunks
+    if per_step > units:
+        return f"threads_k*chunks={per_step} exceeds K/{unit}={units}"
+    idle = ragged_idle(units, cfg.threads_k, cfg.chunks)  # a ragged last step: the schedule masks it
+    if idle > MAX_RAGGED_IDLE:
+        return (f"threads_k*chunks={per_step} leaves {idle:.1%} of the K steps idle past K/{unit}={units} "
+                f"(at most {MAX_RAGGED_IDLE:.1%})")
+    steps = k_steps(units, cfg.threads_k, cfg.chunks)
     if steps % cfg.unroll:
         return f"unroll={cfg.unroll} does not divide the {steps} K steps"
     return None
@@ -106,8 +112,8 @@ def in_space(cfg: GemvConfig, n: int, k: int, unit: int) -> bool:
     return tiling_error(cfg, n, k, unit) is None and MIN_THREADS <= threads <= MAX_THREADS
 
 
-def _check_gemv(spec: KernelSpec) -> int:
-    """The format's decode unit; QCompileError for a spec outside the GEMV family or a bad shape."""
+def _check_gemv(spec: KernelSpec):
+    """The spec's format; QCompileError for a spec outside the GEMV family or a bad shape."""
     if spec.m > GEMV_MAX_M:
         raise QCompileError(f"M={spec.m} is served by the GEMM family (M > {GEMV_MAX_M}); "
                             f"only GEMV kernels have a search space so far")
@@ -115,12 +121,13 @@ def _check_gemv(spec: KernelSpec) -> int:
         raise QCompileError(f"M must be >= 1, got {spec.m}")
     fmt = get_format(spec.format)
     fmt.check_shape(spec.n, spec.k)
-    return fmt.decode_unit
+    return fmt
 
 
 def default_config(spec: KernelSpec) -> GemvConfig:
     """The config ``qcompile build`` uses without a record."""
-    return default_gemv_config(spec.n, spec.k, spec.m, _check_gemv(spec))
+    fmt = _check_gemv(spec)
+    return default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.gemv_tile)
 
 
 def _distance(cfg: GemvConfig, ref: GemvConfig) -> Tuple[int, float]:
@@ -144,10 +151,14 @@ def candidates(spec: KernelSpec) -> List[GemvConfig]:
     """Every candidate of the spec's GEMV space in a deterministic order: the default config first
     (even where it falls outside the pruned space: it is the baseline), then the others by
     distance from it (number of knobs changed, then log2 distance, then knob values)."""
-    unit = _check_gemv(spec)
-    default = default_gemv_config(spec.n, spec.k, spec.m, unit)
+    fmt = _check_gemv(spec)
+    unit = fmt.decode_unit
+    default = default_gemv_config(spec.n, spec.k, spec.m, unit, fmt.gemv_tile)
     names = knob_names()
-    axes: List[Sequence[int]] = [KNOB_VALUES.get(name, (getattr(default, name),)) for name in names]
+    values = dict(KNOB_VALUES)
+    if tuple(fmt.gemv_tile) != (1, 1):  # a thread holds exactly one block of rows (Format.gemv_tile)
+        values["row_tile"], values["chunks"] = (fmt.gemv_tile[0],), (fmt.gemv_tile[1],)
+    axes: List[Sequence[int]] = [values.get(name, (getattr(default, name),)) for name in names]
     space = []
     for values in itertools.product(*axes):
         cfg = GemvConfig(**dict(zip(names, values)))
