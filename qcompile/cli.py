@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-records", action="store_true", help="default schedules only; ignore tuning records")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
 
-    from .kernels.library import GEMV_MAX_M
+    from .kernels.library import TC_MIN_M
     from .tune.driver import DEFAULT_BUDGET, ORDERS
 
     t = sub.add_parser("tune", help="tune the GEMV kernels of a model, a checkpoint or some layer shapes on the "
@@ -88,8 +88,8 @@ def parser() -> argparse.ArgumentParser:
                         "a checkpoint (which carries its format)")
     t.add_argument("--shapes", default=None,
                    help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096); instead of a model")
-    t.add_argument("--m", default="1,4,16",
-                   help=f"batch sizes (M buckets) to tune; only GEMV buckets (M <= {GEMV_MAX_M}) have a tuning "
+    t.add_argument("--m", default="1,2,4",
+                   help=f"batch sizes (M buckets) to tune; only GEMV buckets (M < {TC_MIN_M}) have a tuning "
                         f"space (default: %(default)s)")
     t.add_argument("--dry-run", action="store_true", help="print the kernels it would tune and exit (needs no GPU)")
     t.add_argument("--target", "-t", default="auto", help="the local GPU: auto, its sm_XX or its name (default: auto)")
@@ -262,7 +262,7 @@ def tune_kernels(args) -> List["KernelSpec"]:
     needs no GPU."""
     from .bench.harness import parse_ms, parse_shapes
     from .formats import get as get_format
-    from .kernels.library import GEMV_MAX_M, KernelSpec
+    from .kernels.library import TC_MIN_M, KernelSpec
 
     if args.model is not None and args.shapes is not None:
         raise QCompileError("give a model directory or checkpoint, or --shapes, not both")
@@ -282,13 +282,13 @@ def tune_kernels(args) -> List["KernelSpec"]:
 
         kernel_shapes = model_kernel_shapes(args.model, args.format)
     ms = list(dict.fromkeys(parse_ms(args.m)))
-    gemm = [m for m in ms if m > GEMV_MAX_M]
-    ms = [m for m in ms if m <= GEMV_MAX_M]
+    gemm = [m for m in ms if m >= TC_MIN_M]
+    ms = [m for m in ms if m < TC_MIN_M]
     if not ms:
-        raise QCompileError(f"--m {args.m}: only GEMV buckets (M <= {GEMV_MAX_M}) can be tuned; the GEMM kernels "
-                            f"have no tuning space yet (e.g. --m 1,4,16)")
+        raise QCompileError(f"--m {args.m}: only GEMV buckets (M < {TC_MIN_M}) can be tuned; the tensor-core "
+                            f"kernels have no tuning space yet (e.g. --m 1,2,4)")
     if gemm:
-        print(f"note: M {','.join(map(str, gemm))} > {GEMV_MAX_M} are GEMM kernels with no tuning space yet "
+        print(f"note: M {','.join(map(str, gemm))} >= {TC_MIN_M} are tensor-core kernels with no tuning space yet "
               f"(build uses their default schedule); not tuned")
     return [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in ms]
 

@@ -1,5 +1,7 @@
 """QTIP bitshift-trellis formats (qcompile.formats.trellis): codes, bitstreams, layouts, quantization,
 TIR decode on llvm, and Gaussian MSE at reduced size."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -298,6 +300,61 @@ def test_tir_decode_is_bit_exact_on_llvm(base, order, packing):
     fmt = qc.formats.get(base) if order is None else tr.variant(base, order, packing)
     qw = random_weight(fmt, 64, 96 if fmt.packing == "tiles" else 128, seed=len(fmt.name))
     assert torch.equal(f16_bits(tir_decode(fmt, qw)), f16_bits(fmt.decode_fp16(qw)))
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("tables", ["lanes", "single"])
+def test_hyb_derived_tables_decode_bit_exact_on_llvm(K, tables):
+    """HYB's gather through its derived tables as real stages (W_table: uint32 words; W_table_lanes:
+    the per-lane copies that GemvConfig.lut_lanes puts in shared memory): bit-exact to the reference."""
+    import tvm
+    from tvm import te
+
+    from qcompile.kernels.target import parse_target
+
+    fmt = qc.formats.get(f"qtip-hyb-{K}")
+    n, k = 64, 128
+    qw = random_weight(fmt, n, k, seed=K)
+    qw.tensors["tlut"][8:12] = -0.0  # the sign flip of -0 (and of +0 in tlut[:8]) must stay exact
+    bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in fmt.tensor_specs(n, k).items()}
+    params = list(bufs.values())
+    derived = fmt.tir_tables(bufs)
+    assert set(derived) == {"tlut32", "tlut32_lanes"}
+    assert tuple(derived["tlut32_lanes"].shape) == (512, tr.LUT_COPIES)
+    bufs["tlut32"] = derived["tlut32"]
+    if tables == "lanes":
+        bufs["tlut32_lanes"] = derived["tlut32_lanes"]
+    G = te.compute((n, k // 16, fmt.gather_count), lambda i, c, g: fmt.tir_gather(bufs, i, c, g), name="W_gather")
+    W = te.compute((n, k // 16, 16), lambda i, c, j: fmt.tir_decode_unit(dict(bufs, gathered=G), i, c, j), name="W")
+    ex = tvm.compile(te.create_prim_func([*params, W]), target=parse_target("llvm").tvm_target())
+    out = torch.empty(n, k // 16, 16, dtype=torch.float16)
+    ex["main"](*[qw.tensors[name] for name in fmt.tensor_specs(n, k)], out)
+    assert torch.equal(f16_bits(out.view(n, k)), f16_bits(fmt.decode_fp16(qw)))
+
+
+@pytest.mark.parametrize("lanes", [0, 1])
+def test_hyb_gemv_table_knob_compiles_for_sm90(lanes):
+    """lut_lanes=1: the per-lane table copies (16 x 512 uint32, 32 KiB) in dynamic shared memory, read
+    at copy threadIdx.x % 16; 0: one 2 KiB uint32 table in static shared memory. Either way one 32-bit
+    table load per state and the unit decode is the word-copy intrinsic."""
+    import dataclasses
+
+    from qcompile.kernels.library import KernelSpec, build, cuda_source, default_gemv_config
+    from qcompile.kernels.target import parse_target
+
+    fmt = qc.formats.get("qtip-hyb-2")
+    spec = KernelSpec(fmt.name, 256, 1024, 1)
+    cfg = dataclasses.replace(default_gemv_config(256, 1024, 1, fmt.decode_unit, fmt.gemv_tile), lut_lanes=lanes)
+    src = cuda_source(build([spec], parse_target("sm_90"), config_for=lambda s: cfg))
+    assert "qc_qtip_hyb_k2_decode16(" in src
+    assert "tlut[" not in src.split("__global__")[-1].split("W_gather_local")[1]  # no fp16 table reads in the loop
+    if lanes:
+        assert "extern __shared__" in src and "W_table_lanes_shared_dyn" in src
+        # entry * LUT_COPIES + the lane's copy (threadIdx.x % LUT_COPIES; threads_k = 32 here)
+        assert re.search(r"\* 16\) \+ \(\(\(int\)threadIdx\.x\) & 15\)\)\]", src), "no per-lane table copy"
+    else:
+        assert re.search(r"__shared__ .*uint W_table_shared_ptr\[512\]", src)
+        assert "W_table_lanes" not in src and "extern __shared__" not in src
 
 
 def test_fused_gemv_on_llvm():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qcompile.cli import main as cli_main
-from qcompile.kernels.library import GEMV_MAX_M, KernelSpec
+from qcompile.kernels.library import TC_MIN_M, KernelSpec
 from qcompile.model.build import build, kernel_shapes, model_layers
 from qcompile.tune import space
 from qcompile.tune.records import TuningRecords
@@ -75,7 +75,7 @@ def bad_cases(model, ck, artifact):
         "checkpoint, other format": (["tune", ck, "-f", "e8p-2"], "quantized to int4-g128, not e8p-2"),
         "missing directory": (["tune", str(Path(model) / "nope"), "-f", FORMAT], "does not exist"),
         "artifact": (["tune", artifact, "-f", FORMAT], "built qcompile artifact"),
-        "only GEMM buckets": (["tune", model, "-f", FORMAT, "--m", "64,256"], f"M <= {GEMV_MAX_M}"),
+        "only GEMM buckets": (["tune", model, "-f", FORMAT, "--m", "64,256"], f"M < {TC_MIN_M}"),
         "bad m": (["tune", ck, "--m", "1,x"], "--m"),
         "bad target": (["tune", ck, "--target", "tpu", "--dry-run"], "unknown target"),
     }
@@ -95,7 +95,7 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
                  ["tune", str(checkpoint), "-f", FORMAT]):
         assert cli_main(argv + ["--m", "1,4,64", "--dry-run"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert out[0].startswith("note: M 64 > 16 are GEMM kernels")
+        assert out[0].startswith("note: M 64 >= 8 are tensor-core kernels")
         assert out[1].startswith(f"{2 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
         assert [re.sub(r"=\s+", "=", line).split() for line in out[2:]] == [[f, f"N={n}", f"K={k}", "M=1,4"] for f, n, k in shapes]
 

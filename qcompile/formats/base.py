@@ -214,6 +214,15 @@ class Format:
         """TIR expression of gathered word g of unit c of row n."""
         raise NotImplementedError
 
+    # Derived tables: te stages computed from the kernel tensors once per kernel (per thread block on a
+    # GPU), e.g. QTIP HYB's tlut repacked as one uint32 word per entry. Stage names start with
+    # "W_table"; a stage named "W_table_lanes" holds one copy per warp lane (GemvConfig.lut_lanes).
+    # tir_gather / tir_decode_unit read them from ``bufs`` by name when present, else inline them.
+    def tir_tables(self, bufs: Mapping[str, object]) -> Dict[str, object]:
+        """{bufs name: te tensor} of the format's derived tables, computed from the te placeholders
+        in ``bufs`` (default: none)."""
+        return {}
+
     def gathered(self, bufs: Mapping[str, object]):
         """bufs["gathered"] when a kernel computed the gather stage, else the gather inlined."""
         if "gathered" in bufs:

@@ -88,6 +88,7 @@ L_BITS = 16          # state bits (the only L the formats use; tests use smaller
 TILE = 16            # tile side: td_x = td_y = 16
 TILE_WEIGHTS = TILE * TILE  # T = 256
 Q_BITS = 9           # HYB table index bits
+LUT_COPIES = 16      # HYB: copies of the uint32 table in W_table_lanes (lanes l, l+16 share one: 32 KiB, under the 48 KiB a launch gets)
 BITS = (2, 3, 4)     # K
 CODES = {"1mad": 1, "3inst": 1, "hyb": 2}  # code -> V
 DEFAULT_SCALE = 0.9  # ρ: the reference's --scale_override
@@ -621,28 +622,63 @@ class TrellisFormat(Format):
     def gather_count(self) -> int:
         if not self.is_default_layout:
             return 0
-        return self.K if self.V == 1 else 4
+        return self.K if self.V == 1 else 8
 
-    def tir_gather(self, bufs: Mapping[str, object], n, c, g):
-        """uint32 slice g of unit (n, c).
-        generic (row order, V=1): the row's stream starts at word r·K of its tile; slice g = stream
-          words r·K + g and r·K + g + 1 (circular), so state j's window sits at bit j·K of the slices.
-        kernel (mma order, V=2): row r = 8h + q of a tile uses lanes 4q..4q+3 (and the lookahead of
-          lane 4q+4); slice g = the 32 stream bits from bit h·KV of lane 4q+g's chunk, so the row's
-          states of lane 4q+g are the windows at bits 0 and 2·KV (columns 2g, 2g+1 and 2g+8, 2g+9)."""
+    # HYB in the kernel layout: the table lookups live in the gather stage, one 32-bit word per state
+    # from a uint32 copy of the table (tir_tables), so the decode only splits words into fp16 halves.
+    def tir_tables(self, bufs: Mapping[str, object]) -> Dict[str, object]:
+        """HYB (stored layout): "tlut32" uint32 [512] (stage W_table: tlut[e, 1] in the high half,
+        tlut[e, 0] in the low half, the bits unchanged) and "tlut32_lanes" uint32 [512, LUT_COPIES]
+        (stage W_table_lanes: LUT_COPIES copies of tlut32, entry-major, so that copy r of entry e
+        sits in bank (e·LUT_COPIES + r) % 32). The gather reads copy lut_copy(c) of tlut32_lanes;
+        a schedule that inlines W_table_lanes reads tlut32 (one table), one that inlines both reads
+        tlut (two 16-bit loads per state, the old form)."""
+        if self.code != "hyb" or not self.gather_count:
+            return {}
+        from tvm import te
+
+        tlut = bufs["tlut"]
+        t32 = te.compute((1 << Q_BITS,), lambda e: _tir_tlut32(tlut, e), name="W_table")
+        lanes = te.compute((1 << Q_BITS, LUT_COPIES), lambda e, r: t32[e], name="W_table_lanes")
+        return {"tlut32": t32, "tlut32_lanes": lanes}
+
+    @property
+    def slice_count(self) -> int:
+        """HYB (stored layout): the gather's 4 stream slices per unit as their own stage (W_slice), so
+        that each is computed once, not once per table word (nvcc does not merge the copies for K=3)."""
+        return 4 if self.V == 2 and self.gather_count else 0
+
+    def tir_slice(self, bufs: Mapping[str, object], n, c, g):
+        return self._hyb_slice(bufs, n, c, g)
+
+    def _hyb_lut_copy(self, c):
+        """The table copy unit column c reads: in the GEMV schedule units c = (step, threadIdx.x,
+        chunk) with chunks = gemv_tile[1] per thread, so with threads_k >= 32 the copy is the lane
+        (threadIdx.x % LUT_COPIES): with 16 copies a warp's lookups meet at most two to a bank (32
+        copies would be conflict-free but need 64 KiB, over what a launch gets). (Any copy holds the
+        same words, so another config only gets more bank conflicts, never other values.)"""
+        from tvm import tirx
+
+        return tirx.floormod(tirx.floordiv(c, self.gemv_tile[1]), LUT_COPIES)
+
+    def _hyb_lut_word(self, bufs: Mapping[str, object], idx, c):
+        """uint32 table word of entry idx: from the lane copies, the uint32 table, or tlut itself."""
+        if "tlut32_lanes" in bufs:
+            return bufs["tlut32_lanes"][idx, self._hyb_lut_copy(c)]
+        if "tlut32" in bufs:
+            return bufs["tlut32"][idx]
+        return _tir_tlut32(bufs["tlut"], idx)
+
+    def _hyb_slice(self, bufs: Mapping[str, object], n, c, g):
+        """HYB (kernel layout) uint32 stream slice g (0..3) of unit (n, c): row r = 8h + q of a tile
+        uses lanes 4q..4q+3 (and the lookahead of lane 4q+4); slice g = the 32 stream bits from bit
+        h·KV of lane 4q+g's chunk, so the row's states of lane 4q+g are the windows at bits 0 and
+        2·KV (columns 2g, 2g+1 and 2g+8, 2g+9)."""
         from tvm import tirx
 
         fd, fm = tirx.floordiv, tirx.floormod
-        u32 = lambda e: tirx.Cast("uint32", e)  # noqa: E731
-        c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
         T = bufs["trellis"]
         I, r = fd(n, TILE), fm(n, TILE)
-        words = TILE * self.K
-        if self.V == 1:
-            w = r * self.K + g
-            hi = u32(tirx.Cast("uint16", T[I, c, w]))
-            lo = u32(tirx.Cast("uint16", T[I, c, fm(w + 1, words)]))
-            return tirx.bitwise_or(tirx.shift_left(hi, c32(16)), lo)
         K = self.K
         u64 = lambda e: tirx.Cast("uint64", e)  # noqa: E731
         c64 = lambda v: tirx.const(v, "uint64")  # noqa: E731
@@ -666,6 +702,36 @@ class TrellisFormat(Format):
         z = tirx.bitwise_or(tirx.shift_left(chunk(lane), c64(8 * K)), chunk(lane + 1))  # 16K stream bits
         return tirx.Cast("uint32", tirx.shift_right(tirx.shift_left(z, u64(h * self.KV)), c64(16 * K - 32)))
 
+    def tir_gather(self, bufs: Mapping[str, object], n, c, g):
+        """uint32 gathered word g of unit (n, c).
+        generic (row order, V=1): the row's stream starts at word r·K of its tile; slice g = stream
+          words r·K + g and r·K + g + 1 (circular), so state j's window sits at bit j·K of the slices.
+        kernel (mma order, V=2, HYB): word g = 4t + l (t = 0, 1; l = 0..3) is the table word of the
+          row's state t of lane 4q+l (_hyb_slice: the window at bit 2·KV·t of slice l), i.e. of
+          columns 2l + 8t and 2l + 8t + 1: tlut32[idx] ^ (h & 0x8000) (low half: value 0 with its
+          sign flipped; high half: value 1)."""
+        from tvm import tirx
+
+        fd, fm = tirx.floordiv, tirx.floormod
+        u32 = lambda e: tirx.Cast("uint32", e)  # noqa: E731
+        c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+        if self.V == 1:
+            T = bufs["trellis"]
+            I, r = fd(n, TILE), fm(n, TILE)
+            words = TILE * self.K
+            w = r * self.K + g
+            hi = u32(tirx.Cast("uint16", T[I, c, w]))
+            lo = u32(tirx.Cast("uint16", T[I, c, fm(w + 1, words)]))
+            return tirx.bitwise_or(tirx.shift_left(hi, c32(16)), lo)
+        slice_ = bufs["slices"][n, c, fm(g, 4)] if "slices" in bufs else self._hyb_slice(bufs, n, c, fm(g, 4))
+        shift = 16 - 2 * self.KV * fd(g, 4)
+        # (the & 0xFFFF does not change the result: h mod 2^16 depends only on s mod 2^16 and only h's bits
+        # 6..15 are read; but with it nvcc narrows the K=3 slices' 64-bit shifts to 32 bits)
+        s = tirx.bitwise_and(tirx.shift_right(slice_, tirx.Cast("uint32", tirx.bitwise_and(shift, 31))), c32(0xFFFF))
+        h = s * (s + c32(1))
+        idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << Q_BITS) - 1)))
+        return tirx.bitwise_xor(self._hyb_lut_word(bufs, idx, c), tirx.bitwise_and(h, c32(0x8000)))
+
     def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
         """fp16 value of weight (n, 16c + j): window → code, from the packed words (and the tlut)."""
         from tvm import tirx
@@ -674,11 +740,12 @@ class TrellisFormat(Format):
         c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
         if self.gather_count:
             G = self.gathered(bufs)
-            if self.V == 1:  # state j at bit j·K of the slices
-                off = j * self.K
-                slice_, shift, v = G[n, c, fd(off, 16)], 16 - fm(off, 16), 0
-            else:  # column j: lane fm(j, 8) // 2, state h (j < 8) or h + 2 (j >= 8), value j % 2
-                slice_, shift, v = G[n, c, fd(fm(j, 8), 2)], 16 - 2 * self.KV * fd(j, 8), fm(j, 2)
+            if self.V == 2:  # column j: the table word of state (j // 8, lane j % 8 // 2), half j % 2
+                word = G[n, c, fd(j, 8) * 4 + fd(fm(j, 8), 2)]
+                half = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 16 * fm(j, 2))), c32(0xFFFF))
+                return tirx.reinterpret("float16", tirx.Cast("uint16", half))
+            off = j * self.K  # state j at bit j·K of the slices
+            slice_, shift, v = G[n, c, fd(off, 16)], 16 - fm(off, 16), 0
             # (& 31 as in _tir_window: no valid shift changes; tensor-core rewrites fold index values
             # that cannot occur, and a negative one must not reach the uint32 cast)
             s = tirx.bitwise_and(tirx.shift_right(slice_, tirx.Cast("uint32", tirx.bitwise_and(shift, 31))), c32(0xFFFF))
@@ -690,17 +757,25 @@ class TrellisFormat(Format):
         return _tir_code(self.code, s, v, bufs.get("tlut"))
 
     def unit_reads(self):
-        if not self.gather_count or self.V != 1:
-            raise NotImplementedError(f"{self.name} has no decode intrinsic (1MAD and 3INST in their stored layout have one)")
+        if not self.gather_count:
+            raise NotImplementedError(f"{self.name} has no decode intrinsic (the qtip formats in their stored layout have one)")
         return {"gathered": ((1, 1, self.gather_count), "uint32", True)}
 
     def decode_intrin(self, target_kind: str):
-        if target_kind != "cuda" or not self.gather_count or self.V != 1:
+        if target_kind != "cuda" or not self.gather_count:
             return None
         from ..kernels.intrinsics import register_unit_decode
 
-        source = _cuda_trellis()
+        source = _CUDA_HYB if self.V == 2 else _cuda_trellis()
         return register_unit_decode(self, f"qc_qtip_{self.code}_k{self.K}_decode16", source), source
+
+
+def _tir_tlut32(tlut, e):
+    """uint32 TIR word of HYB table entry e: tlut[e, 1]'s bits in the high half, tlut[e, 0]'s low."""
+    from tvm import tirx
+
+    half = lambda x: tirx.Cast("uint32", tirx.reinterpret("uint16", x))  # noqa: E731
+    return tirx.bitwise_or(tirx.shift_left(half(tlut[e, 1]), tirx.const(16, "uint32")), half(tlut[e, 0]))
 
 
 def _tir_code(code: str, s, v, tlut):
@@ -734,12 +809,33 @@ def _tir_code(code: str, s, v, tlut):
     raise QCompileError(f"unknown trellis code {code!r}")
 
 
+# HYB's decode of one unit from its 8 gathered table words: word p holds columns 2p and 2p + 1 (low,
+# high half), so the unit's 16 fp16 values are the 8 words in order, stored as they are (the TIR decode
+# splits each word into halves; as plain TIR, nvcc re-packs the halves into the half2 operands of the
+# HFMA2s with a shift and a PRMT per word, which this copy avoids). Its own source (and include guard),
+# so the 1MAD/3INST kernels keep their source byte for byte.
+_CUDA_HYB = r"""
+#ifndef QC_QTIP_HYB_DECODE16
+#define QC_QTIP_HYB_DECODE16
+#include <cuda_fp16.h>
+__device__ __forceinline__ void qc_qtip_hyb16(const unsigned* __restrict__ g, half* __restrict__ w) {
+  unsigned* out = reinterpret_cast<unsigned*>(w);
+#pragma unroll
+  for (int p = 0; p < 8; ++p) out[p] = g[p];
+}
+#define QC_QTIP_HYB(K) \
+  __device__ __forceinline__ int qc_qtip_hyb_k##K##_decode16(const unsigned* __restrict__ g, half* __restrict__ w) { \
+    qc_qtip_hyb16(g, w); return 0; }
+QC_QTIP_HYB(2) QC_QTIP_HYB(3) QC_QTIP_HYB(4)
+#endif
+"""
+
 # The decode of one unit (16 weights of a tile row) from its gathered stream slices, in half2 pairs:
 # windows by one shift and mask; 3INST: IMAD, LOP3, then the two fp16 halves of two weights regrouped by
 # PRMT and added by one HADD2; 1MAD: IMAD, the byte sum by DP4A, y − 510 exactly in fp32 through the
 # 2^23 magic number, the fp32 multiply by the rounded reciprocal, one rounding to half2. Every step is
-# exact or rounds exactly as the TIR decode does, so the values are bit-identical to it. (HYB keeps
-# the TIR decode: its table read has a data-dependent index, which tensorize cannot match.)
+# exact or rounds exactly as the TIR decode does, so the values are bit-identical to it. (HYB's table
+# reads, whose data-dependent index tensorize cannot match, are in its gather stage: _CUDA_HYB.)
 _CUDA_TRELLIS = r"""
 #ifndef QC_QTIP_DECODE16
 #define QC_QTIP_DECODE16

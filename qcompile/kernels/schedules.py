@@ -22,6 +22,10 @@ class GemvConfig:
     unroll: steps of the K loop unrolled so that several loads are in flight per thread;
     row_tile: rows per thread (register blocking over N), which divides the activation traffic from
     L1/shared memory by row_tile, the bound of the GEMV family at M > 1.
+    lut_lanes (with lut_shared; only formats whose derived tables include a W_table_lanes stage, i.e.
+    QTIP HYB, see Format.tir_tables; the others ignore it): 1 = the shared-memory table holds a copy
+    per warp lane, entry-major, so a warp's 32 random lookups hit 32 distinct banks (HYB: 512 uint32
+    x 32 = 64 KiB of dynamic shared memory per block); 0 = one copy (2 KiB, bank-conflict replays).
     """
 
     rows: int = 4
@@ -30,6 +34,7 @@ class GemvConfig:
     unroll: int = 2
     row_tile: int = 1  # output rows per thread: each activation load is reused row_tile times
     lut_shared: int = 1  # formats with table gathers: 1 = copy the tables to shared memory per block
+    lut_lanes: int = 1  # formats with a per-lane table stage (QTIP HYB): 1 = one copy per warp lane
 
     def as_dict(self):
         return asdict(self)
@@ -135,8 +140,14 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         sch.compute_at(gather, dec_at)
         sch.set_scope(gather, 0, "local")
         sch.unroll(sch.get_loops(gather)[-1])
+        slices = _get_sblock(sch, "W_slice")
+        if slices is not None:  # the packed-word slices the gather shares, in registers just before it
+            sch.compute_at(slices, dec_at)
+            sch.set_scope(slices, 0, "local")
+            sch.unroll(sch.get_loops(slices)[-1])
+    derived = _place_derived_tables(sch, bx, cfg)  # the format's W_table* stages (Format.tir_tables)
     if cfg.lut_shared and gather is not None:  # tables to shared memory: what the gather reads besides the packed words
-        stream_names = set(streamed or ())
+        stream_names = set(streamed or ()) | derived | {"W_slice_local"}  # (the slices: registers, above)
         for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in stream_names]:
             _table_to_shared(sch, gather, idx, bx, cfg)
     # a table the decode reads directly (QTIP HYB's tlut) is always in shared memory: a decode
@@ -157,7 +168,7 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     if streamed:  # each from the decode block, or from the gather when only the gather reads it
         staged = []
         for nm in streamed:
-            for blk in (dec, gather):
+            for blk in (dec, gather, _get_sblock(sch, "W_slice")):
                 names = [] if blk is None else [r.source.name for r in sch.get(blk).reads]
                 if nm in names:
                     staged.append((blk, names.index(nm)))
@@ -221,6 +232,49 @@ def _table_to_shared(sch, block, read_idx, bx, cfg):
     sch.bind(t_x, "threadIdx.x")
 
 
+TABLE_STAGES = ("W_table_lanes", "W_table")  # Format.tir_tables stages, consumers first
+
+
+def _get_sblock(sch, name):
+    try:
+        return sch.get_sblock(name)
+    except Exception:  # noqa: BLE001 - TVM raises its own error type for a missing block
+        return None
+
+
+def _inline_tables(sch, names=TABLE_STAGES):
+    for name in names:
+        blk = _get_sblock(sch, name)
+        if blk is not None:
+            sch.compute_inline(blk)
+
+
+def _place_derived_tables(sch, bx, cfg):
+    """The format's derived tables (Format.tir_tables): with lut_shared, computed into shared memory
+    once per thread block by all its threads (with lut_lanes, the per-lane copies W_table_lanes,
+    in dynamic shared memory; else the single table W_table, its lane copies inlined); without,
+    inlined into their readers. Returns the names of the buffers left in shared memory."""
+    lanes, single = _get_sblock(sch, "W_table_lanes"), _get_sblock(sch, "W_table")
+    if lanes is None and single is None:
+        return set()
+    if not cfg.lut_shared:
+        _inline_tables(sch)
+        return set()
+    if cfg.lut_lanes and lanes is not None:
+        _inline_tables(sch, ("W_table",))
+        keep, scope = sch.get_sblock("W_table_lanes"), "shared.dyn"  # 64 KiB: over the static limit
+    else:
+        _inline_tables(sch, ("W_table_lanes",))
+        keep, scope = sch.get_sblock("W_table"), "shared"
+    sch.compute_at(keep, bx)
+    fused = sch.fuse(*sch.get_loops(keep)[1:])
+    _, t_y, t_x = sch.split(fused, [None, cfg.rows, cfg.threads_k])
+    sch.bind(t_y, "threadIdx.y")
+    sch.bind(t_x, "threadIdx.x")
+    sch.set_scope(keep, 0, scope)
+    return {sch.get(keep).writes[0].source.name}
+
+
 def _tensorize(sch, block, n_loops, intrin, guarded):
     """Tensorize the innermost ``n_loops`` loops of ``block``. ``guarded``: the block carries the
     ragged-K predicate (units past K), which tensorize cannot match (it compares the block's
@@ -252,7 +306,9 @@ def inline_gather(func):
     gather = _gather_block(sch)
     if gather is None:
         return func
-    sch.compute_inline(gather)
+    _inline_tables(sch)  # the format's derived tables (Format.tir_tables) too
+    _inline_tables(sch, ("W_slice",))  # and the slices the gather reads
+    sch.compute_inline(sch.get_sblock("W_gather"))
     return sch.mod["main"]
 
 
@@ -275,7 +331,6 @@ def schedule_gemm_cuda(func, target):
     """Tensor-core GEMM for M > 16: the decode runs in the shared-memory staging of the weight
     tile, then WMMA 16x16x16. For now this delegates the tiling to TVM's dlight Matmul rule (the
     decode stays fused); our own mma.sync/ldmatrix GEMM family replaces it in the tuning work."""
-    import tvm
     from tvm.s_tir import dlight as dl
 
     from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization

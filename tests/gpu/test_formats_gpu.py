@@ -76,7 +76,7 @@ def test_ragged_k_gemv_matches_float64(target, name, k):
     fmt = qc.formats.get(name)
     n = 256
     units = k // fmt.decode_unit
-    specs = [KernelSpec(name, n, k, m) for m in (1, 4, 16)]
+    specs = [KernelSpec(name, n, k, m) for m in (1, 2, 4)]
     cfgs = [default_gemv_config(n, k, spec.m, fmt.decode_unit, fmt.gemv_tile) for spec in specs]
     assert any(units % (cfg.threads_k * cfg.chunks) for cfg in cfgs)  # a ragged last K step
     qw = fmt.random_weight(n, k, seed=5)

@@ -1,0 +1,234 @@
+"""Tensor-core kernel sweep on a GPU (developer tool for picking TensorCoreConfig defaults):
+
+    python3 -m qcompile.bench.tc_sweep --format e8p-2 --shapes 28672x8192,8192x28672 --m 16,64 --out FILE.json
+
+For every shape and M, in one process: a handful of TensorCoreConfig candidates (the default of
+qcompile.kernels.tensorcore and variants of it, plus any --config given), the library's current
+default kernel (``library.scheduled_func``: the GEMV at M <= 16, dlight's WMMA GEMM above) and cuBLAS
+fp16 (``F.linear`` on the decoded weight). Each candidate is checked against a float64 reference
+before it is timed; timing is qcompile.bench.timing's (CUDA graphs, weights rotated past the L2).
+Prints a table (µs, speedup vs cuBLAS) and writes every row to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from typing import List, Optional, Sequence
+
+REL_ERR_MAX = 1e-2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python3 -m qcompile.bench.tc_sweep",
+                                 description="Time tensor-core configs of the fused decode + matmul against the "
+                                             "current default kernel and cuBLAS fp16 on this GPU.")
+    ap.add_argument("--format", default="e8p-2", help="weight format (default e8p-2)")
+    ap.add_argument("--shapes", default="28672x8192,8192x28672", help="NxK layer shapes (out x in)")
+    ap.add_argument("--m", default="16,64", help="batch sizes (default 16,64)")
+    ap.add_argument("--config", action="append", default=[], metavar="K=V,...",
+                    help="an extra TensorCoreConfig to time, e.g. 'n_tile=128,k_tile=64,warps_k=4' "
+                         "(fields not given: the default config's); repeatable")
+    ap.add_argument("--no-variants", action="store_true", help="time only the default and --config configs")
+    ap.add_argument("--plain-decode", action="store_true",
+                    help="also time the default config with the plain TIR decode instead of the format's intrinsic")
+    ap.add_argument("--iters", type=int, default=200, help="timed launches per measurement (default 200)")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
+    ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    return ap
+
+
+def parse_config(text: str, base):
+    """'n_tile=128,k_tile=64' -> TensorCoreConfig (the other fields from ``base``)."""
+    fields = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in base.as_dict() or not value.strip().isdigit():
+            raise ValueError(f"--config: {item.strip()!r} is not FIELD=INT with FIELD one of {', '.join(base.as_dict())}")
+        fields[key] = int(value)
+    return replace(base, **fields)
+
+
+# low-batch block shapes worth timing (n_tile, k_tile, warps_n, warps_k, stages): wide N tiles share
+# the X tile, more K warps keep more loads in flight, the 2-stage pipeline overlaps steps
+LOW_BATCH_SHAPES = [(64, 256, 2, 4, 1), (64, 128, 2, 4, 2), (32, 256, 2, 4, 1), (128, 64, 2, 4, 1),
+                    (128, 128, 4, 2, 1), (256, 64, 4, 2, 1), (64, 128, 1, 8, 1), (32, 128, 1, 4, 2)]
+
+
+def variants(cfg) -> list:
+    """Configs near ``cfg``. Low batch: the LOW_BATCH_SHAPES blocks and one more unit per thread;
+    GEMM: N tile halved / doubled, K step doubled, M tile halved, the 2-stage pipeline."""
+    if cfg.m_tile == 16:
+        out = [replace(cfg, n_tile=nt, k_tile=kt, warps_n=wn, warps_k=wk, stages=st)
+               for nt, kt, wn, wk, st in LOW_BATCH_SHAPES]
+        return out + [replace(cfg, units=cfg.units * 2), replace(cfg, units=max(1, cfg.units // 2))]
+    out = [replace(cfg, n_tile=nt, warps_n=max(1, min(cfg.warps_n * nt // cfg.n_tile, nt // 16)))
+           for nt in (cfg.n_tile // 2, cfg.n_tile * 2) if nt >= 16]
+    out += [replace(cfg, k_tile=cfg.k_tile * 2), replace(cfg, stages=2), replace(cfg, warps_k=2, k_tile=cfg.k_tile * 2)]
+    if cfg.m_tile > 16:
+        out.append(replace(cfg, m_tile=cfg.m_tile // 2, warps_m=max(1, cfg.warps_m // 2)))
+    return out
+
+
+def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants: bool, plain: bool):
+    """[(label, cfg, use_intrin)] that tile the shape: default first, no duplicates."""
+    from ..kernels.tensorcore import check_tc_config, default_tc_config
+
+    base = default_tc_config(n, k, m, fmt.decode_unit)
+    cfgs = [base] + [parse_config(t, base) for t in extra] + (variants(base) if with_variants else [])
+    out, seen = [], set()
+    for i, cfg in enumerate(cfgs):
+        if cfg in seen:
+            continue
+        try:
+            check_tc_config(cfg, n, k, m, fmt.decode_unit)
+        except ValueError:
+            continue
+        seen.add(cfg)
+        out.append(("tc-default" if i == 0 else f"tc-{len(out)}", cfg, True))
+    if plain and fmt.decode_intrin("cuda") is not None:
+        out.append(("tc-default-tir", base, False))
+    return out
+
+
+def _short(cfg) -> str:
+    d = cfg.as_dict()
+    return (f"m{d['m_tile']} n{d['n_tile']} k{d['k_tile']} w{d['warps_m']}x{d['warps_n']}x{d['warps_k']} "
+            f"u{d['units']} v{d['vec']} s{d['stages']}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..errors import QCompileError
+    from .harness import parse_ms, parse_shapes
+
+    args = build_parser().parse_args(argv)
+    try:
+        shapes, ms = parse_shapes(args.shapes), parse_ms(args.m)
+        from ..formats import get as get_format
+
+        fmt = get_format(args.format)
+        for n, k in shapes:
+            fmt.check_shape(n, k)
+        from ..kernels.tensorcore import TensorCoreConfig
+
+        for text in args.config:
+            parse_config(text, TensorCoreConfig())
+        from .harness import require_cuda
+
+        require_cuda()
+    except (QCompileError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = run(fmt, shapes, ms, args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+def run(fmt, shapes, ms, args) -> List[dict]:
+    import torch
+    import tvm
+
+    from ..kernels.library import KernelSpec, scheduled_func
+    from ..kernels.target import parse_target
+    from ..kernels.tensorcore import tc_scheduled_func
+    from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method
+    from .harness import _Bench, bench_weight, one_line, relative_error
+    from .timing import l2_cache_bytes
+
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    target = parse_target("auto")
+    device = torch.device("cuda")
+    l2_bytes = l2_cache_bytes(device)
+    bench = _Bench(args.iters, args.warmup, args.timing, log)
+    log(f"{torch.cuda.get_device_name(device)}, format {fmt.name}, target {target.key}")
+    rows: List[dict] = []
+    for n, k in shapes:
+        qw = bench_weight(fmt, n, k, device)
+        w16 = fmt.decode_fp16(qw)
+        w64_t = w16.to(torch.float64).T
+        q_weights = RotatingWeights([qw.tensors[name] for name in fmt.tensor_specs(n, k)], l2_bytes)
+        fp16_weights = RotatingWeights([w16], l2_bytes)
+        for m in ms:
+            X = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = X.to(torch.float64) @ w64_t
+            t_fp16 = bench.time(cublas_fp16_method(X, fp16_weights), n, k, m)
+            cublas_us = None if t_fp16 is None else t_fp16.median_us
+            kernels = [("library-default", None, None)]
+            try:
+                kernels += candidates(fmt, n, k, m, args.config, not args.no_variants, args.plain_decode)
+            except ValueError as err:
+                log(f"warning: N={n} K={k} M={m}: {one_line(err)}")
+            for label, cfg, use_intrin in kernels:
+                row = {"format": fmt.name, "N": n, "K": k, "M": m, "kernel": label,
+                       "cfg": None if cfg is None else cfg.as_dict(), "intrin": use_intrin, "us": None,
+                       "cublas_fp16_us": cublas_us, "speedup_vs_fp16": None, "rel_err": None, "error": None}
+                rows.append(row)
+                try:
+                    if cfg is None:
+                        func = scheduled_func(KernelSpec(fmt.name, n, k, m), target)
+                    else:
+                        func = tc_scheduled_func(fmt, n, k, m, cfg, use_intrin)
+                    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")
+                                        .with_attr("tirx.is_scheduled", True)})
+                    kernel = tvm.compile(mod, target=target.tvm_target())["main"]
+                    Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                    kernel(X, *q_weights[0], Y)
+                    torch.cuda.synchronize()
+                except Exception as err:  # a config that does not build or launch: noted, the others go on
+                    row["error"] = one_line(err)
+                    log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} FAILED {row['error']}")
+                    continue
+                row["rel_err"] = relative_error(Y, ref)
+                if row["rel_err"] is None or row["rel_err"] > REL_ERR_MAX:
+                    row["error"] = f"wrong result (rel_err {row['rel_err']})"
+                    log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} WRONG rel_err {row['rel_err']}")
+                    continue
+                t = bench.time(qcompile_method(kernel, X, q_weights, Y), n, k, m)
+                if t is None:
+                    row["error"] = "not timed"
+                    continue
+                row["us"] = t.median_us
+                if cublas_us is not None:
+                    row["speedup_vs_fp16"] = cublas_us / t.median_us
+                log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} {t.median_us:9.2f} us  cublas "
+                    f"{cublas_us if cublas_us is None else round(cublas_us, 2)} us  speedup "
+                    f"{row['speedup_vs_fp16'] or float('nan'):.2f}x  {'' if cfg is None else _short(cfg)}"
+                    f"{'' if use_intrin in (None, True) else ' (TIR decode)'}")
+        del q_weights, fp16_weights, qw, w16, w64_t
+        torch.cuda.empty_cache()
+    print_table(rows)
+    return rows
+
+
+def print_table(rows: List[dict]) -> None:
+    print("\n| N | K | M | kernel | config | µs | cuBLAS µs | speedup | rel_err |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        from ..kernels.tensorcore import TensorCoreConfig
+
+        cfg = "" if r["cfg"] is None else _short(TensorCoreConfig(**r["cfg"]))
+        us = "FAILED" if r["us"] is None else f"{r['us']:.2f}"
+        cub = "" if r["cublas_fp16_us"] is None else f"{r['cublas_fp16_us']:.2f}"
+        sp = "" if r["speedup_vs_fp16"] is None else f"{r['speedup_vs_fp16']:.2f}x"
+        err = "" if r["rel_err"] is None else f"{r['rel_err']:.1e}"
+        print(f"| {r['N']} | {r['K']} | {r['M']} | {r['kernel']} | {cfg} | {us} | {cub} | {sp} | {err} |")
+    best = {}
+    for r in rows:
+        key = (r["N"], r["K"], r["M"])
+        if r["us"] is not None and r["kernel"] != "library-default" and (key not in best or r["us"] < best[key]["us"]):
+            best[key] = r
+    print("\nbest tensor-core config per shape:")
+    for (n, k, m), r in best.items():
+        print(f"  N={n} K={k} M={m}: {r['us']:.2f} us, {r['speedup_vs_fp16'] or float('nan'):.2f}x vs cuBLAS, "
+              f"{json.dumps(r['cfg'])}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
