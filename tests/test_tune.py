@@ -70,7 +70,7 @@ def test_space_is_valid_deterministic_and_starts_with_the_default(m):
 
 
 def test_config_keys_and_dicts_reject_nonsense():
-    assert space.config_key(GemvConfig(4, 64, 2, 2, 1)) == "rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1,lut_shared=1,lut_lanes=1"
+    assert space.config_key(GemvConfig(4, 64, 2, 2, 1)) == "rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1,lut_shared=1,lut_lanes=0"
     assert space.config_from_dict({"rows": 8}) == GemvConfig(rows=8)  # missing knobs: their defaults
     for bad in ({"rows": 0}, {"rows": 2.0}, {"rows": True}, {"warps": 4}, [1, 2]):
         with pytest.raises(ValueError):
@@ -157,7 +157,7 @@ def test_records_round_trip_readable_and_atomic(tmp_path):
     (stored,) = doc["entries"]
     assert stored["best"] == {"config": BEST.as_dict(), "us": 9.25}
     assert stored["default"] == {"config": space.default_config(spec).as_dict(), "us": 12.5}
-    assert stored["failed"] == {"rows=8,threads_k=64,chunks=1,unroll=1,row_tile=1,lut_shared=1,lut_lanes=1": "compile: boom line 2"}
+    assert stored["failed"] == {"rows=8,threads_k=64,chunks=1,unroll=1,row_tile=1,lut_shared=1,lut_lanes=0": "compile: boom line 2"}
     back = records.entry(spec, GPU)
     assert back == entry and back.best() == (BEST, 9.25) and back.default_us == 12.5
     assert records.config_for(spec, GPU) == BEST

@@ -32,6 +32,15 @@ GEMV_MAX_M = 16
 # (e8p-2) of cuBLAS fp16 where the CUDA-core GEMV, 16 multiply-adds per decoded weight, reached
 # 0.5-0.7x / 0.3x (H100). Tuning records hold GEMV configs, so they apply below this bucket only.
 TC_MIN_M = 8
+
+
+def serves_gemv(fmt, m: int) -> bool:
+    """True when bucket ``m`` of format ``fmt`` (name or Format) runs the CUDA-core GEMV family, else
+    tensor cores: M < TC_MIN_M, and M = 1 only for a format whose GEMV thread holds a 32-row block
+    (``Format.gemv_tile``: QTIP HYB's super-tiles), since 32 rows x M accumulators do not fit in
+    registers (measured: qtip-hyb-2 at M=4 spilled to 3.5 ms)."""
+    fmt = get_format(fmt)
+    return m < TC_MIN_M and (m == 1 or fmt.gemv_tile[0] <= 16)
 MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)  # up to here the GEMV family (decode once, reuse over M); above, tensor-core GEMM
 
 
@@ -138,7 +147,7 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvCo
     fmt = get_format(spec.format)
     if target.kind == "llvm":
         mod = schedule_llvm(matmul_func(fmt, spec.n, spec.k, spec.m))
-    elif TC_MIN_M <= spec.m <= GEMV_MAX_M:
+    elif spec.m <= GEMV_MAX_M and not serves_gemv(fmt, spec.m):
         from .tensorcore import tc_scheduled_func
 
         return tc_scheduled_func(fmt, spec.n, spec.k, spec.m).with_attr("global_symbol", spec.name).with_attr(

@@ -23,9 +23,10 @@ class GemvConfig:
     row_tile: rows per thread (register blocking over N), which divides the activation traffic from
     L1/shared memory by row_tile, the bound of the GEMV family at M > 1.
     lut_lanes (with lut_shared; only formats whose derived tables include a W_table_lanes stage, i.e.
-    QTIP HYB, see Format.tir_tables; the others ignore it): 1 = the shared-memory table holds a copy
-    per warp lane, entry-major, so a warp's 32 random lookups hit 32 distinct banks (HYB: 512 uint32
-    x 32 = 64 KiB of dynamic shared memory per block); 0 = one copy (2 KiB, bank-conflict replays).
+    QTIP HYB, see Format.tir_tables; the others ignore it): 1 = the shared-memory table holds
+    LUT_COPIES copies, entry-major, a warp lane reading its own (HYB: 512 uint32 x 16 = 32 KiB of
+    dynamic shared memory per block); 0 = one copy (2 KiB, bank-conflict replays). Measured on an
+    H100 (qtip-hyb-2, 28672x8192, M=1): 94 us with 0, 109 us with 1 (fewer blocks per SM), so 0.
     """
 
     rows: int = 4
@@ -34,7 +35,7 @@ class GemvConfig:
     unroll: int = 2
     row_tile: int = 1  # output rows per thread: each activation load is reused row_tile times
     lut_shared: int = 1  # formats with table gathers: 1 = copy the tables to shared memory per block
-    lut_lanes: int = 1  # formats with a per-lane table stage (QTIP HYB): 1 = one copy per warp lane
+    lut_lanes: int = 0  # formats with a per-lane table stage (QTIP HYB): 1 = one copy per warp lane
 
     def as_dict(self):
         return asdict(self)
@@ -115,8 +116,9 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     bx, ty, rt = sch.split(n_loop, [None, cfg.rows, cfg.row_tile])
     ko, tx, kv = sch.split(c_loop, [None, cfg.threads_k, cfg.chunks])
     # M > 1: activation rows outside the row tile, so one activation row of the chunk is in
-    # registers at a time (staging all M rows at once spills at M=16) and is reused row_tile times
-    m_outside = int(sch.get(m_loop).extent) > 1
+    # registers at a time (staging all M rows at once spills at M=16) and is reused row_tile times;
+    # unless the decoded row tile itself would crowd the registers (QTIP's 16-row tiles: 256 values)
+    m_outside = int(sch.get(m_loop).extent) > 1 and cfg.row_tile * cfg.chunks * _unit_of(sch) <= 128
     row_loops = (m_loop, rt) if m_outside else (rt, m_loop)
     sch.reorder(bx, ty, tx, ko, kv, *row_loops, *runs)
     rf = sch.rfactor(tx, factor_axis=0)  # per-thread partial sums, then a cross-thread reduction
@@ -220,6 +222,11 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         sch.unroll(ko_inner)
 
     return sch.mod
+
+
+def _unit_of(sch) -> int:
+    """The decode unit (columns) of the fused PrimFunc: the last axis of W_decode [n, k/unit, unit]."""
+    return int(sch.get(sch.get_sblock("W_decode")).writes[0].source.shape[-1])
 
 
 def _table_to_shared(sch, block, read_idx, bx, cfg):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Union
 
 from ..errors import QCompileError
-from ..kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec, scheduled_func
+from ..kernels.library import GEMV_MAX_M, KernelSpec, scheduled_func, serves_gemv
 from ..kernels.schedules import GemvConfig
 from ..kernels.target import TargetInfo, parse_target
 from . import space
@@ -148,9 +148,9 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
         if spec in seen:
             continue
         seen.add(spec)
-        if spec.m >= TC_MIN_M:
+        if not serves_gemv(spec.format, spec.m):
             family = "GEMM" if spec.m > GEMV_MAX_M else "low-batch tensor-core"
-            reason = f"{family} kernels (M >= {TC_MIN_M}) have no tuning space yet; build uses the default"
+            reason = f"{family} kernels have no tuning space yet; build uses the default"
             say(f"skip {_shape(spec)}: {reason}")
             results.append(TuneResult(spec, None, skipped=reason))
             continue

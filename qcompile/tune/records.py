@@ -43,7 +43,7 @@ from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 from ..errors import QCompileError
 from ..jsonio import atomic_write_bytes
-from ..kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec
+from ..kernels.library import GEMV_MAX_M, KernelSpec, serves_gemv
 from ..kernels.schedules import GemvConfig
 from .space import config_from_dict, config_from_key, config_key, tiling_error
 
@@ -425,9 +425,9 @@ class TuningRecords:
     # --- what build uses: never raises for a damaged file ----------------------------------------
     def config_for(self, spec: KernelSpec, gpu: Optional[str]) -> Optional[GemvConfig]:
         """The best measured config of ``spec`` on ``gpu`` for the current versions, or None (no
-        GPU, not a GEMV kernel (M >= TC_MIN_M runs on tensor cores), no record, or a damaged file:
+        GPU, not a GEMV kernel (``serves_gemv``: others run on tensor cores), no record, or a damaged file:
         warned once, then the defaults)."""
-        if gpu is None or spec.m >= TC_MIN_M:
+        if gpu is None or not serves_gemv(spec.format, spec.m):
             return None
         cache_key = (gpu, spec.format)
         if cache_key not in self._lenient:

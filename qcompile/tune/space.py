@@ -20,7 +20,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import QCompileError
 from ..formats import get as get_format
-from ..kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec, default_gemv_config
+from ..kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec, default_gemv_config, serves_gemv
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
 
 # values each knob takes in the search (all powers of two)
@@ -114,11 +114,11 @@ def in_space(cfg: GemvConfig, n: int, k: int, unit: int) -> bool:
 
 def _check_gemv(spec: KernelSpec):
     """The spec's format; QCompileError for a spec outside the GEMV family or a bad shape."""
-    if spec.m >= TC_MIN_M:
+    if spec.m >= 1 and not serves_gemv(spec.format, spec.m):
         family = f"GEMM family (M > {GEMV_MAX_M})" if spec.m > GEMV_MAX_M else \
             f"low-batch tensor-core family ({TC_MIN_M} <= M <= {GEMV_MAX_M})"
-        raise QCompileError(f"M={spec.m} is served by the {family}; only GEMV kernels (M < {TC_MIN_M}) "
-                            f"have a search space so far")
+        raise QCompileError(f"M={spec.m} of {spec.format} is served by the {family}; only GEMV kernels "
+                            f"(M < {TC_MIN_M}; M = 1 for QTIP HYB) have a search space so far")
     if spec.m < 1:
         raise QCompileError(f"M must be >= 1, got {spec.m}")
     fmt = get_format(spec.format)
