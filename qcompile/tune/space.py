@@ -118,7 +118,7 @@ def _check_gemv(spec: KernelSpec):
         family = f"GEMM family (M > {GEMV_MAX_M})" if spec.m > GEMV_MAX_M else \
             f"low-batch tensor-core family ({TC_MIN_M} <= M <= {GEMV_MAX_M})"
         raise QCompileError(f"M={spec.m} of {spec.format} is served by the {family}; only GEMV kernels "
-                            f"(M < {TC_MIN_M}; M = 1 for QTIP HYB) have a search space so far")
+                            f"(M < {TC_MIN_M}; every M for QTIP HYB) have a search space so far")
     if spec.m < 1:
         raise QCompileError(f"M must be >= 1, got {spec.m}")
     fmt = get_format(spec.format)
