@@ -101,3 +101,28 @@ def _check_graph_replay(module, inputs, atol=1e-2, rtol=1e-2):
 def check_graph_replay():
     """``check_graph_replay(module, inputs)`` (see above)."""
     return _check_graph_replay
+
+
+def _check_one_hot_decode(fn, fmt, qw, m, label=""):
+    """Run kernel ``fn(X, *packed tensors, Y)`` on one-hot activation rows, which read decoded columns
+    back exactly (1*w is exact, the other products are zeros, and so is their sum in fp16 or fp32):
+    96 columns = every position of three 32-column decode units, against ``fmt.decode_fp16``. Values,
+    not bit patterns: a decoded -0.0 comes out as +0.0 after the zero-initialised sum."""
+    import torch
+
+    n, k = qw.shape
+    ref = fmt.decode_fp16(qw)
+    args = [qw.tensors[name].cuda() for name in fmt.tensor_specs(n, k)]
+    for start in range(0, 96, m):
+        cols = torch.arange(start, start + m) * 13 % k
+        X = torch.zeros(m, k, dtype=torch.float16, device="cuda")
+        X[torch.arange(m), cols.cuda()] = 1.0
+        Y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        fn(X, *args, Y)
+        got, want = Y.cpu(), ref[:, cols].T.contiguous()
+        assert torch.isfinite(got).all() and torch.equal(got, want), f"{label} columns {cols.tolist()}"
+
+
+@pytest.fixture(scope="session")
+def check_one_hot_decode():
+    return _check_one_hot_decode

@@ -79,20 +79,11 @@ def test_configs_match_float64(name, cfg):
 
 @pytest.mark.parametrize("name", qc.formats.names())
 @pytest.mark.parametrize("use_intrin", [True, False])
-def test_decode_bit_exact_through_the_kernel(name, use_intrin):
-    """One-hot activation rows read decoded columns back exactly (1*w is exact; the fp32 tensor-core
-    sum of zeros and one weight is exact too): every position of a unit, intrinsic and TIR decode."""
+def test_decode_bit_exact_through_the_kernel(name, use_intrin, check_one_hot_decode):
+    """Every position of a unit through the tensor-core kernel (the fp32 sum of zeros and one weight
+    is exact too), with the format's intrinsic and with the TIR decode."""
     fmt = qc.formats.get(name)
     n, k, m = 256, 1024, 16
     qw = fmt.random_weight(n, k, seed=11)
     fn = build({"k": tc_scheduled_func(fmt, n, k, m, use_intrin=use_intrin)})["k"]
-    ref = fmt.decode_fp16(qw)
-    args = kernel_args(fmt, qw.to("cuda"))
-    for start in range(0, 96, m):
-        cols = torch.arange(start, start + m) * 13 % k
-        X = torch.zeros(m, k, dtype=torch.float16, device="cuda")
-        X[torch.arange(m), cols.cuda()] = 1.0
-        Y = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-        fn(X, *args, Y)
-        got, want = Y.cpu(), ref[:, cols].T.contiguous()
-        assert torch.isfinite(got).all() and torch.equal(got, want), f"{name} columns {cols.tolist()}"
+    check_one_hot_decode(fn, fmt, qw, m, f"{name} intrin={use_intrin}")
