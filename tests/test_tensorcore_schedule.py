@@ -41,6 +41,20 @@ def test_every_format_compiles_on_tensor_cores(name):
         assert f"{INTRIN_FUNC[name]}(" in src
 
 
+@pytest.mark.parametrize("name", ["qtip-hyb-2", "qtip-3inst-2", "e8p-3"])
+def test_kernel_takes_only_the_format_tensors(name):
+    """The format's derived stages (HYB's uint32 tables, its stream slices) live inside the kernel: a
+    stage left at the root became a global buffer of its own that nothing wrote (qtip-hyb-2 crashed
+    the H100 that way). The one kernel's parameters are X, Y and the format's packed tensors."""
+    import re
+
+    fmt = qc.formats.get(name)
+    src = compile_sm90({"k": tc_scheduled_func(fmt, N, K, 16)})
+    (params,) = set(re.findall(r'extern "C" __global__ void __launch_bounds__\(\d+\) \w+\(([^)]*)\)', src))
+    names = {p.strip().split()[-1].removesuffix("_ptr") for p in params.split(",")}
+    assert names == {"X", "Y", *fmt.tensor_specs(N, K)}, params
+
+
 @pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "qtip-3inst-2"])
 def test_plain_tir_decode_compiles(name):
     src = compile_sm90({"k": tc_scheduled_func(name, N, K, 16, use_intrin=False)})

@@ -304,6 +304,18 @@ def _gather_block(sch):
         return None
 
 
+def inline_derived(func):
+    """``func`` with the format's derived stages (table stages of Format.tir_tables, W_slice) inlined
+    into their readers, the gather kept: for rules that keep a gather stage but place no tables
+    (a stage left at the root would become a global buffer of its own)."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(_func_mod(func))
+    _inline_tables(sch)
+    _inline_tables(sch, ("W_slice",))
+    return sch.mod["main"]
+
+
 def inline_gather(func):
     """``func`` with the gather stage inlined into the decode (for rules that expect one
     elementwise decode producer, e.g. dlight's tensor-core GEMM)."""

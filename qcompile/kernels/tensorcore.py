@@ -129,11 +129,13 @@ def schedule_tc_cuda(func, cfg: TensorCoreConfig = None, intrin=None, streamed=N
     import tvm
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
-    from .schedules import _func_mod, inline_gather
+    from .schedules import _func_mod, inline_derived, inline_gather
 
-    # the intrinsic decodes from registers, so the table gathers stay a stage of their own there;
+    # the intrinsic decodes from registers, so the table gathers stay a stage of their own there
+    # (the format's derived tables and slices inlined into it: left at the root, TVM made them
+    # global buffers the kernel read before anything wrote them, and qtip-hyb-2 crashed the H100);
     # the plain decode reads the tables inline
-    sch = tvm.s_tir.Schedule(_func_mod(func if intrin is not None else inline_gather(func)))
+    sch = tvm.s_tir.Schedule(_func_mod(inline_derived(func) if intrin is not None else inline_gather(func)))
     acc = sch.get_sblock("acc")
     m_loop, n_loop, k_loop = sch.get_loops(acc)
     m, n, k = (int(sch.get(loop).extent) for loop in (m_loop, n_loop, k_loop))
