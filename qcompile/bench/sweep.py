@@ -73,7 +73,7 @@ def main():
                         func = scheduled_func(spec, target)
                     else:
                         func = schedule_gemv_cuda(matmul_func(fmt, n, k, m), cfg, fmt.decode_intrin("cuda"),
-                                                  fmt.streamed, fmt.tables)["main"]
+                                                  fmt.streamed)["main"]
                     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                                      target=target.tvm_target())
                     f = ex["main"]

@@ -251,9 +251,6 @@ class Format:
     # contiguous region (a QTIP tile's 16 rows; HYB's 32x32 super-tiles: 32 rows x 2 units). A GEMV
     # thread that holds whole blocks reads them with vector loads and indexes them by constants.
     gemv_tile: Tuple[int, int] = (1, 1)
-    # Small lookup tables the decode reads directly (not through a gather stage), e.g. QTIP HYB's
-    # tlut: schedules may copy them to shared memory once per thread block.
-    tables: Tuple[str, ...] = ()
 
     def unit_reads(self) -> Dict[str, Tuple[Tuple[int, ...], str, bool]]:
         """For a decode intrinsic: name -> (shape, dtype, staged[, offset]) of the region of each

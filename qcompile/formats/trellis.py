@@ -424,7 +424,6 @@ class TrellisFormat(Format):
             raise QCompileError(f"unknown packing {packing!r}; choose one of {', '.join(PACKINGS)}")
         self.code, self.K, self.V, self.L = code, int(K), CODES[code], L_BITS
         self.KV = self.K * self.V
-        self.tables = ("tlut",) if code == "hyb" else ()
         self.gemv_tile = (2 * TILE, 2) if packing == "kernel" else (TILE, 1)
         self.S = TILE_WEIGHTS // self.V
         self.order, self.packing = order, packing

@@ -36,13 +36,13 @@ TC_MIN_M = 8
 
 def serves_gemv(fmt, m: int) -> bool:
     """True when bucket ``m`` (<= GEMV_MAX_M) of format ``fmt`` (name or Format) runs the CUDA-core
-    GEMV family, else the low-batch tensor-core kernel: M < TC_MIN_M. Formats whose decode reads a
-    table directly (``Format.tables``: QTIP HYB) stay on the GEMV at every low-batch M until their
-    tensor-core kernel has run on a GPU: it crashed the H100 when its derived table stages were left
+    GEMV family, else the low-batch tensor-core kernel: M < TC_MIN_M. Formats whose GEMV thread holds
+    a 32-row block (``Format.gemv_tile``: QTIP HYB's super-tiles) stay on the GEMV at every low-batch
+    M until their tensor-core kernel has run on a GPU: it crashed the H100 when its derived table stages were left
     as global buffers (fixed since, ``schedules.inline_derived``, not yet run there), though their
     GEMV at M > 1 is slow (a 32-row super-tile per thread: qtip-hyb-2 at M=4 took 3.5 ms)."""
     fmt = get_format(fmt)
-    return m < TC_MIN_M or bool(fmt.tables)
+    return m < TC_MIN_M or fmt.gemv_tile[0] > 16
 MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)  # up to here the GEMV family (decode once, reuse over M); above, tensor-core GEMM
 
 
@@ -157,7 +157,7 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvCo
     elif spec.m <= GEMV_MAX_M:
         cfg = config or default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.gemv_tile)
         mod = schedule_gemv_cuda(matmul_func(fmt, spec.n, spec.k, spec.m), cfg, fmt.decode_intrin("cuda"),
-                                 fmt.streamed, fmt.tables)
+                                 fmt.streamed)
     else:
         mod = schedule_gemm_cuda(matmul_func(fmt, spec.n, spec.k, spec.m, two_level=False), target)
     func = mod["main"].with_attr("global_symbol", spec.name).with_attr("tirx.is_scheduled", True)

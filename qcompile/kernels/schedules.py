@@ -90,12 +90,12 @@ def _vectorize_inner(sch, block, nbytes, n_outer):
     sch.vectorize(loop)
 
 
-def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, streamed=None, tables=()):
+def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, streamed=None):
     """Inner-reduction GEMV for small M: every thread decodes its chunk once and reuses it for
     all M activation rows; partial sums meet in a cross-thread reduction. ``streamed``: names of
     the packed-word tensors to stage in registers with vector loads (default: the decode's first
-    read); ``tables``: lookup tables the decode reads directly (``Format.tables``), copied to shared
-    memory (``cfg.lut_shared`` places the tables of a gather stage).
+    read). Tables live where ``cfg.lut_shared`` / ``cfg.lut_lanes`` say: those a gather stage reads,
+    and the format's derived tables (Format.tir_tables).
 
     threads_k * chunks need not divide the decode units along K (11008 = 344 E8P units = 8 * 43):
     the split then runs a ragged last step, and TVM's predicate (unit < units) guards every stage
@@ -152,10 +152,6 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         stream_names = set(streamed or ()) | derived | {"W_slice_local"}  # (the slices: registers, above)
         for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in stream_names]:
             _table_to_shared(sch, gather, idx, bx, cfg)
-    # a table the decode reads directly (QTIP HYB's tlut) is always in shared memory: a decode
-    # intrinsic states the memory space of what it reads
-    for idx in [i for i, r in enumerate(sch.get(dec).reads) if r.source.name in tables]:
-        _table_to_shared(sch, dec, idx, bx, cfg)
 
     if runs:  # (pair, k) loops of a paired fp16 run: pairs innermost, then one HFMA2 per pair (below)
         p_loop, k_loop = sch.get_loops(part)[-2:]
