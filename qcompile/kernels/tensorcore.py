@@ -22,7 +22,7 @@ W_gather?, W_decode [n, k], acc [m, n] fp32, Y fp16). One small dlight-style rul
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 FRAG = 16  # WMMA m16n16k16
 WARP = 32
@@ -351,16 +351,20 @@ def _decode_unit(sch, k):
     return min(found) if found else 8
 
 
-def _candidates(n: int, m: int):
+def _candidates(n: int, m: int, unit: int = 8):
     """Configs in order of preference (the first that fits the shape is the default)."""
     if m <= 16:
         # measured best on the 70B MLP shapes at M=16 (H100, qcompile.bench.tc_sweep): 32-column N
         # tiles, 256-column K steps, 2 warps along N x 4 splitting K (int4-g128 1.24x / 1.26x of
-        # cuBLAS fp16, e8p-2 0.95x / 0.90x), then the double-buffered 128-column step
-        for units in (4, 2, 1):
-            yield TensorCoreConfig(16, 32, 256, 1, 2, 4, 8, units, 1)
-        for units in (4, 2, 1):
-            yield TensorCoreConfig(16, 32, 128, 1, 1, 4, 8, units, 2)
+        # cuBLAS fp16, e8p-2 0.95x / 0.90x), then the double-buffered 128-column step, which is the
+        # better one for 32-column units (e8p-2: 140 vs 170 us on 28672x8192, 181 vs 182 us on
+        # 8192x28672; int4-g128: 139 vs 130 us)
+        first, second = (TensorCoreConfig(16, 32, 256, 1, 2, 4), TensorCoreConfig(16, 32, 128, 1, 1, 4, stages=2))
+        if unit >= 32:
+            first, second = second, first
+        for base in (first, second):
+            for units in (4, 2, 1):
+                yield replace(base, units=units)
         # low batch: one 16-row fragment of X. Wide N tiles: every block re-reads its X tile from L2
         # (16 x k_tile fp16 per step, twice the bytes of a 64-row tile of 2-bit weights), but at
         # least one block per SM of an H100 (132) first; 8 warps per block, 2 along N and the rest
@@ -384,7 +388,7 @@ def _candidates(n: int, m: int):
 
 def default_tc_config(n: int, k: int, m: int, unit: int = 8) -> TensorCoreConfig:
     """The preferred config (``_candidates``) that tiles (n, k, m) exactly; ValueError if none does."""
-    for cfg in _candidates(n, m):
+    for cfg in _candidates(n, m, unit):
         if cfg.units > 1 and cfg.units * unit > 32:  # several units: up to 16 bytes of int4 words
             continue
         try:
