@@ -223,6 +223,15 @@ class Format:
         in ``bufs`` (default: none)."""
         return {}
 
+    # Stream slices: packed-word slices that several gathered words share (QTIP HYB: 4 per unit for 8
+    # table words), as their own stage W_slice[n, c, g] = tir_slice(bufs, n, c, g) for g <
+    # slice_count, which tir_gather reads as bufs["slices"] when present, so each is computed once.
+    slice_count: int = 0
+
+    def tir_slice(self, bufs: Mapping[str, object], n, c, g):
+        """TIR expression of slice g of unit c of row n."""
+        raise NotImplementedError
+
     def gathered(self, bufs: Mapping[str, object]):
         """bufs["gathered"] when a kernel computed the gather stage, else the gather inlined."""
         if "gathered" in bufs:

@@ -884,7 +884,7 @@ def _cuda_trellis() -> str:
     recip = struct.unpack("<f", struct.pack("<f", MAD1_RECIP))[0]
     values = {"INST3_A": INST3_A, "INST3_B": INST3_B, "INST3_MASK": f"0x{INST3_MASK:08X}",
               "INST3_XOR": f"0x{INST3_XOR:08X}", "MAD1_A": MAD1_A, "MAD1_B": MAD1_B,
-              "MAD1_MAGIC": f"{float(2 ** 23 + MAD1_OFFSET):.1f}", "MAD1_RECIP": recip.hex().replace("0x", "0x")}
+              "MAD1_MAGIC": f"{float(2 ** 23 + MAD1_OFFSET):.1f}", "MAD1_RECIP": recip.hex()}
     src = _CUDA_TRELLIS
     for key, val in values.items():
         src = src.replace(f"@{key}@", str(val))

@@ -27,7 +27,7 @@ def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True):
     bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in specs.items()}
     params = list(bufs.values())
     bufs.update(fmt.tir_tables(bufs))  # derived tables (stages W_table*), see Format.tir_tables
-    if getattr(fmt, "slice_count", 0):  # packed-word slices the gather shares (QTIP HYB), stage W_slice
+    if fmt.slice_count:  # packed-word slices the gather shares (see Format.slice_count), stage W_slice
         bufs["slices"] = te.compute((n, k // unit, fmt.slice_count),
                                     lambda i, c, g: fmt.tir_slice(bufs, i, c, g), name="W_slice")
     if fmt.gather_count:  # the format's table lookups as their own stage (see Format.gather_count)

@@ -44,6 +44,7 @@ from typing import Iterable, List, Optional, Sequence
 
 from ..errors import QCompileError
 from ..quant.hadamard import hadamard_factor
+from .schedules import vectorize_copy
 
 SIDES = ("input", "output")
 STORE_DTYPES = ("float32", "float16")
@@ -271,23 +272,6 @@ def _bind_threads(sch, loops, threads):
     return tx
 
 
-def _vectorize_copy(sch, block, nbytes=16):
-    """The innermost loop of a register <-> memory copy as ``nbytes`` vectors (unrolled otherwise)."""
-    import tvm
-
-    loop = sch.get_loops(block)[-1]
-    extent = int(sch.get(loop).extent)
-    bits = tvm.DataType(str(sch.get(block).writes[0].source.dtype)).bits
-    lanes = min(extent, nbytes * 8 // bits)
-    if extent % lanes or lanes == 1:
-        sch.unroll(loop)
-        return
-    if extent > lanes:
-        outer, loop = sch.split(loop, [None, lanes])
-        sch.unroll(outer)
-    sch.vectorize(loop)
-
-
 def schedule_rht_cuda(func):
     """One thread block per row (blockIdx.x). Per radix group, each thread loads its 2^r values
     (the first group from X in 16-byte vectors, later ones from shared memory, strided by the
@@ -352,7 +336,7 @@ def schedule_rht_cuda(func):
         contiguous = g == 0
         for copy in (load, store):
             if contiguous and not (copy.same_as(store) and final and n_groups > 1):
-                _vectorize_copy(sch, copy)
+                vectorize_copy(sch, copy)
             else:
                 sch.unroll(sch.get_loops(copy)[-1])
     if "hk" in names:

@@ -142,6 +142,28 @@ __device__ __forceinline__ int qc_hdot_pairs8(const half* __restrict__ x, const 
 """
 
 
+# TVMScript of the paired-run TensorIntrin: the description and the implementation share their
+# buffers and regions, so both are made from one text (as register_unit_decode does)
+_HDOT_SCRIPT = '''
+@T.prim_func(s_tir=True)
+def {fname}(x: T.handle, w: T.handle, p: T.handle):
+    X = T.match_buffer(x, (1, 8), "float16", scope="local", offset_factor=1)
+    W = T.match_buffer(w, (1, 1, 8), "float16", scope="local", offset_factor=1)
+    P = T.match_buffer(p, (1, 1, 1, 1, 2), "float16", scope="local", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(P[0, 0, 0, 0, 0:2], X[0, 0:8], W[0, 0, 0:8])
+        T.writes(P[0, 0, 0, 0, 0:2])
+{body}
+'''
+_HDOT_DESC_BODY = '''        for kp, pp in T.grid(4, 2):
+            with T.sblock("partial_update"):
+                vp = T.axis.spatial(2, pp)  # the kernel's block has its spatial axes first
+                vk = T.axis.reduce(4, kp)
+                P[0, 0, 0, 0, vp] = P[0, 0, 0, 0, vp] + X[0, vk * 2 + vp] * W[0, 0, vk * 2 + vp]'''
+_HDOT_IMPL_BODY = '''        T.evaluate(T.call_extern("int32", "qc_hdot_pairs8", X.access_ptr("r"), W.access_ptr("r"),
+                                 P.access_ptr("rw")))'''
+
+
 def register_hdot_pairs():
     """(name, CUDA source) of the TensorIntrin for one paired fp16 run of the GEMV compute
     (qcompile.kernels.compute, units longer than FP16_RUN): partial[.., 0:2] += the even / odd
@@ -154,31 +176,9 @@ def register_hdot_pairs():
     if name in _REGISTERED:
         return name, _HDOT_SOURCE
 
-    @T.prim_func(s_tir=True)
-    def desc(x: T.handle, w: T.handle, p: T.handle):
-        X = T.match_buffer(x, (1, 8), "float16", scope="local", offset_factor=1)
-        W = T.match_buffer(w, (1, 1, 8), "float16", scope="local", offset_factor=1)
-        P = T.match_buffer(p, (1, 1, 1, 1, 2), "float16", scope="local", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(P[0, 0, 0, 0, 0:2], X[0, 0:8], W[0, 0, 0:8])
-            T.writes(P[0, 0, 0, 0, 0:2])
-            for kp, pp in T.grid(4, 2):
-                with T.sblock("partial_update"):
-                    vp = T.axis.spatial(2, pp)  # the kernel's block has its spatial axes first
-                    vk = T.axis.reduce(4, kp)
-                    P[0, 0, 0, 0, vp] = P[0, 0, 0, 0, vp] + X[0, vk * 2 + vp] * W[0, 0, vk * 2 + vp]
-
-    @T.prim_func(s_tir=True)
-    def impl(x: T.handle, w: T.handle, p: T.handle):
-        X = T.match_buffer(x, (1, 8), "float16", scope="local", offset_factor=1)
-        W = T.match_buffer(w, (1, 1, 8), "float16", scope="local", offset_factor=1)
-        P = T.match_buffer(p, (1, 1, 1, 1, 2), "float16", scope="local", offset_factor=1)
-        with T.sblock("root"):
-            T.reads(P[0, 0, 0, 0, 0:2], X[0, 0:8], W[0, 0, 0:8])
-            T.writes(P[0, 0, 0, 0, 0:2])
-            T.evaluate(T.call_extern("int32", "qc_hdot_pairs8", X.access_ptr("r"), W.access_ptr("r"),
-                                     P.access_ptr("rw")))
-
+    env = {"T": T}
+    desc = tvm.script.from_source(_HDOT_SCRIPT.format(fname="desc", body=_HDOT_DESC_BODY), extra_vars=env)
+    impl = tvm.script.from_source(_HDOT_SCRIPT.format(fname="impl", body=_HDOT_IMPL_BODY), extra_vars=env)
     tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
     _REGISTERED[name] = _HDOT_SOURCE
     return name, _HDOT_SOURCE

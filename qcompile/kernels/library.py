@@ -26,24 +26,24 @@ DEFAULT_BUCKETS = (1, 4, 16, 64, 256)
 # every bucket issue 5 asks for; each needs a kernel, so it is opt-in (qcompile build --buckets) while
 # compile time matters more than the last few percent of padding
 TUNED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-GEMV_MAX_M = 16
+GEMV_MAX_M = 16  # up to here the low-batch families (decode once, reuse over M); above, the GEMM
 # from this bucket up to GEMV_MAX_M the low-batch tensor-core kernel (qcompile.kernels.tensorcore)
 # serves the "GEMV" buckets: at M=16 on the 70B MLP shapes it runs 1.2x (int4-g128) / 0.9-1.15x
 # (e8p-2) of cuBLAS fp16 where the CUDA-core GEMV, 16 multiply-adds per decoded weight, reached
 # 0.5-0.7x / 0.3x (H100). Tuning records hold GEMV configs, so they apply below this bucket only.
 TC_MIN_M = 8
+MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)
 
 
 def serves_gemv(fmt, m: int) -> bool:
     """True when bucket ``m`` (<= GEMV_MAX_M) of format ``fmt`` (name or Format) runs the CUDA-core
     GEMV family, else the low-batch tensor-core kernel: M < TC_MIN_M. Formats whose GEMV thread holds
     a 32-row block (``Format.gemv_tile``: QTIP HYB's super-tiles) stay on the GEMV at every low-batch
-    M until their tensor-core kernel has run on a GPU: it crashed the H100 when its derived table stages were left
-    as global buffers (fixed since, ``schedules.inline_derived``, not yet run there), though their
-    GEMV at M > 1 is slow (a 32-row super-tile per thread: qtip-hyb-2 at M=4 took 3.5 ms)."""
+    M until their tensor-core kernel has run on a GPU: it crashed the H100 when its derived table
+    stages were left as global buffers (fixed since, ``schedules.inline_derived``, not yet run
+    there), though their GEMV at M > 1 is slow (a 32-row super-tile per thread: qtip-hyb-2 at M=4 took 3.5 ms)."""
     fmt = get_format(fmt)
     return m < TC_MIN_M or fmt.gemv_tile[0] > 16
-MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)  # up to here the GEMV family (decode once, reuse over M); above, tensor-core GEMM
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,9 @@ def _func_mod(func):
     return tvm.IRModule({"main": func})
 
 
-def _vectorize_inner(sch, block, nbytes, n_outer):
-    """Split the innermost loop of a copy block into vectors of ``nbytes`` bytes. ``n_outer``:
+def vectorize_copy(sch, block, nbytes=16, n_outer=0):
+    """Split the innermost loop of a register <-> memory copy block into the widest vectors of at
+    most ``nbytes`` bytes (a power of two of lanes) that divide it, unrolled otherwise. ``n_outer``:
     how many enclosing loops are not the copy's own (a copy of one element has no loop)."""
     import tvm
 
@@ -174,10 +175,10 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     for blk, idx in staged:  # cache_read adds no reads, so the indices stay valid
         wq = sch.cache_read(blk, idx, "local")
         sch.compute_at(wq, ko)
-        _vectorize_inner(sch, wq, 16, n_outer)
+        vectorize_copy(sch, wq, 16, n_outer)
     xl = sch.cache_read(part, 0, "local")
     sch.compute_at(xl, m_loop if m_outside else ko)
-    _vectorize_inner(sch, xl, 16, n_outer + (2 if m_outside else 0))
+    vectorize_copy(sch, xl, 16, n_outer + (2 if m_outside else 0))
     # cross-thread reduction and the fp16 store (before the tensorize below: in a ragged split,
     # blockizing a predicated block leaves a scope that reverse_compute_at refuses)
     sch.reverse_compute_at(acc, ty)
@@ -239,6 +240,7 @@ TABLE_STAGES = ("W_table_lanes", "W_table")  # Format.tir_tables stages, consume
 
 
 def _get_sblock(sch, name):
+    """The block ``name``, or None when the PrimFunc has no such stage."""
     try:
         return sch.get_sblock(name)
     except Exception:  # noqa: BLE001 - TVM raises its own error type for a missing block
@@ -294,10 +296,7 @@ def _tensorize(sch, block, n_loops, intrin, guarded):
 
 def _gather_block(sch):
     """The format's table-gather stage (W_gather), or None."""
-    try:
-        return sch.get_sblock("W_gather")
-    except Exception:  # noqa: BLE001 - TVM raises its own error type for a missing block
-        return None
+    return _get_sblock(sch, "W_gather")
 
 
 def inline_derived(func):

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
+from .schedules import _func_mod, _gather_block, inline_derived, inline_gather, vectorize_copy
+
 FRAG = 16  # WMMA m16n16k16
 WARP = 32
 
@@ -129,7 +131,6 @@ def schedule_tc_cuda(func, cfg: TensorCoreConfig = None, intrin=None, streamed=N
     import tvm
     from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
 
-    from .schedules import _func_mod, inline_derived, inline_gather
 
     # the intrinsic decodes from registers, so the table gathers stay a stage of their own there
     # (the format's derived tables and slices inlined into it: left at the root, TVM made them
@@ -280,7 +281,6 @@ def _decode_to_shared(sch, w_s, cfg, unit, streamed):
     Returns the loop over the thread's units (where the decode of one unit is computed)."""
     from tvm import tirx
 
-    from .schedules import _vectorize_inner
 
     rows, cols = sch.get_loops(w_s)[-2:]
     groups, per_thread, col = sch.split(cols, [None, cfg.units, unit])
@@ -296,7 +296,7 @@ def _decode_to_shared(sch, w_s, cfg, unit, streamed):
     dec = sch.get_sblock("W_decode")
     sch.compute_at(dec, per_thread)
     sch.set_scope(dec, 0, "local")
-    gather = _gather(sch)
+    gather = _gather_block(sch)
     if gather is not None:  # the unit's table words, into registers just before its decode
         sch.compute_at(gather, per_thread)
         sch.set_scope(gather, 0, "local")
@@ -310,7 +310,7 @@ def _decode_to_shared(sch, w_s, cfg, unit, streamed):
             sch.compute_at(words, t_x)
             n_outer = [sch.get(lp).same_as(sch.get(t_x)) for lp in sch.get_loops(words)].index(True) + 1
             if all(isinstance(sch.get(lp).extent, tirx.IntImm) for lp in sch.get_loops(words)[n_outer:]):
-                _vectorize_inner(sch, words, 16, n_outer)  # (a window of data-dependent extent stays scalar)
+                vectorize_copy(sch, words, 16, n_outer)  # (a window of data-dependent extent stays scalar)
     sch.unroll(per_thread)
     vec = min(cfg.vec, unit)
     if vec > 1:
@@ -320,12 +320,6 @@ def _decode_to_shared(sch, w_s, cfg, unit, streamed):
     else:
         sch.unroll(col)
     return per_thread
-
-
-def _gather(sch):
-    from .schedules import _gather_block
-
-    return _gather_block(sch)
 
 
 def _pipeline(sch, ko):
@@ -341,7 +335,7 @@ def _decode_unit(sch, k):
     divides its column by (int4: qweight[i, j // 8] -> 8)."""
     import re
 
-    gather = _gather(sch)
+    gather = _gather_block(sch)
     if gather is not None:
         return k // int(sch.get(gather).writes[0].source.shape[1])
     block = sch.get(sch.get_sblock("W_decode"))
