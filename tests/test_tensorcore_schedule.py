@@ -118,3 +118,16 @@ def test_bad_config_raises_one_line(cfg, n, k, words):
 def test_no_config_for_untileable_shape():
     with pytest.raises(ValueError, match="no tensor-core config tiles N=200"):
         default_tc_config(200, 512, 4, 8)
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "qtip-3inst-2", "qtip-hyb-2"])
+def test_library_routes_low_batch_to_tensor_cores_from_tc_min_m(name):
+    """Every format's bucket M < TC_MIN_M is a GEMV and M >= TC_MIN_M (up to GEMV_MAX_M) a tensor-core
+    kernel, HYB included: its 32-row GEMV spills at M=16 (3005 us against 322 us on tensor cores, H100)."""
+    from qcompile.kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec, scheduled_func
+    from qcompile.kernels.target import parse_target
+
+    target = parse_target("sm_90")
+    for m in (TC_MIN_M - 1, TC_MIN_M, GEMV_MAX_M):
+        text = scheduled_func(KernelSpec(name, N, K, m), target).script()
+        assert ("wmma.matrix_a" in text) == (m >= TC_MIN_M), (name, m)

@@ -37,13 +37,11 @@ MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an
 
 def serves_gemv(fmt, m: int) -> bool:
     """True when bucket ``m`` (<= GEMV_MAX_M) of format ``fmt`` (name or Format) runs the CUDA-core
-    GEMV family, else the low-batch tensor-core kernel: M < TC_MIN_M. Formats whose GEMV thread holds
-    a 32-row block (``Format.gemv_tile``: QTIP HYB's super-tiles) stay on the GEMV at every low-batch
-    M until their tensor-core kernel has run on a GPU: it crashed the H100 when its derived table
-    stages were left as global buffers (fixed since, ``schedules.inline_derived``, not yet run
-    there), though their GEMV at M > 1 is slow (a 32-row super-tile per thread: qtip-hyb-2 at M=4 took 3.5 ms)."""
-    fmt = get_format(fmt)
-    return m < TC_MIN_M or fmt.gemv_tile[0] > 16
+    GEMV family, else the low-batch tensor-core kernel: M < TC_MIN_M for every format. (QTIP HYB's
+    GEMV thread holds a 32-row super-tile, whose M accumulators spill from M=8 on: qtip-hyb-2 on
+    28672x8192 at M=16 measured 3005 us on GEMV, 322 us on tensor cores; H100, 6b07141.)"""
+    get_format(fmt)  # an unknown name fails here, with the formats listed
+    return m < TC_MIN_M
 
 
 @dataclass(frozen=True)
