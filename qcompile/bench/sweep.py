@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import time
 
 import torch
 
 from ..formats import get as get_format
 from ..kernels.compute import matmul_func
-from ..kernels.library import KernelSpec, scheduled_func
+from ..kernels.library import KernelSpec, default_gemv_config, scheduled_func, serves_gemv
 from ..kernels.schedules import GemvConfig, schedule_gemv_cuda
 from ..kernels.target import parse_target
 from .harness import bench_weight
@@ -42,6 +41,8 @@ def main():
     ap.add_argument("--configs", default="default", help="default, or all (the --grid product)")
     ap.add_argument("--grid", default="rows=2,4,8;threads_k=32,64;chunks=1,2,4;unroll=1,2,4;row_tile=1",
                     help="GemvConfig knob values, e.g. 'rows=4;threads_k=64;chunks=2;unroll=1;row_tile=1,2'")
+    ap.add_argument("--fp16-runs", default="0",
+                    help="products per fp16 partial sum to compare (compute.FP16_RUN; 0: the default), e.g. 8,32")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     fmt = get_format(args.format)
@@ -66,25 +67,27 @@ def main():
                 grid = dict((kv.split("=")[0], [int(v) for v in kv.split("=")[1].split(",")])
                             for kv in args.grid.split(";"))
                 cfgs = [None] + [GemvConfig(**dict(zip(grid, c))) for c in itertools.product(*grid.values())]
-            for cfg in cfgs:
+            runs = [int(r) for r in args.fp16_runs.split(",")]
+            for cfg, run in itertools.product(cfgs, runs):
                 spec = KernelSpec(fmt.name, n, k, m)
                 try:
-                    if cfg is None:
+                    if cfg is None and (run == 0 or not serves_gemv(fmt, m)):
                         func = scheduled_func(spec, target)
                     else:
-                        func = schedule_gemv_cuda(matmul_func(fmt, n, k, m), cfg, fmt.decode_intrin("cuda"),
-                                                  fmt.streamed)["main"]
+                        gemv_cfg = cfg or default_gemv_config(n, k, m, fmt.decode_unit, fmt.gemv_tile)
+                        func = schedule_gemv_cuda(matmul_func(fmt, n, k, m, fp16_run=run), gemv_cfg,
+                                                  fmt.decode_intrin("cuda"), fmt.streamed)["main"]
                     ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
                                      target=target.tvm_target())
                     f = ex["main"]
-                except Exception as e:  # config does not tile this shape
+                except Exception:  # config does not tile this shape
                     continue
                 Y = torch.empty(m, n, device=dev, dtype=torch.float16)
                 f(X, *qsets[0].values(), Y)
                 torch.cuda.synchronize()
                 err = ((Y.double() - ref).norm() / ref.norm()).item()
                 t = _time(lambda i: f(X, *qsets[i % qcopies].values(), Y))
-                row = {"N": n, "K": k, "M": m, "cfg": None if cfg is None else cfg.as_dict(), "us": t,
+                row = {"N": n, "K": k, "M": m, "cfg": None if cfg is None else cfg.as_dict(), "fp16_run": run, "us": t,
                        "cublas_us": t_fp16, "speedup": t_fp16 / t, "GBps": w_bytes / t / 1e3, "rel_err": err}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -99,7 +102,7 @@ def main():
     print("\nbest per shape:")
     for key, r in best.items():
         print(key, f"{r['us']:.1f}us cublas {r['cublas_us']:.1f}us speedup {r['speedup']:.2f}x "
-              f"{r['GBps']:.0f}GB/s err {r['rel_err']:.1e}", r["cfg"])
+              f"{r['GBps']:.0f}GB/s err {r['rel_err']:.1e}", r["cfg"], "fp16_run", r["fp16_run"])
 
 
 if __name__ == "__main__":

@@ -2,20 +2,24 @@
 
 The decode is whatever the format's ``tir_decode_unit`` says; this module never looks at bits.
 GEMV form (two_level=True): the weight is decoded a unit at a time (W_decode[n, c, j] = column
-c*unit + j) and accumulated in two levels: fp16 partial sums over runs of FP16_RUN products (so
-the inner multiply-add is a single HFMA; short runs keep the fp16 rounding at the level of the
-fp16 weights themselves), then fp32 across runs and units. GEMM form: one fp32 reduction, the
+c*unit + j) and accumulated in two levels: fp16 partial sums over runs of FP16_RUN products (at
+most a unit; the even and odd columns as the two halves of an HFMA2), then fp32 across runs and
+units. Every run ends in two fp16->fp32 conversions and two FADDs, so longer runs mean fewer
+instructions per weight (E8P at M=1: 1016 SASS instructions per thread step with runs of 32,
+1112 with runs of 8); 16 products per fp16 lane keep the fp16 rounding below that of the fp16
+weights themselves. GEMM form: one fp32 reduction, the
 shape tensor-core schedules expect.
 """
 from __future__ import annotations
 
 from ..formats import Format
 
-FP16_RUN = 8  # products summed in fp16 before the fp32 accumulation
+FP16_RUN = 32  # products summed in fp16 (16 per HFMA2 lane) before the fp32 accumulation
 
 
-def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True):
-    """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n])."""
+def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True, fp16_run: int = 0):
+    """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]). ``fp16_run``: products per fp16
+    partial sum in the GEMV form (capped at the decode unit; 0: FP16_RUN)."""
     from tvm import te
 
     fmt.check_shape(n, k)
@@ -41,25 +45,20 @@ def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True):
     else:
         W = te.compute((n, k // unit, unit), lambda i, c, j: fmt.tir_decode_unit(bufs, i, c, j),
                        name="W_decode")
-        run = min(unit, FP16_RUN)
-        if unit % run:
-            raise ValueError(f"decode unit {unit} must be a multiple of {run}")
-        kc = te.reduce_axis((0, run), name="kc")
+        run = min(unit, fp16_run or FP16_RUN)
+        if unit % run or run % 2:
+            raise ValueError(f"decode unit {unit} must be a multiple of the fp16 run {run} (an even number)")
+        # each unit as unit/run fp16 runs (axis r), each run as two interleaved half sums (axis p:
+        # even and odd columns), so a schedule can vectorize p into HFMA2; all summed in fp32
+        kp = te.reduce_axis((0, run // 2), name="kp")
+        part = te.compute((m, n, k // unit, unit // run, 2),
+                          lambda a, i, c, r, p: te.sum(X[a, c * unit + r * run + 2 * kp + p]
+                                                       * W[i, c, r * run + 2 * kp + p], axis=kp),
+                          name="partial")
         ko = te.reduce_axis((0, k // unit), name="ko")
-        if unit == run:  # one fp16 run per unit
-            part = te.compute((m, n, k // unit),
-                              lambda a, i, c: te.sum(X[a, c * unit + kc] * W[i, c, kc], axis=kc), name="partial")
-            acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko].astype("float32"), axis=ko), name="acc")
-        else:  # several fp16 runs per unit (axis r), each as two interleaved half sums (axis p: even
-            # and odd columns), so a schedule can vectorize p into HFMA2; all summed in fp32
-            kp = te.reduce_axis((0, run // 2), name="kp")
-            part = te.compute((m, n, k // unit, unit // run, 2),
-                              lambda a, i, c, r, p: te.sum(X[a, c * unit + r * run + 2 * kp + p]
-                                                           * W[i, c, r * run + 2 * kp + p], axis=kp),
-                              name="partial")
-            ro = te.reduce_axis((0, unit // run), name="ro")
-            po = te.reduce_axis((0, 2), name="po")
-            acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko, ro, po].astype("float32"),
-                                                         axis=[ko, ro, po]), name="acc")
+        ro = te.reduce_axis((0, unit // run), name="ro")
+        po = te.reduce_axis((0, 2), name="po")
+        acc = te.compute((m, n), lambda a, i: te.sum(part[a, i, ko, ro, po].astype("float32"),
+                                                     axis=[ko, ro, po]), name="acc")
     Y = te.compute((m, n), lambda a, i: acc[a, i].astype("float16"), name="Y")
     return te.create_prim_func([X, *params, Y]).with_attr("global_symbol", "main")

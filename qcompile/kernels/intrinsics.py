@@ -125,15 +125,16 @@ def _region_text(region, iter_vars) -> str:
 
 
 _HDOT_SOURCE = r"""
-#ifndef QC_HDOT_PAIRS8
-#define QC_HDOT_PAIRS8
+#ifndef QC_HDOT_PAIRS
+#define QC_HDOT_PAIRS
 #include <cuda_fp16.h>
-// p[0] += x[0]w[0] + x[2]w[2] + x[4]w[4] + x[6]w[6]; p[1] likewise over the odd columns: 4 HFMA2
-__device__ __forceinline__ int qc_hdot_pairs8(const half* __restrict__ x, const half* __restrict__ w,
-                                              half* __restrict__ p) {
+// p[0] += x[0]w[0] + x[2]w[2] + ...; p[1] likewise over the odd columns: one HFMA2 per column pair
+template <int PAIRS>
+__device__ __forceinline__ int qc_hdot_pairs(const half* __restrict__ x, const half* __restrict__ w,
+                                             half* __restrict__ p) {
   half2 acc = *reinterpret_cast<const half2*>(p);
 #pragma unroll
-  for (int q = 0; q < 4; ++q)
+  for (int q = 0; q < PAIRS; ++q)
     acc = __hfma2(reinterpret_cast<const half2*>(x)[q], reinterpret_cast<const half2*>(w)[q], acc);
   *reinterpret_cast<half2*>(p) = acc;
   return 0;
@@ -144,41 +145,46 @@ __device__ __forceinline__ int qc_hdot_pairs8(const half* __restrict__ x, const 
 
 # TVMScript of the paired-run TensorIntrin: the description and the implementation share their
 # buffers and regions, so both are made from one text (as register_unit_decode does)
-_HDOT_SCRIPT = '''
+_HDOT_SCRIPT = """
 @T.prim_func(s_tir=True)
 def {fname}(x: T.handle, w: T.handle, p: T.handle):
-    X = T.match_buffer(x, (1, 8), "float16", scope="local", offset_factor=1)
-    W = T.match_buffer(w, (1, 1, 8), "float16", scope="local", offset_factor=1)
+    X = T.match_buffer(x, (1, {run}), "float16", scope="local", offset_factor=1)
+    W = T.match_buffer(w, (1, 1, {run}), "float16", scope="local", offset_factor=1)
     P = T.match_buffer(p, (1, 1, 1, 1, 2), "float16", scope="local", offset_factor=1)
     with T.sblock("root"):
-        T.reads(P[0, 0, 0, 0, 0:2], X[0, 0:8], W[0, 0, 0:8])
+        T.reads(P[0, 0, 0, 0, 0:2], X[0, 0:{run}], W[0, 0, 0:{run}])
         T.writes(P[0, 0, 0, 0, 0:2])
 {body}
-'''
-_HDOT_DESC_BODY = '''        for kp, pp in T.grid(4, 2):
+"""
+_HDOT_DESC_BODY = """        for kp, pp in T.grid({pairs}, 2):
             with T.sblock("partial_update"):
                 vp = T.axis.spatial(2, pp)  # the kernel's block has its spatial axes first
-                vk = T.axis.reduce(4, kp)
-                P[0, 0, 0, 0, vp] = P[0, 0, 0, 0, vp] + X[0, vk * 2 + vp] * W[0, 0, vk * 2 + vp]'''
-_HDOT_IMPL_BODY = '''        T.evaluate(T.call_extern("int32", "qc_hdot_pairs8", X.access_ptr("r"), W.access_ptr("r"),
-                                 P.access_ptr("rw")))'''
+                vk = T.axis.reduce({pairs}, kp)
+                P[0, 0, 0, 0, vp] = P[0, 0, 0, 0, vp] + X[0, vk * 2 + vp] * W[0, 0, vk * 2 + vp]"""
+_HDOT_IMPL_BODY = """        T.evaluate(T.call_extern("int32", "qc_hdot_pairs<{pairs}>", X.access_ptr("r"), W.access_ptr("r"),
+                                 P.access_ptr("rw")))"""
 
 
-def register_hdot_pairs():
-    """(name, CUDA source) of the TensorIntrin for one paired fp16 run of the GEMV compute
-    (qcompile.kernels.compute, units longer than FP16_RUN): partial[.., 0:2] += the even / odd
-    column products of 8 activations and 8 decoded weights, as four HFMA2 (the plain TIR form
-    prints as scalar HFMAs, twice the instructions)."""
+def register_hdot_pairs(run: int = 8):
+    """(name, CUDA source) of the TensorIntrin for one paired fp16 run of ``run`` products of the
+    GEMV compute (qcompile.kernels.compute): partial[.., 0:2] += the even / odd column products of
+    ``run`` activations and decoded weights, as run/2 HFMA2 (the plain TIR form prints as scalar
+    HFMAs, twice the instructions)."""
     import tvm
     from tvm.script import tirx as T
 
-    name = "qcompile.hdot_pairs8.cuda"
+    if run < 2 or run % 2:
+        raise ValueError(f"an fp16 run must be an even number of products, got {run}")
+    name = f"qcompile.hdot_pairs{run}.cuda"
     if name in _REGISTERED:
         return name, _HDOT_SOURCE
 
     env = {"T": T}
-    desc = tvm.script.from_source(_HDOT_SCRIPT.format(fname="desc", body=_HDOT_DESC_BODY), extra_vars=env)
-    impl = tvm.script.from_source(_HDOT_SCRIPT.format(fname="impl", body=_HDOT_IMPL_BODY), extra_vars=env)
+    fill = {"run": run, "pairs": run // 2}
+    desc = tvm.script.from_source(_HDOT_SCRIPT.format(fname="desc", body=_HDOT_DESC_BODY.format(**fill), **fill),
+                                  extra_vars=env)
+    impl = tvm.script.from_source(_HDOT_SCRIPT.format(fname="impl", body=_HDOT_IMPL_BODY.format(**fill), **fill),
+                                  extra_vars=env)
     tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
     _REGISTERED[name] = _HDOT_SOURCE
     return name, _HDOT_SOURCE

@@ -107,7 +107,7 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
 
     sch = tvm.s_tir.Schedule(_func_mod(func))
     acc = sch.get_sblock("acc")
-    m_loop, n_loop, c_loop, *runs = sch.get_loops(acc)  # runs: the fp16-run loop of units > FP16_RUN
+    m_loop, n_loop, c_loop, *runs = sch.get_loops(acc)  # runs: (run, pair) loops of the fp16 runs of a unit
     n_chunks = int(sch.get(c_loop).extent)
     n_rows = int(sch.get(n_loop).extent)
     if n_rows % (cfg.rows * cfg.row_tile) or n_chunks < cfg.threads_k * cfg.chunks:
@@ -132,7 +132,7 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
 
     part = sch.get_sblock("partial")
     dec = sch.get_sblock("W_decode")
-    sch.compute_at(part, runs[0] if runs else m_loop)
+    sch.compute_at(part, runs[0])
     sch.set_scope(part, 0, "local")
     # decode one chunk of one row (all row_tile rows when M > 1) once, reuse it for all M rows
     dec_at = kv if m_outside else rt
@@ -154,12 +154,8 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in stream_names]:
             _table_to_shared(sch, gather, idx, bx, cfg)
 
-    if runs:  # (pair, k) loops of a paired fp16 run: pairs innermost, then one HFMA2 per pair (below)
-        p_loop, k_loop = sch.get_loops(part)[-2:]
-        sch.reorder(k_loop, p_loop)
-    else:
-        for loop in sch.get_loops(part)[-1:]:
-            sch.unroll(loop)
+    p_loop, k_loop = sch.get_loops(part)[-2:]  # (pair, k) of a paired fp16 run: pairs innermost,
+    sch.reorder(k_loop, p_loop)                 # then one HFMA2 per pair (below)
 
     # 16-byte vector loads of the packed words and of the activations
     n_outer = 4  # bx, ty, tx, ko enclose the per-step copies
@@ -192,15 +188,13 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
     sch.set_scope(acc, 0, "local")
     out = sch.get_sblock("Y")
     sch.reverse_compute_at(out, ty)
-    sources = []
-    if runs:  # a paired run as four HFMA2 (TVM prints float16x2 arithmetic lane by lane)
-        from .intrinsics import register_hdot_pairs
+    # a paired run as run/2 HFMA2 (TVM prints float16x2 arithmetic lane by lane)
+    from .intrinsics import register_hdot_pairs
 
-        hdot, hdot_source = register_hdot_pairs()
-        k_loop = sch.get_loops(part)[-2]
-        sch.decompose_reduction(part, k_loop)
-        _tensorize(sch, sch.get_sblock("partial_update"), 2, hdot, ragged)
-        sources.append(hdot_source)
+    hdot, hdot_source = register_hdot_pairs(_run_of(sch))
+    sch.decompose_reduction(part, sch.get_loops(part)[-2])
+    _tensorize(sch, sch.get_sblock("partial_update"), 2, hdot, ragged)
+    sources = [hdot_source]
     if intrin is not None:  # the format's hand-written decode of one unit
         name, source = intrin
         _tensorize(sch, dec, 1, name, ragged)
@@ -219,6 +213,11 @@ def schedule_gemv_cuda(func, cfg: GemvConfig = GemvConfig(), intrin=None, stream
         sch.unroll(ko_inner)
 
     return sch.mod
+
+
+def _run_of(sch) -> int:
+    """Products per fp16 partial sum: the decode unit over the runs per unit (partial [m, n, c, r, 2])."""
+    return _unit_of(sch) // int(sch.get(sch.get_sblock("partial")).writes[0].source.shape[3])
 
 
 def _unit_of(sch) -> int:
