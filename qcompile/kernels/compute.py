@@ -4,17 +4,17 @@ The decode is whatever the format's ``tir_decode_unit`` says; this module never 
 GEMV form (two_level=True): the weight is decoded a unit at a time (W_decode[n, c, j] = column
 c*unit + j) and accumulated in two levels: fp16 partial sums over runs of FP16_RUN products (at
 most a unit; the even and odd columns as the two halves of an HFMA2), then fp32 across runs and
-units. Every run ends in two fp16->fp32 conversions and two FADDs, so longer runs mean fewer
-instructions per weight (E8P at M=1: 1016 SASS instructions per thread step with runs of 32,
-1112 with runs of 8); 16 products per fp16 lane keep the fp16 rounding below that of the fp16
-weights themselves. GEMM form: one fp32 reduction, the
+units. Every run ends in two fp16->fp32 conversions and two FADDs, yet longer runs measured no
+faster: runs of 32 cut E8P's M=1 SASS from 1112 to 1016 instructions per thread step but made it
+slower (H100: 45.6 vs 44.4 us on 28672x8192, 62.2 vs 49.5 us on 8192x28672), its one
+16-deep HFMA2 chain costing more in latency than the conversions saved; QTIP 3INST gained 1 %. GEMM form: one fp32 reduction, the
 shape tensor-core schedules expect.
 """
 from __future__ import annotations
 
 from ..formats import Format
 
-FP16_RUN = 32  # products summed in fp16 (16 per HFMA2 lane) before the fp32 accumulation
+FP16_RUN = 8  # products summed in fp16 (4 per HFMA2 lane) before the fp32 accumulation
 
 
 def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True, fp16_run: int = 0):
