@@ -33,6 +33,9 @@ GEMV_MAX_M = 16  # up to here the low-batch families (decode once, reuse over M)
 # 0.5-0.7x / 0.3x (H100). Tuning records hold GEMV configs, so they apply below this bucket only.
 TC_MIN_M = 8
 MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)
+# threads of a 32-column-unit (E8P) GEMV that fill an H100 (132 SMs x 2048): below it, more threads
+# along K (e8p-2 M=1, 8192x28672: 49.7 -> 46.2 us at 128 threads; 4096x11008: 26.5 -> 20.1 us)
+TARGET_GEMV_THREADS = 262144
 
 
 def serves_gemv(fmt, m: int) -> bool:
@@ -73,7 +76,10 @@ def default_gemv_config(n: int, k: int, m: int, unit: int = 8, tile: Tuple[int, 
     if tuple(tile) != (1, 1):
         return _tiled_gemv_config(n, k, unit, tile)
     if unit >= 32:
-        preferred = GemvConfig(rows=4, threads_k=32, chunks=1, unroll=2 if m <= 2 else 1, row_tile=4 if m <= 4 else 2)
+        row_tile = 4 if m <= 4 else 2
+        threads_k = next((t for t in (32, 64) if (n // row_tile) * t >= TARGET_GEMV_THREADS), 128)
+        preferred = GemvConfig(rows=max(1, 128 // threads_k), threads_k=threads_k, chunks=1,
+                               unroll=2 if m <= 2 else 1, row_tile=row_tile)
     elif m <= 2:
         preferred = GemvConfig(rows=4, threads_k=64, chunks=2, unroll=2, row_tile=1)
     else:
@@ -97,7 +103,7 @@ def default_gemv_config(n: int, k: int, m: int, unit: int = 8, tile: Tuple[int, 
         return None
 
     def exact():
-        for threads_k in (preferred.threads_k, 64, 32, 16, 8, 4, 2, 1):
+        for threads_k in dict.fromkeys((preferred.threads_k, 64, 32, 16, 8, 4, 2, 1)):
             for chunks in (preferred.chunks, 1):
                 if chunks_k % (threads_k * chunks) == 0:
                     cfg = tile_rows(threads_k, chunks)
@@ -128,17 +134,18 @@ def _tiled_gemv_config(n: int, k: int, unit: int, tile: Tuple[int, int]) -> Gemv
     HYB's 32x32 super-tiles): one group per thread (row_tile x chunks), which makes every word index
     a constant, and many threads along K, since each thread already holds 16-32 rows (from H100
     sweeps of qtip-3inst-2 / 1mad-2 / hyb-2 on the 70B MLP shapes: 128 x 16-row tiles, 64 x super-tiles
-    along K; 2 row groups per block)."""
+    along K; 32 rows per block: HYB at M=1 went 94.4 -> 83.7 us on 28672x8192 and 112.5 -> 79.8 us on
+    8192x28672 with 128 super-tiles along K instead of 64)."""
     from .schedules import MAX_RAGGED_IDLE, ragged_idle
 
     row_tile, chunks = tile
     units = k // unit
     if n % row_tile or units % chunks:
         raise ValueError(f"no GEMV config tiles N={n}, K={k} in groups of {row_tile} rows x {chunks} units")
-    for threads_k in (128 // chunks, 64, 32, 16, 8, 4, 2, 1):
+    for threads_k in (128, 64, 32, 16, 8, 4, 2, 1):
         if threads_k * chunks <= units and ragged_idle(units, threads_k, chunks) <= MAX_RAGGED_IDLE:
             break
-    rows = 2 if n % (2 * row_tile) == 0 else 1
+    rows = max(1, 32 // row_tile) if n % (32 // row_tile * row_tile) == 0 else 1
     return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=1, row_tile=row_tile)
 
 
