@@ -78,9 +78,32 @@ EXACT_DEFAULTS = {
     (8, 4096, 11008, 4): GemvConfig(rows=4, threads_k=32, chunks=1, unroll=1, row_tile=2),
     (8, 768, 256, 1): GemvConfig(rows=4, threads_k=32, chunks=1, unroll=1, row_tile=1),
     (16, 4096, 4096, 1): GemvConfig(rows=4, threads_k=64, chunks=2, unroll=2, row_tile=1),
-    (32, 28672, 8192, 1): GemvConfig(rows=4, threads_k=32, chunks=1, unroll=2, row_tile=4),
-    (32, 4096, 4096, 16): GemvConfig(rows=4, threads_k=32, chunks=1, unroll=1, row_tile=2),
+    (32, 28672, 8192, 1): GemvConfig(rows=2, threads_k=64, chunks=1, unroll=2, row_tile=4),
+    (32, 8192, 28672, 1): GemvConfig(rows=1, threads_k=128, chunks=1, unroll=1, row_tile=4),
+    (32, 4096, 4096, 16): GemvConfig(rows=1, threads_k=128, chunks=1, unroll=1, row_tile=2),
 }
+
+
+@pytest.mark.parametrize("n, k", [(28672, 8192), (8192, 28672), (4096, 11008), (4096, 4096), (11008, 4096)])
+def test_e8p_default_fills_the_gpu_with_threads_along_k(n, k):
+    """32-column units: as many threads along K as it takes to reach TARGET_GEMV_THREADS in flight
+    (up to 128), in blocks of 128 threads."""
+    from qcompile.kernels.library import TARGET_GEMV_THREADS
+
+    cfg = default_gemv_config(n, k, 1, 32)
+    in_flight = (n // cfg.row_tile) * cfg.threads_k
+    assert in_flight >= TARGET_GEMV_THREADS or cfg.threads_k == 128
+    assert cfg.threads_k == 32 or (n // cfg.row_tile) * cfg.threads_k // 2 < TARGET_GEMV_THREADS
+    assert cfg.rows * cfg.threads_k == 128
+
+
+@pytest.mark.parametrize("name", ["qtip-3inst-2", "qtip-hyb-2"])
+def test_tiled_default_is_128_threads_along_k_and_32_rows_per_block(name):
+    fmt = qc.formats.get(name)
+    for n, k in [(28672, 8192), (8192, 28672), (4096, 4096)]:
+        cfg = default_gemv_config(n, k, 1, fmt.decode_unit, fmt.gemv_tile)
+        assert (cfg.row_tile, cfg.chunks) == fmt.gemv_tile
+        assert cfg.threads_k == 128 and cfg.rows * cfg.row_tile == 32
 
 
 @pytest.mark.parametrize("key", sorted(EXACT_DEFAULTS))
