@@ -80,7 +80,8 @@ EXACT_DEFAULTS = {
     (16, 4096, 4096, 1): GemvConfig(rows=4, threads_k=64, chunks=2, unroll=2, row_tile=1),
     (32, 28672, 8192, 1): GemvConfig(rows=2, threads_k=64, chunks=1, unroll=2, row_tile=4),
     (32, 8192, 28672, 1): GemvConfig(rows=1, threads_k=128, chunks=1, unroll=1, row_tile=4),
-    (32, 4096, 4096, 16): GemvConfig(rows=1, threads_k=128, chunks=1, unroll=1, row_tile=2),
+    (32, 4096, 4096, 4): GemvConfig(rows=4, threads_k=32, chunks=1, unroll=1, row_tile=4),
+    (32, 4096, 4096, 16): GemvConfig(rows=4, threads_k=32, chunks=1, unroll=1, row_tile=2),
 }
 
 
@@ -104,6 +105,8 @@ def test_tiled_default_is_128_threads_along_k_and_32_rows_per_block(name):
         cfg = default_gemv_config(n, k, 1, fmt.decode_unit, fmt.gemv_tile)
         assert (cfg.row_tile, cfg.chunks) == fmt.gemv_tile
         assert cfg.threads_k == 128 and cfg.rows * cfg.row_tile == 32
+        at_m4 = default_gemv_config(n, k, 4, fmt.decode_unit, fmt.gemv_tile)  # M > 2: 2 groups per block
+        assert at_m4.threads_k == 128 // fmt.gemv_tile[1] and at_m4.rows == 2
 
 
 @pytest.mark.parametrize("key", sorted(EXACT_DEFAULTS))

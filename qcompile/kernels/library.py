@@ -74,10 +74,11 @@ def default_gemv_config(n: int, k: int, m: int, unit: int = 8, tile: Tuple[int, 
     from .schedules import MAX_RAGGED_IDLE, k_steps, ragged_idle
 
     if tuple(tile) != (1, 1):
-        return _tiled_gemv_config(n, k, unit, tile)
+        return _tiled_gemv_config(n, k, m, unit, tile)
     if unit >= 32:
         row_tile = 4 if m <= 4 else 2
-        threads_k = next((t for t in (32, 64) if (n // row_tile) * t >= TARGET_GEMV_THREADS), 128)
+        # M <= 2 only: at M=4 the GPU-filling split measured slower (e8p-2 28672x8192 86.6 vs 78 us)
+        threads_k = 32 if m > 2 else next((t for t in (32, 64) if (n // row_tile) * t >= TARGET_GEMV_THREADS), 128)
         preferred = GemvConfig(rows=max(1, 128 // threads_k), threads_k=threads_k, chunks=1,
                                unroll=2 if m <= 2 else 1, row_tile=row_tile)
     elif m <= 2:
@@ -129,23 +130,25 @@ def default_gemv_config(n: int, k: int, m: int, unit: int = 8, tile: Tuple[int, 
     return cfg
 
 
-def _tiled_gemv_config(n: int, k: int, unit: int, tile: Tuple[int, int]) -> GemvConfig:
+def _tiled_gemv_config(n: int, k: int, m: int, unit: int, tile: Tuple[int, int]) -> GemvConfig:
     """Formats whose packed words come in groups of rows (``Format.gemv_tile``: a QTIP tile's 16 rows,
     HYB's 32x32 super-tiles): one group per thread (row_tile x chunks), which makes every word index
     a constant, and many threads along K, since each thread already holds 16-32 rows (from H100
     sweeps of qtip-3inst-2 / 1mad-2 / hyb-2 on the 70B MLP shapes: 128 x 16-row tiles, 64 x super-tiles
     along K; 32 rows per block: HYB at M=1 went 94.4 -> 83.7 us on 28672x8192 and 112.5 -> 79.8 us on
-    8192x28672 with 128 super-tiles along K instead of 64)."""
+    8192x28672 with 128 super-tiles along K instead of 64). At M > 2 HYB keeps 64 super-tiles along K
+    and 2 per block (28672x8192 M=4: 236 us, against 336 us with the M=1 split)."""
     from .schedules import MAX_RAGGED_IDLE, ragged_idle
 
     row_tile, chunks = tile
     units = k // unit
     if n % row_tile or units % chunks:
         raise ValueError(f"no GEMV config tiles N={n}, K={k} in groups of {row_tile} rows x {chunks} units")
-    for threads_k in (128, 64, 32, 16, 8, 4, 2, 1):
+    for threads_k in ((128 if m <= 2 else 128 // chunks), 64, 32, 16, 8, 4, 2, 1):
         if threads_k * chunks <= units and ragged_idle(units, threads_k, chunks) <= MAX_RAGGED_IDLE:
             break
-    rows = max(1, 32 // row_tile) if n % (32 // row_tile * row_tile) == 0 else 1
+    per_block = max(1, (32 if m <= 2 else 2 * row_tile) // row_tile)
+    rows = per_block if n % (per_block * row_tile) == 0 else 1
     return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=1, row_tile=row_tile)
 
 
