@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 from .errors import QCompileError
+
+if TYPE_CHECKING:  # the kernel library imports TVM; the command line loads it only where needed
+    from .kernels.library import KernelSpec
 
 EXIT_USER_ERROR = 2
 
@@ -69,13 +72,15 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-records", action="store_true", help="default schedules only; ignore tuning records")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
 
-    from .kernels.library import TC_MIN_M
+    from .kernels.library import GEMV_MAX_M, TC_MIN_M
     from .tune.driver import DEFAULT_BUDGET, ORDERS
 
-    t = sub.add_parser("tune", help="tune the GEMV kernels of a model, a checkpoint or some layer shapes on the "
-                                    "local GPU",
-                       description="Measure GEMV schedule candidates for each kernel (format, N, K, M) on the local "
-                                   "CUDA GPU and keep the results in the tuning records "
+    t = sub.add_parser("tune", help="tune the GEMV and low-batch tensor-core kernels of a model, a checkpoint or "
+                                    "some layer shapes on the local GPU",
+                       description="Measure schedule candidates for each kernel (format, N, K, M) on the local "
+                                   f"CUDA GPU, in the family that runs its bucket (the GEMV for M < {TC_MIN_M}, the "
+                                   f"low-batch tensor-core kernel for {TC_MIN_M} <= M <= {GEMV_MAX_M}), and keep the "
+                                   "results in the tuning records "
                                    "(<records>/<gpu>/<format>.json), which qcompile build then uses. The kernels are "
                                    "those qcompile build compiles for MODEL_OR_CHECKPOINT (at the --m buckets), or "
                                    "--shapes. Resumable: an interrupted run loses at most one measurement, and a run "
@@ -88,9 +93,10 @@ def parser() -> argparse.ArgumentParser:
                         "a checkpoint (which carries its format)")
     t.add_argument("--shapes", default=None,
                    help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096); instead of a model")
-    t.add_argument("--m", default="1,2,4",
-                   help=f"batch sizes (M buckets) to tune; only GEMV buckets (M < {TC_MIN_M}) have a tuning "
-                        f"space (default: %(default)s)")
+    t.add_argument("--m", default="1,2,4,16",
+                   help=f"batch sizes (M buckets) to tune: GEMV (M < {TC_MIN_M}) and tensor-core ({TC_MIN_M} <= M <= "
+                        f"{GEMV_MAX_M}) buckets; the GEMM (M > {GEMV_MAX_M}) has no tuning space yet "
+                        f"(default: %(default)s)")
     t.add_argument("--dry-run", action="store_true", help="print the kernels it would tune and exit (needs no GPU)")
     t.add_argument("--target", "-t", default="auto", help="the local GPU: auto, its sm_XX or its name (default: auto)")
     t.add_argument("--records", default=None, metavar="DIR",
@@ -255,14 +261,14 @@ def cmd_build(args) -> int:
     return 0
 
 
-def tune_kernels(args) -> List["KernelSpec"]:
+def tune_kernels(args) -> List[KernelSpec]:
     """The kernels ``qcompile tune`` measures: the (format, N, K) of MODEL_OR_CHECKPOINT as
     ``qcompile build`` compiles them (``model.build.kernel_shapes``), or of --format and --shapes,
-    times the GEMV M buckets of --m. Validates everything on the way (one-line QCompileError);
-    needs no GPU."""
+    times the tunable M buckets of --m (M <= GEMV_MAX_M: GEMV and low-batch tensor-core kernels).
+    Validates everything on the way (one-line QCompileError); needs no GPU."""
     from .bench.harness import parse_ms, parse_shapes
     from .formats import get as get_format
-    from .kernels.library import TC_MIN_M, KernelSpec
+    from .kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec
 
     if args.model is not None and args.shapes is not None:
         raise QCompileError("give a model directory or checkpoint, or --shapes, not both")
@@ -282,25 +288,30 @@ def tune_kernels(args) -> List["KernelSpec"]:
 
         kernel_shapes = model_kernel_shapes(args.model, args.format)
     ms = list(dict.fromkeys(parse_ms(args.m)))
-    gemm = [m for m in ms if m >= TC_MIN_M]
-    ms = [m for m in ms if m < TC_MIN_M]
+    gemm = [m for m in ms if m > GEMV_MAX_M]
+    ms = [m for m in ms if m <= GEMV_MAX_M]
     if not ms:
-        raise QCompileError(f"--m {args.m}: only GEMV buckets (M < {TC_MIN_M}) can be tuned; the tensor-core "
-                            f"kernels have no tuning space yet (e.g. --m 1,2,4)")
+        raise QCompileError(f"--m {args.m}: only buckets M <= {GEMV_MAX_M} can be tuned (GEMV below {TC_MIN_M}, "
+                            f"tensor cores from there); the GEMM kernels have no tuning space yet (e.g. --m 1,2,4,16)")
     if gemm:
-        print(f"note: M {','.join(map(str, gemm))} >= {TC_MIN_M} are tensor-core kernels with no tuning space yet "
+        print(f"note: M {','.join(map(str, gemm))} > {GEMV_MAX_M} are GEMM kernels with no tuning space yet "
               f"(build uses their default schedule); not tuned")
     return [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in ms]
 
 
 def describe_kernels(specs, source: str) -> str:
-    """The list ``qcompile tune`` prints before it starts: one line per (format, N, K) with its Ms."""
+    """The list ``qcompile tune`` prints before it starts: one line per (format, N, K) with its Ms
+    by kernel family, e.g. ``M=1,2,4 gemv  M=16 tensorcore``."""
+    from .kernels.library import kernel_family
+
     by_shape = {}
     for spec in specs:
-        by_shape.setdefault((spec.format, spec.n, spec.k), []).append(spec.m)
+        families = by_shape.setdefault((spec.format, spec.n, spec.k), {})
+        families.setdefault(kernel_family(spec.format, spec.m), []).append(spec.m)
     lines = [f"{len(specs)} kernels to tune ({len(by_shape)} shapes) from {source}:"]
-    for (fmt, n, k), ms in by_shape.items():
-        lines.append(f"  {fmt:<12} N={n:>6} K={k:>6}  M={','.join(map(str, ms))}")
+    for (fmt, n, k), families in by_shape.items():
+        ms = "  ".join(f"M={','.join(map(str, ms))} {family}" for family, ms in families.items())
+        lines.append(f"  {fmt:<12} N={n:>6} K={k:>6}  {ms}")
     return "\n".join(lines)
 
 
@@ -346,7 +357,7 @@ def cmd_tune(args) -> int:
                 continue
             default_us = result.entry.default_us
             gain = f"  default {default_us:8.2f} us  {default_us / best[1]:.2f}x" if default_us else ""
-            print(f"  N={spec.n:>6} K={spec.k:>6} M={spec.m:>4}: {best[1]:8.2f} us{gain}  "
+            print(f"  N={spec.n:>6} K={spec.k:>6} M={spec.m:>4} {result.entry.kernel:<10}: {best[1]:8.2f} us{gain}  "
                   f"({result.measured_now} measured now)")
     return 0
 

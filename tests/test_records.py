@@ -33,7 +33,7 @@ def test_quality_table_schema():
 
 
 def test_shipped_tuning_records_are_valid():
-    """Every records file under schedules/ reads cleanly, and every best config tiles its shape."""
+    """Every records file under schedules/ reads cleanly, and every best config fits its shape."""
     from pathlib import Path
 
     import qcompile as qc
@@ -49,5 +49,33 @@ def test_shipped_tuning_records_are_valid():
         for entry in entries.values():
             best = entry.best() if callable(entry.best) else entry.best
             assert best is not None, (path, entry.n, entry.k, entry.m)
+            assert space.family_of(best[0]) == entry.kernel
             unit = qc.formats.get(path.stem).decode_unit
-            assert space.tiling_error(best[0], entry.n, entry.k, unit) is None
+            assert space.fit_error(best[0], entry.n, entry.k, entry.m, unit) is None
+
+
+def test_shipped_gemv_records_of_tensor_core_buckets_are_not_applied():
+    """The shipped M=16 entries were measured on the GEMV before M=16 ran on tensor cores: they read as
+    GEMV entries (the files predate the "kernel" field) and stay in the files, but build never applies
+    them to the tensor-core bucket; the M=1 entries of the same shapes still apply."""
+    from pathlib import Path
+
+    from qcompile.kernels.library import TC_MIN_M, KernelSpec, kernel_family
+    from qcompile.kernels.schedules import GemvConfig
+    from qcompile.tune.records import TuningRecords, read_records_file
+
+    root = Path(__file__).resolve().parents[1] / "schedules"
+    path = root / "h100" / "int4-g128.json"
+    assert all("kernel" not in entry for entry in json.loads(path.read_text())["entries"])  # the old layout
+    entries = read_records_file(path, "h100", "int4-g128")
+    stale = [e for e in entries.values() if e.m >= TC_MIN_M]
+    assert stale and all(e.kernel == "gemv" and e.best() is not None for e in stale)
+    for entry in stale:
+        spec = KernelSpec(entry.format, entry.n, entry.k, entry.m)
+        assert kernel_family(spec.format, spec.m) == "tensorcore"
+        records = TuningRecords(root, versions=(entry.qcompile_version, entry.tvm_version))
+        assert records.config_for(spec, "h100") is None
+        assert records.entry(spec, "h100") is None and records.entry(spec, "h100", "gemv") == entry
+        m1 = KernelSpec(entry.format, entry.n, entry.k, 1)
+        if (entry.n, entry.k, 1, entry.qcompile_version, entry.tvm_version, "gemv") in entries:
+            assert isinstance(records.config_for(m1, "h100"), GemvConfig)

@@ -1,21 +1,25 @@
-"""Tuning (CPU side): the GEMV search space, the record database, the resumable driver with a fake
-measure function, records reaching `build`, and `qcompile tune` without a GPU."""
+"""Tuning (CPU side): the GEMV and tensor-core search spaces, the record database, the resumable driver
+with a fake measure function, records reaching `build`, and `qcompile tune` without a GPU."""
 import json
+import math
 import os
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from qcompile import formats as qc_formats
 from qcompile.cli import main as cli_main
 from qcompile.errors import QCompileError
 from qcompile.kernels import library
-from qcompile.kernels.library import KernelSpec, default_gemv_config
+from qcompile.kernels.library import TC_MIN_M, KernelSpec, default_gemv_config
 from qcompile.kernels.schedules import GemvConfig
+from qcompile.kernels.tensorcore import TensorCoreConfig, check_tc_config, default_tc_config
 from qcompile.kernels.target import parse_target
 from qcompile.tune import driver, space
 from qcompile.tune.driver import CandidateError, tune
@@ -277,14 +281,21 @@ def test_model_build_uses_records_and_says_so(tmp_path, default_model):
     spec = KernelSpec(FORMAT, n, k, 1)
     tuned = next(c for c in space.candidates(spec)[1:] if c.rows * c.threads_k == 64)
     TuningRecords(tmp_path / "rec").save(make_entry(spec, times={tuned: 5.0}))
+    # and a tensor-core record of the M=16 bucket, beside an old GEMV record of it that must not apply
+    spec16 = KernelSpec(FORMAT, n, k, 16)
+    tuned16 = next(c for c in space.candidates(spec16)[1:] if c.threads != space.default_config(spec16).threads)
+    TuningRecords(tmp_path / "rec").save(tc_entry(spec16, times={tuned16: 4.0}))
+    TuningRecords(tmp_path / "rec").save(TuningEntry(FORMAT, GPU, n, k, 16, *current_versions(), default=tuned,
+                                                     measured_us={space.config_key(tuned): 3.0}))
     said = []
-    out = build(default_model, FORMAT, "h100", tmp_path / "art", buckets=(1, 4), progress=said.append,
+    out = build(default_model, FORMAT, "h100", tmp_path / "art", buckets=(1, 4, 16), progress=said.append,
                 records=tmp_path / "rec")
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tuned_kernels"] == {spec.name: space.config_key(tuned)}
-    assert any(line.startswith("tuned schedules for 1 of ") for line in said)
+    assert manifest["tuned_kernels"] == {spec.name: space.config_key(tuned), spec16.name: space.config_key(tuned16)}
+    assert any(line.startswith("tuned schedules for 2 of ") for line in said)
     source = (out / "kernels.cu").read_text()
     assert f"__launch_bounds__(64) {spec.name}_kernel(" in source
+    assert f"__launch_bounds__({tuned16.threads}) {spec16.name}_kernel(" in source
     with pytest.raises(QCompileError, match="does not exist"):
         build(default_model, FORMAT, "h100", tmp_path / "art2", buckets=(1,), progress=None,
               records=tmp_path / "missing")
@@ -407,6 +418,302 @@ def test_model_order_is_deterministic_and_finds_the_best(tmp_path):
     assert runs[0] != space_order[:40]  # the model reordered the search
     best = min(space.candidates(spec), key=fake_us)
     assert TuningRecords(tmp_path / "a").entry(spec, GPU).best()[0] == best
+
+
+# --- the tensor-core family (TC_MIN_M <= M <= GEMV_MAX_M) ---------------------------------------------------
+
+TC_N, TC_K = 256, 512  # small: a tensor-core kernel of this shape schedules in well under a second
+TC_SPEC = KernelSpec(FORMAT, TC_N, TC_K, 16)
+
+
+def fake_tc_us(cfg: TensorCoreConfig) -> float:
+    """A deterministic 'time' of a tensor-core config, best at n_tile=16, k_tile=128, 2 stages."""
+    return (5.0 + abs(math.log2(cfg.n_tile) - 4) * 0.4 + abs(math.log2(cfg.k_tile) - 7) * 0.3
+            + (2 - cfg.stages) * 0.2 + abs(cfg.warps_n * cfg.warps_k - 4) * 0.05 + (4 - cfg.units) * 0.01)
+
+
+def fake_any_us(cfg) -> float:
+    return fake_tc_us(cfg) if isinstance(cfg, TensorCoreConfig) else fake_us(cfg)
+
+
+def tc_entry(spec=TC_SPEC, gpu=GPU, versions=None, times=None):
+    entry = TuningEntry(spec.format, gpu, spec.n, spec.k, spec.m, *(versions or current_versions()),
+                        default=space.default_config(spec))
+    for cfg, us in (times or {}).items():
+        entry.add_measurement(cfg, us)
+    return entry
+
+
+TC_BEST = TensorCoreConfig(n_tile=32, k_tile=128, warps_n=1, warps_k=4, units=4, stages=2)
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2"])
+@pytest.mark.parametrize("m", [TC_MIN_M, 16])
+def test_tc_space_is_valid_bounded_and_starts_with_the_default(name, m):
+    spec = KernelSpec(name, TC_N, TC_K, m)
+    unit = qc_formats.get(name).decode_unit
+    cands = space.candidates(spec)
+    assert cands == space.candidates(spec) and library.kernel_family(name, m) == "tensorcore"
+    assert cands[0] == default_tc_config(TC_N, TC_K, m, unit) == space.default_config(spec)
+    assert 20 <= len(cands) <= space.MAX_TC_CANDIDATES
+    keys = [space.config_key(c) for c in cands]
+    assert len(set(keys)) == len(keys)
+    for cfg, key in zip(cands, keys):
+        assert type(cfg) is TensorCoreConfig and space.family_of(cfg) == "tensorcore"
+        check_tc_config(cfg, TC_N, TC_K, m, unit)
+        assert space.fit_error(cfg, TC_N, TC_K, m, unit) is None
+        assert space.config_from_key(key, "tensorcore") == cfg
+        assert cfg.m_tile == 16 and cfg.warps_m == 1 and cfg.units * unit <= space.TC_MAX_UNIT_COLUMNS
+    # the knobs the space searches all vary
+    for knob in space.TC_KNOB_VALUES:
+        assert len({getattr(c, knob) for c in cands}) > 1, knob
+    dist = [space._distance(c, cands[0]) for c in cands]
+    assert dist == sorted(dist)  # nearest the default first
+
+
+def test_tc_config_keys_round_trip_and_reject_nonsense():
+    cfg = TensorCoreConfig(n_tile=32, k_tile=256, warps_n=2, warps_k=4, units=4)
+    key = space.config_key(cfg)
+    assert key == "m_tile=16,n_tile=32,k_tile=256,warps_m=1,warps_n=2,warps_k=4,vec=8,units=4,stages=1"
+    assert space.config_from_key(key, "tensorcore") == cfg
+    assert space.config_from_dict(cfg.as_dict(), "tensorcore") == cfg
+    assert space.config_from_dict({"n_tile": 128}, "tensorcore") == TensorCoreConfig(n_tile=128)
+    assert space.family_of(cfg) == "tensorcore" and space.family_of(GemvConfig()) == "gemv"
+    assert not set(space.knob_names("gemv")) & set(space.knob_names("tensorcore"))  # keys never mix up
+    for bad in ({"n_tile": 0}, {"n_tile": 2.0}, {"stages": True}, {"rows": 4}, [16]):
+        with pytest.raises(ValueError) as info:
+            space.config_from_dict(bad, "tensorcore")
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="unknown tensor-core knob"):
+        space.config_from_key(space.config_key(GemvConfig()), "tensorcore")
+    with pytest.raises(ValueError, match="unknown GEMV knob"):
+        space.config_from_key(key)  # GEMV is the default family
+    for bad in ("m_tile=16,n_tile", "", "n_tile=x"):
+        with pytest.raises(ValueError):
+            space.config_from_key(bad, "tensorcore")
+    with pytest.raises(ValueError, match="unknown kernel family"):
+        space.config_from_key(key, "gemm")
+    with pytest.raises(ValueError, match="not a kernel config"):
+        space.config_key({"n_tile": 32})
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2"])
+def test_every_tc_candidate_schedules_and_some_compile(name):
+    """Every candidate of the space schedules, with the block and warps it asks for; the default and
+    the farthest candidate compile for sm_90 (WMMA and the format's decode intrinsic)."""
+    spec = KernelSpec(name, TC_N, TC_K, 16)
+    cands = space.candidates(spec)
+    for cfg in cands:
+        func = library.scheduled_func(spec, SM90, cfg)
+        assert thread_extents(func) == {"blockIdx.y": 1, "blockIdx.x": TC_N // cfg.n_tile, "threadIdx.x": 32,
+                                        "threadIdx.y": cfg.warps_m * cfg.warps_n, "threadIdx.z": cfg.warps_k}, cfg
+    for cfg in (cands[0], cands[-1]):
+        source = library.cuda_source(library.build([spec], SM90, lambda s: cfg))
+        assert "wmma::mma_sync" in source and f"__launch_bounds__({cfg.threads}) {spec.name}_kernel(" in source
+        if name == "e8p-2":
+            assert "qc_e8p2_decode32(" in source
+
+
+def test_scheduled_func_applies_a_tc_config():
+    default = library.scheduled_func(TC_SPEC, SM90).script()
+    assert library.scheduled_func(TC_SPEC, SM90, space.default_config(TC_SPEC)).script() == default
+    for cfg in (TC_BEST, replace(space.default_config(TC_SPEC), warps_n=1)):
+        assert cfg != space.default_config(TC_SPEC)
+        text = library.scheduled_func(TC_SPEC, SM90, cfg).script()
+        assert text != default and "wmma.matrix_a" in text
+    # the config reaches the kernel: the grid and the warps are TC_BEST's
+    assert thread_extents(library.scheduled_func(TC_SPEC, SM90, TC_BEST)) == {
+        "blockIdx.y": 1, "blockIdx.x": TC_N // 32, "threadIdx.y": 1, "threadIdx.z": 4, "threadIdx.x": 32}
+
+
+@pytest.mark.parametrize("m, cfg, words", [
+    (16, GemvConfig(), "runs on the low-batch tensor-core kernel (8 <= M <= 16), which takes a TensorCoreConfig; "
+                       "got a GemvConfig"),
+    (TC_MIN_M, GemvConfig(), "which takes a TensorCoreConfig; got a GemvConfig"),
+    (1, TensorCoreConfig(), "runs on the CUDA-core GEMV (M < 8), which takes a GemvConfig; got a TensorCoreConfig"),
+    (64, GemvConfig(), "runs on the GEMM (M > 16), which takes no config"),
+    (64, TensorCoreConfig(), "which takes no config; got a TensorCoreConfig"),
+    (16, TensorCoreConfig(n_tile=48), "n_tile 48"),  # the right family, but it does not fit
+])
+def test_wrong_family_config_raises_one_line(m, cfg, words):
+    with pytest.raises(ValueError) as info:
+        library.scheduled_func(KernelSpec(FORMAT, TC_N, TC_K, m), SM90, cfg)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ValueError):
+        library.build([KernelSpec(FORMAT, TC_N, TC_K, m)], SM90, lambda s: cfg)
+
+
+def test_records_round_trip_with_a_tc_entry(tmp_path):
+    records = TuningRecords(tmp_path)
+    spec1 = KernelSpec(FORMAT, TC_N, TC_K, 1)
+    default16 = space.default_config(TC_SPEC)
+    tc = tc_entry(times={default16: 7.5, TC_BEST: 6.25})
+    tc.add_failure(TensorCoreConfig(n_tile=256, k_tile=32, warps_n=4, warps_k=2), "compile: boom")
+    gemv = make_entry(spec1, times={space.default_config(spec1): 12.5, BEST: 9.25})
+    assert tc.kernel == "tensorcore" and gemv.kernel == "gemv" and tc.key[-1] == "tensorcore"
+    records.save(tc)
+    path = records.save(gemv)
+    doc = json.loads(path.read_text())
+    stored = {e["m"]: e for e in doc["entries"]}
+    assert stored[1]["kernel"] == "gemv" and stored[16]["kernel"] == "tensorcore"
+    assert stored[16]["best"] == {"config": TC_BEST.as_dict(), "us": 6.25}
+    assert stored[16]["default"] == {"config": default16.as_dict(), "us": 7.5}
+    assert set(stored[16]["measured_us"]) == {space.config_key(default16), space.config_key(TC_BEST)}
+    assert list(stored[16]["failed"]) == ["m_tile=16,n_tile=256,k_tile=32,warps_m=1,warps_n=4,warps_k=2,vec=8,"
+                                          "units=1,stages=1"]
+    back = TuningRecords(tmp_path)
+    assert back.entry(TC_SPEC, GPU) == tc and back.entry(spec1, GPU) == gemv
+    assert back.entry(TC_SPEC, GPU).best() == (TC_BEST, 6.25)
+    assert back.config_for(TC_SPEC, GPU) == TC_BEST and back.config_for(spec1, GPU) == BEST
+    # build passes the tuned tensor-core config through: the TC kernel gets TC_BEST's 128 threads
+    source = library.cuda_source(library.build([spec1, TC_SPEC], SM90, back.lookup(GPU)))
+    bounds = dict((name, int(n)) for n, name in re.findall(r"__launch_bounds__\((\d+)\) (\w+)_kernel\(", source))
+    assert bounds == {spec1.name: BEST.rows * BEST.threads_k, TC_SPEC.name: TC_BEST.threads}
+    # resuming the TC entry measures only what it lacks
+    again = back.open_entry(TC_SPEC, GPU, default16)
+    assert again.tried(TC_BEST) and again.tried_count == 3
+
+
+def test_old_gemv_entry_of_a_tc_bucket_is_kept_but_never_applied(tmp_path):
+    """A file written before the "kernel" field (its entries are GEMV entries) with an M=16 GEMV record,
+    measured before M=16 ran on tensor cores: it reads cleanly, the M=1 record applies, the M=16 one
+    does not (the bucket gets the default tensor-core kernel), and a TC entry of the same bucket lives
+    beside it and is the one that applies."""
+    spec1 = KernelSpec(FORMAT, TC_N, TC_K, 1)
+    old16 = TuningEntry(FORMAT, GPU, TC_N, TC_K, 16, *current_versions(), default=GemvConfig(4, 32, 2, 1, 2))
+    old16.add_measurement(BEST, 20.0)
+    old1 = make_entry(spec1, times={BEST: 9.0})
+    path = tmp_path / GPU / f"{FORMAT}.json"
+    path.parent.mkdir()
+    entries = [e.to_json() for e in (old1, old16)]
+    for e in entries:
+        del e["kernel"]
+    path.write_text(json.dumps({"schema": SCHEMA, "gpu": GPU, "format": FORMAT, "entries": entries}))
+    records = TuningRecords(tmp_path, warn=pytest.fail)
+    assert records.config_for(spec1, GPU) == BEST
+    assert records.config_for(TC_SPEC, GPU) is None
+    assert records.entry(TC_SPEC, GPU) is None and records.entry(TC_SPEC, GPU, "gemv") == old16
+    source = library.cuda_source(library.build([TC_SPEC], SM90, records.lookup(GPU)))
+    assert "wmma::mma_sync" in source  # the default tensor-core kernel, no GEMV record in sight
+    # a tensor-core entry for the same bucket is stored beside the old one and applies
+    records.save(tc_entry(times={TC_BEST: 6.0}))
+    assert records.config_for(TC_SPEC, GPU) == TC_BEST
+    assert records.entry(TC_SPEC, GPU, "gemv") == old16 and len(records.entries(GPU, FORMAT)) == 3
+
+
+def test_tc_records_apply_only_to_their_own_key(tmp_path):
+    qc_version, tvm_version = current_versions()
+    records = TuningRecords(tmp_path)
+    records.save(tc_entry(times={TC_BEST: 6.0}))
+    assert records.config_for(TC_SPEC, GPU) == TC_BEST
+    for other in (KernelSpec(FORMAT, TC_N, TC_K, TC_MIN_M), KernelSpec(FORMAT, 512, TC_K, 16),
+                  KernelSpec(FORMAT, TC_N, 1024, 16), KernelSpec("e8p-2", TC_N, TC_K, 16),
+                  KernelSpec(FORMAT, TC_N, TC_K, 4), KernelSpec(FORMAT, TC_N, TC_K, 32)):
+        assert records.config_for(other, GPU) is None, other
+    assert records.config_for(TC_SPEC, "a100") is None and records.config_for(TC_SPEC, None) is None
+    for versions in ((qc_version + ".1", tvm_version), (qc_version, "0.26.0")):
+        assert TuningRecords(tmp_path, versions=versions).config_for(TC_SPEC, GPU) is None
+
+
+def _tc_record_file(tmp_path):
+    path = TuningRecords(tmp_path).save(tc_entry(times={space.default_config(TC_SPEC): 7.0, TC_BEST: 6.0}))
+    doc = json.loads(path.read_text())
+    return path, doc
+
+
+TC_CORRUPTIONS = {
+    # knobs that fail check_tc_config for the entry's shape (n_tile 48 is no multiple of 16 x warps_n)
+    "best does not fit": (lambda e: e.update(
+        best={"config": dict(TC_BEST.as_dict(), n_tile=48), "us": 5.0},
+        measured_us=dict(e["measured_us"], **{space.config_key(replace(TC_BEST, n_tile=48)): 5.0})),
+        "does not fit the shape"),
+    "default does not fit": (lambda e: e["default"].update(config=dict(TC_BEST.as_dict(), k_tile=1024), us=None),
+                             "k_tile 1024 does not divide K=512"),
+    "gemv knob in a tc entry": (lambda e: e["best"]["config"].update(rows=4), "unknown tensor-core knob"),
+    "unknown family": (lambda e: e.update(kernel="gemm"), "kernel must be one of gemv, tensorcore"),
+    "tc entry read as gemv": (lambda e: e.pop("kernel"), "unknown GEMV knob"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TC_CORRUPTIONS))
+def test_invalid_tc_entry_warns_once_and_falls_back_to_defaults(tmp_path, name):
+    corrupt, expected = TC_CORRUPTIONS[name]
+    path, doc = _tc_record_file(tmp_path)
+    corrupt(doc["entries"][0])
+    path.write_text(json.dumps(doc))
+    records = TuningRecords(tmp_path)
+    with pytest.warns(TuningRecordsWarning) as caught:
+        assert records.config_for(TC_SPEC, GPU) is None
+        assert records.config_for(KernelSpec(FORMAT, TC_N, TC_K, 1), GPU) is None  # same file: no second warning
+    (warning,) = caught
+    text = str(warning.message)
+    assert "\n" not in text and str(path) in text and expected in text and "default schedules" in text
+    with pytest.raises(RecordsError, match=re.escape(expected)) as info:  # the tuner refuses to overwrite it
+        records.entry(TC_SPEC, GPU)
+    assert "\n" not in str(info.value)
+    # and build falls back to the default tensor-core kernel
+    lookup = TuningRecords(tmp_path, warn=lambda text: None).lookup(GPU)
+    source = library.cuda_source(library.build([TC_SPEC], SM90, lookup))
+    assert f"__launch_bounds__({space.default_config(TC_SPEC).threads}) {TC_SPEC.name}_kernel(" in source
+
+
+def test_tune_covers_the_tc_bucket_resumes_and_never_remeasures(tmp_path):
+    spec1 = KernelSpec(FORMAT, TC_N, TC_K, 1)
+    logs = []
+    first = CountingMeasure(fake_any_us)
+    results = tune([spec1, TC_SPEC, KernelSpec(FORMAT, TC_N, TC_K, 64)], SM90, first, tmp_path, budget=5, gpu=GPU,
+                   order="space", log=logs.append)
+    assert [r.entry.kernel if r.entry else r.skipped[:4] for r in results] == ["gemv", "tensorcore", "GEMM"]
+    tc_calls = [key for spec, key in first.calls if spec == TC_SPEC]
+    assert tc_calls == [space.config_key(c) for c in space.candidates(TC_SPEC)[:5]]
+    assert tc_calls[0] == space.config_key(space.default_config(TC_SPEC))
+    progress = [line for line in logs if line.startswith("[") and " M=16 " in line]
+    assert len(progress) == 5 and progress[0].startswith(f"[1/5] N={TC_N} K={TC_K} M=16 tensorcore m_tile=16,")
+    assert any(line.startswith(f"[1/5] N={TC_N} K={TC_K} M=1 gemv rows=") for line in logs)
+    assert any(line.startswith(f"N={TC_N} K={TC_K} M=16 tensorcore: best m_tile=") for line in logs)
+    entry = TuningRecords(tmp_path).entry(TC_SPEC, GPU)
+    assert entry.kernel == "tensorcore" and entry.tried_count == 5 and entry.default == space.default_config(TC_SPEC)
+
+    second = CountingMeasure(fake_any_us)
+    logs = []
+    tune([TC_SPEC], SM90, second, tmp_path, budget=8, gpu=GPU, order="space", log=logs.append)
+    assert [key for _, key in second.calls] == [space.config_key(c) for c in space.candidates(TC_SPEC)[5:8]]
+    assert any(line == f"N={TC_N} K={TC_K} M=16 tensorcore: 5 candidates already tried "
+                       f"({tmp_path / GPU / (FORMAT + '.json')})" for line in logs)
+    third = CountingMeasure(fake_any_us)
+    (result,) = tune([TC_SPEC], SM90, third, tmp_path, budget=8, gpu=GPU, log=None)
+    assert third.calls == [] and result.measured_now == 0
+    best = min(space.candidates(TC_SPEC)[:8], key=fake_tc_us)
+    assert TuningRecords(tmp_path).config_for(TC_SPEC, GPU) == best
+
+
+def test_tune_records_tc_failures_and_model_order_stays_in_the_family(tmp_path, monkeypatch):
+    """A tensor-core candidate that does not compile is recorded as failed; the cost model (fitted on
+    tensor-core entries only: another shape's TC entry and this one) orders the rest deterministically."""
+    cands = space.candidates(TC_SPEC)
+    broken = cands[1]
+    real_scheduled_func = driver.scheduled_func
+
+    def scheduled_func(spec, target, config=None):
+        if config == broken:
+            raise ValueError("cannot schedule this\n  deep TVM detail")
+        return real_scheduled_func(spec, target, config)
+
+    monkeypatch.setattr(driver, "scheduled_func", scheduled_func)
+    other = KernelSpec(FORMAT, 512, TC_K, 16)
+    runs = []
+    for name in ("a", "b"):
+        root = tmp_path / name
+        tune([KernelSpec(FORMAT, TC_N, TC_K, 1), other], SM90, CountingMeasure(fake_any_us), root, budget=10, gpu=GPU,
+             order="space", log=None)
+        measure = CountingMeasure(fake_any_us)
+        tune([TC_SPEC], SM90, measure, root, budget=16, gpu=GPU, order="model", log=None)
+        runs.append([key for _, key in measure.calls])
+        entry = TuningRecords(root).entry(TC_SPEC, GPU)
+        assert entry.failed == {space.config_key(broken):
+                                "compile: ValueError: cannot schedule this ... deep TVM detail"}
+    assert runs[0] == runs[1] and len(runs[0]) == 15
+    assert runs[0] != [space.config_key(c) for c in cands[:16] if c != broken]  # the model reordered the search
 
 
 # --- command line -------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qcompile.cli import main as cli_main
-from qcompile.kernels.library import TC_MIN_M, KernelSpec
+from qcompile.kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec
 from qcompile.model.build import build, kernel_shapes, model_layers
 from qcompile.tune import space
 from qcompile.tune.records import TuningRecords
@@ -75,7 +75,7 @@ def bad_cases(model, ck, artifact):
         "checkpoint, other format": (["tune", ck, "-f", "e8p-2"], "quantized to int4-g128, not e8p-2"),
         "missing directory": (["tune", str(Path(model) / "nope"), "-f", FORMAT], "does not exist"),
         "artifact": (["tune", artifact, "-f", FORMAT], "built qcompile artifact"),
-        "only GEMM buckets": (["tune", model, "-f", FORMAT, "--m", "64,256"], f"M < {TC_MIN_M}"),
+        "only GEMM buckets": (["tune", model, "-f", FORMAT, "--m", "64,256"], f"only buckets M <= {GEMV_MAX_M}"),
         "bad m": (["tune", ck, "--m", "1,x"], "--m"),
         "bad target": (["tune", ck, "--target", "tpu", "--dry-run"], "unknown target"),
     }
@@ -90,14 +90,20 @@ def test_bad_combinations_are_one_line_errors(default_model, checkpoint, llvm_ar
 
 
 def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
+    """GEMV and tensor-core buckets are both tuned (each named with its family); GEMM buckets are not."""
     shapes = kernel_shapes(default_model, FORMAT)
     for argv in (["tune", str(default_model), "-f", FORMAT], ["tune", str(checkpoint)],
                  ["tune", str(checkpoint), "-f", FORMAT]):
-        assert cli_main(argv + ["--m", "1,4,64", "--dry-run"]) == 0
+        assert cli_main(argv + ["--m", f"1,4,{TC_MIN_M},16,64", "--dry-run"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert out[0].startswith("note: M 64 >= 8 are tensor-core kernels")
-        assert out[1].startswith(f"{2 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
-        assert [re.sub(r"=\s+", "=", line).split() for line in out[2:]] == [[f, f"N={n}", f"K={k}", "M=1,4"] for f, n, k in shapes]
+        assert out[0].startswith(f"note: M 64 > {GEMV_MAX_M} are GEMM kernels with no tuning space yet")
+        assert out[1].startswith(f"{4 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
+        assert [re.sub(r"=\s+", "=", line).split() for line in out[2:]] == [
+            [f, f"N={n}", f"K={k}", "M=1,4", "gemv", f"M={TC_MIN_M},16", "tensorcore"] for f, n, k in shapes]
+    assert cli_main(["tune", str(checkpoint), "--dry-run"]) == 0  # the default --m includes M=16
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{4 * len(shapes)} kernels to tune")
+    assert out[1].split()[-4:] == ["M=1,2,4", "gemv", "M=16", "tensorcore"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -115,6 +121,8 @@ def test_without_a_gpu_validation_comes_first_then_the_cuda_line(default_model):
 
 
 def fake_us(cfg) -> float:
+    if space.family_of(cfg) == "tensorcore":
+        return 5.0 + cfg.n_tile / 64 + cfg.stages * 0.1
     return 10.0 + abs(cfg.rows - 2) + cfg.chunks * 0.1
 
 
@@ -136,18 +144,21 @@ def test_model_path_tunes_exactly_the_derived_kernels(default_model, tmp_path, m
     monkeypatch.setattr(target_mod, "local_cuda_arch", lambda: "sm_90")
     monkeypatch.setattr(records_mod, "local_gpu_name", lambda: "h100")
     records = tmp_path / "rec"
-    argv = ["tune", str(default_model), "-f", FORMAT, "-t", "sm_90", "--m", "1,4,64", "--budget", "1",
+    argv = ["tune", str(default_model), "-f", FORMAT, "-t", "sm_90", "--m", "1,4,16,64", "--budget", "1",
             "--order", "space", "--records", str(records)]
     assert cli_main(argv) == 0
-    expected = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes(default_model, FORMAT) for m in (1, 4)]
+    expected = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes(default_model, FORMAT) for m in (1, 4, 16)]
     assert [spec for spec, _ in calls] == expected  # each once, GEMM buckets left out
     assert all(key == space.config_key(space.default_config(spec)) for spec, key in calls)
+    assert {space.config_key(space.default_config(spec)).split("=")[0] for spec in expected} == {"rows", "m_tile"}
     stored = TuningRecords(records)
     assert all(stored.entry(spec, "h100").tried_count == 1 for spec in expected)
     doc = json.loads((records / "h100" / f"{FORMAT}.json").read_text())
-    assert sorted((e["n"], e["k"], e["m"]) for e in doc["entries"]) == sorted((s.n, s.k, s.m) for s in expected)
+    assert sorted((e["n"], e["k"], e["m"], e["kernel"]) for e in doc["entries"]) == sorted(
+        (s.n, s.k, s.m, "tensorcore" if s.m >= TC_MIN_M else "gemv") for s in expected)
     out = capsys.readouterr().out
     assert f"{len(expected)} kernels to tune" in out and f"records: {records / 'h100' / (FORMAT + '.json')}" in out
+    assert " M=16 tensorcore m_tile=16," in out and " M=1 gemv rows=" in out  # progress names the family
 
 
 def test_a_checkpoint_missing_a_layer_file_is_one_line(checkpoint, tmp_path, capsys):

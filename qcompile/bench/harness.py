@@ -236,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--iters", type=int, default=DEFAULT_ITERS, help=f"timed launches per measurement (default {DEFAULT_ITERS})")
     ap.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed launches first (default {DEFAULT_WARMUP})")
     ap.add_argument("--records", default=None, metavar="DIR",
-                    help="build with the tuned GEMV configs in DIR (qcompile tune); default: untuned defaults")
+                    help="build with the tuned GEMV and tensor-core configs in DIR (qcompile tune); "
+                         "default: untuned defaults")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph",
                     help="graph: CUDA graphs of launches, timed per replay (default); events: events around each launch")
     return ap
@@ -266,7 +267,8 @@ def relative_error(out, ref) -> Optional[float]:
 
 def build_kernels(specs, target, log: Callable[[str], None], config_for=None):
     """One module for every kernel that schedules and compiles; (executable, {spec: error}).
-    ``config_for(spec)``: a tuned GEMV config or None (the default schedule)."""
+    ``config_for(spec)``: a tuned config of the spec's kernel family (GemvConfig or
+    TensorCoreConfig) or None (the default schedule)."""
     from ..kernels.library import build as build_all, scheduled_func
 
     def build(specs_, target_):
@@ -349,7 +351,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
               ms: Sequence[int] = None, iters: int = DEFAULT_ITERS, warmup: int = DEFAULT_WARMUP,
               timing_mode: str = "graph", log: Callable[[str], None] = None, records_dir=None) -> dict:
     """Run the benchmark on the local GPU and return the JSON document (not yet written).
-    ``records_dir``: build the GEMV kernels with the tuned configs found there (qcompile tune)."""
+    ``records_dir``: build the GEMV and tensor-core kernels with the tuned configs found there (qcompile tune)."""
     from ..formats import get as get_format
 
     log = log or (lambda text: print(text, flush=True))

@@ -14,13 +14,14 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..formats import get as get_format
 from .compute import matmul_func
 from .hadamard import SIDES, RhtSpec, rht_specs, scheduled_rht_func
 from .schedules import GemvConfig, schedule_gemm_cuda, schedule_gemv_cuda, schedule_llvm
 from .target import TargetInfo
+from .tensorcore import TensorCoreConfig, tc_scheduled_func
 
 DEFAULT_BUCKETS = (1, 4, 16, 64, 256)
 # every bucket issue 5 asks for; each needs a kernel, so it is opt-in (qcompile build --buckets) while
@@ -30,8 +31,12 @@ GEMV_MAX_M = 16  # up to here the low-batch families (decode once, reuse over M)
 # from this bucket up to GEMV_MAX_M the low-batch tensor-core kernel (qcompile.kernels.tensorcore)
 # serves the "GEMV" buckets: at M=16 on the 70B MLP shapes it runs 1.2x (int4-g128) / 0.9-1.15x
 # (e8p-2) of cuBLAS fp16 where the CUDA-core GEMV, 16 multiply-adds per decoded weight, reached
-# 0.5-0.7x / 0.3x (H100). Tuning records hold GEMV configs, so they apply below this bucket only.
+# 0.5-0.7x / 0.3x (H100). A tuning record names its kernel family and applies only to a bucket that
+# family serves (an old GEMV record of M=16 is kept but not applied).
 TC_MIN_M = 8
+# the kernel families of a bucket (``kernel_family``); "gemv" and "tensorcore" are also the
+# "kernel" field of a tuning record
+GEMV_FAMILY, TC_FAMILY, GEMM_FAMILY = "gemv", "tensorcore", "gemm"
 MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)
 # threads of a 32-column-unit (E8P) GEMV that fill an H100 (132 SMs x 2048): below it, more threads
 # along K (e8p-2 M=1, 8192x28672: 49.7 -> 46.2 us at 128 threads; 4096x11008: 26.5 -> 20.1 us)
@@ -45,6 +50,16 @@ def serves_gemv(fmt, m: int) -> bool:
     28672x8192 at M=16 measured 3005 us on GEMV, 322 us on tensor cores; H100, 6b07141.)"""
     get_format(fmt)  # an unknown name fails here, with the formats listed
     return m < TC_MIN_M
+
+
+def kernel_family(fmt, m: int) -> str:
+    """Which kernel family runs bucket ``m`` of format ``fmt`` (name or Format) on CUDA:
+    GEMV_FAMILY (``GemvConfig``) below TC_MIN_M, TC_FAMILY (the low-batch tensor-core kernel,
+    ``TensorCoreConfig``) up to GEMV_MAX_M, GEMM_FAMILY (no config) above."""
+    if m > GEMV_MAX_M:
+        get_format(fmt)
+        return GEMM_FAMILY
+    return GEMV_FAMILY if serves_gemv(fmt, m) else TC_FAMILY
 
 
 @dataclass(frozen=True)
@@ -152,17 +167,41 @@ def _tiled_gemv_config(n: int, k: int, m: int, unit: int, tile: Tuple[int, int])
     return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=1, row_tile=row_tile)
 
 
-def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[GemvConfig] = None):
-    """The scheduled PrimFunc of one kernel, renamed to ``spec.name``."""
+KernelConfig = Union[GemvConfig, TensorCoreConfig]
+
+
+def check_config_family(spec: KernelSpec, config) -> str:
+    """The kernel family of ``spec`` (``kernel_family``); ValueError (one line) when ``config`` is not
+    None and not that family's config class (a GemvConfig for a tensor-core bucket, any config for
+    a GEMM bucket, which has no knobs)."""
+    family = kernel_family(spec.format, spec.m)
+    if config is None:
+        return family
+    expected = {GEMV_FAMILY: GemvConfig, TC_FAMILY: TensorCoreConfig}.get(family)
+    if expected is None or type(config) is not expected:
+        runs = {GEMV_FAMILY: f"the CUDA-core GEMV (M < {TC_MIN_M}), which takes a GemvConfig",
+                TC_FAMILY: f"the low-batch tensor-core kernel ({TC_MIN_M} <= M <= {GEMV_MAX_M}), which takes a "
+                           f"TensorCoreConfig",
+                GEMM_FAMILY: f"the GEMM (M > {GEMV_MAX_M}), which takes no config"}[family]
+        raise ValueError(f"M={spec.m} of {spec.format} runs on {runs}; got a {type(config).__name__}")
+    return family
+
+
+def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[KernelConfig] = None):
+    """The scheduled PrimFunc of one kernel, renamed to ``spec.name``. ``config``: the knobs of the
+    family that serves the bucket (``kernel_family``: a GemvConfig for M < TC_MIN_M, a
+    TensorCoreConfig up to GEMV_MAX_M, none for the GEMM) or None for the default; ValueError (one
+    line) for another family's config or one that does not fit the shape. The CPU (llvm) schedule
+    has no knobs and ignores ``config``."""
     fmt = get_format(spec.format)
     if target.kind == "llvm":
         mod = schedule_llvm(matmul_func(fmt, spec.n, spec.k, spec.m))
-    elif spec.m <= GEMV_MAX_M and not serves_gemv(fmt, spec.m):
-        from .tensorcore import tc_scheduled_func
-
-        return tc_scheduled_func(fmt, spec.n, spec.k, spec.m).with_attr("global_symbol", spec.name).with_attr(
-            "tirx.is_scheduled", True)
-    elif spec.m <= GEMV_MAX_M:
+        return mod["main"].with_attr("global_symbol", spec.name).with_attr("tirx.is_scheduled", True)
+    family = check_config_family(spec, config)
+    if family == TC_FAMILY:
+        return tc_scheduled_func(fmt, spec.n, spec.k, spec.m, config).with_attr(
+            "global_symbol", spec.name).with_attr("tirx.is_scheduled", True)
+    elif family == GEMV_FAMILY:
         cfg = config or default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.gemv_tile)
         mod = schedule_gemv_cuda(matmul_func(fmt, spec.n, spec.k, spec.m), cfg, fmt.decode_intrin("cuda"),
                                  fmt.streamed)
@@ -184,10 +223,11 @@ def rht_kernel_specs(layers: Iterable[Tuple[int, int]], buckets: Sequence[int]) 
 
 
 def build(specs: Iterable[KernelSpec], target: TargetInfo,
-          config_for: Optional[Callable[[KernelSpec], Optional[GemvConfig]]] = None,
+          config_for: Optional[Callable[[KernelSpec], Optional[KernelConfig]]] = None,
           rht: Iterable[RhtSpec] = ()):
-    """Compile every kernel into one TVM executable. ``config_for(spec)``: a tuned GEMV config for
-    the spec, or None for the default (e.g. ``qcompile.tune.records.TuningRecords.lookup``); build
+    """Compile every kernel into one TVM executable. ``config_for(spec)``: a tuned config for the
+    spec (a GemvConfig or TensorCoreConfig, the family of its bucket: ``scheduled_func``), or None
+    for the default (e.g. ``qcompile.tune.records.TuningRecords.lookup``); build
     never tunes. ``rht``: RHT kernels (``rht_kernel_specs``) to compile into the same module,
     named by ``RhtSpec.name``, with the target's RHT schedule (qcompile.kernels.hadamard)."""
     import tvm

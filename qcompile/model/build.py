@@ -349,7 +349,8 @@ def quantize_linears(model, fmt: Format, paths: List[str]):
 
 
 def tuned_configs(target: TargetInfo, records, warn) -> Tuple[Optional[Callable], Optional[str]]:
-    """(lookup spec -> tuned GemvConfig or None, which records it reads) for a build; (None, None)
+    """(lookup spec -> tuned config or None: a GemvConfig or TensorCoreConfig, the family of the spec's
+    bucket; which records it reads) for a build; (None, None)
     without records. An explicit records directory that does not exist is an error."""
     from ..tune.records import TuningRecords, default_records_dir, records_gpu
 
@@ -369,7 +370,8 @@ def tuned_configs(target: TargetInfo, records, warn) -> Tuple[Optional[Callable]
 
 
 def tuned_kernels(specs: List[KernelSpec], config_for) -> Dict[str, str]:
-    """{kernel name: config key} of the kernels that get a tuned config."""
+    """{kernel name: config key} of the kernels that get a tuned config (``space.config_key``: GEMV
+    knobs ``rows=...`` or tensor-core knobs ``m_tile=...``)."""
     from ..tune.space import config_key
 
     tuned = {}
@@ -482,7 +484,7 @@ def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, mode
                     "fatbin": KERNELS_FATBIN if KERNELS_FATBIN in kernel_files else None,
                     "source": KERNELS_SOURCE if KERNELS_SOURCE in kernel_files else None},
         "layers": layers,
-        "tuned_kernels": dict(tuned or {}),  # kernel name -> the tuned GEMV config it was built with
+        "tuned_kernels": dict(tuned or {}),  # kernel name -> key of the tuned config (GEMV or tensor-core)
         "files": {name: {"sha256": sha256_file(out_dir / name), "bytes": (out_dir / name).stat().st_size}
                   for name in files},
     }

@@ -1,8 +1,10 @@
 """Auto-tuning of the kernel schedules: search spaces, the record database, the tuning loop.
 
-- ``space``: the GEMV knob space of a kernel (``candidates(spec)``, ``config_key``).
-- ``records``: ``TuningRecords`` — measured configs per (format, N, K, M, GPU, qcompile and TVM
-  version) in ``schedules/<gpu>/<format>.json``; ``qcompile build`` applies the best one.
+- ``space``: the knob space of a kernel in the family that runs its bucket: GEMV (M < 8) or the
+  low-batch tensor-core kernel (8 <= M <= 16) (``candidates(spec)``, ``config_key``).
+- ``records``: ``TuningRecords`` — measured configs per (format, N, K, M, kernel family, GPU,
+  qcompile and TVM version) in ``schedules/<gpu>/<format>.json``; ``qcompile build`` applies the
+  best one where its family runs the bucket.
 - ``driver``: ``tune(specs, target, measure, records_dir, ...)`` — resumable, budgeted search.
 - ``measure``: ``CudaMeasure`` — times a candidate on the local GPU (needs CUDA).
 - ``cost_model``: the XGBoost model that orders candidates once some are measured.
@@ -11,3 +13,6 @@ from .driver import DEFAULT_BUDGET, CandidateError, TuneResult, tune  # noqa: F4
 from .records import (RecordsError, TuningEntry, TuningRecords, TuningRecordsWarning,  # noqa: F401
                       default_records_dir, records_gpu)
 from .space import candidates, config_key  # noqa: F401
+
+__all__ = ["DEFAULT_BUDGET", "CandidateError", "TuneResult", "tune", "RecordsError", "TuningEntry",
+           "TuningRecords", "TuningRecordsWarning", "default_records_dir", "records_gpu", "candidates", "config_key"]

@@ -1,5 +1,8 @@
-"""The tuning loop: for each GEMV kernel, build and measure candidates of its search space and keep
-every result in the records (``qcompile tune``).
+"""The tuning loop: for each kernel, build and measure candidates of its search space and keep every
+result in the records (``qcompile tune``). A kernel is tuned in the family that runs its bucket
+(``library.kernel_family``): the CUDA-core GEMV (``GemvConfig``, M < TC_MIN_M) or the low-batch
+tensor-core kernel (``TensorCoreConfig``, TC_MIN_M <= M <= GEMV_MAX_M); GEMM buckets have no space
+yet and are skipped with a log line.
 
 Per kernel (format, N, K, M): the default config is measured first (it is the baseline and what
 ``qcompile build`` uses without a record), then candidates in the order of the space
@@ -11,10 +14,10 @@ missing: candidates already measured (or that failed) are never tried again, and
 counts them.
 
 The measuring is pluggable: ``measure(spec, config, kernel) -> µs`` gets the compiled kernel
-(a TVM function taking X, the packed tensors, Y); ``qcompile.tune.measure.CudaMeasure`` times it
-on the local GPU. It raises ``CandidateError`` for a candidate that runs but is wrong or cannot
-launch (recorded as failed); any other exception stops the run (a broken GPU must not mark every
-later candidate as failed).
+(a TVM function taking X, the packed tensors, Y; the same for every family);
+``qcompile.tune.measure.CudaMeasure`` times it on the local GPU. It raises ``CandidateError`` for a
+candidate that runs but is wrong or cannot launch (recorded as failed); any other exception stops
+the run (a broken GPU must not mark every later candidate as failed).
 
 TVM's meta-schedule (``tvm.s_tir.meta_schedule``) could drive the same knobs as a ScheduleFn
 space with its own XGBoost model and database; it is not used here because the knob space is
@@ -30,8 +33,7 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Union
 
 from ..errors import QCompileError
-from ..kernels.library import GEMV_MAX_M, KernelSpec, scheduled_func, serves_gemv
-from ..kernels.schedules import GemvConfig
+from ..kernels.library import KernelConfig, KernelSpec, scheduled_func
 from ..kernels.target import TargetInfo, parse_target
 from . import space
 from .cost_model import CostModel, training_set
@@ -42,7 +44,7 @@ REFIT_EVERY = 4          # new measurements between cost-model refits
 EXPLORE_EVERY = 4        # every n-th pick follows the space order instead of the model
 ORDERS = ("model", "space")
 
-Measure = Callable[[KernelSpec, GemvConfig, object], float]
+Measure = Callable[[KernelSpec, KernelConfig, object], float]
 
 
 class CandidateError(Exception):
@@ -74,7 +76,7 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def compile_candidate(spec: KernelSpec, target: TargetInfo, config: GemvConfig):
+def compile_candidate(spec: KernelSpec, target: TargetInfo, config: KernelConfig):
     """The kernel of ``spec`` scheduled with ``config``, compiled alone: a callable TVM function
     ``f(X, *packed tensors, Y)``."""
     import tvm
@@ -105,7 +107,7 @@ class _Picker:
         self.model.fit(xs, ys)
         self.fitted_at = seen
 
-    def next(self, todo: List[GemvConfig]) -> GemvConfig:
+    def next(self, todo: List[KernelConfig]) -> KernelConfig:
         self.picks += 1
         if self.entry.default in todo:
             return self.entry.default
@@ -120,17 +122,18 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
          records_dir: Union[str, Path], budget: int = DEFAULT_BUDGET, time_budget_s: Optional[float] = None,
          gpu: Optional[str] = None, order: str = "model", log: Optional[Callable[[str], None]] = print,
          clock: Callable[[], float] = time.monotonic) -> List[TuneResult]:
-    """Tune every GEMV kernel of ``specs`` for ``target`` on ``gpu`` (default: the GPU the target
-    names, else the local one) and keep the results in ``records_dir/<gpu>/<format>.json``.
+    """Tune every GEMV and low-batch tensor-core kernel of ``specs`` for ``target`` on ``gpu``
+    (default: the GPU the target names, else the local one) and keep the results in
+    ``records_dir/<gpu>/<format>.json``.
 
     ``budget``: candidates per kernel in all (earlier runs' count); ``time_budget_s``: wall time per
     kernel, checked between candidates; ``order``: "model" (XGBoost-ordered after the first
-    measurements) or "space" (the space's own order). GEMM kernels (M > 16) are skipped with a log
-    line: their search space is still to come. Returns one TuneResult per distinct spec."""
+    measurements) or "space" (the space's own order). GEMM kernels (M > GEMV_MAX_M) are skipped with
+    a log line: their search space is still to come. Returns one TuneResult per distinct spec."""
     say = log or (lambda text: None)
     target = parse_target(target) if isinstance(target, str) else target
     if target.kind != "cuda":
-        raise QCompileError(f"tuning is for CUDA targets; {target.name} has no GEMV knobs to tune")
+        raise QCompileError(f"tuning is for CUDA targets; {target.name} has no kernel knobs to tune")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise QCompileError(f"the tuning budget must be a positive number of candidates, got {budget!r}")
     if time_budget_s is not None and not time_budget_s > 0:
@@ -148,9 +151,8 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
         if spec in seen:
             continue
         seen.add(spec)
-        if not serves_gemv(spec.format, spec.m):
-            family = "GEMM" if spec.m > GEMV_MAX_M else "low-batch tensor-core"
-            reason = f"{family} kernels have no tuning space yet; build uses the default"
+        if space.spec_family(spec) not in space.FAMILIES:
+            reason = "GEMM kernels have no tuning space yet; build uses the default"
             say(f"skip {_shape(spec)}: {reason}")
             results.append(TuneResult(spec, None, skipped=reason))
             continue
@@ -165,8 +167,10 @@ def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_b
     path = records.path(gpu, spec.format)
     planned = min(budget, len(candidates))
     todo = [c for c in candidates if not entry.tried(c)]
+    label = _label(spec, entry)
     if entry.tried_count:
-        say(f"{_shape(spec)}: {entry.tried_count} candidates already tried ({path})")
+        say(f"{label}: {entry.tried_count} candidates already tried ({path})")
+    # the cost model learns from the other shapes' entries of the same versions and family
     neighbours = [e for key, e in records.entries(gpu, spec.format).items()
                   if key != entry.key and key[3:] == entry.key[3:]] if order == "model" else []
     picker = _Picker(spec, order, entry, neighbours)
@@ -174,7 +178,7 @@ def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_b
     measured_now = 0
     while todo and entry.tried_count < planned:
         if time_budget_s is not None and clock() - start >= time_budget_s:
-            say(f"{_shape(spec)}: time budget of {time_budget_s:g} s reached")
+            say(f"{label}: time budget of {time_budget_s:g} s reached")
             break
         cfg = picker.next(todo)
         todo.remove(cfg)
@@ -189,11 +193,11 @@ def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_b
             except CandidateError as err:
                 entry.add_failure(cfg, f"measure: {err}")
             except Exception as err:
-                raise QCompileError(f"measuring {_shape(spec)} {key} failed ({one_line(err)}); the results so "
+                raise QCompileError(f"measuring {label} {key} failed ({one_line(err)}); the results so "
                                     f"far are in {path}; fix the cause and run again to resume") from None
             else:
                 if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us <= 0:
-                    raise QCompileError(f"the measure function returned {us!r} for {_shape(spec)} {key}; "
+                    raise QCompileError(f"the measure function returned {us!r} for {label} {key}; "
                                         f"it must return a positive time in microseconds")
                 entry.add_measurement(cfg, float(us))
         records.save(entry)
@@ -201,18 +205,23 @@ def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_b
         say(_progress(spec, entry, cfg, planned))
     best = entry.best()
     if best is None:
-        say(f"{_shape(spec)}: no candidate ran; build keeps the default config")
+        say(f"{label}: no candidate ran; build keeps the default config")
     else:
         default_us = entry.default_us
         gain = f", default {default_us:.2f} us ({default_us / best[1]:.2f}x)" if default_us else ""
-        say(f"{_shape(spec)}: best {space.config_key(best[0])} {best[1]:.2f} us{gain}; "
+        say(f"{label}: best {space.config_key(best[0])} {best[1]:.2f} us{gain}; "
             f"{entry.tried_count} of {len(candidates)} candidates tried")
     return TuneResult(spec, entry, measured_now)
 
 
-def _progress(spec: KernelSpec, entry: TuningEntry, cfg: GemvConfig, planned: int) -> str:
+def _label(spec: KernelSpec, entry: TuningEntry) -> str:
+    """``N=.. K=.. M=.. gemv`` / ``... tensorcore``: the kernel and the family tuned."""
+    return f"{_shape(spec)} {entry.kernel}"
+
+
+def _progress(spec: KernelSpec, entry: TuningEntry, cfg: KernelConfig, planned: int) -> str:
     key = space.config_key(cfg)
-    head = f"[{entry.tried_count}/{planned}] {_shape(spec)} {key}"
+    head = f"[{entry.tried_count}/{planned}] {_label(spec, entry)} {key}"
     if key in entry.failed:
         return f"{head} failed: {entry.failed[key]}"
     best = entry.best()

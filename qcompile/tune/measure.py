@@ -15,8 +15,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 from ..errors import QCompileError
-from ..kernels.library import KernelSpec
-from ..kernels.schedules import GemvConfig
+from ..kernels.library import KernelConfig, KernelSpec
 from .driver import CandidateError, one_line
 
 REL_ERR_MAX = 1e-2  # fp16 kernel vs float64 reference (as qcompile bench warns)
@@ -34,7 +33,10 @@ def require_cuda():
 
 class CudaMeasure:
     """``measure(spec, config, kernel) -> median µs`` on the local GPU. Keeps the weights of one
-    layer at a time (the driver goes kernel by kernel, and the M buckets of a layer share them)."""
+    layer at a time (the driver goes kernel by kernel, and the M buckets of a layer share them).
+    Generic over the kernel family: every family's kernel is ``f(X, *packed tensors, Y)`` with X
+    [M, K] and Y [M, N] (the tensor-core kernel pads M to its tile inside), and ``config`` is only
+    the candidate's name here."""
 
     def __init__(self, iters: int = 200, warmup: int = 10, timing_mode: str = "graph", seed: int = 0,
                  rel_err_max: float = REL_ERR_MAX):
@@ -77,7 +79,7 @@ class CudaMeasure:
         X, ref, Y = self._inputs[spec.m]
         return weights, X, ref, Y
 
-    def __call__(self, spec: KernelSpec, config: GemvConfig, kernel) -> float:
+    def __call__(self, spec: KernelSpec, config: KernelConfig, kernel) -> float:
         from ..bench.timing import time_cuda
 
         torch = self.torch

@@ -1,10 +1,10 @@
-"""Tuning records: the measured GEMV configs of each kernel, per GPU, readable and resumable.
+"""Tuning records: the measured configs of each kernel, per GPU, readable and resumable.
 
 One JSON file per GPU and format, ``<records dir>/<gpu>/<format>.json`` (e.g.
 ``schedules/h100/int4-g128.json``), pretty-printed with sorted keys::
 
     {"schema": "qcompile-tuning-records/1", "gpu": "h100", "format": "int4-g128",
-     "entries": [{"n": 4096, "k": 4096, "m": 1,
+     "entries": [{"n": 4096, "k": 4096, "m": 1, "kernel": "gemv",
                   "qcompile_version": "0.1.0", "tvm_version": "0.27.0.post1",
                   "best":    {"config": {"rows": 4, ...}, "us": 11.9},
                   "default": {"config": {"rows": 4, ...}, "us": 12.3},
@@ -16,11 +16,20 @@ run never measures one twice; ``best`` (the fastest of ``measured_us``) and ``de
 ``qcompile build`` uses without a record, and its time when measured) are summaries, checked
 against ``measured_us`` on load.
 
-Keying: a record applies to exactly one (format, N, K, M bucket, GPU, qcompile version, TVM
-version). Versions compare as exact strings (``qcompile.__version__``, ``tvm.__version__``): a new
-TVM may generate different code for the same config, and a qcompile release may change what a
-knob does, so records of other versions are kept in the file but never applied; tune again (a
-run measures only what the current versions have not measured).
+Families: ``kernel`` names the kernel family whose knobs the entry holds: "gemv" (``GemvConfig``,
+the CUDA-core GEMV) or "tensorcore" (``TensorCoreConfig``, the low-batch tensor-core kernel of
+TC_MIN_M <= M <= GEMV_MAX_M); an entry without the field (files written before it existed) is
+"gemv". Config keys are the family's (``space.config_key``), and the best and default configs
+must fit the entry's shape (``space.fit_error``: the GEMV tiling rules, ``check_tc_config``).
+The family is part of the entry's key, and a record applies only where its family runs the bucket
+(``library.kernel_family``): a GEMV record of a bucket that now runs on tensor cores (M=16,
+measured before the tensor-core kernel existed) stays in the file but is never applied.
+
+Keying: a record applies to exactly one (format, N, K, M bucket, kernel family, GPU, qcompile
+version, TVM version). Versions compare as exact strings (``qcompile.__version__``,
+``tvm.__version__``): a new TVM may generate different code for the same config, and a qcompile
+release may change what a knob does, so records of other versions are kept in the file but never
+applied; tune again (a run measures only what the current versions have not measured).
 
 Damage: a file that is not JSON or breaks the schema is never applied. ``config_for`` (what
 ``qcompile build`` calls) reports it with one warning line naming the file and the problem and
@@ -43,15 +52,15 @@ from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 from ..errors import QCompileError
 from ..jsonio import atomic_write_bytes
-from ..kernels.library import GEMV_MAX_M, KernelSpec, serves_gemv
-from ..kernels.schedules import GemvConfig
-from .space import config_from_dict, config_from_key, config_key, tiling_error
+from ..kernels.library import GEMV_FAMILY, GEMV_MAX_M, KernelConfig, KernelSpec, kernel_family
+from .space import (CONFIG_CLASS, FAMILIES, TITLE, config_from_dict, config_from_key, config_key, family_of,
+                    fit_error)
 
 SCHEMA = "qcompile-tuning-records/1"
 RECORDS_ENV = "QCOMPILE_SCHEDULES"  # overrides the default records directory
 GPU_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 PathLike = Union[str, Path]
-EntryKey = Tuple[int, int, int, str, str]  # (n, k, m, qcompile_version, tvm_version)
+EntryKey = Tuple[int, int, int, str, str, str]  # (n, k, m, qcompile_version, tvm_version, kernel family)
 
 
 class RecordsError(QCompileError):
@@ -127,7 +136,8 @@ def default_records_dir() -> Optional[Path]:
 
 @dataclass
 class TuningEntry:
-    """Everything measured for one kernel on one GPU with one pair of versions."""
+    """Everything measured for one kernel on one GPU with one pair of versions, in one kernel family
+    (``kernel``: the family of ``default``, a GemvConfig or TensorCoreConfig)."""
 
     format: str
     gpu: str
@@ -136,20 +146,25 @@ class TuningEntry:
     m: int
     qcompile_version: str
     tvm_version: str
-    default: GemvConfig
+    default: KernelConfig
     measured_us: Dict[str, float] = field(default_factory=dict)  # config key -> median µs
     failed: Dict[str, str] = field(default_factory=dict)         # config key -> one-line error
 
     @property
+    def kernel(self) -> str:
+        """The kernel family of the entry's configs ("gemv" or "tensorcore")."""
+        return family_of(self.default)
+
+    @property
     def key(self) -> EntryKey:
         """The entry's key inside its file (the file itself is the GPU's and the format's)."""
-        return (self.n, self.k, self.m, self.qcompile_version, self.tvm_version)
+        return (self.n, self.k, self.m, self.qcompile_version, self.tvm_version, self.kernel)
 
     @property
     def spec(self) -> KernelSpec:
         return KernelSpec(self.format, self.n, self.k, self.m)
 
-    def tried(self, cfg: GemvConfig) -> bool:
+    def tried(self, cfg: KernelConfig) -> bool:
         key = config_key(cfg)
         return key in self.measured_us or key in self.failed
 
@@ -157,20 +172,20 @@ class TuningEntry:
     def tried_count(self) -> int:
         return len(self.measured_us) + len(self.failed)
 
-    def add_measurement(self, cfg: GemvConfig, us: float) -> None:
+    def add_measurement(self, cfg: KernelConfig, us: float) -> None:
         key = config_key(cfg)
         self.failed.pop(key, None)
         self.measured_us[key] = float(us)
 
-    def add_failure(self, cfg: GemvConfig, error: str) -> None:
+    def add_failure(self, cfg: KernelConfig, error: str) -> None:
         self.failed[config_key(cfg)] = " ".join(str(error).split())[:500]
 
-    def best(self) -> Optional[Tuple[GemvConfig, float]]:
+    def best(self) -> Optional[Tuple[KernelConfig, float]]:
         """(config, µs) of the fastest measured candidate (ties: the smaller key), or None."""
         if not self.measured_us:
             return None
         key, us = min(self.measured_us.items(), key=lambda item: (item[1], item[0]))
-        return config_from_key(key), us
+        return config_from_key(key, self.kernel), us
 
     @property
     def default_us(self) -> Optional[float]:
@@ -179,7 +194,7 @@ class TuningEntry:
     def to_json(self) -> dict:
         best = self.best()
         return {
-            "n": self.n, "k": self.k, "m": self.m,
+            "n": self.n, "k": self.k, "m": self.m, "kernel": self.kernel,
             "qcompile_version": self.qcompile_version, "tvm_version": self.tvm_version,
             "best": None if best is None else {"config": best[0].as_dict(), "us": _round_us(best[1])},
             "default": {"config": self.default.as_dict(), "us": _round_us(self.default_us)},
@@ -205,27 +220,30 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
         value = obj[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{where}: {name} must be a positive integer, got {value!r}")
-    where = f"entry {index} (N={obj['n']} K={obj['k']} M={obj['m']})"
+    kernel = obj.get("kernel", GEMV_FAMILY)  # files written before the field: GEMV entries
+    if kernel not in FAMILIES:
+        raise ValueError(f"entry {index}: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
+    where = f"entry {index} ({kernel} N={obj['n']} K={obj['k']} M={obj['m']})"
     if obj["m"] > GEMV_MAX_M:
-        raise ValueError(f"{where}: M > {GEMV_MAX_M} has no GEMV config")
+        raise ValueError(f"{where}: M > {GEMV_MAX_M} has no {TITLE[kernel]} config")
     for name in ("qcompile_version", "tvm_version"):
         if not isinstance(obj[name], str) or not obj[name]:
             raise ValueError(f"{where}: {name} must be a non-empty string")
 
-    def config(value, what) -> GemvConfig:
+    def config(value, what) -> KernelConfig:
         try:
-            cfg = config_from_dict(value)
+            cfg = config_from_dict(value, kernel)
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
         if unit is not None:
-            problem = tiling_error(cfg, obj["n"], obj["k"], unit)
+            problem = fit_error(cfg, obj["n"], obj["k"], obj["m"], unit)
             if problem:
                 raise ValueError(f"{where}: {what} {config_key(cfg)} does not fit the shape ({problem})")
         return cfg
 
     def canonical(key, what) -> str:
         try:
-            return config_key(config_from_key(key))
+            return config_key(config_from_key(key, kernel))
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
 
@@ -233,7 +251,7 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
     if not isinstance(measured, dict) or not isinstance(failed, dict):
         raise ValueError(f"{where}: measured_us and failed must be objects")
     entry = TuningEntry(format_name, gpu, obj["n"], obj["k"], obj["m"], obj["qcompile_version"],
-                        obj["tvm_version"], default=GemvConfig())
+                        obj["tvm_version"], default=CONFIG_CLASS[kernel]())
     for key, us in measured.items():
         if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us <= 0:
             raise ValueError(f"{where}: measured time of {key} must be a positive number, got {us!r}")
@@ -320,7 +338,7 @@ def read_records_file(path: PathLike, gpu: str, format_name: str) -> Dict[EntryK
         except ValueError as err:
             raise bad(str(err)) from None
         if entry.key in entries:
-            raise bad(f"entry {index} repeats N={entry.n} K={entry.k} M={entry.m} for qcompile "
+            raise bad(f"entry {index} repeats {entry.kernel} N={entry.n} K={entry.k} M={entry.m} for qcompile "
                       f"{entry.qcompile_version} / TVM {entry.tvm_version}")
         entries[entry.key] = entry
     return entries
@@ -385,16 +403,18 @@ class TuningRecords:
         """Every entry of the GPU's file for the format, of all versions (RecordsError if damaged)."""
         return read_records_file(self.path(gpu, format_name), gpu, format_name)
 
-    def entry(self, spec: KernelSpec, gpu: str) -> Optional[TuningEntry]:
-        """The entry of ``spec`` on ``gpu`` for the current versions, or None (RecordsError if the
-        file is damaged)."""
-        return self.entries(gpu, spec.format).get((spec.n, spec.k, spec.m, *self.versions))
+    def entry(self, spec: KernelSpec, gpu: str, kernel: Optional[str] = None) -> Optional[TuningEntry]:
+        """The entry of ``spec`` on ``gpu`` for the current versions in kernel family ``kernel``
+        (default: the family that runs the spec's bucket, ``library.kernel_family``), or None
+        (RecordsError if the file is damaged)."""
+        kernel = kernel or kernel_family(spec.format, spec.m)
+        return self.entries(gpu, spec.format).get((spec.n, spec.k, spec.m, *self.versions, kernel))
 
-    def open_entry(self, spec: KernelSpec, gpu: str, default: GemvConfig) -> TuningEntry:
-        """The stored entry of ``spec`` on ``gpu`` for the current versions (its default set to
-        ``default``, the config build uses today), or a new empty one; RecordsError if the file is
-        damaged. Nothing is written until ``save``."""
-        entry = self.entry(spec, gpu)
+    def open_entry(self, spec: KernelSpec, gpu: str, default: KernelConfig) -> TuningEntry:
+        """The stored entry of ``spec`` on ``gpu`` for the current versions in the family of
+        ``default`` (its default set to ``default``, the config build uses today), or a new empty
+        one; RecordsError if the file is damaged. Nothing is written until ``save``."""
+        entry = self.entry(spec, gpu, family_of(default))
         if entry is None:
             entry = TuningEntry(spec.format, check_gpu_name(gpu), spec.n, spec.k, spec.m, *self.versions,
                                 default=default)
@@ -423,11 +443,16 @@ class TuningRecords:
         return path
 
     # --- what build uses: never raises for a damaged file ----------------------------------------
-    def config_for(self, spec: KernelSpec, gpu: Optional[str]) -> Optional[GemvConfig]:
-        """The best measured config of ``spec`` on ``gpu`` for the current versions, or None (no
-        GPU, not a GEMV kernel (``serves_gemv``: others run on tensor cores), no record, or a damaged file:
-        warned once, then the defaults)."""
-        if gpu is None or not serves_gemv(spec.format, spec.m):
+    def config_for(self, spec: KernelSpec, gpu: Optional[str]) -> Optional[KernelConfig]:
+        """The best measured config of ``spec`` on ``gpu`` for the current versions, of the family
+        that runs the spec's bucket (``library.kernel_family``: a GemvConfig below TC_MIN_M, a
+        TensorCoreConfig up to GEMV_MAX_M), or None: no GPU, a GEMM bucket, no record of that
+        family (a record of another family for the same bucket, e.g. an old GEMV record of M=16,
+        is never applied), or a damaged file (warned once, then the defaults)."""
+        if gpu is None:
+            return None
+        family = kernel_family(spec.format, spec.m)
+        if family not in FAMILIES:
             return None
         cache_key = (gpu, spec.format)
         if cache_key not in self._lenient:
@@ -436,10 +461,10 @@ class TuningRecords:
             except QCompileError as err:
                 self._warn(f"{err} (using the default schedules)")
                 self._lenient[cache_key] = {}
-        entry = self._lenient[cache_key].get((spec.n, spec.k, spec.m, *self.versions))
+        entry = self._lenient[cache_key].get((spec.n, spec.k, spec.m, *self.versions, family))
         best = entry.best() if entry is not None else None
         return None if best is None else best[0]
 
-    def lookup(self, gpu: Optional[str]) -> Callable[[KernelSpec], Optional[GemvConfig]]:
+    def lookup(self, gpu: Optional[str]) -> Callable[[KernelSpec], Optional[KernelConfig]]:
         """``config_for`` bound to one GPU: what ``qcompile.kernels.library.build`` takes."""
         return lambda spec: self.config_for(spec, gpu)

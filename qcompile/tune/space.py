@@ -1,4 +1,12 @@
-"""The GEMV search space: every ``GemvConfig`` worth measuring for one kernel (format, N, K, M).
+"""The search spaces of the tunable kernel families: every config worth measuring for one kernel
+(format, N, K, M). The family is the one that serves the bucket (``library.kernel_family``):
+``GemvConfig`` for the CUDA-core GEMV (M < TC_MIN_M), ``TensorCoreConfig`` for the low-batch
+tensor-core kernel (TC_MIN_M <= M <= GEMV_MAX_M); the GEMM (M > GEMV_MAX_M) has no space yet.
+Each family has one key scheme (``config_key``: ``knob=value`` pairs in the field order of its
+config class, which ``config_from_key(key, family)`` reads back) and its own fit check
+(``fit_error``); the two families' knob names are disjoint, and a tuning record names its family.
+
+GEMV:
 
 A candidate is a GemvConfig that tiles the shape (rows * row_tile divides N; threads_k * chunks
 divides K / decode_unit, or leaves a ragged last K step with at most MAX_RAGGED_IDLE of the step
@@ -10,6 +18,13 @@ through a ScheduleFn space, but its generic CUDA space does not know a dequantiz
 
 The knobs are read from ``dataclasses.fields(GemvConfig)``: a field without an entry in
 KNOB_VALUES stays at its default, so a new knob added to GemvConfig never breaks the space.
+
+Tensor cores (``tc_candidates``): TensorCoreConfigs around the shape's default
+(``tensorcore.default_tc_config``): one 16-row M tile (warps_m 1, 16-byte copies), N tiles of
+16..256 columns over 1..4 warps, K steps of 32..512 columns split over 1..8 warps (2..8 warps per
+block), 1..4 decode units per thread (at most 64 columns) and 1 or 2 pipeline stages, kept where
+``check_tensorcore_config`` passes (the tiles divide the shape, at most 48 KiB of shared memory);
+the default first, then by distance from it, at most MAX_TC_CANDIDATES.
 """
 from __future__ import annotations
 
@@ -20,8 +35,14 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import QCompileError
 from ..formats import get as get_format
-from ..kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec, default_gemv_config, serves_gemv
+from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, TC_FAMILY, TC_MIN_M, KernelSpec,
+                               default_gemv_config, kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
+from ..kernels.tensorcore import TensorCoreConfig, check_tc_config, default_tc_config
+
+FAMILIES = (GEMV_FAMILY, TC_FAMILY)  # the tunable kernel families (a tuning record's "kernel")
+CONFIG_CLASS = {GEMV_FAMILY: GemvConfig, TC_FAMILY: TensorCoreConfig}
+TITLE = {GEMV_FAMILY: "GEMV", TC_FAMILY: "tensor-core"}
 
 # values each knob takes in the search (all powers of two)
 KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
@@ -34,38 +55,76 @@ KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
 MIN_THREADS = 32   # a block smaller than a warp leaves lanes idle
 MAX_THREADS = 512  # larger blocks only cut the number of resident blocks per SM
 
+# the tensor-core space (M <= GEMV_MAX_M: one 16-row M tile; m_tile, warps_m and vec stay at the
+# default's): values of the searched knobs, all powers of two
+TC_KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
+    "n_tile": (16, 32, 64, 128, 256),
+    "k_tile": (32, 64, 128, 256, 512),
+    "warps_n": (1, 2, 4),
+    "warps_k": (1, 2, 4, 8),
+    "units": (1, 2, 4),
+    "stages": (1, 2),
+}
+TC_MIN_WARPS, TC_MAX_WARPS = 2, 8  # warps per block (the measured good configs have 4-8)
+TC_MAX_UNIT_COLUMNS = 64           # units x decode unit: a thread's packed words stay one 16-byte load at 2 bits
+MAX_TC_CANDIDATES = 128            # nearest the default first; a bounded count
 
-def knob_names() -> Tuple[str, ...]:
-    """GemvConfig's fields, in declaration order (the order of a config key)."""
-    return tuple(f.name for f in fields(GemvConfig))
+
+def _family(family: str) -> str:
+    if family not in CONFIG_CLASS:
+        raise ValueError(f"unknown kernel family {family!r} (known: {', '.join(FAMILIES)})")
+    return family
 
 
-def config_key(cfg: GemvConfig) -> str:
-    """A stable text key of a config, e.g. ``rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1``."""
-    return ",".join(f"{name}={getattr(cfg, name)}" for name in knob_names())
+def family_of(cfg) -> str:
+    """The kernel family of a config object ("gemv" / "tensorcore"); ValueError for anything else."""
+    for family, cls in CONFIG_CLASS.items():
+        if type(cfg) is cls:
+            return family
+    raise ValueError(f"not a kernel config: {type(cfg).__name__} (expected GemvConfig or TensorCoreConfig)")
 
 
-def config_from_dict(values: Mapping[str, object]) -> GemvConfig:
-    """A GemvConfig from a {knob: value} mapping; missing knobs take their defaults (a record written
-    before a knob existed means that knob's default). ValueError (one line) for an unknown knob or
-    a value of the wrong type (the searched knobs are positive integers; any other knob must have
-    the type of its default)."""
+def spec_family(spec: KernelSpec) -> str:
+    """The family that runs ``spec`` (``library.kernel_family``; "gemm" has no space)."""
+    return kernel_family(spec.format, spec.m)
+
+
+def knob_names(family: str = GEMV_FAMILY) -> Tuple[str, ...]:
+    """The family's config fields, in declaration order (the order of a config key)."""
+    return tuple(f.name for f in fields(CONFIG_CLASS[_family(family)]))
+
+
+def config_key(cfg) -> str:
+    """A stable text key of a config of either family, e.g. GEMV
+    ``rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1,lut_shared=1,lut_lanes=0`` or tensor-core
+    ``m_tile=16,n_tile=32,k_tile=256,warps_m=1,warps_n=2,warps_k=4,vec=8,units=4,stages=1``."""
+    return ",".join(f"{name}={getattr(cfg, name)}" for name in knob_names(family_of(cfg)))
+
+
+def config_from_dict(values: Mapping[str, object], family: str = GEMV_FAMILY):
+    """A config of ``family`` (GemvConfig by default) from a {knob: value} mapping; missing knobs
+    take their defaults (a record written before a knob existed means that knob's default).
+    ValueError (one line) for an unknown knob or a value of the wrong type (the searched knobs and
+    every tensor-core knob are positive integers; any other knob must have the type of its
+    default)."""
+    cls, title = CONFIG_CLASS[_family(family)], TITLE[family]
     if not isinstance(values, Mapping):
-        raise ValueError(f"a GEMV config must be an object of knobs, got {type(values).__name__}")
-    known = set(knob_names())
-    unknown = sorted(map(str, set(values) - known))
+        raise ValueError(f"a {title} config must be an object of knobs, got {type(values).__name__}")
+    names = knob_names(family)
+    unknown = sorted(map(str, set(values) - set(names)))
     if unknown:
-        raise ValueError(f"unknown GEMV knob(s) {', '.join(unknown)} (known: {', '.join(knob_names())})")
-    defaults = GemvConfig()
+        raise ValueError(f"unknown {title} knob(s) {', '.join(unknown)} (known: {', '.join(names)})")
+    defaults = cls()
     for name, value in values.items():
         default = getattr(defaults, name)
-        if name in KNOB_VALUES or (isinstance(default, int) and not isinstance(default, bool)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name in KNOB_VALUES else 0):
-                raise ValueError(f"GEMV knob {name} must be a {'positive' if name in KNOB_VALUES else 'non-negative'} "
+        positive = family == TC_FAMILY or name in KNOB_VALUES
+        if positive or (isinstance(default, int) and not isinstance(default, bool)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+                raise ValueError(f"{title} knob {name} must be a {'positive' if positive else 'non-negative'} "
                                  f"integer, got {value!r}")
         elif type(value) is not type(default):
-            raise ValueError(f"GEMV knob {name} must be a {type(default).__name__}, got {value!r}")
-    return GemvConfig(**dict(values))
+            raise ValueError(f"{title} knob {name} must be a {type(default).__name__}, got {value!r}")
+    return cls(**dict(values))
 
 
 def _parse_value(text: str):
@@ -75,15 +134,16 @@ def _parse_value(text: str):
     return {"True": True, "False": False}.get(text, text)
 
 
-def config_from_key(key: str) -> GemvConfig:
-    """The inverse of config_key; ValueError (one line) for a malformed key."""
+def config_from_key(key: str, family: str = GEMV_FAMILY):
+    """The inverse of config_key for a key of ``family``; ValueError (one line) for a malformed key."""
+    cls = CONFIG_CLASS[_family(family)]
     values = {}
     for item in str(key).split(","):
         name, sep, value = item.partition("=")
         if not sep or not name.strip() or not value.strip():
-            raise ValueError(f"malformed GEMV config key {key!r} (expected e.g. {config_key(GemvConfig())!r})")
+            raise ValueError(f"malformed {TITLE[family]} config key {key!r} (expected e.g. {config_key(cls())!r})")
         values[name.strip()] = _parse_value(value)
-    return config_from_dict(values)
+    return config_from_dict(values, family)
 
 
 def tiling_error(cfg: GemvConfig, n: int, k: int, unit: int) -> Optional[str]:
@@ -106,37 +166,65 @@ def tiling_error(cfg: GemvConfig, n: int, k: int, unit: int) -> Optional[str]:
     return None
 
 
+def check_tensorcore_config(cfg: TensorCoreConfig, n: int, k: int, m: int, unit: int) -> Optional[str]:
+    """Why ``cfg`` cannot schedule the tensor-core kernel of an [n, k] weight at batch m with decode
+    units of ``unit`` columns (``tensorcore.check_tc_config``'s one line), or None."""
+    try:
+        check_tc_config(cfg, n, k, m, unit)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def fit_error(cfg, n: int, k: int, m: int, unit: int) -> Optional[str]:
+    """Why a config of either family cannot schedule the (n, k, m) kernel, or None: the GEMV's
+    ``tiling_error`` or the tensor-core ``check_tensorcore_config``."""
+    if family_of(cfg) == TC_FAMILY:
+        return check_tensorcore_config(cfg, n, k, m, unit)
+    return tiling_error(cfg, n, k, unit)
+
+
 def in_space(cfg: GemvConfig, n: int, k: int, unit: int) -> bool:
     """True when ``cfg`` tiles the shape and passes the pruning rules (block size)."""
     threads = cfg.rows * cfg.threads_k
     return tiling_error(cfg, n, k, unit) is None and MIN_THREADS <= threads <= MAX_THREADS
 
 
-def _check_gemv(spec: KernelSpec):
-    """The spec's format; QCompileError for a spec outside the GEMV family or a bad shape."""
-    if spec.m >= 1 and not serves_gemv(spec.format, spec.m):
-        family = f"GEMM family (M > {GEMV_MAX_M})" if spec.m > GEMV_MAX_M else \
-            f"low-batch tensor-core family ({TC_MIN_M} <= M <= {GEMV_MAX_M})"
-        raise QCompileError(f"M={spec.m} of {spec.format} is served by the {family}; only GEMV kernels "
-                            f"(M < {TC_MIN_M}; every M for QTIP HYB) have a search space so far")
+def _check_spec(spec: KernelSpec):
+    """(the spec's format, its family); QCompileError for a spec of no tunable family or a bad shape."""
     if spec.m < 1:
         raise QCompileError(f"M must be >= 1, got {spec.m}")
+    family = spec_family(spec)
+    if family not in FAMILIES:
+        raise QCompileError(f"M={spec.m} of {spec.format} is served by the GEMM family (M > {GEMV_MAX_M}), which "
+                            f"has no search space so far (GEMV: M < {TC_MIN_M}; tensor cores: {TC_MIN_M} <= M "
+                            f"<= {GEMV_MAX_M})")
     fmt = get_format(spec.format)
     fmt.check_shape(spec.n, spec.k)
-    return fmt
+    return fmt, family
 
 
-def default_config(spec: KernelSpec) -> GemvConfig:
-    """The config ``qcompile build`` uses without a record."""
-    fmt = _check_gemv(spec)
+def default_config(spec: KernelSpec):
+    """The config ``qcompile build`` uses without a record: a GemvConfig or TensorCoreConfig, the
+    family of the spec's bucket."""
+    fmt, family = _check_spec(spec)
+    if family == TC_FAMILY:
+        return _default_tc(spec, fmt)
     return default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.gemv_tile)
 
 
-def _distance(cfg: GemvConfig, ref: GemvConfig) -> Tuple[int, float]:
+def _default_tc(spec: KernelSpec, fmt) -> TensorCoreConfig:
+    try:
+        return default_tc_config(spec.n, spec.k, spec.m, fmt.decode_unit)
+    except ValueError as err:
+        raise QCompileError(str(err)) from None
+
+
+def _distance(cfg, ref) -> Tuple[int, float]:
     """(knobs that differ, total log2 distance): near the hand-picked default first, since the
     default came from sweeps and its neighbours are the likeliest improvements."""
     differ, spread = 0, 0.0
-    for name in knob_names():
+    for name in knob_names(family_of(cfg)):
         a, b = getattr(cfg, name), getattr(ref, name)
         if a != b:
             differ += 1
@@ -149,11 +237,18 @@ def _sortable(value) -> Tuple[int, object]:
     return (0, value) if isinstance(value, int) and not isinstance(value, bool) else (1, str(value))
 
 
-def candidates(spec: KernelSpec) -> List[GemvConfig]:
+def candidates(spec: KernelSpec) -> list:
+    """Every candidate of the spec's space (its bucket's family: ``gemv_candidates`` or
+    ``tc_candidates``) in a deterministic order, the default config first. QCompileError for a
+    GEMM bucket (no space yet) or a shape the format cannot take."""
+    fmt, family = _check_spec(spec)
+    return tc_candidates(spec, fmt) if family == TC_FAMILY else gemv_candidates(spec, fmt)
+
+
+def gemv_candidates(spec: KernelSpec, fmt) -> List[GemvConfig]:
     """Every candidate of the spec's GEMV space in a deterministic order: the default config first
     (even where it falls outside the pruned space: it is the baseline), then the others by
     distance from it (number of knobs changed, then log2 distance, then knob values)."""
-    fmt = _check_gemv(spec)
     unit = fmt.decode_unit
     default = default_gemv_config(spec.n, spec.k, spec.m, unit, fmt.gemv_tile)
     names = knob_names()
@@ -168,3 +263,24 @@ def candidates(spec: KernelSpec) -> List[GemvConfig]:
             space.append(cfg)
     space.sort(key=lambda c: (_distance(c, default), tuple(_sortable(getattr(c, name)) for name in names)))
     return [default] + space
+
+
+def tc_candidates(spec: KernelSpec, fmt) -> List[TensorCoreConfig]:
+    """The spec's tensor-core space in a deterministic order: the default config
+    (``default_tc_config``) first, then every config of TC_KNOB_VALUES around it that passes the
+    pruning rules (TC_MIN_WARPS..TC_MAX_WARPS warps, at most TC_MAX_UNIT_COLUMNS columns of units
+    per thread) and ``check_tc_config``, by distance from the default; at most MAX_TC_CANDIDATES."""
+    unit = fmt.decode_unit
+    default = _default_tc(spec, fmt)
+    names = knob_names(TC_FAMILY)
+    axes: List[Sequence[int]] = [TC_KNOB_VALUES.get(name, (getattr(default, name),)) for name in names]
+    space = []
+    for values in itertools.product(*axes):
+        cfg = TensorCoreConfig(**dict(zip(names, values)))
+        if (cfg == default or not TC_MIN_WARPS <= cfg.warps_m * cfg.warps_n * cfg.warps_k <= TC_MAX_WARPS
+                or cfg.units * unit > TC_MAX_UNIT_COLUMNS):
+            continue
+        if check_tensorcore_config(cfg, spec.n, spec.k, spec.m, unit) is None:
+            space.append(cfg)
+    space.sort(key=lambda c: (_distance(c, default), tuple(getattr(c, name) for name in names)))
+    return [default] + space[:MAX_TC_CANDIDATES - 1]

@@ -42,3 +42,20 @@ def test_short_tuning_run_writes_a_record_build_applies(measure, tmp_path):
     assert TuningRecords(tmp_path).config_for(spec, gpu) == result.best[0]
     (again,) = tune([spec], target, measure, tmp_path, budget=3, gpu=gpu, log=None)
     assert again.measured_now == 0
+
+
+def test_short_tensor_core_tuning_run_writes_a_record_build_applies(measure, tmp_path):
+    """M=16 runs on the low-batch tensor-core kernel: the same measure times its candidates (each
+    checked against the float64 reference first) and the record holds TensorCoreConfigs."""
+    from qcompile.kernels.tensorcore import TensorCoreConfig
+
+    spec = KernelSpec(FMT, 1024, 1024, 16)
+    target = parse_target("auto")
+    gpu = local_gpu_name()
+    (result,) = tune([spec], target, measure, tmp_path, budget=3, gpu=gpu, order="space", log=None)
+    assert result.entry.kernel == "tensorcore" and result.entry.tried_count == 3
+    assert result.entry.default_us is not None, result.entry.failed  # the default kernel runs and is right
+    assert isinstance(result.best[0], TensorCoreConfig)
+    assert TuningRecords(tmp_path).config_for(spec, gpu) == result.best[0]
+    (again,) = tune([spec], target, measure, tmp_path, budget=3, gpu=gpu, log=None)
+    assert again.measured_now == 0
