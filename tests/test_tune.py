@@ -239,10 +239,15 @@ def test_damaged_records_warn_once_and_fall_back_to_defaults(tmp_path, name):
     spec = KernelSpec(FORMAT, N, K, 1)
     path = TuningRecords(tmp_path).save(make_entry(spec, times={BEST: 9.0}))
     corrupt(path)
-    records = TuningRecords(tmp_path)
+    assert_damaged_file_falls_back(TuningRecords(tmp_path), path, spec, KernelSpec(FORMAT, N, K, 4), expected)
+
+
+def assert_damaged_file_falls_back(records, path, spec, other_spec, expected):
+    """A damaged records file: one warning line (no second one for another spec of the same file),
+    no config, and the tuner refuses to overwrite it with a one-line error."""
     with pytest.warns(TuningRecordsWarning) as caught:
         assert records.config_for(spec, GPU) is None
-        assert records.config_for(KernelSpec(FORMAT, N, K, 4), GPU) is None  # same file: no second warning
+        assert records.config_for(other_spec, GPU) is None  # same file: no second warning
     (warning,) = caught
     text = str(warning.message)
     assert "\n" not in text and str(path) in text and expected in text and "default schedules" in text
@@ -641,16 +646,7 @@ def test_invalid_tc_entry_warns_once_and_falls_back_to_defaults(tmp_path, name):
     path, doc = _tc_record_file(tmp_path)
     corrupt(doc["entries"][0])
     path.write_text(json.dumps(doc))
-    records = TuningRecords(tmp_path)
-    with pytest.warns(TuningRecordsWarning) as caught:
-        assert records.config_for(TC_SPEC, GPU) is None
-        assert records.config_for(KernelSpec(FORMAT, TC_N, TC_K, 1), GPU) is None  # same file: no second warning
-    (warning,) = caught
-    text = str(warning.message)
-    assert "\n" not in text and str(path) in text and expected in text and "default schedules" in text
-    with pytest.raises(RecordsError, match=re.escape(expected)) as info:  # the tuner refuses to overwrite it
-        records.entry(TC_SPEC, GPU)
-    assert "\n" not in str(info.value)
+    assert_damaged_file_falls_back(TuningRecords(tmp_path), path, TC_SPEC, KernelSpec(FORMAT, TC_N, TC_K, 1), expected)
     # and build falls back to the default tensor-core kernel
     lookup = TuningRecords(tmp_path, warn=lambda text: None).lookup(GPU)
     source = library.cuda_source(library.build([TC_SPEC], SM90, lookup))
