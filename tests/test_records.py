@@ -62,7 +62,7 @@ def test_shipped_gemv_records_of_tensor_core_buckets_are_not_applied():
 
     from qcompile.kernels.library import TC_MIN_M, KernelSpec, kernel_family
     from qcompile.kernels.schedules import GemvConfig
-    from qcompile.tune.records import TuningRecords, read_records_file
+    from qcompile.tune.records import TuningRecords, applies_today, read_records_file
 
     root = Path(__file__).resolve().parents[1] / "schedules"
     path = root / "h100" / "int4-g128.json"
@@ -77,5 +77,32 @@ def test_shipped_gemv_records_of_tensor_core_buckets_are_not_applied():
         assert records.config_for(spec, "h100") is None
         assert records.entry(spec, "h100") is None and records.entry(spec, "h100", "gemv") == entry
         m1 = KernelSpec(entry.format, entry.n, entry.k, 1)
-        if (entry.n, entry.k, 1, entry.qcompile_version, entry.tvm_version, "gemv") in entries:
+        m1_entry = entries.get((entry.n, entry.k, 1, entry.qcompile_version, entry.tvm_version, "gemv"))
+        if m1_entry is not None and applies_today(m1_entry, m1):
             assert isinstance(records.config_for(m1, "h100"), GemvConfig)
+
+
+def test_records_tuned_against_another_default_are_not_applied(tmp_path):
+    """A record whose default is not today's default config, and which never measured today's
+    default, is stale (its best only beat a config the library no longer uses); once today's
+    default is among its measurements, its best applies again."""
+    import dataclasses
+
+    from qcompile.kernels.library import KernelSpec
+    from qcompile.tune.records import TuningEntry, TuningRecords
+    from qcompile.tune.space import candidates, config_key, default_config
+
+    spec = KernelSpec("e8p-2", 1024, 2048, 1)
+    today = default_config(spec)
+    others = [c for c in candidates(spec) if c != today]
+    old_default, best = others[0], others[1]
+    records = TuningRecords(tmp_path)
+    entry = TuningEntry(format=spec.format, n=spec.n, k=spec.k, m=spec.m, gpu="h100",
+                        qcompile_version=records.versions[0], tvm_version=records.versions[1], default=old_default,
+                        measured_us={config_key(old_default): 10.0, config_key(best): 8.0})
+    records.save(entry)
+    assert TuningRecords(tmp_path).config_for(spec, "h100") is None
+    records.save(dataclasses.replace(entry, measured_us={**entry.measured_us, config_key(today): 9.0}))
+    assert TuningRecords(tmp_path).config_for(spec, "h100") == best
+    records.save(dataclasses.replace(entry, default=today, measured_us={config_key(today): 9.0, config_key(best): 8.0}))
+    assert TuningRecords(tmp_path).config_for(spec, "h100") == best

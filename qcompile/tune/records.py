@@ -369,6 +369,21 @@ def _locked(directory: Path):
 
 # --- the database --------------------------------------------------------------------------------
 
+def applies_today(entry: "TuningEntry", spec: KernelSpec) -> bool:
+    """Whether ``entry``'s best may replace today's default config of ``spec``: the entry was tuned
+    against that default, or measured it among its candidates. An entry tuned against a default the
+    library has since changed is stale, its best only known to beat the old one (e8p-2 4096x11008
+    M=1: the record's best 28.1 us against 12.8 us for today's default); ``qcompile tune``, which
+    measures today's default first, refreshes it."""
+    from .space import default_config
+
+    try:
+        today = default_config(spec)
+    except QCompileError:
+        return False
+    return entry.default == today or config_key(today) in entry.measured_us
+
+
 def _warn_default(message: str) -> None:
     warnings.warn(message, TuningRecordsWarning, stacklevel=3)
 
@@ -463,7 +478,9 @@ class TuningRecords:
                 self._lenient[cache_key] = {}
         entry = self._lenient[cache_key].get((spec.n, spec.k, spec.m, *self.versions, family))
         best = entry.best() if entry is not None else None
-        return None if best is None else best[0]
+        if best is None or not applies_today(entry, spec):
+            return None
+        return best[0]
 
     def lookup(self, gpu: Optional[str]) -> Callable[[KernelSpec], Optional[KernelConfig]]:
         """``config_for`` bound to one GPU: what ``qcompile.kernels.library.build`` takes."""
