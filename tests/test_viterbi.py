@@ -169,3 +169,44 @@ def test_elementwise_costs_when_matmuls_may_use_reduced_precision():
         finally:
             torch.set_float32_matmul_precision(old)
         assert torch.allclose(path_cost(x, cb, got), path_cost(x, cb, ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("L, KV, V", [(10, 2, 1), (10, 4, 2), (12, 3, 1)])
+def test_tir_engine_finds_the_torch_engines_paths(L, KV, V):
+    """The compiled TIR step and the torch passes pick the same paths (ties: the largest
+    predecessor in both), with and without the tail-biting constraints."""
+    g = torch.Generator().manual_seed(L * 10 + KV)
+    cb = torch.randn(1 << L, V, generator=g)
+    x = torch.randn(12, 40, V, generator=g)
+    top = torch.randint(0, 1 << (L - KV), (12,), generator=g)
+    for kwargs in ({}, {"start_top": top, "end_low": top}):
+        s_torch, c_torch = viterbi(x, cb, L, KV, engine="torch", **kwargs)
+        s_tir, c_tir = viterbi(x, cb, L, KV, engine="tir", **kwargs)
+        assert torch.equal(s_torch, s_tir)
+        assert torch.allclose(c_torch, c_tir, rtol=1e-5, atol=1e-4)
+        assert torch.allclose(path_cost(x, cb, s_tir), path_cost(x, cb, s_torch))
+
+
+def test_tir_step_takes_the_largest_predecessor_of_a_tie():
+    from qcompile.formats.viterbi import _tir_step
+
+    L, KV, V, B = 6, 2, 1, 3
+    n, nc, G = 1 << L, 1 << KV, 1 << (L - KV)
+    cost = torch.randn(B, n)
+    cost.view(B, nc, G)[:, 1] = cost.view(B, nc, G)[:, 3] = -10.0  # predecessors 1 and 3 tie for the minimum
+    xa = torch.tensor([[0.5, 1.0]] * B)
+    M = torch.randn(V + 1, n)
+    new, bp = torch.empty(B, G, nc), torch.empty(B, G, dtype=torch.uint8)
+    _tir_step(B, L, KV, V)(cost, xa, M, new, bp)
+    assert (bp == 3).all()
+    expected = (-10.0 + M[1] + 0.5 * M[0]).view(1, G, nc).expand(B, G, nc)
+    assert torch.allclose(new, expected)
+
+
+def test_unknown_or_unavailable_engine_is_one_clear_error():
+    cb = torch.randn(1 << 8, 1)
+    with pytest.raises(QCompileError, match="unknown Viterbi engine 'fast'") as info:
+        viterbi(torch.randn(2, 8, 1), cb, 8, 2, engine="fast")
+    assert "\n" not in str(info.value)
+    with pytest.raises(QCompileError, match="no GPU schedule"):
+        viterbi(torch.empty(2, 8, 1, device="meta"), cb.to("meta"), 8, 2, engine="tir")

@@ -32,11 +32,19 @@ tail-biting path (needs S·KV ≥ L); it can miss the exact tail-biting optimum
 gap is large only on streams barely longer than one state (S·KV ≈ L) and vanished on every
 sequence once S·KV ≥ 16·L (e.g. L=10, T=256).
 
+Engines: ``"torch"`` runs a step as the torch passes above; ``"tir"`` runs it as one compiled TVM
+TensorIR kernel (``viterbi_step_func``: per group g the min and argmax-of-ties over its 2^KV
+predecessors, then the 2^KV new costs of the group, read and written once), the same arithmetic in
+the same order as the elementwise form. ``"auto"`` (the default) is the TIR kernel on CPUs (a
+L=16, K=2, V=1 step of 64 sequences: 2.5 ms against 4.1 ms for the torch passes, 2 cores) and
+torch on CUDA, where the TIR kernel has no GPU schedule yet.
+
 Memory: sequences are processed in chunks sized from ``memory_budget`` bytes (per sequence about
 10·2^L bytes of cost buffers + (S−1)·2^(L−KV) bytes of backpointers: L=16, K=2, V=1: ≈4.9 MiB).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -87,15 +95,17 @@ def _gemm_operands(codebook: torch.Tensor):
 
 def viterbi(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
             start_top: Optional[torch.Tensor] = None, end_low: Optional[torch.Tensor] = None,
-            memory_budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+            memory_budget: Optional[int] = None, engine: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Minimum squared-error path of each sequence.
 
     x: float [B, S, V] (S steps of V values); codebook: [2^L, V]. ``start_top`` (int [B]): force the
     top L−KV bits of the first state; ``end_low`` (int [B]): force the low L−KV bits of the last.
     Returns (states int64 [B, S], cost float32 [B]) where cost = Σ_t ||x_t − c(s_t)||² − Σ_t ||x_t||².
+    ``engine``: "torch", "tir" or "auto" (see the module doc).
     """
     B, S, V = _check(x, codebook, L, KV)
     dev = x.device
+    engine = _engine(engine, dev)
     budget = default_memory_budget(dev) if memory_budget is None else int(memory_budget)
     chunk = max(1, budget // per_sequence_bytes(L, KV, S))
     M = _gemm_operands(codebook.to(dev))
@@ -105,20 +115,21 @@ def viterbi(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
         b1 = min(B, b0 + chunk)
         st = None if start_top is None else start_top[b0:b1]
         en = None if end_low is None else end_low[b0:b1]
-        s, c = _viterbi_chunk(x[b0:b1].to(torch.float32), M, L, KV, st, en)
+        s, c = _viterbi_chunk(x[b0:b1].to(torch.float32), M, L, KV, st, en, engine)
         out_s[b0:b1] = s
         out_c[b0:b1] = c
     return out_s, out_c
 
 
-def _viterbi_chunk(x, M, L, KV, start_top, end_low):
+def _viterbi_chunk(x, M, L, KV, start_top, end_low, engine="torch"):
     B, S, V = x.shape
     dev = x.device
     n, nc, G = 1 << L, 1 << KV, 1 << (L - KV)
     # [x_t, 1] for every step: the GEMM left operand
     xa = torch.cat([x, torch.ones(B, S, 1, dtype=torch.float32, device=dev)], dim=2)
-    # the GEMM form is exact fp32 only when matmuls may not drop to TF32/bf16 internally
-    gemm = torch.get_float32_matmul_precision() == "highest" and not (
+    # the GEMM form is exact fp32 only when matmuls may not drop to TF32/bf16 internally; the TIR
+    # step computes the elementwise form
+    gemm = engine == "torch" and torch.get_float32_matmul_precision() == "highest" and not (
         dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
     cost = torch.mm(xa[:, 0], M) if gemm else \
         M[V].expand(B, n).clone().addcmul_(x[:, 0, 0:1], M[0:1]) if V == 1 else \
@@ -128,6 +139,14 @@ def _viterbi_chunk(x, M, L, KV, start_top, end_low):
         bad = torch.arange(G, device=dev).view(1, G) != top  # group g = top L−KV bits
         cost.view(B, G, nc).masked_fill_(bad.unsqueeze(2), _INF)
     bp = torch.empty(max(S - 1, 0), B, G, dtype=torch.uint8, device=dev)
+    if engine == "tir" and S > 1:
+        step = _tir_step(B, L, KV, V)
+        xa_steps = xa.transpose(0, 1).contiguous()  # [S, B, V+1]: one compact operand per step
+        nxt = torch.empty_like(cost)
+        for t in range(1, S):
+            step(cost, xa_steps[t], M, nxt.view(B, G, nc), bp[t - 1])
+            cost, nxt = nxt, cost
+        return _backtrack(cost, bp, B, S, L, KV, nc, G, end_low, dev)
     best = torch.empty(B, G, dtype=torch.float32, device=dev)
     eq = torch.empty(B, nc, G, dtype=torch.bool, device=dev)
     tagged = torch.empty(B, nc, G, dtype=torch.uint8, device=dev)
@@ -147,7 +166,11 @@ def _viterbi_chunk(x, M, L, KV, start_top, end_low):
             cost.add_(M[V])
             for v in range(V):
                 cost.addcmul_(x[:, t, v:v + 1], M[v:v + 1])
-    # final state
+    return _backtrack(cost, bp, B, S, L, KV, nc, G, end_low, dev)
+
+
+def _backtrack(cost, bp, B, S, L, KV, nc, G, end_low, dev):
+    """The best final state (its low bits forced to ``end_low``), then the path through ``bp``."""
     if end_low is not None:
         low = end_low.to(dev, torch.int64).view(B, 1, 1)
         cand = cost.view(B, nc, G).gather(2, low.expand(B, nc, 1)).squeeze(2)  # [B, 2^KV]
@@ -164,6 +187,61 @@ def _viterbi_chunk(x, M, L, KV, start_top, end_low):
         state = (c << (L - KV)) | g
         states[:, t - 1] = state
     return states, final_cost
+
+
+ENGINES = ("auto", "torch", "tir")
+
+
+def _engine(engine: str, dev) -> str:
+    if engine not in ENGINES:
+        raise QCompileError(f"unknown Viterbi engine {engine!r} (known: {', '.join(ENGINES)})")
+    if engine == "auto":
+        return "tir" if torch.device(dev).type == "cpu" else "torch"
+    if engine == "tir" and torch.device(dev).type != "cpu":
+        raise QCompileError("the TIR Viterbi step has no GPU schedule yet; use engine='torch' on CUDA")
+    return engine
+
+
+def viterbi_step_func(B: int, L: int, KV: int, V: int):
+    """TIR of one Viterbi step: main(cost f32[B, 2^L], xa f32[B, V+1] (x_t and a 1), M f32[V+1, 2^L]
+    (``_gemm_operands``), new f32[B, 2^(L−KV), 2^KV], bp u8[B, 2^(L−KV)]). For group g:
+    best = min_c cost[c·G + g], bp = the largest c attaining it, new[g, c'] = best + M[V, j] +
+    Σ_v x_v·M[v, j] with j = g·2^KV + c' (the torch engine's elementwise order)."""
+    from tvm import te
+
+    n, nc, G = 1 << L, 1 << KV, 1 << (L - KV)
+    cost = te.placeholder((B, n), "float32", name="cost")
+    xa = te.placeholder((B, V + 1), "float32", name="xa")
+    M = te.placeholder((V + 1, n), "float32", name="M")
+    c = te.reduce_axis((0, nc), name="c")
+    best = te.compute((B, G), lambda b, g: te.min(cost[b, c * G + g], axis=c), name="best")
+    c2 = te.reduce_axis((0, nc), name="c2")
+    bp = te.compute((B, G), lambda b, g: te.max(
+        te.if_then_else(cost[b, c2 * G + g] == best[b, g], c2, 0).astype("uint8"), axis=c2), name="bp")
+
+    def new_cost(b, g, cc):
+        j = g * nc + cc
+        e = best[b, g] + M[V, j]
+        for v in range(V):
+            e = e + xa[b, v] * M[v, j]
+        return e
+
+    new = te.compute((B, G, nc), new_cost, name="new")
+    return te.create_prim_func([cost, xa, M, new, bp])
+
+
+@functools.lru_cache(maxsize=16)
+def _tir_step(B: int, L: int, KV: int, V: int):
+    """The compiled CPU step for one chunk shape: per (sequence, group) the minimum, its backpointer
+    and the group's new costs in one pass, sequences in parallel."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": viterbi_step_func(B, L, KV, V)}))
+    b, g, _ = sch.get_loops(sch.get_sblock("best"))
+    sch.reverse_compute_at(sch.get_sblock("bp"), g)
+    sch.reverse_compute_at(sch.get_sblock("new"), g)
+    sch.parallel(b)
+    return tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))["main"]
 
 
 def path_cost(x: torch.Tensor, codebook: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
@@ -186,16 +264,18 @@ def is_path(states: torch.Tensor, L: int, KV: int) -> torch.Tensor:
 
 
 def viterbi_tailbiting(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
-                       memory_budget: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                       memory_budget: Optional[int] = None, engine: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
     """Two-pass tail-biting Viterbi (see the module doc). x [B, S, V] -> (states int64 [B, S],
     cost float32 [B], without Σ||x_t||²). Needs S·KV ≥ L."""
     B, S, V = _check(x, codebook, L, KV)
     if S * KV < L:
         raise QCompileError(f"a tail-biting trellis needs S·K·V ≥ L; got {S} steps of {KV} bits with L={L}")
     shift = S // 2
-    rot_states, _ = viterbi(torch.roll(x, shift, dims=1), codebook, L, KV, memory_budget=memory_budget)
+    rot_states, _ = viterbi(torch.roll(x, shift, dims=1), codebook, L, KV, memory_budget=memory_budget,
+                            engine=engine)
     overlap = rot_states[:, shift] >> KV  # state at original step 0: its top L−KV bits
-    return viterbi(x, codebook, L, KV, start_top=overlap, end_low=overlap, memory_budget=memory_budget)
+    return viterbi(x, codebook, L, KV, start_top=overlap, end_low=overlap, memory_budget=memory_budget,
+                   engine=engine)
 
 
 def viterbi_tailbiting_exact(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
