@@ -36,7 +36,7 @@ Engines: ``"torch"`` runs a step as the torch passes above; ``"tir"`` runs it as
 TensorIR kernel (``viterbi_step_func``: per group g the min and argmax-of-ties over its 2^KV
 predecessors, then the 2^KV new costs of the group, read and written once), the same arithmetic in
 the same order as the elementwise form. ``"auto"`` (the default) is the TIR kernel on CPUs (a
-L=16, K=2, V=1 step of 64 sequences: 2.5 ms against 4.1 ms for the torch passes, 2 cores) and
+L=16, K=2, V=1 step of 64 sequences: 1.3 ms against 4.1 ms for the torch passes, 2 cores) and
 torch on CUDA, where the TIR kernel has no GPU schedule yet.
 
 Memory: sequences are processed in chunks sized from ``memory_budget`` bytes (per sequence about
@@ -237,10 +237,23 @@ def _tir_step(B: int, L: int, KV: int, V: int):
     import tvm
 
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": viterbi_step_func(B, L, KV, V)}))
-    b, g, _ = sch.get_loops(sch.get_sblock("best"))
-    sch.reverse_compute_at(sch.get_sblock("bp"), g)
-    sch.reverse_compute_at(sch.get_sblock("new"), g)
+    best = sch.get_sblock("best")
+    b, g, c = sch.get_loops(best)
+    # 8 groups at a time, the predecessor loop outside them, so the min / argmax / new-cost loops run
+    # over contiguous groups as vectors (1.34 against 2.5 ms per step with one group at a time)
+    g_outer, g_inner = sch.split(g, [None, min(8, 1 << (L - KV))])
+    sch.reorder(c, g_inner)
+    sch.reverse_compute_at(sch.get_sblock("bp"), g_outer)
+    sch.reverse_compute_at(sch.get_sblock("new"), g_outer)
     sch.parallel(b)
+    best_init = sch.decompose_reduction(best, c)
+    bp = sch.get_sblock("bp")
+    c2_loop, g_loop = sch.get_loops(bp)[-1], sch.get_loops(bp)[-2]
+    sch.reorder(c2_loop, g_loop)
+    bp_init = sch.decompose_reduction(bp, c2_loop)
+    sch.vectorize(sch.get_loops(best_init)[-1])
+    sch.vectorize(sch.get_loops(bp_init)[-1])
+    sch.vectorize(sch.fuse(*sch.get_loops(sch.get_sblock("new"))[-2:]))
     return tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))["main"]
 
 
