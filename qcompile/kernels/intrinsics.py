@@ -188,3 +188,48 @@ def register_hdot_pairs(run: int = 8):
     tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
     _REGISTERED[name] = _HDOT_SOURCE
     return name, _HDOT_SOURCE
+
+
+def tvm_cuda_tensor_intrin():
+    """The module tvm.s_tir.tensor_intrin.cuda (TVM's WMMA / MMA intrinsics), imported with a cheap
+    ``inspect.stack``.
+
+    Importing it registers a few hundred TVMScript intrinsics, and the TVMScript parser calls
+    ``inspect.stack()`` for each; with context lines that walks ``sys.modules`` for every
+    ``<frozen importlib>`` frame of the import, which took 23 s in a process that had imported torch
+    (3.4 s this way). The parser reads the code line of the third frame only (is the function
+    defined in a TVMScript class?) and the frames' locals, so the first frames keep their full
+    FrameInfo and the rest skip the source lookup. Call it before anything else imports the module
+    (dlight's matmul rules import it lazily)."""
+    import contextlib
+    import importlib
+    import inspect
+    import sys
+
+    name = "tvm.s_tir.tensor_intrin.cuda"
+    if name in sys.modules:
+        return sys.modules[name]
+
+    @contextlib.contextmanager
+    def cheap_stack(full_frames=4):
+        original = inspect.stack
+
+        def stack(context=1):
+            frame, frames = sys._getframe(1), []
+            while frame is not None:
+                if len(frames) < full_frames:
+                    frames.append(inspect.FrameInfo(frame, *inspect.getframeinfo(frame, context)))
+                else:
+                    code = frame.f_code
+                    frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None))
+                frame = frame.f_back
+            return frames
+
+        inspect.stack = stack
+        try:
+            yield
+        finally:
+            inspect.stack = original
+
+    with cheap_stack():
+        return importlib.import_module(name)

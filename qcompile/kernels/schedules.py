@@ -348,6 +348,10 @@ def schedule_gemm_cuda(func, target):
 
     from tvm.s_tir.dlight.gpu.matmul import MatmulTensorization
 
+    from .intrinsics import tvm_cuda_tensor_intrin
+
+    tvm_cuda_tensor_intrin()  # before dlight imports it the slow way (see there)
+
     tgt = target.tvm_target()
     func = inline_gather(func)
     # dlight's Matmul only tensorizes above M=64; its WMMA rule itself is fine from M=32

@@ -121,48 +121,6 @@ def check_tc_config(cfg: TensorCoreConfig, n: int, k: int, m: int, unit: int) ->
                          + "; ".join(problems))
 
 
-def _wmma_intrin_group_getter():
-    """TVM's ``get_wmma_intrin_group``, imported with a cheap ``inspect.stack``.
-
-    Importing tvm.s_tir.tensor_intrin registers a few hundred TVMScript intrinsics, and the TVMScript
-    parser calls ``inspect.stack()`` for each; with context lines that walks ``sys.modules`` for
-    every ``<frozen importlib>`` frame of the import, which took 23 s in a process that had imported
-    torch (3.4 s this way). The parser reads the code line of the third frame only (is the function
-    defined in a TVMScript class?) and the frames' locals, so the first frames keep their full
-    FrameInfo and the rest skip the source lookup."""
-    import contextlib
-    import inspect
-    import sys
-
-    if "tvm.s_tir.tensor_intrin.cuda" in sys.modules:
-        return sys.modules["tvm.s_tir.tensor_intrin.cuda"].get_wmma_intrin_group
-
-    @contextlib.contextmanager
-    def cheap_stack(full_frames=4):
-        original = inspect.stack
-
-        def stack(context=1):
-            frame, frames = sys._getframe(1), []
-            while frame is not None:
-                if len(frames) < full_frames:
-                    frames.append(inspect.FrameInfo(frame, *inspect.getframeinfo(frame, context)))
-                else:
-                    code = frame.f_code
-                    frames.append(inspect.FrameInfo(frame, code.co_filename, frame.f_lineno, code.co_name, None, None))
-                frame = frame.f_back
-            return frames
-
-        inspect.stack = stack
-        try:
-            yield
-        finally:
-            inspect.stack = original
-
-    with cheap_stack():
-        from tvm.s_tir.tensor_intrin.cuda import get_wmma_intrin_group
-    return get_wmma_intrin_group
-
-
 def schedule_tc_cuda(func, cfg: TensorCoreConfig = None, intrin=None, streamed=None, unit=None):
     """Schedule the decode + matmul ``func`` (see the module doc) for tensor cores; returns an
     IRModule. ``cfg``: None = ``default_tc_config`` of the shape. ``intrin``: the format's
@@ -172,7 +130,9 @@ def schedule_tc_cuda(func, cfg: TensorCoreConfig = None, intrin=None, streamed=N
     ValueError (one line) when the config does not fit the shape."""
     import tvm
 
-    get_wmma_intrin_group = _wmma_intrin_group_getter()
+    from .intrinsics import tvm_cuda_tensor_intrin
+
+    get_wmma_intrin_group = tvm_cuda_tensor_intrin().get_wmma_intrin_group
 
     # the intrinsic decodes from registers, so the table gathers stay a stage of their own there
     # (the format's derived tables and slices inlined into it: left at the root, TVM made them
