@@ -131,3 +131,20 @@ def test_library_routes_low_batch_to_tensor_cores_from_tc_min_m(name):
     for m in (TC_MIN_M - 1, TC_MIN_M, GEMV_MAX_M):
         text = scheduled_func(KernelSpec(name, N, K, m), target).script()
         assert ("wmma.matrix_a" in text) == (m >= TC_MIN_M), (name, m)
+
+
+def test_cuda_tensor_intrinsics_import_restores_inspect_stack():
+    """The cheap-stack import of TVM's CUDA intrinsics leaves inspect.stack as it found it and gives
+    the module with the WMMA intrinsics registered."""
+    import inspect
+
+    import tvm
+
+    from qcompile.kernels.intrinsics import tvm_cuda_tensor_intrin
+
+    original = inspect.stack
+    module = tvm_cuda_tensor_intrin()
+    assert inspect.stack is original
+    group = module.get_wmma_intrin_group(load_scope="shared", store_scope="shared.dyn", in_dtype="float16",
+                                         out_dtype="float32", trans_b=True)
+    assert tvm.s_tir.TensorIntrin.get(group["compute"]) is not None
