@@ -72,14 +72,14 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--no-records", action="store_true", help="default schedules only; ignore tuning records")
     b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
 
-    from .kernels.library import GEMV_MAX_M, TC_MIN_M
+    from .kernels.library import GEMV_MAX_M
     from .tune.driver import DEFAULT_BUDGET, ORDERS
 
     t = sub.add_parser("tune", help="tune the GEMV and low-batch tensor-core kernels of a model, a checkpoint or "
                                     "some layer shapes on the local GPU",
                        description="Measure schedule candidates for each kernel (format, N, K, M) on the local "
-                                   f"CUDA GPU, in the family that runs its bucket (the GEMV for M < {TC_MIN_M}, the "
-                                   f"low-batch tensor-core kernel for {TC_MIN_M} <= M <= {GEMV_MAX_M}), and keep the "
+                                   f"CUDA GPU, in the family that runs its bucket (the GEMV, the mma.sync or the WMMA "
+                                   f"tensor-core kernel, up to M={GEMV_MAX_M}), and keep the "
                                    "results in the tuning records "
                                    "(<records>/<gpu>/<format>.json), which qcompile build then uses. The kernels are "
                                    "those qcompile build compiles for MODEL_OR_CHECKPOINT (at the --m buckets), or "
@@ -94,8 +94,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--shapes", default=None,
                    help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096); instead of a model")
     t.add_argument("--m", default="1,2,4,16",
-                   help=f"batch sizes (M buckets) to tune: GEMV (M < {TC_MIN_M}) and tensor-core ({TC_MIN_M} <= M <= "
-                        f"{GEMV_MAX_M}) buckets; the GEMM (M > {GEMV_MAX_M}) has no tuning space yet "
+                   help=f"batch sizes (M buckets) to tune, up to {GEMV_MAX_M} (GEMV, mma.sync and WMMA buckets); the GEMM (M > {GEMV_MAX_M}) has no tuning space yet "
                         f"(default: %(default)s)")
     t.add_argument("--dry-run", action="store_true", help="print the kernels it would tune and exit (needs no GPU)")
     t.add_argument("--target", "-t", default="auto", help="the local GPU: auto, its sm_XX or its name (default: auto)")
@@ -268,7 +267,7 @@ def tune_kernels(args) -> List[KernelSpec]:
     Validates everything on the way (one-line QCompileError); needs no GPU."""
     from .bench.harness import parse_ms, parse_shapes
     from .formats import get as get_format
-    from .kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec
+    from .kernels.library import GEMV_MAX_M, KernelSpec
 
     if args.model is not None and args.shapes is not None:
         raise QCompileError("give a model directory or checkpoint, or --shapes, not both")
@@ -291,8 +290,8 @@ def tune_kernels(args) -> List[KernelSpec]:
     gemm = [m for m in ms if m > GEMV_MAX_M]
     ms = [m for m in ms if m <= GEMV_MAX_M]
     if not ms:
-        raise QCompileError(f"--m {args.m}: only buckets M <= {GEMV_MAX_M} can be tuned (GEMV below {TC_MIN_M}, "
-                            f"tensor cores from there); the GEMM kernels have no tuning space yet (e.g. --m 1,2,4,16)")
+        raise QCompileError(f"--m {args.m}: only buckets M <= {GEMV_MAX_M} can be tuned (the GEMV, mma.sync "
+                            f"and WMMA families); the GEMM kernels have no tuning space yet (e.g. --m 1,2,4,16)")
     if gemm:
         print(f"note: M {','.join(map(str, gemm))} > {GEMV_MAX_M} are GEMM kernels with no tuning space yet "
               f"(build uses their default schedule); not tuned")

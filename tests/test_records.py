@@ -55,12 +55,13 @@ def test_shipped_tuning_records_are_valid():
 
 
 def test_shipped_gemv_records_of_tensor_core_buckets_are_not_applied():
-    """The shipped M=16 entries were measured on the GEMV before M=16 ran on tensor cores: they read as
-    GEMV entries (the files predate the "kernel" field) and stay in the files, but build never applies
-    them to the tensor-core bucket; the M=1 entries of the same shapes still apply."""
+    """The shipped M=16 entries were measured on the GEMV before M=16 ran on tensor cores (now the
+    mma.sync kernel): they read as GEMV entries (the files predate the "kernel" field) and stay in the
+    files, but build never applies them to a bucket another family runs; the M=1 entries of the same
+    shapes still apply."""
     from pathlib import Path
 
-    from qcompile.kernels.library import TC_MIN_M, KernelSpec, kernel_family
+    from qcompile.kernels.library import GEMV_FAMILY, KernelSpec, kernel_family
     from qcompile.kernels.schedules import GemvConfig
     from qcompile.tune.records import TuningRecords, applies_today, read_records_file
 
@@ -68,11 +69,10 @@ def test_shipped_gemv_records_of_tensor_core_buckets_are_not_applied():
     path = root / "h100" / "int4-g128.json"
     assert all("kernel" not in entry for entry in json.loads(path.read_text())["entries"])  # the old layout
     entries = read_records_file(path, "h100", "int4-g128")
-    stale = [e for e in entries.values() if e.m >= TC_MIN_M]
-    assert stale and all(e.kernel == "gemv" and e.best() is not None for e in stale)
+    stale = [e for e in entries.values() if kernel_family(e.format, e.m) != GEMV_FAMILY]
+    assert stale and all(e.m == 16 and e.kernel == "gemv" and e.best() is not None for e in stale)
     for entry in stale:
         spec = KernelSpec(entry.format, entry.n, entry.k, entry.m)
-        assert kernel_family(spec.format, spec.m) == "tensorcore"
         records = TuningRecords(root, versions=(entry.qcompile_version, entry.tvm_version))
         assert records.config_for(spec, "h100") is None
         assert records.entry(spec, "h100") is None and records.entry(spec, "h100", "gemv") == entry

@@ -90,7 +90,7 @@ def test_bad_combinations_are_one_line_errors(default_model, checkpoint, llvm_ar
 
 
 def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
-    """GEMV and tensor-core buckets are both tuned (each named with its family); GEMM buckets are not."""
+    """GEMV and mma.sync buckets are both tuned (each named with its family); GEMM buckets are not."""
     shapes = kernel_shapes(default_model, FORMAT)
     for argv in (["tune", str(default_model), "-f", FORMAT], ["tune", str(checkpoint)],
                  ["tune", str(checkpoint), "-f", FORMAT]):
@@ -99,11 +99,11 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
         assert out[0].startswith(f"note: M 64 > {GEMV_MAX_M} are GEMM kernels with no tuning space yet")
         assert out[1].startswith(f"{4 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
         assert [re.sub(r"=\s+", "=", line).split() for line in out[2:]] == [
-            [f, f"N={n}", f"K={k}", "M=1,4", "gemv", f"M={TC_MIN_M},16", "tensorcore"] for f, n, k in shapes]
+            [f, f"N={n}", f"K={k}", "M=1", "gemv", f"M=4,{TC_MIN_M},16", "mma"] for f, n, k in shapes]
     assert cli_main(["tune", str(checkpoint), "--dry-run"]) == 0  # the default --m includes M=16
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{4 * len(shapes)} kernels to tune")
-    assert out[1].split()[-4:] == ["M=1,2,4", "gemv", "M=16", "tensorcore"]
+    assert out[1].split()[-4:] == ["M=1", "gemv", "M=2,4,16", "mma"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
@@ -123,6 +123,8 @@ def test_without_a_gpu_validation_comes_first_then_the_cuda_line(default_model):
 def fake_us(cfg) -> float:
     if space.family_of(cfg) == "tensorcore":
         return 5.0 + cfg.n_tile / 64 + cfg.stages * 0.1
+    if space.family_of(cfg) == "mma":
+        return 4.0 + cfg.tiles * 0.1 + cfg.warps_k * 0.01
     return 10.0 + abs(cfg.rows - 2) + cfg.chunks * 0.1
 
 
@@ -150,15 +152,15 @@ def test_model_path_tunes_exactly_the_derived_kernels(default_model, tmp_path, m
     expected = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes(default_model, FORMAT) for m in (1, 4, 16)]
     assert [spec for spec, _ in calls] == expected  # each once, GEMM buckets left out
     assert all(key == space.config_key(space.default_config(spec)) for spec, key in calls)
-    assert {space.config_key(space.default_config(spec)).split("=")[0] for spec in expected} == {"rows", "m_tile"}
+    assert {space.config_key(space.default_config(spec)).split("=")[0] for spec in expected} == {"rows", "units"}
     stored = TuningRecords(records)
     assert all(stored.entry(spec, "h100").tried_count == 1 for spec in expected)
     doc = json.loads((records / "h100" / f"{FORMAT}.json").read_text())
     assert sorted((e["n"], e["k"], e["m"], e["kernel"]) for e in doc["entries"]) == sorted(
-        (s.n, s.k, s.m, "tensorcore" if s.m >= TC_MIN_M else "gemv") for s in expected)
+        (s.n, s.k, s.m, "mma" if s.m > 1 else "gemv") for s in expected)
     out = capsys.readouterr().out
     assert f"{len(expected)} kernels to tune" in out and f"records: {records / 'h100' / (FORMAT + '.json')}" in out
-    assert " M=16 tensorcore m_tile=16," in out and " M=1 gemv rows=" in out  # progress names the family
+    assert " M=16 mma units=" in out and " M=1 gemv rows=" in out  # progress names the family
 
 
 def test_a_checkpoint_missing_a_layer_file_is_one_line(checkpoint, tmp_path, capsys):

@@ -1,9 +1,11 @@
-"""Tensor-core kernel sweep on a GPU (developer tool for picking TensorCoreConfig defaults):
+"""Tensor-core kernel sweep on a GPU (developer tool for picking TensorCoreConfig / MmaConfig defaults):
 
     python3 -m qcompile.bench.tc_sweep --format e8p-2 --shapes 28672x8192,8192x28672 --m 16,64 --out FILE.json
+    python3 -m qcompile.bench.tc_sweep --family mma --format e8p-2 --m 1,4,16
 
-For every shape and M, in one process: a handful of TensorCoreConfig candidates (the default of
-qcompile.kernels.tensorcore and variants of it, plus any --config given), the library's current
+For every shape and M, in one process: a handful of candidates of the family (``tensorcore``: the WMMA
+kernel of qcompile.kernels.tensorcore; ``mma``: the mma.sync kernel of qcompile.kernels.mma; the
+family's default config and variants of it, plus any --config given), the library's current
 default kernel (``library.scheduled_func``: the GEMV at M <= 16, dlight's WMMA GEMM above) and cuBLAS
 fp16 (``F.linear`` on the decoded weight). Each candidate is checked against a float64 reference
 before it is timed; timing is qcompile.bench.timing's (CUDA graphs, weights rotated past the L2).
@@ -18,6 +20,7 @@ from dataclasses import replace
 from typing import List, Optional, Sequence
 
 REL_ERR_MAX = 1e-2
+FAMILIES = ("tensorcore", "mma")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  description="Time tensor-core configs of the fused decode + matmul against the "
                                              "current default kernel and cuBLAS fp16 on this GPU.")
     ap.add_argument("--format", default="e8p-2", help="weight format (default e8p-2)")
+    ap.add_argument("--family", choices=FAMILIES, default="tensorcore",
+                    help="tensorcore: WMMA through shared memory (TensorCoreConfig); mma: mma.sync on fragments "
+                         "decoded in registers (MmaConfig)")
     ap.add_argument("--shapes", default="28672x8192,8192x28672", help="NxK layer shapes (out x in)")
     ap.add_argument("--m", default="16,64", help="batch sizes (default 16,64)")
     ap.add_argument("--config", action="append", default=[], metavar="K=V,...",
@@ -75,31 +81,49 @@ def variants(cfg) -> list:
     return out
 
 
-def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants: bool, plain: bool):
-    """[(label, cfg, use_intrin)] that tile the shape: default first, no duplicates."""
-    from ..kernels.tensorcore import check_tc_config, default_tc_config
+def mma_variants(cfg) -> list:
+    """mma.sync configs near ``cfg``: more or fewer K warps, two units per lane, two tiles per warp,
+    two warps along N, two K blocks per loop step."""
+    return [replace(cfg, warps_k=cfg.warps_k * 2), replace(cfg, warps_k=max(1, cfg.warps_k // 2)),
+            replace(cfg, units=cfg.units * 2), replace(cfg, tiles=cfg.tiles * 2),
+            replace(cfg, warps_n=cfg.warps_n * 2), replace(cfg, unroll=2)]
 
-    base = default_tc_config(n, k, m, fmt.decode_unit)
-    cfgs = [base] + [parse_config(t, base) for t in extra] + (variants(base) if with_variants else [])
+
+def family_api(family: str):
+    """(default config, variants, check, scheduled func builder) of a kernel family."""
+    if family == "mma":
+        from ..kernels.mma import check_mma_config, default_mma_config, mma_scheduled_func
+
+        return default_mma_config, mma_variants, check_mma_config, mma_scheduled_func
+    from ..kernels.tensorcore import check_tc_config, default_tc_config, tc_scheduled_func
+
+    return default_tc_config, variants, check_tc_config, tc_scheduled_func
+
+
+def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants: bool, plain: bool,
+               family: str = "tensorcore"):
+    """[(label, cfg, use_intrin)] that tile the shape: default first, no duplicates."""
+    default, near, check, _ = family_api(family)
+    base = default(n, k, m, fmt.decode_unit)
+    cfgs = [base] + [parse_config(t, base) for t in extra] + (near(base) if with_variants else [])
     out, seen = [], set()
+    prefix = "tc" if family == "tensorcore" else family
     for i, cfg in enumerate(cfgs):
         if cfg in seen:
             continue
         try:
-            check_tc_config(cfg, n, k, m, fmt.decode_unit)
+            check(cfg, n, k, m, fmt.decode_unit)
         except ValueError:
             continue
         seen.add(cfg)
-        out.append(("tc-default" if i == 0 else f"tc-{len(out)}", cfg, True))
+        out.append((f"{prefix}-default" if i == 0 else f"{prefix}-{len(out)}", cfg, True))
     if plain and fmt.decode_intrin("cuda") is not None:
-        out.append(("tc-default-tir", base, False))
+        out.append((f"{prefix}-default-tir", base, False))
     return out
 
 
 def _short(cfg) -> str:
-    d = cfg.as_dict()
-    return (f"m{d['m_tile']} n{d['n_tile']} k{d['k_tile']} w{d['warps_m']}x{d['warps_n']}x{d['warps_k']} "
-            f"u{d['units']} v{d['vec']} s{d['stages']}")
+    return " ".join(f"{k}={v}" for k, v in cfg.as_dict().items())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -114,10 +138,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fmt = get_format(args.format)
         for n, k in shapes:
             fmt.check_shape(n, k)
+        from ..kernels.mma import MmaConfig
         from ..kernels.tensorcore import TensorCoreConfig
 
         for text in args.config:
-            parse_config(text, TensorCoreConfig())
+            parse_config(text, MmaConfig() if args.family == "mma" else TensorCoreConfig())
         from .harness import require_cuda
 
         require_cuda()
@@ -136,8 +161,8 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     import tvm
 
     from ..kernels.library import KernelSpec, scheduled_func
+    from ..kernels.pipeline import compile_module
     from ..kernels.target import parse_target
-    from ..kernels.tensorcore import tc_scheduled_func
     from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method
     from .harness import _Bench, bench_weight, one_line, relative_error
     from .timing import l2_cache_bytes
@@ -162,7 +187,8 @@ def run(fmt, shapes, ms, args) -> List[dict]:
             cublas_us = None if t_fp16 is None else t_fp16.median_us
             kernels = [("library-default", None, None)]
             try:
-                kernels += candidates(fmt, n, k, m, args.config, not args.no_variants, args.plain_decode)
+                kernels += candidates(fmt, n, k, m, args.config, not args.no_variants, args.plain_decode,
+                                      args.family)
             except ValueError as err:
                 log(f"warning: N={n} K={k} M={m}: {one_line(err)}")
             for label, cfg, use_intrin in kernels:
@@ -174,10 +200,10 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                     if cfg is None:
                         func = scheduled_func(KernelSpec(fmt.name, n, k, m), target)
                     else:
-                        func = tc_scheduled_func(fmt, n, k, m, cfg, use_intrin)
+                        func = family_api(args.family)[3](fmt, n, k, m, cfg, use_intrin)
                     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")
                                         .with_attr("tirx.is_scheduled", True)})
-                    kernel = tvm.compile(mod, target=target.tvm_target())["main"]
+                    kernel = compile_module(mod, target.tvm_target())["main"]
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     kernel(X, *q_weights[0], Y)
                     torch.cuda.synchronize()
@@ -203,17 +229,19 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                     f"{'' if use_intrin in (None, True) else ' (TIR decode)'}")
         del q_weights, fp16_weights, qw, w16, w64_t
         torch.cuda.empty_cache()
-    print_table(rows)
+    print_table(rows, args.family)
     return rows
 
 
-def print_table(rows: List[dict]) -> None:
+def print_table(rows: List[dict], family: str = "tensorcore") -> None:
     print("\n| N | K | M | kernel | config | µs | cuBLAS µs | speedup | rel_err |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        from ..kernels.mma import MmaConfig
         from ..kernels.tensorcore import TensorCoreConfig
 
-        cfg = "" if r["cfg"] is None else _short(TensorCoreConfig(**r["cfg"]))
+        cls = MmaConfig if family == "mma" else TensorCoreConfig
+        cfg = "" if r["cfg"] is None else _short(cls(**r["cfg"]))
         us = "FAILED" if r["us"] is None else f"{r['us']:.2f}"
         cub = "" if r["cublas_fp16_us"] is None else f"{r['cublas_fp16_us']:.2f}"
         sp = "" if r["speedup_vs_fp16"] is None else f"{r['speedup_vs_fp16']:.2f}x"
@@ -224,7 +252,7 @@ def print_table(rows: List[dict]) -> None:
         key = (r["N"], r["K"], r["M"])
         if r["us"] is not None and r["kernel"] != "library-default" and (key not in best or r["us"] < best[key]["us"]):
             best[key] = r
-    print("\nbest tensor-core config per shape:")
+    print(f"\nbest {family} config per shape:")
     for (n, k, m), r in best.items():
         print(f"  N={n} K={k} M={m}: {r['us']:.2f} us, {r['speedup_vs_fp16'] or float('nan'):.2f}x vs cuBLAS, "
               f"{json.dumps(r['cfg'])}")

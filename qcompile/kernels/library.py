@@ -19,6 +19,8 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 from ..formats import get as get_format
 from .compute import matmul_func
 from .hadamard import SIDES, RhtSpec, rht_specs, scheduled_rht_func
+from .mma import MmaConfig, mma_scheduled_func
+from .pipeline import compile_module
 from .schedules import GemvConfig, schedule_gemm_cuda, schedule_gemv_cuda, schedule_llvm
 from .target import TargetInfo
 from .tensorcore import TensorCoreConfig, tc_scheduled_func
@@ -28,38 +30,58 @@ DEFAULT_BUCKETS = (1, 4, 16, 64, 256)
 # compile time matters more than the last few percent of padding
 TUNED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GEMV_MAX_M = 16  # up to here the low-batch families (decode once, reuse over M); above, the GEMM
-# from this bucket up to GEMV_MAX_M the low-batch tensor-core kernel (qcompile.kernels.tensorcore)
-# serves the "GEMV" buckets: at M=16 on the 70B MLP shapes it runs 1.2x (int4-g128) / 0.9-1.15x
+# from this bucket up to GEMV_MAX_M the low-batch WMMA kernel (qcompile.kernels.tensorcore) serves
+# the buckets of the formats that do not run on mma.sync (``runs_mma``, below): at M=16 on the 70B MLP shapes it runs 1.2x (int4-g128) / 0.9-1.15x
 # (e8p-2) of cuBLAS fp16 where the CUDA-core GEMV, 16 multiply-adds per decoded weight, reached
 # 0.5-0.7x / 0.3x (H100). A tuning record names its kernel family and applies only to a bucket that
 # family serves (an old GEMV record of M=16 is kept but not applied).
 TC_MIN_M = 8
-# the kernel families of a bucket (``kernel_family``); "gemv" and "tensorcore" are also the
+# the kernel families of a bucket (``kernel_family``); "gemv", "tensorcore" and "mma" are also the
 # "kernel" field of a tuning record
-GEMV_FAMILY, TC_FAMILY, GEMM_FAMILY = "gemv", "tensorcore", "gemm"
+GEMV_FAMILY, TC_FAMILY, MMA_FAMILY, GEMM_FAMILY = "gemv", "tensorcore", "mma", "gemm"
+# from this bucket up to GEMV_MAX_M, formats packed row by row (``Format.gemv_tile`` (1, 1): E8P,
+# group-wise int) run the mma.sync kernel (qcompile.kernels.mma): each lane decodes its weights
+# straight into A fragments, no shared memory. H100, 28672x8192 / 8192x28672, default MmaConfig:
+# e8p-2 M=4 47.0 / 50.9 us (GEMV 79.9 / 79.7), M=16 70.8 / 63.9 us (WMMA kernel 140 / 180);
+# int4-g128 M=4 56.9 / 64.7 (GEMV 76.2 / 81.7), M=16 72.3 / 67.1 (131 / 138). At M=1 the GEMV stays
+# (e8p-2 42.2 / 44.0 us against the best mma config's 45.1 / 48.3). QTIP's tile-packed trellis is
+# read through data-dependent windows that the mma lanes load as scalars (qtip-hyb-2 M=16: 606 us
+# against 322 us on the WMMA kernel), so QTIP keeps the GEMV / WMMA families.
+MMA_MIN_M = 2
 MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)
 # threads of a 32-column-unit (E8P) GEMV that fill an H100 (132 SMs x 2048): below it, more threads
 # along K (e8p-2 M=1, 8192x28672: 49.7 -> 46.2 us at 128 threads; 4096x11008: 26.5 -> 20.1 us)
 TARGET_GEMV_THREADS = 262144
 
 
+def runs_mma(fmt) -> bool:
+    """True when format ``fmt`` (name or Format) runs buckets MMA_MIN_M..GEMV_MAX_M on mma.sync: its
+    packed words are per row (``Format.gemv_tile`` (1, 1)), which the lanes load with vector loads."""
+    return tuple(get_format(fmt).gemv_tile) == (1, 1)
+
+
 def serves_gemv(fmt, m: int) -> bool:
     """True when bucket ``m`` (<= GEMV_MAX_M) of format ``fmt`` (name or Format) runs the CUDA-core
-    GEMV family, else the low-batch tensor-core kernel: M < TC_MIN_M for every format. (QTIP HYB's
-    GEMV thread holds a 32-row super-tile, whose M accumulators spill from M=8 on: qtip-hyb-2 on
-    28672x8192 at M=16 measured 3005 us on GEMV, 322 us on tensor cores; H100, 6b07141.)"""
-    get_format(fmt)  # an unknown name fails here, with the formats listed
+    GEMV family: M=1 for every format, and M < TC_MIN_M for the formats that do not run on mma.sync
+    (``runs_mma``). (QTIP HYB's GEMV thread holds a 32-row super-tile, whose M accumulators spill from
+    M=8 on: qtip-hyb-2 on 28672x8192 at M=16 measured 3005 us on GEMV, 322 us on tensor cores; H100,
+    6b07141.)"""
+    if runs_mma(fmt):  # (an unknown name fails here, with the formats listed)
+        return m < MMA_MIN_M
     return m < TC_MIN_M
 
 
 def kernel_family(fmt, m: int) -> str:
     """Which kernel family runs bucket ``m`` of format ``fmt`` (name or Format) on CUDA:
-    GEMV_FAMILY (``GemvConfig``) below TC_MIN_M, TC_FAMILY (the low-batch tensor-core kernel,
-    ``TensorCoreConfig``) up to GEMV_MAX_M, GEMM_FAMILY (no config) above."""
+    GEMV_FAMILY (``GemvConfig``), MMA_FAMILY (``MmaConfig``, MMA_MIN_M..GEMV_MAX_M of the row-packed
+    formats) or TC_FAMILY (the WMMA kernel, ``TensorCoreConfig``, TC_MIN_M..GEMV_MAX_M of the others)
+    up to GEMV_MAX_M; GEMM_FAMILY (no config) above."""
     if m > GEMV_MAX_M:
         get_format(fmt)
         return GEMM_FAMILY
-    return GEMV_FAMILY if serves_gemv(fmt, m) else TC_FAMILY
+    if serves_gemv(fmt, m):
+        return GEMV_FAMILY
+    return MMA_FAMILY if runs_mma(fmt) else TC_FAMILY
 
 
 @dataclass(frozen=True)
@@ -167,7 +189,7 @@ def _tiled_gemv_config(n: int, k: int, m: int, unit: int, tile: Tuple[int, int])
     return GemvConfig(rows=rows, threads_k=threads_k, chunks=chunks, unroll=1, row_tile=row_tile)
 
 
-KernelConfig = Union[GemvConfig, TensorCoreConfig]
+KernelConfig = Union[GemvConfig, TensorCoreConfig, MmaConfig]
 
 
 def check_config_family(spec: KernelSpec, config) -> str:
@@ -177,11 +199,11 @@ def check_config_family(spec: KernelSpec, config) -> str:
     family = kernel_family(spec.format, spec.m)
     if config is None:
         return family
-    expected = {GEMV_FAMILY: GemvConfig, TC_FAMILY: TensorCoreConfig}.get(family)
+    expected = {GEMV_FAMILY: GemvConfig, TC_FAMILY: TensorCoreConfig, MMA_FAMILY: MmaConfig}.get(family)
     if expected is None or type(config) is not expected:
-        runs = {GEMV_FAMILY: f"the CUDA-core GEMV (M < {TC_MIN_M}), which takes a GemvConfig",
-                TC_FAMILY: f"the low-batch tensor-core kernel ({TC_MIN_M} <= M <= {GEMV_MAX_M}), which takes a "
-                           f"TensorCoreConfig",
+        runs = {GEMV_FAMILY: "the CUDA-core GEMV, which takes a GemvConfig",
+                TC_FAMILY: "the low-batch WMMA tensor-core kernel, which takes a TensorCoreConfig",
+                MMA_FAMILY: "the mma.sync kernel, which takes an MmaConfig",
                 GEMM_FAMILY: f"the GEMM (M > {GEMV_MAX_M}), which takes no config"}[family]
         raise ValueError(f"M={spec.m} of {spec.format} runs on {runs}; got a {type(config).__name__}")
     return family
@@ -189,8 +211,8 @@ def check_config_family(spec: KernelSpec, config) -> str:
 
 def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[KernelConfig] = None):
     """The scheduled PrimFunc of one kernel, renamed to ``spec.name``. ``config``: the knobs of the
-    family that serves the bucket (``kernel_family``: a GemvConfig for M < TC_MIN_M, a
-    TensorCoreConfig up to GEMV_MAX_M, none for the GEMM) or None for the default; ValueError (one
+    family that serves the bucket (``kernel_family``: a GemvConfig, MmaConfig or TensorCoreConfig up
+    to GEMV_MAX_M, none for the GEMM) or None for the default; ValueError (one
     line) for another family's config or one that does not fit the shape. The CPU (llvm) schedule
     has no knobs and ignores ``config``."""
     fmt = get_format(spec.format)
@@ -198,6 +220,9 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[Kernel
         mod = schedule_llvm(matmul_func(fmt, spec.n, spec.k, spec.m))
         return mod["main"].with_attr("global_symbol", spec.name).with_attr("tirx.is_scheduled", True)
     family = check_config_family(spec, config)
+    if family == MMA_FAMILY:
+        return mma_scheduled_func(fmt, spec.n, spec.k, spec.m, config).with_attr(
+            "global_symbol", spec.name).with_attr("tirx.is_scheduled", True)
     if family == TC_FAMILY:
         return tc_scheduled_func(fmt, spec.n, spec.k, spec.m, config).with_attr(
             "global_symbol", spec.name).with_attr("tirx.is_scheduled", True)
@@ -226,7 +251,7 @@ def build(specs: Iterable[KernelSpec], target: TargetInfo,
           config_for: Optional[Callable[[KernelSpec], Optional[KernelConfig]]] = None,
           rht: Iterable[RhtSpec] = ()):
     """Compile every kernel into one TVM executable. ``config_for(spec)``: a tuned config for the
-    spec (a GemvConfig or TensorCoreConfig, the family of its bucket: ``scheduled_func``), or None
+    spec (a GemvConfig, MmaConfig or TensorCoreConfig, the family of its bucket: ``scheduled_func``), or None
     for the default (e.g. ``qcompile.tune.records.TuningRecords.lookup``); build
     never tunes. ``rht``: RHT kernels (``rht_kernel_specs``) to compile into the same module,
     named by ``RhtSpec.name``, with the target's RHT schedule (qcompile.kernels.hadamard)."""
@@ -241,7 +266,7 @@ def build(specs: Iterable[KernelSpec], target: TargetInfo,
         if spec.name not in funcs:
             funcs[spec.name] = scheduled_rht_func(spec, target)
     mod = tvm.IRModule({name: f for name, f in funcs.items()})
-    return tvm.compile(mod, target=target.tvm_target())
+    return compile_module(mod, target.tvm_target())
 
 
 def cuda_source(executable) -> Optional[str]:

@@ -19,7 +19,7 @@ import math
 from typing import Iterable, List, Sequence, Tuple
 
 from ..formats import get as get_format
-from ..kernels.library import TC_FAMILY, KernelConfig, KernelSpec
+from ..kernels.library import MMA_FAMILY, TC_FAMILY, KernelConfig, KernelSpec
 from ..kernels.tensorcore import FRAG
 from .space import config_from_key, family_of, knob_names
 
@@ -52,6 +52,13 @@ def features(spec: KernelSpec, cfg: KernelConfig) -> List[float]:
                       _log2(cfg.n_tile * cfg.k_tile // (unit * cfg.units * 32 * warps) or 1),  # unit groups/thread
                       _log2(cfg.m_tile * cfg.n_tile * cfg.k_tile // (FRAG ** 3 * warps) or 1),  # MMAs per warp
                       _log2(cfg.operand_bytes() + cfg.partial_bytes())]                 # shared memory
+    if family == MMA_FAMILY:
+        span = cfg.units * unit
+        return out + [_log2(spec.n), _log2(spec.k), _log2(spec.m),
+                      _log2(cfg.threads),                                               # threads per block
+                      _log2(max(1, spec.n // (16 * cfg.tiles * cfg.warps_n))),          # thread blocks
+                      _log2(max(1, spec.k // (4 * span * cfg.warps_k))),                # K blocks per warp
+                      _log2(cfg.tiles * -(-spec.m // 8) * span // 4)]                   # mma per K block
     rows = getattr(cfg, "rows", 1) * getattr(cfg, "row_tile", 1)
     per_step = getattr(cfg, "threads_k", 1) * getattr(cfg, "chunks", 1)
     out += [_log2(spec.n), _log2(spec.k), _log2(spec.m),

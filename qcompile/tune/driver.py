@@ -1,7 +1,7 @@
 """The tuning loop: for each kernel, build and measure candidates of its search space and keep every
 result in the records (``qcompile tune``). A kernel is tuned in the family that runs its bucket
-(``library.kernel_family``): the CUDA-core GEMV (``GemvConfig``, M < TC_MIN_M) or the low-batch
-tensor-core kernel (``TensorCoreConfig``, TC_MIN_M <= M <= GEMV_MAX_M); GEMM buckets have no space
+(``library.kernel_family``): the CUDA-core GEMV (``GemvConfig``), the mma.sync kernel (``MmaConfig``)
+or the WMMA tensor-core kernel (``TensorCoreConfig``); GEMM buckets (M > 16) have no space
 yet and are skipped with a log line.
 
 Per kernel (format, N, K, M): the default config is measured first (it is the baseline and what
@@ -34,6 +34,7 @@ from typing import Callable, Iterable, List, Optional, Union
 
 from ..errors import QCompileError
 from ..kernels.library import KernelConfig, KernelSpec, scheduled_func
+from ..kernels.pipeline import compile_module
 from ..kernels.target import TargetInfo, parse_target
 from . import space
 from .cost_model import CostModel, training_set
@@ -82,7 +83,7 @@ def compile_candidate(spec: KernelSpec, target: TargetInfo, config: KernelConfig
     import tvm
 
     func = scheduled_func(spec, target, config)
-    executable = tvm.compile(tvm.IRModule({spec.name: func}), target=target.tvm_target())
+    executable = compile_module(tvm.IRModule({spec.name: func}), target.tvm_target())
     return executable[spec.name]
 
 

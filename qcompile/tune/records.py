@@ -17,10 +17,11 @@ run never measures one twice; ``best`` (the fastest of ``measured_us``) and ``de
 against ``measured_us`` on load.
 
 Families: ``kernel`` names the kernel family whose knobs the entry holds: "gemv" (``GemvConfig``,
-the CUDA-core GEMV) or "tensorcore" (``TensorCoreConfig``, the low-batch tensor-core kernel of
-TC_MIN_M <= M <= GEMV_MAX_M); an entry without the field (files written before it existed) is
+the CUDA-core GEMV), "tensorcore" (``TensorCoreConfig``, the low-batch WMMA kernel) or "mma"
+(``MmaConfig``, the mma.sync kernel); an entry without the field (files written before it existed) is
 "gemv". Config keys are the family's (``space.config_key``), and the best and default configs
-must fit the entry's shape (``space.fit_error``: the GEMV tiling rules, ``check_tc_config``).
+must fit the entry's shape (``space.fit_error``: the GEMV tiling rules, ``check_tc_config``,
+``check_mma_config``).
 The family is part of the entry's key, and a record applies only where its family runs the bucket
 (``library.kernel_family``): a GEMV record of a bucket that now runs on tensor cores (M=16,
 measured before the tensor-core kernel existed) stays in the file but is never applied.
@@ -137,7 +138,7 @@ def default_records_dir() -> Optional[Path]:
 @dataclass
 class TuningEntry:
     """Everything measured for one kernel on one GPU with one pair of versions, in one kernel family
-    (``kernel``: the family of ``default``, a GemvConfig or TensorCoreConfig)."""
+    (``kernel``: the family of ``default``, a GemvConfig, TensorCoreConfig or MmaConfig)."""
 
     format: str
     gpu: str
@@ -460,7 +461,7 @@ class TuningRecords:
     # --- what build uses: never raises for a damaged file ----------------------------------------
     def config_for(self, spec: KernelSpec, gpu: Optional[str]) -> Optional[KernelConfig]:
         """The best measured config of ``spec`` on ``gpu`` for the current versions, of the family
-        that runs the spec's bucket (``library.kernel_family``: a GemvConfig below TC_MIN_M, a
+        that runs the spec's bucket (``library.kernel_family``: a GemvConfig, MmaConfig or
         TensorCoreConfig up to GEMV_MAX_M), or None: no GPU, a GEMM bucket, no record of that
         family (a record of another family for the same bucket, e.g. an old GEMV record of M=16,
         is never applied), or a damaged file (warned once, then the defaults)."""

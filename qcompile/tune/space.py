@@ -1,10 +1,12 @@
 """The search spaces of the tunable kernel families: every config worth measuring for one kernel
 (format, N, K, M). The family is the one that serves the bucket (``library.kernel_family``):
-``GemvConfig`` for the CUDA-core GEMV (M < TC_MIN_M), ``TensorCoreConfig`` for the low-batch
-tensor-core kernel (TC_MIN_M <= M <= GEMV_MAX_M); the GEMM (M > GEMV_MAX_M) has no space yet.
+``GemvConfig`` for the CUDA-core GEMV, ``MmaConfig`` for the mma.sync kernel (M = 2..16 of the
+row-packed formats), ``TensorCoreConfig`` for the WMMA kernel (M = 8..16 of the others); the GEMM
+(M > GEMV_MAX_M) has no space yet.
 Each family has one key scheme (``config_key``: ``knob=value`` pairs in the field order of its
 config class, which ``config_from_key(key, family)`` reads back) and its own fit check
-(``fit_error``); the two families' knob names are disjoint, and a tuning record names its family.
+(``fit_error``); a tuning record names its family (the tensor-core and mma.sync families share
+knob names such as ``warps_k``), so a key is always read in its own family.
 
 GEMV:
 
@@ -35,14 +37,15 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import QCompileError
 from ..formats import get as get_format
-from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, TC_FAMILY, TC_MIN_M, KernelSpec,
-                               default_gemv_config, kernel_family)
+from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, TC_FAMILY, KernelSpec, default_gemv_config,
+                               kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
+from ..kernels.mma import MmaConfig, check_mma_config, default_mma_config
 from ..kernels.tensorcore import TensorCoreConfig, check_tc_config, default_tc_config
 
-FAMILIES = (GEMV_FAMILY, TC_FAMILY)  # the tunable kernel families (a tuning record's "kernel")
-CONFIG_CLASS = {GEMV_FAMILY: GemvConfig, TC_FAMILY: TensorCoreConfig}
-TITLE = {GEMV_FAMILY: "GEMV", TC_FAMILY: "tensor-core"}
+FAMILIES = (GEMV_FAMILY, TC_FAMILY, MMA_FAMILY)  # the tunable kernel families (a tuning record's "kernel")
+CONFIG_CLASS = {GEMV_FAMILY: GemvConfig, TC_FAMILY: TensorCoreConfig, MMA_FAMILY: MmaConfig}
+TITLE = {GEMV_FAMILY: "GEMV", TC_FAMILY: "tensor-core", MMA_FAMILY: "mma.sync"}
 
 # values each knob takes in the search (all powers of two)
 KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
@@ -69,6 +72,18 @@ TC_MIN_WARPS, TC_MAX_WARPS = 2, 8  # warps per block (the measured good configs 
 TC_MAX_UNIT_COLUMNS = 64           # units x decode unit: a thread's packed words stay one 16-byte load at 2 bits
 MAX_TC_CANDIDATES = 128            # nearest the default first; a bounded count
 
+# the mma.sync space (``mma_candidates``): values of every knob of MmaConfig
+MMA_KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
+    "units": (1, 2, 4, 8),
+    "tiles": (1, 2, 4),
+    "warps_n": (1, 2),
+    "warps_k": (1, 2, 4, 8, 16),
+    "unroll": (1, 2),
+}
+MMA_MIN_WARPS, MMA_MAX_WARPS = 2, 16  # warps per block
+MMA_MAX_SPAN = 64                     # units x decode unit columns per lane (two rows: 16 registers at 64)
+MAX_MMA_CANDIDATES = 96
+
 
 def _family(family: str) -> str:
     if family not in CONFIG_CLASS:
@@ -77,11 +92,11 @@ def _family(family: str) -> str:
 
 
 def family_of(cfg) -> str:
-    """The kernel family of a config object ("gemv" / "tensorcore"); ValueError for anything else."""
+    """The kernel family of a config object ("gemv" / "tensorcore" / "mma"); ValueError for anything else."""
     for family, cls in CONFIG_CLASS.items():
         if type(cfg) is cls:
             return family
-    raise ValueError(f"not a kernel config: {type(cfg).__name__} (expected GemvConfig or TensorCoreConfig)")
+    raise ValueError(f"not a kernel config: {type(cfg).__name__} (expected GemvConfig, TensorCoreConfig or MmaConfig)")
 
 
 def spec_family(spec: KernelSpec) -> str:
@@ -117,7 +132,7 @@ def config_from_dict(values: Mapping[str, object], family: str = GEMV_FAMILY):
     defaults = cls()
     for name, value in values.items():
         default = getattr(defaults, name)
-        positive = family == TC_FAMILY or name in KNOB_VALUES
+        positive = family != GEMV_FAMILY or name in KNOB_VALUES
         if positive or (isinstance(default, int) and not isinstance(default, bool)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
                 raise ValueError(f"{title} knob {name} must be a {'positive' if positive else 'non-negative'} "
@@ -176,11 +191,22 @@ def check_tensorcore_config(cfg: TensorCoreConfig, n: int, k: int, m: int, unit:
     return None
 
 
+def check_mma(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> Optional[str]:
+    """Why ``cfg`` cannot schedule the mma.sync kernel (``mma.check_mma_config``'s one line), or None."""
+    try:
+        check_mma_config(cfg, n, k, m, unit)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
 def fit_error(cfg, n: int, k: int, m: int, unit: int) -> Optional[str]:
-    """Why a config of either family cannot schedule the (n, k, m) kernel, or None: the GEMV's
-    ``tiling_error`` or the tensor-core ``check_tensorcore_config``."""
+    """Why a config of any family cannot schedule the (n, k, m) kernel, or None: the GEMV's
+    ``tiling_error``, the tensor-core ``check_tensorcore_config`` or ``check_mma``."""
     if family_of(cfg) == TC_FAMILY:
         return check_tensorcore_config(cfg, n, k, m, unit)
+    if family_of(cfg) == MMA_FAMILY:
+        return check_mma(cfg, n, k, m, unit)
     return tiling_error(cfg, n, k, unit)
 
 
@@ -197,25 +223,34 @@ def _check_spec(spec: KernelSpec):
     family = spec_family(spec)
     if family not in FAMILIES:
         raise QCompileError(f"M={spec.m} of {spec.format} is served by the GEMM family (M > {GEMV_MAX_M}), which "
-                            f"has no search space so far (GEMV: M < {TC_MIN_M}; tensor cores: {TC_MIN_M} <= M "
-                            f"<= {GEMV_MAX_M})")
+                            f"has no search space so far (the GEMV, mma.sync and tensor-core families: M <= "
+                            f"{GEMV_MAX_M})")
     fmt = get_format(spec.format)
     fmt.check_shape(spec.n, spec.k)
     return fmt, family
 
 
 def default_config(spec: KernelSpec):
-    """The config ``qcompile build`` uses without a record: a GemvConfig or TensorCoreConfig, the
-    family of the spec's bucket."""
+    """The config ``qcompile build`` uses without a record: a GemvConfig, TensorCoreConfig or
+    MmaConfig, the family of the spec's bucket."""
     fmt, family = _check_spec(spec)
     if family == TC_FAMILY:
         return _default_tc(spec, fmt)
+    if family == MMA_FAMILY:
+        return _default_mma(spec, fmt)
     return default_gemv_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.gemv_tile)
 
 
 def _default_tc(spec: KernelSpec, fmt) -> TensorCoreConfig:
     try:
         return default_tc_config(spec.n, spec.k, spec.m, fmt.decode_unit)
+    except ValueError as err:
+        raise QCompileError(str(err)) from None
+
+
+def _default_mma(spec: KernelSpec, fmt) -> MmaConfig:
+    try:
+        return default_mma_config(spec.n, spec.k, spec.m, fmt.decode_unit)
     except ValueError as err:
         raise QCompileError(str(err)) from None
 
@@ -238,11 +273,13 @@ def _sortable(value) -> Tuple[int, object]:
 
 
 def candidates(spec: KernelSpec) -> list:
-    """Every candidate of the spec's space (its bucket's family: ``gemv_candidates`` or
-    ``tc_candidates``) in a deterministic order, the default config first. QCompileError for a
-    GEMM bucket (no space yet) or a shape the format cannot take."""
+    """Every candidate of the spec's space (its bucket's family: ``gemv_candidates``,
+    ``tc_candidates`` or ``mma_candidates``) in a deterministic order, the default config first.
+    QCompileError for a GEMM bucket (no space yet) or a shape the format cannot take."""
     fmt, family = _check_spec(spec)
-    return tc_candidates(spec, fmt) if family == TC_FAMILY else gemv_candidates(spec, fmt)
+    if family == TC_FAMILY:
+        return tc_candidates(spec, fmt)
+    return mma_candidates(spec, fmt) if family == MMA_FAMILY else gemv_candidates(spec, fmt)
 
 
 def gemv_candidates(spec: KernelSpec, fmt) -> List[GemvConfig]:
@@ -284,3 +321,24 @@ def tc_candidates(spec: KernelSpec, fmt) -> List[TensorCoreConfig]:
             space.append(cfg)
     space.sort(key=lambda c: (_distance(c, default), tuple(getattr(c, name) for name in names)))
     return [default] + space[:MAX_TC_CANDIDATES - 1]
+
+
+def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
+    """The spec's mma.sync space in a deterministic order: the default config (``default_mma_config``)
+    first, then every config of MMA_KNOB_VALUES with MMA_MIN_WARPS..MMA_MAX_WARPS warps per block and
+    at most MMA_MAX_SPAN columns per lane that passes ``check_mma_config``, by distance from the
+    default; at most MAX_MMA_CANDIDATES."""
+    unit = fmt.decode_unit
+    default = _default_mma(spec, fmt)
+    names = knob_names(MMA_FAMILY)
+    axes: List[Sequence[int]] = [MMA_KNOB_VALUES.get(name, (getattr(default, name),)) for name in names]
+    space = []
+    for values in itertools.product(*axes):
+        cfg = MmaConfig(**dict(zip(names, values)))
+        if (cfg == default or not MMA_MIN_WARPS <= cfg.warps_n * cfg.warps_k <= MMA_MAX_WARPS
+                or cfg.units * unit > MMA_MAX_SPAN):
+            continue
+        if check_mma(cfg, spec.n, spec.k, spec.m, unit) is None:
+            space.append(cfg)
+    space.sort(key=lambda c: (_distance(c, default), tuple(getattr(c, name) for name in names)))
+    return [default] + space[:MAX_MMA_CANDIDATES - 1]

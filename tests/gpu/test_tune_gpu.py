@@ -44,18 +44,20 @@ def test_short_tuning_run_writes_a_record_build_applies(measure, tmp_path):
     assert again.measured_now == 0
 
 
-def test_short_tensor_core_tuning_run_writes_a_record_build_applies(measure, tmp_path):
-    """M=16 runs on the low-batch tensor-core kernel: the same measure times its candidates (each
-    checked against the float64 reference first) and the record holds TensorCoreConfigs."""
-    from qcompile.kernels.tensorcore import TensorCoreConfig
+@pytest.mark.parametrize("fmt, family", [("qtip-1mad-2", "tensorcore"), (FMT, "mma")])
+def test_short_low_batch_tuning_run_writes_a_record_build_applies(measure, tmp_path, fmt, family):
+    """M=16 runs on the WMMA kernel (QTIP) or the mma.sync kernel (row-packed formats): the same
+    measure times its candidates (each checked against the float64 reference first) and the record
+    holds that family's configs."""
+    from qcompile.tune.space import CONFIG_CLASS
 
-    spec = KernelSpec(FMT, 1024, 1024, 16)
+    spec = KernelSpec(fmt, 1024, 1024, 16)
     target = parse_target("auto")
     gpu = local_gpu_name()
     (result,) = tune([spec], target, measure, tmp_path, budget=3, gpu=gpu, order="space", log=None)
-    assert result.entry.kernel == "tensorcore" and result.entry.tried_count == 3
+    assert result.entry.kernel == family and result.entry.tried_count == 3
     assert result.entry.default_us is not None, result.entry.failed  # the default kernel runs and is right
-    assert isinstance(result.best[0], TensorCoreConfig)
+    assert isinstance(result.best[0], CONFIG_CLASS[family])
     assert TuningRecords(tmp_path).config_for(spec, gpu) == result.best[0]
     (again,) = tune([spec], target, measure, tmp_path, budget=3, gpu=gpu, log=None)
     assert again.measured_now == 0

@@ -1,0 +1,422 @@
+"""mma.sync rule of the fused decode + matmul for small M (1..16): every lane decodes its own share
+of the weight straight into the A fragments of ``mma.sync.m16n8k16`` (fp16 x fp16 -> fp32), the
+activations are the B fragments (8 tokens per n8 tile, zero rows past M) and nothing goes through
+shared memory but the final split-K sum.
+
+Why: the CUDA-core GEMV spends ~30 % of its issue slots on the multiply-adds and their fp16 -> fp32
+sums (E8P at M=1: 3.9 instructions per weight), and at M=16 on 16 multiply-adds per decoded weight;
+a tensor core does all of them for one instruction per 16x8x16 products, next to the decode, so the
+kernel is left with the decode and the weight stream at every M up to 16.
+
+The weight is not permuted: the K order of the products is. Within a K block of 4 * span columns
+(span = ``units`` decode units), lane (g, t) = (lane // 4, lane % 4) takes columns
+[t * span, (t + 1) * span) of weight rows 2g and 2g + 1 of a 16-row tile, i.e. whole decode units,
+which the format's decode (intrinsic) turns into registers, and mma step s (s < span / 4) consumes
+columns t * span + 4s .. 4s + 3 of them as its A fragment: so the A fragment of a step is four
+registers of the decoded units, in place. The activations of step s are the same columns of X
+(``fragment_column``), so the sum over K is the same sum in another order. Rows: mma row g + 8h is
+weight row 2g + h of the tile (``_row``), which keeps a lane's rows adjacent.
+
+Input: ``mma_func(fmt, n, k, m, span)`` (blocks W_gather?, W_decode [n, k/unit, unit], X_frag and
+W_frag [.., K blocks, steps, 16] (the operands in mma order), acc [m, n] fp32, Y fp16). One small
+dlight-style rule; the knobs are ``MmaConfig`` (the tuner's space).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .schedules import _func_mod, _gather_block, _get_sblock, inline_derived, vectorize_copy
+
+WARP = 32
+MMA_M, MMA_N, MMA_K = 16, 8, 16  # mma.sync.aligned.m16n8k16: weight rows x tokens x columns
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """Knobs of the mma.sync kernel.
+
+    units: consecutive decode units a lane decodes per K block (its span: units x decode unit
+    columns of two rows; the K block is 4 spans); tiles: 16-row tiles per warp (their A fragments
+    share each B fragment of activations); warps_n: warps along N per thread block; warps_k: warps
+    splitting K per thread block (each sums its share of the K blocks; the partials meet in shared
+    memory); unroll: K blocks per step of a warp's K loop (their loads in flight together).
+    """
+
+    units: int = 1
+    tiles: int = 2
+    warps_n: int = 1
+    warps_k: int = 8
+    unroll: int = 1
+
+    def as_dict(self):
+        return asdict(self)
+
+    @property
+    def threads(self) -> int:
+        return WARP * self.warps_n * self.warps_k
+
+
+MAX_THREADS = 1024
+
+
+def span_of(cfg: MmaConfig, unit: int) -> int:
+    return cfg.units * unit
+
+
+def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> None:
+    """Raise ValueError (one line) when ``cfg`` cannot schedule an [n, k] weight at batch m."""
+    problems = []
+    for name in ("units", "tiles", "warps_n", "warps_k", "unroll"):
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
+            problems.append(f"{name} must be a positive int")
+    if problems:
+        raise ValueError(f"bad MmaConfig {cfg.as_dict()}: {'; '.join(problems)}")
+    span = span_of(cfg, unit)
+    block = 4 * span
+    if span % 4:
+        problems.append(f"a lane's span of {span} columns is not a multiple of 4 (one mma step)")
+    if k % block:
+        problems.append(f"K={k} is not a multiple of the K block {block} (4 lanes x {cfg.units} units of {unit})")
+    elif (k // block) % (cfg.warps_k * cfg.unroll):
+        problems.append(f"the {k // block} K blocks do not split over {cfg.warps_k} warps x unroll {cfg.unroll}")
+    rows = MMA_M * cfg.tiles * cfg.warps_n
+    if n % rows:
+        problems.append(f"N={n} is not a multiple of {rows} rows per block (16 x tiles x warps_n)")
+    if cfg.threads > MAX_THREADS:
+        problems.append(f"{cfg.threads} threads per block (over {MAX_THREADS})")
+    if not 1 <= m <= 16:
+        problems.append(f"M={m} must be 1..16")
+    if problems:
+        raise ValueError(f"MmaConfig {cfg.as_dict()} cannot schedule N={n} K={k} M={m}: " + "; ".join(problems))
+
+
+def fragment_column(kb, s, hi, t, lo, span):
+    """The weight / activation column that mma step ``s`` of K block ``kb`` multiplies in its fragment
+    column c = 8 * hi + 2 * t + lo: lane t of a quad owns columns [t * span, (t + 1) * span) of the
+    block, and fragment columns 2t, 2t + 1, 2t + 8, 2t + 9 of step s hold their elements
+    4s .. 4s + 3."""
+    return kb * (4 * span) + t * span + 4 * s + 2 * hi + lo
+
+
+# fragment layouts (PTX mma.m16n8k16: f16 A row-major, f16 B column-major, f32 C) in this kernel's row
+# order, tile row r = 2g + h being mma row g + 8h, and fragment column c = 8 * hi + 2 * t + lo
+def a_layout(r, hi, t, lo):
+    """(lane, register element) of A fragment entry (tile row r, column (hi, t, lo))."""
+    return 4 * (r // 2) + t, 4 * hi + 2 * (r % 2) + lo
+
+
+def b_layout(a, hi, t, lo):
+    """(lane, element) of B fragment entry (token a, column (hi, t, lo))."""
+    return 4 * a + t, 2 * hi + lo
+
+
+def c_layout(r, a):
+    """(lane, element) of C fragment entry (tile row r, token a)."""
+    return 4 * (r // 2) + a // 2, 2 * (r % 2) + a % 2
+
+
+def mma_func(fmt, n: int, k: int, m: int, span: int):
+    """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]) with the products in mma order
+    (see the module doc): acc[a, i] = sum over K blocks kb, steps s, columns c of
+    X_frag[a, kb, s, c] * W_frag[i, kb, s, c] in fp32."""
+    from tvm import te
+
+    fmt.check_shape(n, k)
+    unit = fmt.decode_unit
+    if span % unit or span % 4:
+        raise ValueError(f"span {span} must be a multiple of the decode unit {unit} and of 4")
+    block, steps = 4 * span, span // 4
+    if k % block:
+        raise ValueError(f"in_features {k} must be a multiple of the K block {block}")
+    X = te.placeholder((m, k), "float16", name="X")
+    specs = fmt.tensor_specs(n, k)
+    bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in specs.items()}
+    params = list(bufs.values())
+    bufs.update(fmt.tir_tables(bufs))
+    if fmt.slice_count:
+        bufs["slices"] = te.compute((n, k // unit, fmt.slice_count),
+                                    lambda i, c, g: fmt.tir_slice(bufs, i, c, g), name="W_slice")
+    if fmt.gather_count:
+        bufs["gathered"] = te.compute((n, k // unit, fmt.gather_count),
+                                      lambda i, c, g: fmt.tir_gather(bufs, i, c, g), name="W_gather")
+    W = te.compute((n, k // unit, unit), lambda i, c, j: fmt.tir_decode_unit(bufs, i, c, j), name="W_decode")
+    nkb = k // block
+
+    def col(kb, s, hi, t, lo):
+        return fragment_column(kb, s, hi, t, lo, span)
+
+    frag = (nkb, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
+    XF = te.compute((m, *frag), lambda a, *kc: X[a, col(*kc)], name="X_frag")
+    WF = te.compute((n, *frag), lambda i, *kc: W[i, col(*kc) // unit, col(*kc) % unit], name="W_frag")
+    axes = [te.reduce_axis((0, e), name=nm) for e, nm in zip(frag, ("kb", "s", "hi", "t", "lo"))]
+    acc = te.compute((m, n), lambda a, i: te.sum(XF[(a, *axes)].astype("float32") * WF[(i, *axes)].astype("float32"),
+                                                 axis=axes), name="acc")
+    Y = te.compute((m, n), lambda a, i: acc[a, i].astype("float16"), name="Y")
+    return te.create_prim_func([X, *params, Y]).with_attr("global_symbol", "main")
+
+
+# The fragment buffers are [K block or warp, lane, ..., element]: per warp, once compacted, the lane
+# is outermost and LowerWarpMemory splits an index into lane and register by one division, which
+# folds to constants (with the lane inside, its divisions by 256 did not fold and the fragments went
+# to local memory). One mma's fragments are then a strided region [lane, 1, 1, element]: the
+# descriptions take that shape, with the lane stride as a variable.
+_MMA_SCRIPT = '''
+@T.prim_func(s_tir=True)
+def {fname}(a: T.handle, b: T.handle, c: T.handle):
+    sa0, sa1, sa2 = T.int32(), T.int32(), T.int32()
+    sb0, sb1, sb2 = T.int32(), T.int32(), T.int32()
+    sc0, sc1, sc2 = T.int32(), T.int32(), T.int32()
+    A = T.match_buffer(a, (32, 1, 1, 8), "float16", scope="warp", offset_factor=1, strides=[sa0, sa1, sa2, 1])
+    B = T.match_buffer(b, (32, 1, 1, 4), "float16", scope="warp", offset_factor=1, strides=[sb0, sb1, sb2, 1])
+    C = T.match_buffer(c, (32, 1, 1, 4), "float32", scope="warp", offset_factor=1, strides=[sc0, sc1, sc2, 1])
+    with T.sblock("root"):
+        T.reads(C[0:32, 0, 0, 0:4], B[0:32, 0, 0, 0:4], A[0:32, 0, 0, 0:8])
+        T.writes(C[0:32, 0, 0, 0:4])
+{body}
+'''
+_MMA_DESC = '''        for i, j, hi, t, lo in T.grid(16, 8, 2, 4, 2):
+            with T.sblock("C"):
+                vj, vi, vhi, vt, vlo = T.axis.remap("SSRRR", [j, i, hi, t, lo])  # the kernel's block order
+                lc, ec = T.meta_var(c_layout(vi, vj))
+                lb, eb = T.meta_var(b_layout(vj, vhi, vt, vlo))
+                la, ea = T.meta_var(a_layout(vi, vhi, vt, vlo))
+                C[lc, 0, 0, ec] = C[lc, 0, 0, ec] + T.Cast("float32", B[lb, 0, 0, eb]) * T.Cast("float32", A[la, 0, 0, ea])'''
+_MMA_IMPL = '''        for tx in T.thread_binding(0, 32, "threadIdx.x"):
+            T.evaluate(T.ptx_legacy.mma("m16n8k16", "row", "col", "fp16", "fp16", "fp32",
+                                        A.data, A.elem_offset + tx * sa0, B.data, B.elem_offset + tx * sb0,
+                                        C.data, C.elem_offset + tx * sc0, False, dtype="float32"))'''
+
+MMA_INTRIN = "qcompile.mma_m16n8k16_f16f32"
+
+
+def register_mma():
+    """The TensorIntrin of one mma.sync.m16n8k16 in this kernel's fragment layouts (``a_layout`` ...):
+    C[r, a] += X[a, c] * W[r, c] over a 16-row tile, 8 tokens and 16 columns."""
+    import tvm
+    from tvm.script import tirx as T
+
+    from .intrinsics import _REGISTERED
+
+    if MMA_INTRIN in _REGISTERED:
+        return MMA_INTRIN
+    env = {"T": T, "a_layout": a_layout, "b_layout": b_layout, "c_layout": c_layout}
+    desc = tvm.script.from_source(_MMA_SCRIPT.format(fname="desc", body=_MMA_DESC), extra_vars=env)
+    impl = tvm.script.from_source(_MMA_SCRIPT.format(fname="impl", body=_MMA_IMPL), extra_vars=env)
+    tvm.s_tir.TensorIntrin.register(MMA_INTRIN, desc, impl, override=True)
+    _REGISTERED[MMA_INTRIN] = ""
+    return MMA_INTRIN
+
+
+def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=()):
+    """Schedule ``mma_func(fmt, n, k, m, span_of(cfg, unit))`` (with the format's derived stages
+    inlined, ``inline_derived``) for mma.sync; returns an IRModule. ``intrin``: the format's
+    (TensorIntrin name, CUDA source) decode of one unit, or None for the plain TIR decode;
+    ``streamed``: the packed-word tensors to load into registers (``fmt.streamed``)."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(_func_mod(func))
+    acc = sch.get_sblock("acc")
+    m, n = (int(sch.get(loop).extent) for loop in sch.get_loops(acc)[:2])
+    k = int(sch.get(sch.get_sblock("X_frag")).reads[0].source.shape[1])
+    check_mma_config(cfg, n, k, m, unit)
+
+    # 1. M padded to whole n8 tiles of tokens: X_frag_pad holds zeros past M, acc_pad the padded result
+    m_pad = -(-m // MMA_N) * MMA_N
+    padded = m_pad != m
+    if padded:
+        sch.pad_einsum(acc, [MMA_N, 1, 1, 1, 1, 1, 1])
+    m_loop, n_loop, kb_loop, s_loop, hi, t, lo = sch.get_loops(acc)
+
+    # 2. blocks over N (warps_n warps of `tiles` 16-row tiles), warps_k warps splitting the K blocks
+    #    of a block (split-K partials rf[wk]); per K block: mma steps x tiles x token tiles x one mma
+    mo, mi = sch.split(m_loop, [None, MMA_N])
+    bn, wn, tl, ti = sch.split(n_loop, [None, cfg.warps_n, cfg.tiles, MMA_M])
+    wk, ko = sch.split(kb_loop, [cfg.warps_k, None])
+    sch.reorder(bn, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo)
+    rf = sch.rfactor(wk, factor_axis=0)
+    bn, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo = sch.get_loops(rf)
+    sch.bind(bn, "blockIdx.x")
+    sch.bind(wn, "threadIdx.y")
+    sch.bind(wk, "threadIdx.z")
+    mma_block = sch.blockize(ti)
+
+    # 3. the operands of one K block, per warp, in fragment registers ("warp" buffers [.., lane, element])
+    if padded:
+        sch.compute_inline(sch.get_sblock("X_frag"))
+    xf = sch.get_sblock("X_frag_pad" if padded else "X_frag")
+    # the activations: global -> registers with vector loads (xf, zeros past M), then one register
+    # copy into the B fragments (xw): LowerWarpMemory takes only scalar stores into warp buffers
+    xw = sch.cache_read(mma_block, _read_index(sch, mma_block, "X_frag"), "warp")
+    wf = sch.get_sblock("W_frag")
+    for frag in (wf, xw):
+        sch.compute_at(frag, ko)
+        sch.set_scope(frag, 0, "warp")
+    store = sch.cache_write(mma_block, 0, "warp")
+    sch.reverse_compute_at(store, wk)
+    sch.set_scope(store, 0, "shared.dyn")  # each K warp's partial tile, summed below
+    init = sch.decompose_reduction(mma_block, ko)
+    def fragments(outer, lane_elem, *tiles):  # (K block or warp, lane, tile indices, element)
+        return (outer, lane_elem[0], *tiles, lane_elem[1])
+
+    sch.transform_layout(wf, ("write", 0), lambda i, kb, s, hi, t, lo: fragments(
+        kb, a_layout(i % MMA_M, hi, t, lo), i // MMA_M, s))
+    sch.transform_layout(xw, ("write", 0), lambda a, kb, s, hi, t, lo: fragments(
+        kb, b_layout(a % MMA_N, hi, t, lo), a // MMA_N, s))
+    sch.transform_layout(store, ("read", 0), lambda w, a, i: fragments(
+        w, c_layout(i % MMA_M, a % MMA_N), a // MMA_N, i // MMA_M))
+
+    # W fragments: (tile rows r = 2g + h, steps, hi, t, lo) -> lane (g, t); each lane's elements are
+    # columns 4s + 2hi + lo of its decoded units of rows 2g, 2g + 1
+    r, s, hi, t, lo = sch.get_loops(wf)[-5:]
+    tile, g, h = sch.split(r, [cfg.tiles, MMA_M // 2, 2])
+    sch.reorder(tile, g, t, s, hi, h, lo)
+    w_lane = sch.fuse(g, t)
+    sch.bind(w_lane, "threadIdx.x")
+    for loop in (s, hi, h, lo):
+        sch.unroll(loop)
+    # X fragments: (tokens a, steps, hi, t, lo) -> lane (a, t); a lane's elements are its span of one
+    # token's activations, contiguous: 16-byte loads
+    a, s, hi, t, lo = sch.get_loops(xw)[-5:]
+    m_tile, a = sch.split(a, [None, MMA_N])
+    sch.reorder(m_tile, a, t, s, hi, lo)
+    x_lane = sch.fuse(a, t)
+    sch.bind(x_lane, "threadIdx.x")
+    for loop in (s, hi, lo):
+        sch.unroll(loop)
+    sch.compute_at(xf, x_lane)
+    sch.set_scope(xf, 0, "local")
+    own = _loops_below(sch, xf, x_lane)  # (steps, hi, lo): the lane's columns, contiguous
+    if len(own) > 1:
+        sch.fuse(*own)
+    vectorize_copy(sch, xf, 16, len(sch.get_loops(xf)) - min(1, len(own)))
+    # C fragments: init and the store to the partial tile, lane (g, t) = rows 2g + h, tokens 2t + l
+    for blk, row_first in ((store, False), (sch.get_child_blocks(init)[0], True)):
+        loops = sch.get_loops(blk)[-2:]
+        r, a = loops if row_first else loops[::-1]
+        tile, g, h = sch.split(r, [None, MMA_M // 2, 2])
+        m_tile, t, l = sch.split(a, [None, 4, 2])
+        sch.reorder(m_tile, tile, g, t, h, l)
+        sch.bind(sch.fuse(g, t), "threadIdx.x")
+        sch.unroll(h)
+        sch.unroll(l)
+
+    # 4. the decode of the lane's units (two rows x cfg.units units), in registers
+    dec = sch.get_sblock("W_decode")
+    sch.compute_at(dec, w_lane)
+    sch.set_scope(dec, 0, "local")
+    gather = _gather_block(sch)
+    consumers = [dec]
+    if gather is not None:
+        sch.compute_at(gather, w_lane)
+        sch.set_scope(gather, 0, "local")
+        for loop in _loops_below(sch, gather, w_lane):
+            sch.unroll(loop)
+        consumers.append(gather)
+        slices = _get_sblock(sch, "W_slice")
+        if slices is not None:
+            sch.compute_at(slices, w_lane)
+            sch.set_scope(slices, 0, "local")
+            consumers.append(slices)
+    # the packed words: one register copy per tensor, read by every stage that needs them, vector loads
+    for name in streamed:
+        for blk in consumers:
+            names = [r.source.name for r in sch.get(blk).reads]
+            if name in names:
+                users = [b for b in consumers if name in [r.source.name for r in sch.get(b).reads]]
+                words = sch.cache_read(blk, names.index(name), "local", consumer_blocks=users)
+                sch.compute_at(words, w_lane)
+                own = _loops_below(sch, words, w_lane)
+                if all(isinstance(sch.get(lp).extent, tvm.tirx.IntImm) for lp in own):
+                    vectorize_copy(sch, words, 16, len(sch.get_loops(words)) - len(own))
+                # (a window of data-dependent extent, QTIP's packed rows, stays a scalar copy)
+                break
+    sources = []
+    for loop in _loops_below(sch, dec, w_lane)[:-1]:  # the lane's rows and units
+        sch.unroll(loop)
+    if intrin is not None:
+        name, source = intrin
+        sch.tensorize(sch.get_loops(dec)[-1], name)
+        sources.append(source)
+    else:
+        sch.unroll(sch.get_loops(dec)[-1])
+
+    # 5. epilogue: every thread sums the warps_k partials of some outputs and stores fp16
+    wb = sch.get_sblock("acc")
+    sch.reverse_compute_at(wb, bn)
+    loops = sch.get_loops(wb)[1:]  # (K warp,) token, row: a K-warp loop of extent 1 is gone
+    r_k = loops[0] if len(loops) == 3 else None
+    r_a, r_i = loops[-2:]
+    if r_k is not None:
+        sch.reorder(r_a, r_i, r_k)
+    out = sch.fuse(r_a, r_i)
+    _, t_z, t_y, t_x = sch.split(out, [None, cfg.warps_k, cfg.warps_n, WARP])
+    sch.bind(t_z, "threadIdx.z")
+    sch.bind(t_y, "threadIdx.y")
+    sch.bind(t_x, "threadIdx.x")
+    if r_k is not None:
+        sch.unroll(r_k)
+    sch.set_scope(wb, 0, "local")
+    if padded:
+        sch.reverse_compute_inline(sch.get_sblock("Y"))
+        sch.reverse_compute_at(sch.get_sblock("acc_pad"), t_x)
+    else:
+        sch.reverse_compute_at(sch.get_sblock("Y"), t_x)
+
+    # 6. one mma.sync per (step, tile, token tile); the K loop unrolled by cfg.unroll
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc_rf"))[-5], register_mma())
+    for loop in (s_loop, tl, mo):
+        sch.unroll(loop)
+    if cfg.unroll > 1:
+        _, ko_inner = sch.split(ko, [None, cfg.unroll])
+        sch.unroll(ko_inner)
+    if sources:  # on the epilogue block: any block of the kernel would do
+        sch.annotate(wb, "pragma_import_c", "\n".join(sources))
+    from .pipeline import WARP_ATTR
+
+    return tvm.IRModule({"main": sch.mod["main"].with_attr(WARP_ATTR, True)})
+
+
+def _read_index(sch, block, prefix):
+    """Index of the read of ``block`` whose buffer name starts with ``prefix``."""
+    names = [r.source.name for r in sch.get(block).reads]
+    return next(i for i, nm in enumerate(names) if nm.startswith(prefix))
+
+
+def _loops_below(sch, block, anchor):
+    """The loops of ``block`` nested inside loop ``anchor``."""
+    loops = sch.get_loops(block)
+    pos = [sch.get(lp).same_as(sch.get(anchor)) for lp in loops].index(True)
+    return loops[pos + 1:]
+
+
+def default_mma_config(n: int, k: int, m: int, unit: int) -> MmaConfig:
+    """The config qcompile uses without a tuning record: 32 columns per lane (``units``), two 16-row
+    tiles per warp sharing each B fragment, 8 warps splitting K. From H100 sweeps (tc_sweep --family
+    mma, e8p-2 / int4-g128 on 28672x8192 and 8192x28672): at M = 2..16 this was the best or within
+    10 % of it on both shapes (e8p-2 M=4: 47.0 / 50.9 us against 58.0 / 74.2 us with one tile and 4
+    K warps; M=16: 70.8 / 63.9 us). Where the shape refuses it: fewer K warps, then one tile, then
+    one unit per lane."""
+    units = max(1, 32 // unit) if unit < 32 else 1
+    for u in dict.fromkeys((units, 1)):
+        for tiles in (2, 1):
+            for warps_k in (8, 4, 2, 1):
+                cfg = MmaConfig(units=u, tiles=tiles, warps_n=1, warps_k=warps_k)
+                try:
+                    check_mma_config(cfg, n, k, m, unit)
+                except ValueError:
+                    continue
+                return cfg
+    raise ValueError(f"no mma config tiles N={n}, K={k} in decode units of {unit}")
+
+
+def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_intrin: bool = True):
+    """The scheduled PrimFunc ("main") of ``fmt``'s fused decode + matmul on mma.sync."""
+    from ..formats import get as get_format
+
+    fmt = get_format(fmt)
+    unit = fmt.decode_unit
+    cfg = cfg or default_mma_config(n, k, m, unit)
+    check_mma_config(cfg, n, k, m, unit)
+    func = inline_derived(mma_func(fmt, n, k, m, span_of(cfg, unit)))
+    intrin = fmt.decode_intrin("cuda") if use_intrin else None
+    return schedule_mma_cuda(func, cfg, unit, intrin, fmt.streamed)["main"]

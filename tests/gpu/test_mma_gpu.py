@@ -1,0 +1,91 @@
+"""The mma.sync kernels (qcompile.kernels.mma) on the GPU, for every format: fused products against
+float64 at M = 1..16 (default configs and others: one tile, several warps along N, 64-column spans,
+unrolled K loops), and the decoded values read back exactly through the kernel's A fragments with
+one-hot activations (with the format's decode intrinsic and with the plain TIR decode)."""
+import pytest
+import torch
+
+import qcompile as qc
+from qcompile.kernels.mma import MmaConfig, check_mma_config, mma_scheduled_func
+from qcompile.kernels.pipeline import compile_module
+
+pytestmark = pytest.mark.gpu
+MS = (1, 2, 5, 8, 16)
+N, K = 1024, 2048
+
+
+def build(funcs):
+    import tvm
+
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+                        for name, f in funcs.items()})
+    major, minor = torch.cuda.get_device_capability(0)
+    return compile_module(mod, tvm.target.Target({"kind": "cuda", "arch": f"sm_{major}{minor}"}))
+
+
+def rel_err(fn, fmt, qw, m, seed=0):
+    k = qw.shape[1]
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    X = (torch.randn(m, k, device="cuda", generator=gen) / 8).to(torch.float16)
+    Y = torch.full((m, qw.shape[0]), float("nan"), dtype=torch.float16, device="cuda")
+    fn(X, *[qw.tensors[name] for name in fmt.tensor_specs(*qw.shape)], Y)
+    ref = X.double() @ fmt.decode_fp16(qw).double().T
+    assert torch.isfinite(Y).all(), "unwritten or non-finite outputs"
+    return ((Y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("name", qc.formats.names())
+def test_fused_matmul_matches_float64(name):
+    fmt = qc.formats.get(name)
+    qw = fmt.random_weight(N, K, seed=5).to("cuda")
+    ex = build({f"m{m}": mma_scheduled_func(fmt, N, K, m) for m in MS})
+    for m in MS:
+        err = rel_err(ex[f"m{m}"], fmt, qw, m, seed=m)
+        assert err < 2e-3, (name, m, err)
+
+
+CONFIGS = [
+    MmaConfig(units=1, tiles=1, warps_n=1, warps_k=4),
+    MmaConfig(units=2, tiles=1, warps_n=2, warps_k=2, unroll=2),
+    MmaConfig(units=2, tiles=4, warps_n=1, warps_k=4),
+    MmaConfig(units=8, tiles=2, warps_n=2, warps_k=1),
+    MmaConfig(units=4, tiles=2, warps_n=1, warps_k=16),
+]
+CONFIG_MS = (3, 16)
+
+
+def _fits(name, cfg):
+    unit = qc.formats.get(name).decode_unit
+    try:
+        for m in CONFIG_MS:
+            check_mma_config(cfg, N, K, m, unit)
+        return True
+    except ValueError:
+        return False
+
+
+CONFIG_CASES = [pytest.param(name, cfg, id=f"{name}-" + "-".join(f"{v}" for v in cfg.as_dict().values()))
+                for cfg in CONFIGS for name in ["int4-g128", "e8p-2", "e8p-4", "qtip-1mad-2"] if _fits(name, cfg)]
+
+
+@pytest.mark.parametrize("name, cfg", CONFIG_CASES)
+def test_configs_match_float64(name, cfg):
+    fmt = qc.formats.get(name)
+    qw = fmt.random_weight(N, K, seed=7).to("cuda")
+    ex = build({f"m{m}": mma_scheduled_func(fmt, N, K, m, cfg) for m in CONFIG_MS})
+    for m in CONFIG_MS:
+        err = rel_err(ex[f"m{m}"], fmt, qw, m, seed=m)
+        assert err < 2e-3, (name, cfg, m, err)
+
+
+DECODE_CASES = [(name, True) for name in qc.formats.names()] + [
+    (name, False) for name in qc.formats.names() if qc.formats.get(name).decode_intrin("cuda") is not None]
+
+
+@pytest.mark.parametrize("name, use_intrin", DECODE_CASES)
+def test_decode_bit_exact_through_the_kernel(name, use_intrin, check_one_hot_decode):
+    fmt = qc.formats.get(name)
+    n, k, m = 256, 1024, 16
+    qw = fmt.random_weight(n, k, seed=11)
+    fn = build({"k": mma_scheduled_func(fmt, n, k, m, use_intrin=use_intrin)})["k"]
+    check_one_hot_decode(fn, fmt, qw, m, f"{name} intrin={use_intrin}")

@@ -1,0 +1,224 @@
+"""The mma.sync rule (qcompile.kernels.mma) on a machine without a GPU: its fragment layouts are PTX's
+m16n8k16 layouts, its permuted K order sums every column exactly once (checked by running the
+unscheduled compute on llvm against a float64 matmul), every format schedules and compiles for sm_90
+into mma.sync with the format's decode intrinsic and no fragment left in local memory, the library
+routes the right buckets to it, and configs that do not fit are refused in one line. (Values on the
+GPU: tests/gpu/test_mma_gpu.py.)"""
+import re
+import shutil
+
+import pytest
+import torch
+
+import qcompile as qc
+from qcompile.kernels.library import (GEMV_FAMILY, GEMM_FAMILY, MMA_FAMILY, TC_FAMILY, KernelSpec, kernel_family,
+                                      scheduled_func)
+from qcompile.kernels.mma import (MmaConfig, a_layout, b_layout, c_layout, check_mma_config, default_mma_config,
+                                  fragment_column, mma_func, mma_scheduled_func, span_of)
+from qcompile.kernels.pipeline import compile_module
+from qcompile.kernels.schedules import inline_derived
+from qcompile.kernels.target import parse_target
+
+N, K = 256, 512
+INTRIN_FUNC = {"int4-g128": "qc_decode_int4x8_f16", "e8p-2": "qc_e8p2_decode32", "e8p-3": "qc_e8p3_decode32",
+               "e8p-4": "qc_e8p4_decode32"}
+
+
+# --- fragment layouts against the PTX ISA's tables (mma.m16n8k16, .f16 A/B, .f32 C) ------------------
+
+def ptx_a(lane, i):  # (row, column) of A register element i of a lane
+    g, t = lane // 4, lane % 4
+    return g + 8 * ((i >> 1) & 1), 2 * t + (i & 1) + 8 * (i >> 2)
+
+
+def ptx_b(lane, i):  # (k, n) of B element i
+    g, t = lane // 4, lane % 4
+    return 2 * t + (i & 1) + 8 * (i >> 1), g
+
+
+def ptx_c(lane, i):  # (row, column) of C element i
+    g, t = lane // 4, lane % 4
+    return g + 8 * (i >> 1), 2 * t + (i & 1)
+
+
+def mma_row(r):  # this kernel's tile row r = 2g + h is mma row g + 8h
+    return r // 2 + 8 * (r % 2)
+
+
+def test_fragment_layouts_are_ptx_layouts():
+    seen = set()
+    for r in range(16):
+        for hi in range(2):
+            for t in range(4):
+                for lo in range(2):
+                    lane, e = a_layout(r, hi, t, lo)
+                    assert ptx_a(lane, e) == (mma_row(r), 8 * hi + 2 * t + lo)
+                    seen.add((lane, e))
+    assert seen == {(lane, e) for lane in range(32) for e in range(8)}
+    seen = set()
+    for a in range(8):
+        for hi in range(2):
+            for t in range(4):
+                for lo in range(2):
+                    lane, e = b_layout(a, hi, t, lo)
+                    assert ptx_b(lane, e) == (8 * hi + 2 * t + lo, a)
+                    seen.add((lane, e))
+    assert seen == {(lane, e) for lane in range(32) for e in range(4)}
+    seen = set()
+    for r in range(16):
+        for a in range(8):
+            lane, e = c_layout(r, a)
+            assert ptx_c(lane, e) == (mma_row(r), a)
+            seen.add((lane, e))
+    assert seen == {(lane, e) for lane in range(32) for e in range(4)}
+
+
+@pytest.mark.parametrize("span", [4, 8, 16, 32, 64])
+def test_fragment_columns_cover_k_once_and_stay_in_the_lanes_span(span):
+    nkb, steps = 3, span // 4
+    cols = []
+    for kb in range(nkb):
+        for s in range(steps):
+            for hi in range(2):
+                for t in range(4):
+                    for lo in range(2):
+                        c = fragment_column(kb, s, hi, t, lo, span)
+                        assert kb * 4 * span + t * span <= c < kb * 4 * span + (t + 1) * span
+                        cols.append(c)
+    assert sorted(cols) == list(range(nkb * 4 * span))
+
+
+def random_quantized(fmt, n, k, seed):
+    return fmt.random_weight(n, k, seed=seed)
+
+
+@pytest.mark.parametrize("name,span", [("int4-g128", 32), ("int4-g128", 8), ("e8p-2", 32), ("e8p-4", 64)])
+def test_mma_order_compute_matches_float64_on_llvm(name, span):
+    """The products in mma order (the same TE compute the GPU schedule starts from, unscheduled) sum to
+    X @ W^T: the permutation of K loses and repeats nothing, M=3 (not a multiple of 8)."""
+    import tvm
+
+    fmt = qc.formats.get(name)
+    n, k, m = 32, 512, 3
+    qw = random_quantized(fmt, n, k, seed=7)
+    func = inline_derived(mma_func(fmt, n, k, m, span))
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=parse_target("llvm").tvm_target())
+    gen = torch.Generator().manual_seed(1)
+    X = (torch.randn(m, k, generator=gen) / 8).half()
+    Y = torch.full((m, n), float("nan"), dtype=torch.float16)
+    ex["main"](X, *[qw.tensors[t] for t in fmt.tensor_specs(n, k)], Y)
+    ref = X.double() @ fmt.decode_fp16(qw).double().T
+    err = ((Y.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-3, err  # fp32 sums, one fp16 rounding of the output
+
+
+# --- CUDA code generation ------------------------------------------------------------------------------
+
+def compile_sm90(funcs):
+    import tvm
+
+    from qcompile.kernels.library import cuda_source
+
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+                        for name, f in funcs.items()})
+    return cuda_source(compile_module(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_90"})))
+
+
+def kernel_body(src, name):
+    start = re.search(rf"{name}_kernel\([^)]*\)\s*{{", src).start()  # the definition, not a declaration
+    end = src.find('extern "C" __global__', start + 1)
+    return src[start:end if end > 0 else len(src)]
+
+
+FAST = ("int4-g128", "e8p-2", "e8p-4")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_row_packed_formats_compile_to_mma_sync(name):
+    fmt = qc.formats.get(name)
+    funcs = {f"k_m{m}": mma_scheduled_func(fmt, N, K, m) for m in (2, 9, 16)}
+    funcs["k_m4_cfg"] = mma_scheduled_func(fmt, N, K, 4, MmaConfig(units=max(1, 64 // fmt.decode_unit), tiles=1,
+                                                                    warps_n=2, warps_k=1, unroll=2))
+    src = compile_sm90(funcs)
+    for fname in funcs:
+        body = kernel_body(src, fname)
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in body, fname
+        assert f"{INTRIN_FUNC[name]}(" in body, fname
+        # LowerWarpMemory lowered every fragment: no warp-wide array left in a thread
+        assert not re.search(r"half \w+\[(256|512|1024)\]", body), fname
+        assert "__shfl" not in body  # each lane decodes its own fragment elements: no shuffles
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", qc.formats.names())
+def test_every_format_compiles_to_mma_sync(name):
+    fmt = qc.formats.get(name)
+    src = compile_sm90({f"k_m{m}": mma_scheduled_func(fmt, N, K, m) for m in (1, 5, 16)})
+    assert src.count("mma.sync.aligned.m16n8k16") >= 3
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
+def test_e8p_fragments_stay_in_registers():
+    """ptxas's report: no local memory (a fragment indexed by a value the compiler cannot fold went
+    to local memory before the fragments were laid out lane-outermost)."""
+    import subprocess
+    import tempfile
+
+    src = compile_sm90({"k": mma_scheduled_func("e8p-2", N, K, 16)})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/k.cu"
+        with open(path, "w") as f:
+            f.write(src)
+        out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", f"{tmp}/k.cubin", path],
+                             capture_output=True, text=True, check=True)
+    report = out.stderr + out.stdout
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, report
+
+
+# --- dispatch and configs --------------------------------------------------------------------------------
+
+def test_library_routes_low_batch_of_row_packed_formats_to_mma():
+    for name in ("int4-g128", "e8p-2", "e8p-3", "e8p-4"):
+        assert kernel_family(name, 1) == GEMV_FAMILY
+        for m in (2, 4, 8, 16):
+            assert kernel_family(name, m) == MMA_FAMILY, (name, m)
+        assert kernel_family(name, 32) == GEMM_FAMILY
+    for name in ("qtip-hyb-2", "qtip-3inst-3"):
+        assert [kernel_family(name, m) for m in (1, 4, 8, 16, 64)] == [GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY,
+                                                                      TC_FAMILY, GEMM_FAMILY]
+    src = compile_sm90({"k": scheduled_func(KernelSpec("int4-g128", N, K, 4), parse_target("sm_90"))})
+    assert "mma.sync.aligned.m16n8k16" in src
+
+
+def test_library_refuses_another_familys_config():
+    from qcompile.kernels.schedules import GemvConfig
+
+    with pytest.raises(ValueError, match="runs on the mma.sync kernel, which takes an MmaConfig; got a GemvConfig"):
+        scheduled_func(KernelSpec("e8p-2", N, K, 4), parse_target("sm_90"), GemvConfig())
+    with pytest.raises(ValueError, match="takes a GemvConfig; got a MmaConfig"):
+        scheduled_func(KernelSpec("e8p-2", N, K, 1), parse_target("sm_90"), MmaConfig())
+
+
+def test_default_config_tiles_real_shapes():
+    for name in ("int4-g128", "e8p-2"):
+        unit = qc.formats.get(name).decode_unit
+        for n, k in [(28672, 8192), (8192, 28672), (4096, 11008), (11008, 4096), (12288, 4096), (256, 512)]:
+            for m in (2, 4, 16):
+                cfg = default_mma_config(n, k, m, unit)
+                check_mma_config(cfg, n, k, m, unit)
+                assert span_of(cfg, unit) == 32
+        assert default_mma_config(28672, 8192, 4, unit) == MmaConfig(units=32 // unit, tiles=2, warps_k=8)
+
+
+@pytest.mark.parametrize("cfg,n,k,m,match", [
+    (MmaConfig(units=1), 256, 500, 4, "K=500 is not a multiple of the K block 128"),
+    (MmaConfig(tiles=4, warps_n=2), 96, 512, 4, "N=96 is not a multiple of 128 rows per block"),
+    (MmaConfig(warps_k=8, unroll=2), 256, 512, 4, "the 4 K blocks do not split over 8 warps x unroll 2"),
+    (MmaConfig(warps_n=8, warps_k=8), 1024, 8192, 4, "2048 threads per block"),
+    (MmaConfig(), 256, 512, 17, "M=17 must be 1..16"),
+    (MmaConfig(units=0), 256, 512, 4, "units must be a positive int"),
+])
+def test_bad_configs_are_refused_in_one_line(cfg, n, k, m, match):
+    with pytest.raises(ValueError, match=match) as info:
+        check_mma_config(cfg, n, k, m, 32)
+    assert "\n" not in str(info.value)
