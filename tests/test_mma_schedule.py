@@ -149,6 +149,18 @@ def test_row_packed_formats_compile_to_mma_sync(name):
         assert "__shfl" not in body  # each lane decodes its own fragment elements: no shuffles
 
 
+@pytest.mark.parametrize("name, table", [("e8p-2", "grid_packed_abs"), ("e8p-4", "grid_packed_abs")])
+def test_lookup_tables_go_to_shared_memory_with_lut_shared(name, table):
+    """E8P's abs table: one copy per thread block in shared memory (lut_shared=1, the default), or
+    read from global memory through L1 (lut_shared=0)."""
+    src = compile_sm90({"shared": mma_scheduled_func(name, N, K, 4),
+                        "global": mma_scheduled_func(name, N, K, 4, MmaConfig(units=2 if name == "e8p-4" else 1, warps_k=2, lut_shared=0))})
+    assert re.search(rf"__shared__ \S+ int {table}_shared\w*\[256\]", kernel_body(src, "shared"))
+    assert f"{table}_shared" not in kernel_body(src, "global")
+    with pytest.raises(ValueError, match="lut_shared must be 0 or 1"):
+        check_mma_config(MmaConfig(lut_shared=2), N, K, 4, 32)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", qc.formats.names())
 def test_every_format_compiles_to_mma_sync(name):

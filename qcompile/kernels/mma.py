@@ -39,7 +39,9 @@ class MmaConfig:
     columns of two rows; the K block is 4 spans); tiles: 16-row tiles per warp (their A fragments
     share each B fragment of activations); warps_n: warps along N per thread block; warps_k: warps
     splitting K per thread block (each sums its share of the K blocks; the partials meet in shared
-    memory); unroll: K blocks per step of a warp's K loop (their loads in flight together).
+    memory); unroll: K blocks per step of a warp's K loop (their loads in flight together);
+    lut_shared: 1 = a format's lookup tables (E8P's abs table) copied to shared memory once per thread
+    block, 0 = read from global memory (through L1).
     """
 
     units: int = 1
@@ -47,6 +49,7 @@ class MmaConfig:
     warps_n: int = 1
     warps_k: int = 8
     unroll: int = 1
+    lut_shared: int = 1
 
     def as_dict(self):
         return asdict(self)
@@ -69,6 +72,8 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> None:
     for name in ("units", "tiles", "warps_n", "warps_k", "unroll"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
             problems.append(f"{name} must be a positive int")
+    if cfg.lut_shared not in (0, 1):
+        problems.append("lut_shared must be 0 or 1")
     if problems:
         raise ValueError(f"bad MmaConfig {cfg.as_dict()}: {'; '.join(problems)}")
     span = span_of(cfg, unit)
@@ -312,6 +317,16 @@ def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=())
         for loop in _loops_below(sch, gather, w_lane):
             sch.unroll(loop)
         consumers.append(gather)
+        if cfg.lut_shared:  # its tables (what it reads besides the packed words) to shared memory
+            skip = set(streamed) | {"W_slice"}
+            for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
+                table = sch.cache_read(gather, idx, "shared")
+                sch.compute_at(table, bn)
+                copy = sch.fuse(*sch.get_loops(table)[1:])
+                _, t_z, t_y, t_x = sch.split(copy, [None, cfg.warps_k, cfg.warps_n, WARP])
+                sch.bind(t_z, "threadIdx.z")
+                sch.bind(t_y, "threadIdx.y")
+                sch.bind(t_x, "threadIdx.x")
         slices = _get_sblock(sch, "W_slice")
         if slices is not None:
             sch.compute_at(slices, w_lane)

@@ -132,7 +132,7 @@ def config_from_dict(values: Mapping[str, object], family: str = GEMV_FAMILY):
     defaults = cls()
     for name, value in values.items():
         default = getattr(defaults, name)
-        positive = family != GEMV_FAMILY or name in KNOB_VALUES
+        positive = family == TC_FAMILY or name in {GEMV_FAMILY: KNOB_VALUES, MMA_FAMILY: MMA_KNOB_VALUES}[family]
         if positive or (isinstance(default, int) and not isinstance(default, bool)):
             if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
                 raise ValueError(f"{title} knob {name} must be a {'positive' if positive else 'non-negative'} "
