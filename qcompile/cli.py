@@ -17,7 +17,7 @@ EXIT_USER_ERROR = 2
 
 
 def parser() -> argparse.ArgumentParser:
-    from .kernels.library import DEFAULT_BUCKETS
+    from .kernels.library import DEFAULT_BUCKETS, GEMV_MAX_M, MMA_DECODE_MIN_M
 
     p = argparse.ArgumentParser(prog="qcompile", description=(
         "Compile 2-4 bit quantized LLM weights into fused dequantize + GEMV/GEMM kernels."))
@@ -65,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
     b.add_argument("--buckets", default=",".join(str(m) for m in DEFAULT_BUCKETS),
                    help="batch-size buckets to compile kernels for (default: %(default)s)")
+    b.add_argument("--decode-min-m", type=int, default=None, metavar="M",
+                   help="batch size from which layers decode their weight to fp16 once and multiply with cuBLAS "
+                        f"(default: {MMA_DECODE_MIN_M} for int4 and E8P, {GEMV_MAX_M + 1} for QTIP; 0: never, "
+                        f"the fused kernels at every M)")
     b.add_argument("--records", default=None, metavar="DIR",
                    help="tuning records directory (<gpu>/<format>.json) to take tuned schedules from "
                         "(default: $QCOMPILE_SCHEDULES, else the repository's schedules/); they apply when "
@@ -256,7 +260,7 @@ def cmd_build(args) -> int:
     records = False if args.no_records else (args.records if args.records is not None else True)
     build(args.model_dir, args.format, args.target, args.output, buckets=args.buckets,
           progress=None if args.quiet else print, overwrite=args.overwrite, records=records,
-          warn=lambda text: print(f"warning: {text}", file=sys.stderr))
+          warn=lambda text: print(f"warning: {text}", file=sys.stderr), decode_min_m=args.decode_min_m)
     return 0
 
 
@@ -383,6 +387,8 @@ def format_manifest(manifest: dict, verified: bool = False) -> str:
         f"model type      {manifest.get('model_type')}",
         f"versions        qcompile {manifest.get('qcompile_version')}, TVM {manifest['tvm_version']}",
         f"batch buckets   {', '.join(str(m) for m in manifest['buckets'])}",
+        "decode + cuBLAS " + (", ".join(f"{f}: M >= {m}" for f, m in sorted(manifest["decode_min_m"].items()))
+                              if manifest.get("decode_min_m") else "never (fused kernels at every M)"),
         f"layers          {len(layers)} quantized linears, {len(shapes)} shapes, {n_kernels} kernels",
     ]
     for (n, k), names in sorted(shapes.items()):

@@ -61,13 +61,15 @@ def test_artifact_contents(llvm_artifact):
     assert not leftovers(llvm_artifact.parent)
     manifest = json.loads((llvm_artifact / "manifest.json").read_text())
     assert manifest["target"] == "llvm" and manifest["format"] == FORMAT
-    assert manifest["buckets"] == [1, 4, 16, 64, 256]
+    assert manifest["buckets"] == [1, 4, 16]
+    assert manifest["decode_min_m"] == {FORMAT: 64}  # the large-M route (qcompile.kernels.decode)
     assert manifest["qcompile_version"] == qc.__version__ and manifest["tvm_version"]
     assert set(manifest["files"]) == set(files) - {"manifest.json"}
     layers = manifest["layers"]
     assert len(layers) == 2 * 7 and {layer["name"].rsplit(".", 1)[1] for layer in layers} == LINEAR_NAMES
     q0 = next(layer for layer in layers if layer["name"] == "model.layers.0.self_attn.q_proj")
     assert q0["shape"] == [256, 256] and q0["kernels"][0] == "int4_g128_n256_k256_m1"
+    assert q0["decode_kernel"] == "decode_int4_g128_n256_k256"
 
     config = json.loads((llvm_artifact / "config.json").read_text())
     qcfg = config["quantization_config"]

@@ -14,7 +14,8 @@ import qcompile as qc
 from qcompile.kernels.library import (GEMV_FAMILY, GEMM_FAMILY, MMA_FAMILY, TC_FAMILY, KernelSpec, kernel_family,
                                       scheduled_func)
 from qcompile.kernels.mma import (MmaConfig, a_layout, b_layout, c_layout, check_mma_config, default_mma_config,
-                                  fragment_column, mma_func, mma_scheduled_func, span_of)
+                                  fragment_column, k_blocks, mma_func, mma_scheduled_func,
+                                  schedule_mma_cuda, span_of)
 from qcompile.kernels.pipeline import compile_module
 from qcompile.kernels.schedules import inline_derived
 from qcompile.kernels.target import parse_target
@@ -92,16 +93,19 @@ def random_quantized(fmt, n, k, seed):
     return fmt.random_weight(n, k, seed=seed)
 
 
-@pytest.mark.parametrize("name,span", [("int4-g128", 32), ("int4-g128", 8), ("e8p-2", 32), ("e8p-4", 64)])
-def test_mma_order_compute_matches_float64_on_llvm(name, span):
+@pytest.mark.parametrize("name,span,k,blocks", [("int4-g128", 32, 512, 0), ("int4-g128", 8, 512, 0),
+                                                ("e8p-2", 32, 512, 0), ("e8p-4", 64, 512, 0),
+                                                ("int4-g128", 32, 384, 4), ("e8p-2", 32, 1536, 16)])
+def test_mma_order_compute_matches_float64_on_llvm(name, span, k, blocks):
     """The products in mma order (the same TE compute the GPU schedule starts from, unscheduled) sum to
-    X @ W^T: the permutation of K loses and repeats nothing, M=3 (not a multiple of 8)."""
+    X @ W^T: the permutation of K loses and repeats nothing, M=3 (not a multiple of 8); with padded K
+    blocks (``blocks`` > K's: 3 -> 4, 12 -> 16) the blocks past K add nothing."""
     import tvm
 
     fmt = qc.formats.get(name)
-    n, k, m = 32, 512, 3
+    n, m = 32, 3
     qw = random_quantized(fmt, n, k, seed=7)
-    func = inline_derived(mma_func(fmt, n, k, m, span))
+    func = inline_derived(mma_func(fmt, n, k, m, span, blocks))
     ex = tvm.compile(tvm.IRModule({"main": func}), target=parse_target("llvm").tvm_target())
     gen = torch.Generator().manual_seed(1)
     X = (torch.randn(m, k, generator=gen) / 8).half()
@@ -220,6 +224,22 @@ def test_default_config_tiles_real_shapes():
                 check_mma_config(cfg, n, k, m, unit)
                 assert span_of(cfg, unit) == 32
         assert default_mma_config(28672, 8192, 4, unit) == MmaConfig(units=32 // unit, tiles=2, warps_k=8)
+        # K = 11008: 86 K blocks of 128 columns = 2 x 43, padded to 88 for 8 K warps (not 2 warps)
+        cfg = default_mma_config(4096, 11008, 4, unit)
+        assert cfg.warps_k == 8 and k_blocks(cfg, 11008, unit) == 88
+
+
+def test_padded_k_blocks_need_a_padded_func():
+    fmt = qc.formats.get("e8p-2")
+    cfg = MmaConfig(units=1, tiles=2, warps_k=8)
+    check_mma_config(cfg, 256, 11008, 4, 32)  # 86 -> 88 blocks: 2.3 % idle, allowed
+    func = inline_derived(mma_func(fmt, 256, 11008, 4, 32))  # 86 blocks: not split by 8 warps
+    with pytest.raises(ValueError, match="k_blocks"):
+        schedule_mma_cuda(func, cfg, 32)
+    # 86 -> 96 blocks for 16 warps x unroll 2 is 10.4 % idle (allowed); 86 -> 128 for 64 is not
+    check_mma_config(MmaConfig(units=1, tiles=1, warps_k=16, unroll=2), 256, 11008, 4, 32)
+    with pytest.raises(ValueError, match="padded to 128"):
+        check_mma_config(MmaConfig(units=1, tiles=1, warps_k=16, unroll=4), 256, 11008, 4, 32)
 
 
 @pytest.mark.parametrize("cfg,n,k,m,match", [

@@ -27,8 +27,15 @@ N, K = 128, 256
     # the 232-row tail: one padded 256 launch, not 64 + 64 + 64 + 40 (same rows, four weight reads)
     (1000, [(0, 256, 256), (256, 256, 256), (512, 256, 256), (768, 232, 256)]),
 ])
-def test_plan_default_buckets(m, plan):
-    assert plan_rows(m, DEFAULT_BUCKETS) == plan
+def test_plan_gemm_buckets(m, plan):
+    # the fused GEMM buckets of --buckets 1,4,16,64,256 (the default before the decode + cuBLAS route)
+    assert plan_rows(m, (1, 4, 16, 64, 256)) == plan
+
+
+def test_default_buckets_are_the_low_batch_families():
+    # above 16 rows: bucket-16 launches, then decode + cuBLAS (qcompile.runtime.linear)
+    assert DEFAULT_BUCKETS == (1, 4, 16)
+    assert plan_rows(40, DEFAULT_BUCKETS) == [(0, 16, 16), (16, 16, 16), (32, 8, 16)]
 
 
 @pytest.mark.parametrize("m,plan", [

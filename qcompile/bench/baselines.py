@@ -53,6 +53,31 @@ def qcompile_method(kernel, X: torch.Tensor, weights: RotatingWeights, Y: torch.
     return TimedMethod("qcompile", lambda i: kernel(X, *weights[i], Y), weights)
 
 
+def split_method(launches: Sequence[Tuple[object, torch.Tensor, torch.Tensor]], weights: RotatingWeights) -> TimedMethod:
+    """Several launches of compiled kernels over row blocks of one batch (the runtime's bucket plan):
+    ``launches`` = (kernel, X block, Y block); every launch reads weight copy i."""
+    def launch(i):
+        for kernel, xb, yb in launches:
+            kernel(xb, *weights[i], yb)
+    return TimedMethod("qcompile_split", launch, weights)
+
+
+def decode_cublas_method(decode_kernel, X: torch.Tensor, weights: RotatingWeights, W: torch.Tensor) -> TimedMethod:
+    """The large-M route: the decode-only kernel writes the fp16 weight into ``W`` [N, K], then
+    ``F.linear`` (cuBLAS) multiplies."""
+    linear = torch.nn.functional.linear
+
+    def launch(i):
+        decode_kernel(*weights[i], W)
+        return linear(X, W)
+    return TimedMethod("qcompile_decode_cublas", launch, weights)
+
+
+def decode_only_method(decode_kernel, weights: RotatingWeights, W: torch.Tensor) -> TimedMethod:
+    """The decode-only kernel alone (its share of the large-M route)."""
+    return TimedMethod("qcompile_decode", lambda i: decode_kernel(*weights[i], W), weights)
+
+
 def cublas_fp16_method(X: torch.Tensor, weights: RotatingWeights) -> TimedMethod:
     """torch fp16 ``F.linear`` (cuBLAS) on copies of the decoded weight ([N, K])."""
     linear = torch.nn.functional.linear

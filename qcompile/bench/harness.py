@@ -26,6 +26,7 @@ from ..errors import QCompileError
 DEFAULT_FORMAT = "int4-g128"
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,28672x8192,8192x28672"
 DEFAULT_MS = "1,4,16,64,256"
+SPLIT_MAX_M = 256  # M above GEMV_MAX_M up to which the bench also times the bucket plan's launches
 DEFAULT_OUT_DIR = os.path.join("artifacts", "bench")
 DEFAULT_ITERS = 200
 DEFAULT_WARMUP = 10
@@ -137,14 +138,14 @@ def _fmt_us(value) -> str:
 
 def format_table(doc: dict) -> str:
     header = (f"{'N':>6} {'K':>6} {'M':>4} {'qcompile us':>12} {'cublas us':>10} {'int4 us':>9} "
-              f"{'speedup':>8} {'bw frac':>8} {'rel err':>8}")
+              f"{'speedup':>8} {'bw frac':>8} {'rel err':>8}  route")
     lines = [f"qcompile bench on {doc['device']} (commit {doc['commit']})", header]
     for r in doc["records"]:
         err = r.get("rel_err")
         lines.append(
             f"{r['N']:>6} {r['K']:>6} {r['M']:>4} {_fmt_us(r['us']):>12} {_fmt_us(r['cublas_fp16_us']):>10} "
             f"{_fmt_us(r['torch_int4_us']):>9} {r['speedup_vs_fp16']:>7.2f}x {r['bandwidth_fraction']:>8.3f} "
-            f"{'n/a' if err is None else f'{err:.1e}':>8}")
+            f"{'n/a' if err is None else f'{err:.1e}':>8}  {r.get('route') or ''}")
     lines.append(f"copy bandwidth: {doc['copy_bandwidth_GBps']:.0f} GB/s "
                  f"(device-to-device copy, bytes read + written)")
     return "\n".join(lines)
@@ -238,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--records", default=None, metavar="DIR",
                     help="build with the tuned GEMV and tensor-core configs in DIR (qcompile tune); "
                          "default: untuned defaults")
+    ap.add_argument("--decode-min-m", type=int, default=None, metavar="M",
+                    help="M from which the timed route is decode + cuBLAS (default: the format's default of "
+                         "qcompile build; 0: never)")
+    ap.add_argument("--fused-gemm", action="store_true",
+                    help="also time the fused GEMM kernel compiled for each M > 16 (slow to compile)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph",
                     help="graph: CUDA graphs of launches, timed per replay (default); events: events around each launch")
     return ap
@@ -267,18 +273,24 @@ def relative_error(out, ref) -> Optional[float]:
 
 def build_kernels(specs, target, log: Callable[[str], None], config_for=None):
     """One module for every kernel that schedules and compiles; (executable, {spec: error}).
-    ``config_for(spec)``: a tuned config of the spec's kernel family (GemvConfig or
-    TensorCoreConfig) or None (the default schedule)."""
-    from ..kernels.library import build as build_all, scheduled_func
+    ``specs``: KernelSpecs and DecodeSpecs (qcompile.kernels.decode). ``config_for(spec)``: a tuned
+    config of a KernelSpec's kernel family or None (the default schedule)."""
+    from ..kernels.decode import DecodeSpec
+    from ..kernels.library import build as build_all, scheduled_decode_func, scheduled_func
 
     def build(specs_, target_):
-        return build_all(specs_, target_, config_for)
+        matmuls = [s for s in specs_ if not isinstance(s, DecodeSpec)]
+        decodes = [s for s in specs_ if isinstance(s, DecodeSpec)]
+        return build_all(matmuls, target_, config_for, decode=decodes)
 
     failures: Dict[object, str] = {}
     schedulable = []
     for spec in specs:
         try:
-            scheduled_func(spec, target, config_for(spec) if config_for else None)
+            if isinstance(spec, DecodeSpec):
+                scheduled_decode_func(spec, target)
+            else:
+                scheduled_func(spec, target, config_for(spec) if config_for else None)
             schedulable.append(spec)
         except Exception as err:  # a schedule that does not apply must not stop the others
             failures[spec] = one_line(err)
@@ -349,9 +361,16 @@ def bench_weight(fmt, n: int, k: int, device):
 
 def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] = None,
               ms: Sequence[int] = None, iters: int = DEFAULT_ITERS, warmup: int = DEFAULT_WARMUP,
-              timing_mode: str = "graph", log: Callable[[str], None] = None, records_dir=None) -> dict:
+              timing_mode: str = "graph", log: Callable[[str], None] = None, records_dir=None,
+              fused_gemm: bool = False, decode_min_m: Optional[int] = None) -> dict:
     """Run the benchmark on the local GPU and return the JSON document (not yet written).
-    ``records_dir``: build the GEMV and tensor-core kernels with the tuned configs found there (qcompile tune)."""
+    ``records_dir``: build the GEMV and tensor-core kernels with the tuned configs found there (qcompile tune).
+
+    M <= GEMV_MAX_M: the kernel compiled for that M. Larger M: what the runtime does with the default
+    buckets (qcompile.runtime.linear): from ``decode_min_m`` (None: the format's default; 0: never)
+    the decode kernel + cuBLAS, below it the bucket plan's launches (``plan_rows``); the record's
+    ``route`` says which one ``us`` is, and both are recorded where measured (the bucket plan up to
+    SPLIT_MAX_M). ``fused_gemm``: also time the fused GEMM kernel compiled for exactly M."""
     from ..formats import get as get_format
 
     log = log or (lambda text: print(text, flush=True))
@@ -364,10 +383,12 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
 
     import tvm
 
-    from ..kernels.library import KernelSpec
+    from ..kernels.decode import DecodeSpec
+    from ..kernels.library import DEFAULT_BUCKETS, GEMV_MAX_M, KernelSpec, default_decode_min_m
     from ..kernels.target import parse_target
-    from .baselines import (RotatingWeights, cublas_fp16_method, prepare_torch_int4, qcompile_method,
-                            torch_int4_method)
+    from ..runtime.dispatch import plan_rows
+    from .baselines import (RotatingWeights, cublas_fp16_method, decode_cublas_method, decode_only_method,
+                            prepare_torch_int4, qcompile_method, split_method, torch_int4_method)
     from .timing import copy_bandwidth_GBps, copy_test_bytes, l2_cache_bytes
 
     device = torch.device("cuda")
@@ -381,22 +402,32 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
 
     bench = _Bench(iters, warmup, timing_mode, log)
     target = parse_target("auto")
-    specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in ms]
+    decode_from = default_decode_min_m(fmt) if decode_min_m is None else decode_min_m
+    small = [m for m in ms if m <= GEMV_MAX_M]
+    large = [m for m in ms if m > GEMV_MAX_M]
+    split_ms = [m for m in large if m <= SPLIT_MAX_M]
+    bucket_ms = sorted(set(small) | {b for m in split_ms for _, _, b in plan_rows(m, DEFAULT_BUCKETS)})
+    specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in bucket_ms]
+    if fused_gemm:
+        specs += [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in large]
+    if large:
+        specs += [DecodeSpec(fmt.name, n, k) for n, k in shapes]
     t0 = time.perf_counter()
     config_for, tuned = None, {}
     if records_dir is not None:
         from ..tune.records import TuningRecords, records_gpu
 
         lookup = TuningRecords(Path(records_dir), warn=log).lookup(records_gpu(target))
-        tuned = {spec: lookup(spec) for spec in specs}
+        tuned = {spec: lookup(spec) for spec in specs if isinstance(spec, KernelSpec)}
         config_for = tuned.get
         log(f"tuned configs from {records_dir} for {sum(c is not None for c in tuned.values())} of {len(specs)} kernels")
     executable, build_failures = build_kernels(specs, target, log, config_for)
+    built = set() if executable is None else {spec for spec in specs if spec not in build_failures}
     build_s = time.perf_counter() - t0
     log(f"compiled {len(specs) - len(build_failures)} of {len(specs)} kernels for {target.key} in {build_s:.1f} s")
     for spec, err in build_failures.items():
-        log(f"warning: no kernel for N={spec.n} K={spec.k} M={spec.m}: {err}")
-        bench.fail("qcompile", spec.n, spec.k, spec.m, err)
+        log(f"warning: no kernel {spec.name}: {err}")
+        bench.fail("qcompile", spec.n, spec.k, getattr(spec, "m", None), err)
 
     torch.manual_seed(0)
     records = []
@@ -415,27 +446,77 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
             bench.fail("torch_int4", n, k, None, one_line(err))
         weight_bytes = fmt.weight_bytes(n, k)
 
+        decode_name = DecodeSpec(fmt.name, n, k).name
+        has_decode = DecodeSpec(fmt.name, n, k) in built
+        W_scratch = torch.empty((n, k), device=device, dtype=torch.float16) if has_decode else None
+        t_decode, decode_exact = None, None
+        if has_decode:
+            executable[decode_name](*q_weights[0], W_scratch)
+            decode_exact = bool(torch.equal(W_scratch, w16))  # the format's torch decode, bit for bit
+            if not decode_exact:
+                log(f"warning: the decode kernel of N={n} K={k} differs from the format's torch decode")
+            t_decode = bench.time(decode_only_method(executable[decode_name], q_weights, W_scratch), n, k, None)
+
+        def kernel_of(m_):
+            spec_ = KernelSpec(fmt.name, n, k, m_)
+            return executable[spec_.name] if spec_ in built else None
+
         for m in ms:
-            spec = KernelSpec(fmt.name, n, k, m)
-            if spec in build_failures:
-                continue
             X = torch.randn(m, k, device=device, dtype=torch.float16)
             ref = X.to(torch.float64) @ w64_t
-            kernel = executable[spec.name]
-            Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)  # poison
-            try:
-                kernel(X, *q_weights[0], Y)
-                torch.cuda.synchronize()
-            except Exception as err:
-                bench.warn_once(f"qcompile kernel N={n} K={k} M={m} failed: {one_line(err)}")
-                bench.fail("qcompile", n, k, m, one_line(err))
+            # the ways this qcompile build computes the layer at this M: route -> TimedMethod
+            methods = {}
+            if m <= GEMV_MAX_M:
+                if kernel_of(m) is not None:
+                    Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)  # poison
+                    methods["fused"] = (qcompile_method(kernel_of(m), X, q_weights, Y), Y, ())
+            else:
+                if fused_gemm and kernel_of(m) is not None:
+                    Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                    methods["fused_gemm"] = (qcompile_method(kernel_of(m), X, q_weights, Y), Y, ())
+                plan = plan_rows(m, DEFAULT_BUCKETS) if m in split_ms else []
+                if plan and all(kernel_of(b) is not None for _, _, b in plan):
+                    Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                    launches = []
+                    for start, used, b in plan:
+                        if used == b:
+                            launches.append((kernel_of(b), X[start:start + used], Y[start:start + used]))
+                        else:  # padded tail, as the runtime pads it (its copies left out of the timing)
+                            xb = torch.zeros((b, k), device=device, dtype=torch.float16)
+                            xb[:used].copy_(X[start:start + used])
+                            launches.append((kernel_of(b), xb, torch.empty((b, n), device=device, dtype=torch.float16)))
+                    methods["split"] = (split_method(launches, q_weights), Y, list(zip(launches, plan)))
+                if has_decode:
+                    methods["decode_cublas"] = (decode_cublas_method(executable[decode_name], X, q_weights, W_scratch),
+                                                None, ())
+            if not methods:
                 continue
-            rel_err = relative_error(Y, ref)
-            if rel_err is None or rel_err > REL_ERR_WARN:
-                log(f"warning: qcompile N={n} K={k} M={m} rel_err "
-                    f"{'NaN/unwritten output' if rel_err is None else f'{rel_err:.2e}'} > {REL_ERR_WARN:g}")
-
-            t_q = bench.time(qcompile_method(kernel, X, q_weights, Y), n, k, m)
+            route = ("fused" if m <= GEMV_MAX_M else
+                     "decode_cublas" if decode_from and m >= decode_from else "split")
+            if route not in methods:
+                route = next(iter(methods))
+            times, errs = {}, {}
+            for name, (method, Y, blocks) in methods.items():
+                try:
+                    out = method.launch(0)
+                    torch.cuda.synchronize()
+                except Exception as err:
+                    bench.warn_once(f"qcompile {name} N={n} K={k} M={m} failed: {one_line(err)}")
+                    bench.fail(f"qcompile_{name}", n, k, m, one_line(err))
+                    continue
+                for (_, _, yb), (start, used, b) in blocks:  # padded tails: their rows back into Y
+                    if used != b:
+                        Y[start:start + used].copy_(yb[:used])
+                errs[name] = relative_error(out if Y is None else Y, ref)
+                if errs[name] is None or errs[name] > REL_ERR_WARN:
+                    log(f"warning: qcompile {name} N={n} K={k} M={m} rel_err "
+                        f"{'NaN/unwritten output' if errs[name] is None else f'{errs[name]:.2e}'} > {REL_ERR_WARN:g}")
+                timing = bench.time(method, n, k, m)
+                if timing is not None:
+                    times[name] = timing
+            if route not in times:
+                continue
+            t_q, rel_err = times[route], errs[route]
             t_fp16 = bench.time(cublas_fp16_method(X, fp16_weights), n, k, m)
             if t_q is None or t_fp16 is None:
                 continue
@@ -457,17 +538,22 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                 None if t_int4 is None else t_int4.median_us, weight_bytes, copy_bw,
                 rel_err=rel_err, torch_int4_rel_err=int4_err,
                 torch_int4_same_weights=None if int4 is None else int4.same_weights,
-                us_p10=t_q.p10_us, us_p90=t_q.p90_us,
-                tuned_config=None if tuned.get(spec) is None else tuned[spec].as_dict(),
+                us_p10=t_q.p10_us, us_p90=t_q.p90_us, route=route,
+                **{f"{name}_us": t.median_us for name, t in times.items() if name != route},
+                decode_us=None if m <= GEMV_MAX_M or t_decode is None else t_decode.median_us,
+                decode_exact=None if m <= GEMV_MAX_M else decode_exact,
+                tuned_config=(None if route != "fused" or tuned.get(KernelSpec(fmt.name, n, k, m)) is None
+                              else tuned[KernelSpec(fmt.name, n, k, m)].as_dict()),
                 timing_modes={"qcompile": t_q.mode, "cublas_fp16": t_fp16.mode,
                               "torch_int4": None if t_int4 is None else t_int4.mode},
                 weight_copies={"qcompile": q_weights.count, "cublas_fp16": fp16_weights.count,
                                "torch_int4": None if int4 is None else int4.weights.count}))
             r = records[-1]
-            log(f"  N={n:>6} K={k:>6} M={m:>4}: {r['us']:8.2f} us  cublas {r['cublas_fp16_us']:8.2f} us  "
+            others = "".join(f"  {name} {t.median_us:.1f} us" for name, t in times.items() if name != route)
+            log(f"  N={n:>6} K={k:>6} M={m:>4}: {r['us']:8.2f} us ({route})  cublas {r['cublas_fp16_us']:8.2f} us  "
                 f"int4 {_fmt_us(r['torch_int4_us']):>8} us  speedup {r['speedup_vs_fp16']:.2f}x  "
-                f"bw {r['bandwidth_fraction']:.3f}")
-        del q_weights, fp16_weights, int4, qw, w16, w64_t
+                f"bw {r['bandwidth_fraction']:.3f}{others}")
+        del q_weights, fp16_weights, int4, qw, w16, w64_t, W_scratch
         torch.cuda.empty_cache()
 
     return bench_document(
@@ -503,7 +589,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         fmt.check_shape(n, k)
     require_cuda()
 
-    doc = run_bench(fmt.name, shapes, ms, args.iters, args.warmup, args.timing, records_dir=args.records)
+    if args.decode_min_m is not None and args.decode_min_m < 0:
+        raise QCompileError("--decode-min-m must be >= 1, or 0 for no decode route")
+    doc = run_bench(fmt.name, shapes, ms, args.iters, args.warmup, args.timing, records_dir=args.records,
+                    fused_gemm=args.fused_gemm, decode_min_m=args.decode_min_m)
     name = args.name or default_name(fmt.name, doc["device"])
     json_path = Path(args.out_dir) / f"{name}.json"
     png_path = Path(args.out_dir) / f"{name}.png"

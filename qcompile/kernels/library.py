@@ -18,6 +18,7 @@ from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from ..formats import get as get_format
 from .compute import matmul_func
+from .decode import DecodeSpec, decode_scheduled_func
 from .hadamard import SIDES, RhtSpec, rht_specs, scheduled_rht_func
 from .mma import MmaConfig, mma_scheduled_func
 from .pipeline import compile_module
@@ -25,7 +26,12 @@ from .schedules import GemvConfig, schedule_gemm_cuda, schedule_gemv_cuda, sched
 from .target import TargetInfo
 from .tensorcore import TensorCoreConfig, tc_scheduled_func
 
-DEFAULT_BUCKETS = (1, 4, 16, 64, 256)
+# Above the largest bucket of a module the runtime splits M into bucket-sized launches, and from a
+# format's ``default_decode_min_m`` on it decodes the weight once and multiplies with cuBLAS (see
+# qcompile.kernels.decode): the fused GEMM buckets (64, 256) lost to both on every shape measured
+# (H100: e8p-2 M=64 on 8192x28672 710 us against 4 x 61 us on the mma.sync kernel), so they are
+# opt-in (--buckets)
+DEFAULT_BUCKETS = (1, 4, 16)
 # every bucket issue 5 asks for; each needs a kernel, so it is opt-in (qcompile build --buckets) while
 # compile time matters more than the last few percent of padding
 TUNED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -52,6 +58,19 @@ MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an
 # threads of a 32-column-unit (E8P) GEMV that fill an H100 (132 SMs x 2048): below it, more threads
 # along K (e8p-2 M=1, 8192x28672: 49.7 -> 46.2 us at 128 threads; 4096x11008: 26.5 -> 20.1 us)
 TARGET_GEMV_THREADS = 262144
+
+
+# From this M on a row-packed format (``runs_mma``) takes the decode + cuBLAS route: below it,
+# repeated M=16 launches of the mma.sync kernel cost less (each reads the packed weight once, ~0.4x
+# of the fp16 weight's read time on the 70B MLP shapes, against ~2x for writing and reading an fp16
+# copy); the other formats (QTIP: M=16 on the WMMA kernel costs about as much as the decode route)
+# take it from GEMV_MAX_M + 1.
+MMA_DECODE_MIN_M = 64
+
+
+def default_decode_min_m(fmt) -> int:
+    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default."""
+    return MMA_DECODE_MIN_M if runs_mma(fmt) else GEMV_MAX_M + 1
 
 
 def runs_mma(fmt) -> bool:
@@ -236,6 +255,12 @@ def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[Kernel
     return func
 
 
+def scheduled_decode_func(spec: DecodeSpec, target: TargetInfo):
+    """The scheduled decode kernel of ``spec`` (qcompile.kernels.decode), renamed to ``spec.name``."""
+    func = decode_scheduled_func(spec.format, spec.n, spec.k, "llvm" if target.kind == "llvm" else "cuda")
+    return func.with_attr("global_symbol", spec.name).with_attr("tirx.is_scheduled", True)
+
+
 def rht_kernel_specs(layers: Iterable[Tuple[int, int]], buckets: Sequence[int]) -> List[RhtSpec]:
     """The RHT kernels that RHT layers of shapes (N, K) need, one per (side, size, bucket): the input
     side at size K (hadUt(SU ⊙ x) before the matmul) and the output side at size N (SV ⊙ hadU(y)
@@ -249,12 +274,13 @@ def rht_kernel_specs(layers: Iterable[Tuple[int, int]], buckets: Sequence[int]) 
 
 def build(specs: Iterable[KernelSpec], target: TargetInfo,
           config_for: Optional[Callable[[KernelSpec], Optional[KernelConfig]]] = None,
-          rht: Iterable[RhtSpec] = ()):
+          rht: Iterable[RhtSpec] = (), decode: Iterable[DecodeSpec] = ()):
     """Compile every kernel into one TVM executable. ``config_for(spec)``: a tuned config for the
     spec (a GemvConfig, MmaConfig or TensorCoreConfig, the family of its bucket: ``scheduled_func``), or None
     for the default (e.g. ``qcompile.tune.records.TuningRecords.lookup``); build
     never tunes. ``rht``: RHT kernels (``rht_kernel_specs``) to compile into the same module,
-    named by ``RhtSpec.name``, with the target's RHT schedule (qcompile.kernels.hadamard)."""
+    named by ``RhtSpec.name``, with the target's RHT schedule (qcompile.kernels.hadamard);
+    ``decode``: decode-only kernels (``DecodeSpec``, the large-M route), named by their ``name``."""
     import tvm
 
     funcs = {}
@@ -265,6 +291,9 @@ def build(specs: Iterable[KernelSpec], target: TargetInfo,
     for spec in rht:
         if spec.name not in funcs:
             funcs[spec.name] = scheduled_rht_func(spec, target)
+    for spec in decode:
+        if spec.name not in funcs:
+            funcs[spec.name] = scheduled_decode_func(spec, target)
     mod = tvm.IRModule({name: f for name, f in funcs.items()})
     return compile_module(mod, target.tvm_target())
 

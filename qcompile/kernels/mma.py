@@ -66,6 +66,20 @@ def span_of(cfg: MmaConfig, unit: int) -> int:
     return cfg.units * unit
 
 
+# A K whose K blocks do not split evenly over warps_k x unroll (11008 columns = 86 blocks of 128 =
+# 2 x 43) runs padded K blocks: the blocks past K multiply zero activations with a re-decoded last
+# block (any finite weight), at most this fraction of the K loop idle (86 -> 88 blocks for 8 warps:
+# 2.3 %). Without it such a K took 2 warps (e8p-2 4096x11008 M=4: 43.8 us against 12.6 us at M=1).
+MAX_PADDED_K = 1 / 8
+
+
+def k_blocks(cfg: MmaConfig, k: int, unit: int) -> int:
+    """K blocks of the kernel's K loop: those of K, rounded up to whole steps of warps_k x unroll."""
+    block = 4 * span_of(cfg, unit)
+    step = cfg.warps_k * cfg.unroll
+    return -(-(k // block) // step) * step
+
+
 def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> None:
     """Raise ValueError (one line) when ``cfg`` cannot schedule an [n, k] weight at batch m."""
     problems = []
@@ -83,7 +97,10 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> None:
     if k % block:
         problems.append(f"K={k} is not a multiple of the K block {block} (4 lanes x {cfg.units} units of {unit})")
     elif (k // block) % (cfg.warps_k * cfg.unroll):
-        problems.append(f"the {k // block} K blocks do not split over {cfg.warps_k} warps x unroll {cfg.unroll}")
+        padded = k_blocks(cfg, k, unit)
+        if padded - k // block > MAX_PADDED_K * padded:
+            problems.append(f"the {k // block} K blocks do not split over {cfg.warps_k} warps x unroll {cfg.unroll} "
+                            f"(padded to {padded}, over {MAX_PADDED_K:.0%} idle)")
     rows = MMA_M * cfg.tiles * cfg.warps_n
     if n % rows:
         problems.append(f"N={n} is not a multiple of {rows} rows per block (16 x tiles x warps_n)")
@@ -120,10 +137,12 @@ def c_layout(r, a):
     return 4 * (r // 2) + a // 2, 2 * (r % 2) + a % 2
 
 
-def mma_func(fmt, n: int, k: int, m: int, span: int):
+def mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]) with the products in mma order
     (see the module doc): acc[a, i] = sum over K blocks kb, steps s, columns c of
-    X_frag[a, kb, s, c] * W_frag[i, kb, s, c] in fp32."""
+    X_frag[a, kb, s, c] * W_frag[i, kb, s, c] in fp32. ``blocks``: K blocks of the loop (0: those of
+    K); past K's, X_frag is zero and W_frag repeats K's last block (``k_blocks``)."""
+    import tvm
     from tvm import te
 
     fmt.check_shape(n, k)
@@ -146,12 +165,22 @@ def mma_func(fmt, n: int, k: int, m: int, span: int):
                                       lambda i, c, g: fmt.tir_gather(bufs, i, c, g), name="W_gather")
     W = te.compute((n, k // unit, unit), lambda i, c, j: fmt.tir_decode_unit(bufs, i, c, j), name="W_decode")
     nkb = k // block
+    loop_blocks = blocks or nkb
+    if loop_blocks < nkb:
+        raise ValueError(f"{loop_blocks} K blocks cannot cover the {nkb} of in_features {k}")
 
     def col(kb, s, hi, t, lo):
+        # a padded block past K reads K's last block (in bounds), its activations zeroed below
+        kb = kb if loop_blocks == nkb else tvm.te.min(kb, nkb - 1)
         return fragment_column(kb, s, hi, t, lo, span)
 
-    frag = (nkb, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
-    XF = te.compute((m, *frag), lambda a, *kc: X[a, col(*kc)], name="X_frag")
+    def x_value(a, kb, *c):
+        if loop_blocks == nkb:
+            return X[a, col(kb, *c)]
+        return tvm.tirx.if_then_else(kb < nkb, X[a, col(kb, *c)], tvm.tirx.const(0, "float16"))
+
+    frag = (loop_blocks, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
+    XF = te.compute((m, *frag), x_value, name="X_frag")
     WF = te.compute((n, *frag), lambda i, *kc: W[i, col(*kc) // unit, col(*kc) % unit], name="W_frag")
     axes = [te.reduce_axis((0, e), name=nm) for e, nm in zip(frag, ("kb", "s", "hi", "t", "lo"))]
     acc = te.compute((m, n), lambda a, i: te.sum(XF[(a, *axes)].astype("float32") * WF[(i, *axes)].astype("float32"),
@@ -236,6 +265,9 @@ def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=())
     #    of a block (split-K partials rf[wk]); per K block: mma steps x tiles x token tiles x one mma
     mo, mi = sch.split(m_loop, [None, MMA_N])
     bn, wn, tl, ti = sch.split(n_loop, [None, cfg.warps_n, cfg.tiles, MMA_M])
+    if int(sch.get(kb_loop).extent) % (cfg.warps_k * cfg.unroll):
+        raise ValueError(f"the PrimFunc's {int(sch.get(kb_loop).extent)} K blocks do not split over "
+                         f"{cfg.warps_k} warps x unroll {cfg.unroll}; make it with mma_func(..., k_blocks(cfg, k, unit))")
     wk, ko = sch.split(kb_loop, [cfg.warps_k, None])
     sch.reorder(bn, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo)
     rf = sch.rfactor(wk, factor_axis=0)
@@ -432,6 +464,6 @@ def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_i
     unit = fmt.decode_unit
     cfg = cfg or default_mma_config(n, k, m, unit)
     check_mma_config(cfg, n, k, m, unit)
-    func = inline_derived(mma_func(fmt, n, k, m, span_of(cfg, unit)))
+    func = inline_derived(mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit)))
     intrin = fmt.decode_intrin("cuda") if use_intrin else None
     return schedule_mma_cuda(func, cfg, unit, intrin, fmt.streamed)["main"]

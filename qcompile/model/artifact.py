@@ -118,12 +118,20 @@ def load_artifact(path: PathLike, device: Optional[Union[str, "torch.device"]] =
     fatbin, source = kernels.get("fatbin"), kernels.get("source")
     module = load_kernels(str(path / KERNELS_LIB), str(path / fatbin) if fatbin else None,
                           str(path / source) if source else None)
-    handle = register_kernel_module(module, manifest["buckets"], dev.type)
+    decode_min_m = manifest.get("decode_min_m") or {}  # (older artifacts: no decode route)
+    try:
+        handle = register_kernel_module(module, manifest["buckets"], dev.type, decode_min_m)
+    except ValueError as err:
+        raise QCompileError(f"artifact manifest of {path} is malformed ({err}); {REBUILD}") from None
     for layer in manifest["layers"]:  # every kernel the manifest names is in the module
         n, k = layer["shape"]
         names = [KernelSpec(layer["format"], n, k, m).name for m in manifest["buckets"]]
         # RHT layers of newer artifacts also list their Hadamard transform kernels (older ones
         # list none and run the transforms in torch)
+        if layer["format"] in decode_min_m:
+            from ..kernels.decode import DecodeSpec
+
+            names.append(DecodeSpec(layer["format"], n, k).name)
         for name in names + list(layer.get("rht_kernels", ())):
             if not module.implements_function(name):
                 raise QCompileError(f"artifact kernels.so has no kernel {name}; {REBUILD}")

@@ -28,7 +28,8 @@ from .checkpoint import sha256_file  # noqa: F401  (also used by artifact.py)
 from ..formats import Format
 from ..formats import get as get_format
 from ..kernels.hadamard import RhtSpec
-from ..kernels.library import DEFAULT_BUCKETS, KernelSpec, rht_kernel_specs
+from ..kernels.decode import DecodeSpec
+from ..kernels.library import DEFAULT_BUCKETS, KernelSpec, default_decode_min_m, rht_kernel_specs
 from ..kernels.target import TargetInfo, parse_target
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -49,7 +50,7 @@ PathLike = Union[str, os.PathLike]
 def build(model_dir: Optional[PathLike], format: Union[str, Format, None], target: str, out_dir: PathLike,
           buckets: Sequence[int] = DEFAULT_BUCKETS, progress: Optional[Callable[[str], None]] = print,
           overwrite: bool = False, records: Union[PathLike, bool, None] = True,
-          warn: Optional[Callable[[str], None]] = None) -> Path:
+          warn: Optional[Callable[[str], None]] = None, decode_min_m: Optional[int] = None) -> Path:
     """Quantize every decoder linear of the model with ``format``, compile its kernels for ``target``
     and write the artifact to ``out_dir``. ``model_dir=None`` builds the default model. A checkpoint
     written by ``qcompile quantize`` (qcompile.model.checkpoint) is built from its stored weights
@@ -59,7 +60,9 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     default directory (``$QCOMPILE_SCHEDULES``, else the repository's ``schedules/``), a path, or
     False/None for the default configs only. They apply to CUDA targets that name their GPU
     (``h100``) or are the local GPU; build never tunes. ``warn`` receives the one-line warning of a
-    damaged records file (default: ``warnings.warn``). Returns out_dir."""
+    damaged records file (default: ``warnings.warn``). ``decode_min_m``: the batch size from which
+    layers decode their weight and multiply with cuBLAS (qcompile.kernels.decode; None = the format's
+    default, ``default_decode_min_m``; 0 = never, the fused kernels at every M). Returns out_dir."""
     from .checkpoint import is_checkpoint
 
     say = progress or (lambda msg: None)
@@ -67,6 +70,9 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     fmt = get_format(format) if format is not None else None
     tinfo = parse_target(target)
     buckets = parse_buckets(buckets)
+    if decode_min_m is not None and (isinstance(decode_min_m, bool) or not isinstance(decode_min_m, int)
+                                     or decode_min_m < 0):
+        raise QCompileError(f"decode_min_m must be a batch size >= 1, or 0 for no decode route; got {decode_min_m!r}")
     check_out_dir(out, overwrite)
     config_for, records_note = tuned_configs(tinfo, records, warn)
     if model_dir is None:
@@ -94,8 +100,13 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     shapes = distinct_shapes(layers)
     specs = [KernelSpec(f, n, k, m) for (f, n, k) in shapes for m in buckets]
     rht = rht_kernel_specs(sorted({qw.shape for qw, _ in quantized.values() if qw.rht}), buckets)
+    decode_at = {} if decode_min_m == 0 else {
+        f: decode_min_m or default_decode_min_m(f) for f in sorted({f for (f, _, _) in shapes})}
+    decode = [DecodeSpec(f, n, k) for (f, n, k) in shapes if f in decode_at]
     say(f"compiling {len(specs)} kernels ({len(shapes)} shapes x {len(buckets)} batch buckets) for {tinfo.key}"
-        + (f", and {len(rht)} RHT kernels" if rht else ""))
+        + (f", {len(rht)} RHT kernels" if rht else "")
+        + (f", {len(decode)} decode kernels (decode + cuBLAS from M = "
+           f"{', '.join(str(m) for m in sorted(set(decode_at.values())))})" if decode else ""))
     tuned = tuned_kernels(specs, config_for)
     if records_note and config_for is None:
         say(f"default schedules: {records_note}")
@@ -106,13 +117,13 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        kernel_files = compile_kernels(specs, tinfo, tmp, config_for, rht)
+        kernel_files = compile_kernels(specs, tinfo, tmp, config_for, rht, decode)
         write_weights(tmp / WEIGHTS, unquantized, quantized)
         write_config(tmp / CONFIG, raw_config, fmt, quantized)
         copied = copy_tokenizer_files(model_dir, tmp)
         write_manifest(tmp, fmt=fmt, target=tinfo, buckets=buckets, model_type=raw_config["model_type"],
                        quantized=quantized, kernel_files=kernel_files,
-                       files=kernel_files + [WEIGHTS, CONFIG] + copied, tuned=tuned)
+                       files=kernel_files + [WEIGHTS, CONFIG] + copied, tuned=tuned, decode_min_m=decode_at)
         install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -383,12 +394,14 @@ def tuned_kernels(specs: List[KernelSpec], config_for) -> Dict[str, str]:
 
 
 def compile_kernels(specs: List[KernelSpec], target: TargetInfo, out_dir: Path,
-                    config_for: Optional[Callable] = None, rht: Sequence[RhtSpec] = ()) -> List[str]:
-    """Compile the matmul kernels and the RHT kernels (``rht``) into one module; write its files."""
+                    config_for: Optional[Callable] = None, rht: Sequence[RhtSpec] = (),
+                    decode: Sequence[DecodeSpec] = ()) -> List[str]:
+    """Compile the matmul kernels, the RHT kernels (``rht``) and the decode kernels (``decode``) into
+    one module; write its files."""
     from ..kernels import library
 
     try:
-        executable = library.build(specs, target, config_for, rht=rht)
+        executable = library.build(specs, target, config_for, rht=rht, decode=decode)
     except ValueError as err:  # a shape the kernel schedules cannot tile
         raise QCompileError(f"cannot compile the kernels for {target.key}: {one_line(err)}") from None
     return library.export(executable, target, str(out_dir))
@@ -455,7 +468,8 @@ def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> List[str]:
 
 
 def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, model_type: str, quantized,
-                   kernel_files: List[str], files: List[str], tuned: Optional[Dict[str, str]] = None) -> None:
+                   kernel_files: List[str], files: List[str], tuned: Optional[Dict[str, str]] = None,
+                   decode_min_m: Optional[Dict[str, int]] = None) -> None:
     import tvm
 
     from .. import __version__
@@ -465,6 +479,8 @@ def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, mode
         n, k = qw.shape
         entry = {"name": path, "format": qw.format, "shape": [n, k], "bias": bias is not None,
                  "rht": qw.rht, "kernels": [KernelSpec(qw.format, n, k, m).name for m in buckets]}
+        if qw.format in (decode_min_m or {}):  # the large-M route's decode-only kernel
+            entry["decode_kernel"] = DecodeSpec(qw.format, n, k).name
         if qw.rht:  # the compiled RHT around the matmul: input side at K, output side at N
             entry["rht_kernels"] = [spec.name for spec in rht_kernel_specs([(n, k)], buckets)]
         if isinstance(qw.meta, dict) and qw.meta.get("fused"):  # QuIP# qkv/upgate: parts, sizes, fuse scales
@@ -480,6 +496,8 @@ def write_manifest(out_dir: Path, fmt: Format, target: TargetInfo, buckets, mode
         "bits_per_weight": round(measured_bits_per_weight(quantized), 6),
         "model_type": model_type,
         "buckets": list(buckets),
+        # format -> the M from which its layers run decode + cuBLAS ({}: fused kernels at every M)
+        "decode_min_m": dict(decode_min_m or {}),
         "kernels": {"library": KERNELS_LIB,
                     "fatbin": KERNELS_FATBIN if KERNELS_FATBIN in kernel_files else None,
                     "source": KERNELS_SOURCE if KERNELS_SOURCE in kernel_files else None},

@@ -73,8 +73,10 @@ class FusedQuantLinear(QuantLinear):
     parts, part i = (x @ W^T)[..., rows of part i] * fuse_scales[i] (+ its slice of the bias)."""
 
     def __init__(self, qweight: QuantizedWeight, kernels, bias: Optional[torch.Tensor] = None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, compiled_rht: Optional[bool] = None):
-        super().__init__(qweight, kernels, bias=bias, buckets=buckets, compiled_rht=compiled_rht)
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, compiled_rht: Optional[bool] = None,
+                 decode_min_m=None):
+        super().__init__(qweight, kernels, bias=bias, buckets=buckets, compiled_rht=compiled_rht,
+                         decode_min_m=decode_min_m)
         self.parts, self.sizes, self.fuse_scales = check_fused_meta(
             self.meta.get("fused"), self.out_features, f"fused {self.format} layer")
         self.meta["fused"] = {"parts": list(self.parts), "sizes": list(self.sizes),

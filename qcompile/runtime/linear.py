@@ -9,6 +9,12 @@ Kernel calling convention (qcompile.kernels.compute): ``f(X fp16[bucket, K], *pa
 format.tensor_specs order, Y fp16[bucket, N])``; torch tensors go in directly (DLPack, zero-copy),
 and tvm-ffi launches CUDA kernels on torch's current stream.
 
+Large batches: a module built with a decode route for a format (``decode_min_m``, format -> M) holds
+a decode-only kernel per layer shape (qcompile.kernels.decode.DecodeSpec); from that M on the op
+decodes the weight into an fp16 scratch tensor (N x K x 2 bytes, from torch's caching allocator)
+and multiplies it with ``F.linear`` (cuBLAS) in one launch for all M rows, instead of bucket-sized
+launches of the fused kernels.
+
 RHT weights: when the module also holds the Hadamard transform kernels (qcompile.kernels.hadamard,
 ``f(X fp16[bucket, n], S fp16[n], HK fp32[K_h, K_h], Y fp16[bucket, n])``) for the layer's sizes,
 the op ``qcompile::quant_linear_rht`` runs input RHT, matmul and output RHT per row block in one
@@ -19,7 +25,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -27,6 +33,7 @@ from torch import nn
 from ..errors import QCompileError
 from ..formats import QuantizedWeight
 from ..formats import get as get_format
+from ..kernels.decode import DecodeSpec
 from ..kernels.hadamard import RhtSpec
 from ..kernels.library import DEFAULT_BUCKETS, KernelSpec
 from ..quant.hadamard import hadamard_factor
@@ -36,11 +43,14 @@ from .dispatch import check_buckets, plan_rows
 # --- registry of loaded kernel modules ----------------------------------------------------------
 @dataclass
 class KernelModule:
-    """A loaded TVM module, the M buckets compiled into it, and the device its kernels run on."""
+    """A loaded TVM module, the M buckets compiled into it, the device its kernels run on, and the M
+    from which each format takes the decode + cuBLAS route (formats not in ``decode_min_m``: never)."""
 
     module: object
     buckets: Tuple[int, ...]
     device_type: str  # "cuda" or "cpu"
+    decode_min_m: Dict[str, int] = field(default_factory=dict)
+    _decode: Dict[Tuple[str, int, int], object] = field(default_factory=dict)
     _kernels: Dict[Tuple[str, int, int], Dict[int, object]] = field(default_factory=dict)
     _rht: Dict[Tuple[str, int], Optional[Dict[int, object]]] = field(default_factory=dict)
 
@@ -59,6 +69,23 @@ class KernelModule:
                 found[m] = self.module[name]
             self._kernels[key] = found
         return found
+
+    def decode_kernel(self, fmt: str, n: int, k: int):
+        """The compiled decode-only kernel of the (format, N, K) layer (QCompileError when missing)."""
+        key = (fmt, n, k)
+        found = self._decode.get(key)
+        if found is None:
+            name = DecodeSpec(fmt, n, k).name
+            if not self.module.implements_function(name):
+                raise QCompileError(f"kernel {name} is not in the loaded module; the artifact does not match its "
+                                    f"model (rebuild it with qcompile build)")
+            found = self._decode[key] = self.module[name]
+        return found
+
+    def decodes(self, fmt: str, m: int) -> bool:
+        """True when a batch of ``m`` rows of format ``fmt`` takes the decode + cuBLAS route."""
+        threshold = self.decode_min_m.get(fmt)
+        return threshold is not None and m >= threshold
 
     def rht_kernels(self, side: str, n: int) -> Optional[Dict[int, object]]:
         """bucket -> compiled RHT kernel of (side, size n), or None when the module lacks any of them."""
@@ -85,19 +112,35 @@ def module_device_type(module) -> str:
     return "cuda" if "cuda" in kinds else "cpu"
 
 
+def check_decode_min_m(decode_min_m: Optional[Mapping[str, int]]) -> Dict[str, int]:
+    """{format: M >= 1}; ValueError (one line) otherwise."""
+    out = {}
+    for fmt, m in dict(decode_min_m or {}).items():
+        if not isinstance(fmt, str) or isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"decode_min_m maps format names to batch sizes >= 1, got {fmt!r}: {m!r}")
+        out[fmt] = m
+    return out
+
+
 def register_kernel_module(module, buckets: Sequence[int] = DEFAULT_BUCKETS,
-                           device_type: Optional[str] = None) -> int:
+                           device_type: Optional[str] = None,
+                           decode_min_m: Optional[Mapping[str, int]] = None) -> int:
     """Register a module returned by qcompile.runtime.module.load_kernels; return its handle.
-    Registering the same module object again returns the same handle."""
+    ``decode_min_m``: format -> the M from which its layers run decode + cuBLAS (the module must
+    hold their DecodeSpec kernels); None or {} = the fused kernels at every M. Registering the same
+    module object again returns the same handle."""
     buckets = check_buckets(buckets)
+    decode_min_m = check_decode_min_m(decode_min_m)
     with _REGISTRY_LOCK:
         handle = _HANDLES_BY_ID.get(id(module))
         if handle is not None and _MODULES[handle].module is module:
             if _MODULES[handle].buckets != buckets:
                 raise ValueError(f"module already registered with buckets {_MODULES[handle].buckets}")
+            if _MODULES[handle].decode_min_m != decode_min_m:
+                raise ValueError(f"module already registered with decode_min_m {_MODULES[handle].decode_min_m}")
             return handle
         handle = len(_MODULES) + 1
-        _MODULES[handle] = KernelModule(module, buckets, device_type or module_device_type(module))
+        _MODULES[handle] = KernelModule(module, buckets, device_type or module_device_type(module), decode_min_m)
         _HANDLES_BY_ID[id(module)] = handle  # modules stay registered (and alive) for the process
         return handle
 
@@ -140,12 +183,22 @@ def _run_row_blocks(x: torch.Tensor, n: int, buckets: Sequence[int],
     return y
 
 
+def _decode_matmul(entry: KernelModule, x: torch.Tensor, packed: List[torch.Tensor], fmt: str, n: int) -> torch.Tensor:
+    """X @ decode(W)^T for a large batch: the module's decode kernel writes W fp16[n, K] into a
+    scratch tensor, F.linear (cuBLAS on CUDA) multiplies all M rows at once."""
+    w = torch.empty((n, x.shape[1]), dtype=torch.float16, device=x.device)
+    entry.decode_kernel(fmt, n, x.shape[1])(*packed, w)
+    return torch.nn.functional.linear(x, w)
+
+
 @torch.library.custom_op("qcompile::quant_linear", mutates_args=())
 def quant_linear(x: torch.Tensor, packed: List[torch.Tensor], handle: int, fmt: str, n: int) -> torch.Tensor:
     """Y fp16[M, n] = X fp16[M, K] @ decode(W)^T, with W's packed tensors in the format's order.
     Kernels are the module's KernelSpec(fmt, n, K, bucket) functions; M is served by plan_rows."""
     entry = _checked_entry(handle, x, "quant_linear")
     x = x.contiguous()
+    if entry.decodes(fmt, x.shape[0]):
+        return _decode_matmul(entry, x, packed, fmt, n)
     kernels = entry.kernels(fmt, n, x.shape[1])
 
     def launch(bucket, xb, yb):
@@ -175,6 +228,10 @@ def quant_linear_rht(x: torch.Tensor, packed: List[torch.Tensor], su: torch.Tens
     if rht_in is None or rht_out is None:
         raise QCompileError(f"the loaded module has no RHT kernels for a {n}x{k} layer; the artifact does not "
                             f"match its model (rebuild it with qcompile build)")
+    if entry.decodes(fmt, x.shape[0]):  # RHTs per row block, one decode + cuBLAS for all rows between
+        xr = _run_row_blocks(x, k, entry.buckets, lambda b, xb, yb: rht_in[b](xb, su, hk_in, yb))
+        yr = _decode_matmul(entry, xr, packed, fmt, n)
+        return _run_row_blocks(yr, n, entry.buckets, lambda b, xb, yb: rht_out[b](xb, sv, hk_out, yb))
     scratch: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}  # per bucket: X' and Y' blocks
 
     def launch(bucket, xb, yb):
@@ -232,9 +289,10 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, qweight: QuantizedWeight, kernels, bias: Optional[torch.Tensor] = None,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, compiled_rht: Optional[bool] = None):
+                 buckets: Sequence[int] = DEFAULT_BUCKETS, compiled_rht: Optional[bool] = None,
+                 decode_min_m: Optional[Mapping[str, int]] = None):
         """kernels: a handle from register_kernel_module, or a module from load_kernels (registered
-        here with ``buckets``). compiled_rht (RHT weights only): None = use the module's RHT kernels
+        here with ``buckets`` and ``decode_min_m``). compiled_rht (RHT weights only): None = use the module's RHT kernels
         when it has them, else the torch transforms; False = always the torch transforms; True =
         the module's kernels (QCompileError when it lacks them)."""
         super().__init__()
@@ -265,7 +323,9 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", bias.detach().to(torch.float16).contiguous())
         else:
             self.bias = None
-        self.kernel_handle = kernels if isinstance(kernels, int) else register_kernel_module(kernels, buckets)
+        if not isinstance(kernels, int):
+            kernels = register_kernel_module(kernels, buckets, decode_min_m=decode_min_m)
+        self.kernel_handle = kernels
         self.meta = dict(qweight.meta)
         # Fallback: modules built before the RHT was compiled (older artifacts) lack the RHT kernels;
         # their layers keep the torch transforms. Fixed here, so forward's branch is static for torch.compile.

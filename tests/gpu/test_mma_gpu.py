@@ -89,3 +89,22 @@ def test_decode_bit_exact_through_the_kernel(name, use_intrin, check_one_hot_dec
     qw = fmt.random_weight(n, k, seed=11)
     fn = build({"k": mma_scheduled_func(fmt, n, k, m, use_intrin=use_intrin)})["k"]
     check_one_hot_decode(fn, fmt, qw, m, f"{name} intrin={use_intrin}")
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4"])
+def test_padded_k_blocks_match_float64(name):
+    """K = 11008 (Llama-2-7B down_proj): 86 K blocks padded to 88 for 8 K warps (and to 96 for 16
+    warps x unroll 2): the padded blocks read K's last block again and must add nothing."""
+    from qcompile.kernels.mma import default_mma_config, k_blocks
+
+    fmt = qc.formats.get(name)
+    n, k = 512, 11008
+    cfgs = {"default": default_mma_config(n, k, 4, fmt.decode_unit),
+            "wk16u2": MmaConfig(units=max(1, 32 // fmt.decode_unit), tiles=1, warps_k=16, unroll=2)}
+    assert all(k_blocks(cfg, k, fmt.decode_unit) > k // (4 * 32) for cfg in cfgs.values())
+    qw = fmt.random_weight(n, k, seed=13).to("cuda")
+    ex = build({f"{tag}_{m}": mma_scheduled_func(fmt, n, k, m, cfg) for tag, cfg in cfgs.items() for m in (3, 16)})
+    for tag in cfgs:
+        for m in (3, 16):
+            err = rel_err(ex[f"{tag}_{m}"], fmt, qw, m, seed=m)
+            assert err < 2e-3, (name, tag, m, err)
