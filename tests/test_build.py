@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 
 import qcompile as qc
+from qcompile.kernels.library import MMA_DECODE_MIN_M
 from qcompile.cli import main as cli_main
 from qcompile.model import build as build_module
 from qcompile.model.build import build
@@ -62,7 +63,7 @@ def test_artifact_contents(llvm_artifact):
     manifest = json.loads((llvm_artifact / "manifest.json").read_text())
     assert manifest["target"] == "llvm" and manifest["format"] == FORMAT
     assert manifest["buckets"] == [1, 4, 16]
-    assert manifest["decode_min_m"] == {FORMAT: 64}  # the large-M route (qcompile.kernels.decode)
+    assert manifest["decode_min_m"] == {FORMAT: MMA_DECODE_MIN_M}  # the large-M route (qcompile.kernels.decode)
     assert manifest["qcompile_version"] == qc.__version__ and manifest["tvm_version"]
     assert set(manifest["files"]) == set(files) - {"manifest.json"}
     layers = manifest["layers"]

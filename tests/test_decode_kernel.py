@@ -71,6 +71,32 @@ def test_row_packed_words_are_vector_loads():
     assert re.search(r"\*\(uint4\*\)\(W_ptr \+ .*\(\(int\)threadIdx.x\) \* 8\)\)\) = W_shared_ptr", body)
 
 
+@pytest.mark.parametrize("name", ["qtip-hyb-2", "qtip-1mad-2", "e8p-2"])
+def test_lut_shared_copies_tables_never_the_packed_weight(name):
+    # regression: QTIP's trellis (not streamed into registers) was taken for a table and "copied" to
+    # shared memory, a region of hundreds of MB that ptxas refused
+    import tvm
+
+    fmt = qc.formats.get(name)
+    ex = compile_module(tvm.IRModule({"main": decode_scheduled_func(fmt, 256, 1024, "cuda",
+                                                                  DecodeConfig(threads=128, units=2, lut_shared=1))}),
+                        tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))
+    shared = re.findall(r"__shared__ alignas\(\d+\) \w+ (\w+)\[(\d+)\]", library.cuda_source(ex))
+    packed = set(fmt.streamed)
+    assert not [buf for buf, _ in shared if buf.rsplit("_shared", 1)[0] in packed]
+    assert sum(int(size) for _, size in shared) * 4 <= 48 * 1024  # fits a block's static shared memory
+    if name == "qtip-hyb-2":  # the one table it has: HYB's 512x2 fp16 tlut
+        assert [buf for buf, _ in shared if buf.startswith("tlut")]
+
+
+def test_default_decode_config_per_layout():
+    from qcompile.kernels.decode import default_decode_config
+
+    assert default_decode_config(qc.formats.get("e8p-2")).stage == 1
+    assert default_decode_config(qc.formats.get("int4-g128")).stage == 1
+    assert default_decode_config(qc.formats.get("qtip-hyb-2")).stage == 0
+
+
 def test_decode_config_errors():
     for cfg, msg in [(DecodeConfig(threads=48), "multiple of 32"), (DecodeConfig(threads=2048), "at most 1024"),
                      (DecodeConfig(units=0), "positive"), (DecodeConfig(lut_shared=2), "lut_shared"),
@@ -199,9 +225,9 @@ def test_loaded_artifact_decodes_large_batches(llvm_artifact, tmp_path):
     model = qc.load(llvm_artifact, device="cpu")
     lin = next(m for m in model.modules() if isinstance(m, QuantLinear))
     entry = kernel_module(lin.kernel_handle)
-    assert entry.decode_min_m == {"int4-g128": 64}
+    assert entry.decode_min_m == {"int4-g128": MMA_DECODE_MIN_M}
     w = qc.formats.get(lin.format).decode_fp16(lin.quantized_weight()).float()
-    x = torch.randn(70, lin.in_features).half()
+    x = torch.randn(MMA_DECODE_MIN_M + 3, lin.in_features).half()
     with torch.no_grad():
         y = lin(x)
     ref = F.linear(x.float(), w, None if lin.bias is None else lin.bias.float())

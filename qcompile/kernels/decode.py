@@ -40,9 +40,8 @@ class DecodeSpec:
 class DecodeConfig:
     """threads: threads per block (``block_threads``: with stage, a block holds whole rows or a
     whole part of one row); units: consecutive decode units of a row per thread; lut_shared: 1 = a
-    format's lookup tables copied to shared memory once per block, 0 = read through L1 (HYB's 2 KiB
-    table per 128-thread block measured 2.1 ms against 0.31 ms on 28672x8192, H100; E8P the same
-    either way); stage: 1 = the block's decoded values go through shared memory and leave in
+    format's lookup tables (never its packed words) copied to shared memory once per block, 0 =
+    read through L1 (the tables are small and hot in L1); stage: 1 = the block's decoded values go through shared memory and leave in
     16-byte stores of consecutive lanes (coalesced), 0 = each lane stores its own units (a warp's
     stores then stride by a unit: e8p-2 on 28672x8192 wrote at 0.50 of copy bandwidth, int4's
     16-byte units at 0.97)."""
@@ -54,6 +53,14 @@ class DecodeConfig:
 
     def as_dict(self):
         return asdict(self)
+
+
+def default_decode_config(fmt) -> DecodeConfig:
+    """The measured best default per format family (H100): row-packed formats stage their stores
+    (e8p-2 on 28672x8192: 186 us staged, 354 us not); QTIP's tile-packed units are 16x16 tiles
+    whose rows a lane already writes 32 bytes at a time, and staging only adds the shared-memory
+    round trip (qtip-hyb-2 on 28672x8192: 309 us unstaged, 333 us staged)."""
+    return DecodeConfig() if tuple(fmt.gemv_tile) == (1, 1) else DecodeConfig(stage=0)
 
 
 def decode_func(fmt, n: int, k: int):
@@ -117,10 +124,11 @@ def check_decode_config(cfg: DecodeConfig, n: int, k: int, unit: int) -> None:
     block_threads(cfg, n, k // unit)
 
 
-def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, streamed=()):
+def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, streamed=(), packed=()):
     """Schedule ``decode_func`` (derived stages inlined, ``inline_derived``) for CUDA; returns an
     IRModule. ``intrin``: the format's (TensorIntrin name, CUDA source) decode of one unit, or None;
-    ``streamed``: the packed-word tensors to load into registers (``fmt.streamed``)."""
+    ``streamed``: the packed-word tensors to load into registers (``fmt.streamed``); ``packed``: all
+    packed-word tensors, which ``lut_shared`` never copies (they are the weight, not a table)."""
     import tvm
 
     from .mma import _loops_below
@@ -161,7 +169,7 @@ def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, stream
             sch.unroll(loop)
         consumers.append(gather)
         if cfg.lut_shared:  # its tables (what it reads besides the packed words) to shared memory
-            skip = set(streamed) | {"W_slice"}
+            skip = set(streamed) | set(packed) | {"W_slice"}
             for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
                 table = sch.cache_read(gather, idx, "shared")
                 sch.compute_at(table, bx)
@@ -216,9 +224,10 @@ def decode_scheduled_func(fmt, n: int, k: int, target_kind: str = "cuda", cfg: D
     func = decode_func(fmt, n, k)
     if target_kind == "llvm":
         return schedule_decode_llvm(func)["main"]
-    cfg = cfg or DecodeConfig()
+    cfg = cfg or default_decode_config(fmt)
     intrin = fmt.decode_intrin("cuda") if use_intrin else None
     # packed words in registers only where a unit's words are a fixed region of its row (row-packed
     # formats); QTIP's tile-packed windows have data-dependent extents and are read through L1
     streamed = fmt.streamed if tuple(fmt.gemv_tile) == (1, 1) else ()
-    return schedule_decode_cuda(inline_derived(func), cfg, fmt.decode_unit, intrin, streamed)["main"]
+    return schedule_decode_cuda(inline_derived(func), cfg, fmt.decode_unit, intrin, streamed,
+                                fmt.streamed)["main"]

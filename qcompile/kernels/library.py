@@ -63,9 +63,10 @@ TARGET_GEMV_THREADS = 262144
 # From this M on a row-packed format (``runs_mma``) takes the decode + cuBLAS route: below it,
 # repeated M=16 launches of the mma.sync kernel cost less (each reads the packed weight once, ~0.4x
 # of the fp16 weight's read time on the 70B MLP shapes, against ~2x for writing and reading an fp16
-# copy); the other formats (QTIP: M=16 on the WMMA kernel costs about as much as the decode route)
-# take it from GEMV_MAX_M + 1.
-MMA_DECODE_MIN_M = 64
+# copy). Measured crossover (e8p-2, H100): M=64 split 268 us vs decode 361 us, M=128 split 536 us vs
+# decode 359 us on 28672x8192 (59 vs 77 us and 115 vs 78 us on 4096x11008). The other formats
+# (QTIP: M=16 on the WMMA kernel costs about as much as the decode route) take it from GEMV_MAX_M + 1.
+MMA_DECODE_MIN_M = 96
 
 
 def default_decode_min_m(fmt) -> int:
