@@ -185,3 +185,23 @@ def test_roofline_plot_across_formats(tmp_path):
     b["records"] = [dict(r, N=r["N"] + 16) for r in b["records"]]  # no shape in common
     with pytest.raises(ValueError, match="share no layer shape"):
         plot_roofline([a, b], tmp_path / "r2.png")
+
+
+def test_markdown_table_of_a_bench_record(tmp_path, capsys):
+    from qcompile.bench import table
+
+    rec = dict(format="e8p-2", N=256, K=512, cublas_fp16_us=20.0, bandwidth_fraction=0.5)
+    doc = {"format": "e8p-2", "commit": "abc1234", "device": "GPU", "records": [
+        dict(rec, M=1, us=5.0, speedup_vs_fp16=4.0, route="fused"),
+        dict(rec, M=32, us=10.0, speedup_vs_fp16=2.0, route="split"),
+        dict(rec, M=1024, us=40.0, speedup_vs_fp16=0.5, route="decode_cublas"),
+        dict(rec, M=64, us=None, speedup_vs_fp16=None, route="split")]}  # a failed measurement: no cell
+    rows = table.markdown(doc).splitlines()
+    assert rows[0] == "| N × K | M=1 | cuBLAS fp16 | speedup | bw fraction | M=32 | M=1024 |"
+    assert rows[2] == "| 256 × 512 | 5.0 µs | 20.0 µs | 4.00× | 0.50 | 2.00×ˢ | 0.50×ᵈ |"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    assert table.main([str(path)]) == 0 and "commit abc1234" in capsys.readouterr().out
+    path.write_text("{not json")
+    assert table.main([str(path)]) == 2
+    assert "not a readable bench record" in capsys.readouterr().err
