@@ -224,6 +224,10 @@ def test_default_config_tiles_real_shapes():
                 check_mma_config(cfg, n, k, m, unit)
                 assert span_of(cfg, unit) == 32
         assert default_mma_config(28672, 8192, 4, unit) == MmaConfig(units=32 // unit, tiles=2, warps_k=8)
+        # M > 8 on a wide N: four tiles share each B fragment (448 blocks of 64 rows); not on 8192 rows
+        assert default_mma_config(28672, 8192, 16, unit) == MmaConfig(units=32 // unit, tiles=4, warps_k=4)
+        assert default_mma_config(28672, 8192, 8, unit).tiles == 2
+        assert default_mma_config(8192, 28672, 16, unit) == MmaConfig(units=32 // unit, tiles=2, warps_k=8)
         # K = 11008: 86 K blocks of 128 columns = 2 x 43, padded to 88 for 8 K warps (not 2 warps)
         cfg = default_mma_config(4096, 11008, 4, unit)
         assert cfg.warps_k == 8 and k_blocks(cfg, 11008, unit) == 88

@@ -436,23 +436,34 @@ def _loops_below(sch, block, anchor):
     return loops[pos + 1:]
 
 
+# From M > 8 (two n8 token tiles) the activations' B fragments cost as much as the decode: four
+# 16-row tiles per warp share each of them, where N leaves enough blocks of 64 rows to fill the GPU
+# (at least two per SM of an H100-class GPU, 132 SMs). H100 sweep at M=16 (mma-sweep-*-h100.json):
+# 28672x8192 e8p-2 60.2 us against 70.8 us (2 tiles, 8 K warps), int4-g128 67.7 against 72.3 us;
+# 8192x28672 (128 such blocks) loses with it (91.7 against 63.9 us).
+WIDE_TILES_MIN_BLOCKS = 264
+
+
 def default_mma_config(n: int, k: int, m: int, unit: int) -> MmaConfig:
     """The config qcompile uses without a tuning record: 32 columns per lane (``units``), two 16-row
     tiles per warp sharing each B fragment, 8 warps splitting K. From H100 sweeps (tc_sweep --family
     mma, e8p-2 / int4-g128 on 28672x8192 and 8192x28672): at M = 2..16 this was the best or within
     10 % of it on both shapes (e8p-2 M=4: 47.0 / 50.9 us against 58.0 / 74.2 us with one tile and 4
-    K warps; M=16: 70.8 / 63.9 us). Where the shape refuses it: fewer K warps, then one tile, then
-    one unit per lane."""
+    K warps; M=16: 70.8 / 63.9 us), except at M > 8 on a wide N (``WIDE_TILES_MIN_BLOCKS``): four
+    tiles and 4 K warps. Where the shape refuses it: fewer K warps, then one tile, then one unit per
+    lane."""
     units = max(1, 32 // unit) if unit < 32 else 1
+    shapes = [(2, 8), (2, 4), (2, 2), (2, 1), (1, 8), (1, 4), (1, 2), (1, 1)]
+    if m > 8 and n // (16 * 4) >= WIDE_TILES_MIN_BLOCKS:
+        shapes.insert(0, (4, 4))
     for u in dict.fromkeys((units, 1)):
-        for tiles in (2, 1):
-            for warps_k in (8, 4, 2, 1):
-                cfg = MmaConfig(units=u, tiles=tiles, warps_n=1, warps_k=warps_k)
-                try:
-                    check_mma_config(cfg, n, k, m, unit)
-                except ValueError:
-                    continue
-                return cfg
+        for tiles, warps_k in shapes:
+            cfg = MmaConfig(units=u, tiles=tiles, warps_n=1, warps_k=warps_k)
+            try:
+                check_mma_config(cfg, n, k, m, unit)
+            except ValueError:
+                continue
+            return cfg
     raise ValueError(f"no mma config tiles N={n}, K={k} in decode units of {unit}")
 
 
