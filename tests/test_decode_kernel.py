@@ -94,7 +94,7 @@ def test_default_decode_config_per_layout():
 
     assert default_decode_config(qc.formats.get("e8p-2")).stage == 1
     assert default_decode_config(qc.formats.get("int4-g128")).stage == 1
-    assert default_decode_config(qc.formats.get("qtip-hyb-2")).stage == 0
+    assert default_decode_config(qc.formats.get("qtip-hyb-2")) == DecodeConfig(stage=0, lut_shared=1)
 
 
 def test_decode_config_errors():

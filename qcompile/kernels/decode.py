@@ -59,8 +59,9 @@ def default_decode_config(fmt) -> DecodeConfig:
     """The measured best default per format family (H100): row-packed formats stage their stores
     (e8p-2 on 28672x8192: 186 us staged, 354 us not); QTIP's tile-packed units are 16x16 tiles
     whose rows a lane already writes 32 bytes at a time, and staging only adds the shared-memory
-    round trip (qtip-hyb-2 on 28672x8192: 309 us unstaged, 333 us staged)."""
-    return DecodeConfig() if tuple(fmt.gemv_tile) == (1, 1) else DecodeConfig(stage=0)
+    round trip (qtip-hyb-2 on 28672x8192: 309 us unstaged, 333 us staged), and HYB's 2 KiB table
+    is worth a shared-memory copy per block (263 us against 308 us)."""
+    return DecodeConfig() if tuple(fmt.gemv_tile) == (1, 1) else DecodeConfig(stage=0, lut_shared=1)
 
 
 def decode_func(fmt, n: int, k: int):
