@@ -111,8 +111,12 @@ def test_decode_config_errors():
     # E8P, K = 11008: 344 units a row; staged blocks hold one row, unstaged ones any 256 units
     assert block_threads(DecodeConfig(), 64, 344) == 344 and block_threads(DecodeConfig(stage=0), 64, 344) == 256
     assert block_threads(DecodeConfig(), 64, 256) == 256 and block_threads(DecodeConfig(), 64, 128) == 256
+    # int4, K = 11008: 1376 units a row (2^5 x 43): half a row per block, not 32-thread blocks
+    assert block_threads(DecodeConfig(), 4096, 1376) == 688
+    assert block_threads(DecodeConfig(), 16, 1100) == 550 and block_threads(DecodeConfig(), 4, 2 * 1021) == 1021
+    assert block_threads(DecodeConfig(), 4, 32 * 1031) == 32
     with pytest.raises(ValueError, match="whole rows"):
-        check_decode_config(DecodeConfig(), 16, 1100 * 32, 32)  # 1100 units a row: no block of whole rows
+        check_decode_config(DecodeConfig(), 16, 1031 * 32, 32)  # 1031 units a row: no whole rows, no part
     func = decode_func(qc.formats.get("e8p-2"), 16, 128)
     with pytest.raises(ValueError, match="units=3"):
         schedule_decode_cuda(func, DecodeConfig(units=3), 32)
