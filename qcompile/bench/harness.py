@@ -25,7 +25,7 @@ from ..errors import QCompileError
 
 DEFAULT_FORMAT = "int4-g128"
 DEFAULT_SHAPES = "4096x4096,11008x4096,4096x11008,28672x8192,8192x28672"
-DEFAULT_MS = "1,4,16,64,256"
+DEFAULT_MS = "1,4,16,32,64,128,256,1024"  # every route: fused, split, decode + cuBLAS
 SPLIT_MAX_M = 256  # M above GEMV_MAX_M up to which the bench also times the bucket plan's launches
 DEFAULT_OUT_DIR = os.path.join("artifacts", "bench")
 DEFAULT_ITERS = 200
