@@ -89,6 +89,24 @@ def test_lut_shared_copies_tables_never_the_packed_weight(name):
         assert [buf for buf, _ in shared if buf.startswith("tlut")]
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4", "qtip-hyb-2", "qtip-3inst-2", "qtip-1mad-3"])
+def test_decode_knob_grid_compiles_for_sm90_with_nvcc(name):
+    # the whole space the decode sweep times (python -m qcompile.bench.decode_sweep) must get through
+    # ptxas: a config it refuses fails on the GPU machine only, as lut_shared did for QTIP
+    import itertools
+
+    import tvm
+
+    fmt = qc.formats.get(name)
+    funcs = {}
+    for i, (t, u, lu, st) in enumerate(itertools.product((128, 256), (1, 2), (0, 1), (0, 1))):
+        cfg = DecodeConfig(threads=t, units=u, lut_shared=lu, stage=st)
+        funcs[f"c{i}"] = decode_scheduled_func(fmt, 256, 1024, "cuda", cfg).with_attr("global_symbol", f"c{i}")
+    src = library.cuda_source(compile_module(tvm.IRModule(funcs), tvm.target.Target({"kind": "cuda", "arch": "sm_90"})))
+    assert len(library.compile_fatbin(src, "sm_90")) > 1000
+
+
 def test_default_decode_config_per_layout():
     from qcompile.kernels.decode import default_decode_config
 
