@@ -104,7 +104,7 @@ def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants:
                family: str = "tensorcore"):
     """[(label, cfg, use_intrin)] that tile the shape: default first, no duplicates."""
     default, near, check, _ = family_api(family)
-    base = default(n, k, m, fmt.decode_unit)
+    base = default(n, k, m, fmt.decode_unit, *((fmt.decode_stages,) if family == "mma" else ()))
     cfgs = [base] + [parse_config(t, base) for t in extra] + (near(base) if with_variants else [])
     out, seen = [], set()
     prefix = "tc" if family == "tensorcore" else family

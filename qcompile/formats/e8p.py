@@ -483,6 +483,7 @@ class E8PFormat(Format):
         self.resid_scale = resid_scale
         self.codebook = CODEBOOK_NAMES[name]
         self.bits = {None: 2, "e81b": 3, "e8p": 4}[residual]
+        self.decode_stages = 1 if residual is None else 2
 
     # --- shapes -----------------------------------------------------------------------------
     def check_shape(self, n: int, k: int) -> None:

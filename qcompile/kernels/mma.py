@@ -440,21 +440,23 @@ def _loops_below(sch, block, anchor):
 # 16-row tiles per warp share each of them, where N leaves enough blocks of 64 rows to fill the GPU
 # (at least two per SM of an H100-class GPU, 132 SMs). H100 sweep at M=16 (mma-sweep-*-h100.json):
 # 28672x8192 e8p-2 60.2 us against 70.8 us (2 tiles, 8 K warps), int4-g128 67.7 against 72.3 us;
-# 8192x28672 (128 such blocks) loses with it (91.7 against 63.9 us).
+# 8192x28672 (128 such blocks) loses with it (91.7 against 63.9 us). Only for one-stage decodes: the
+# residual E8P formats' second stage takes e8p-4 to 183 registers a lane with four tiles (128 with
+# two), and its M=16 on 28672x8192 went from 90.2 us (2 tiles, 8 K warps) to 107 us (bench records).
 WIDE_TILES_MIN_BLOCKS = 264
 
 
-def default_mma_config(n: int, k: int, m: int, unit: int) -> MmaConfig:
+def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1) -> MmaConfig:
     """The config qcompile uses without a tuning record: 32 columns per lane (``units``), two 16-row
     tiles per warp sharing each B fragment, 8 warps splitting K. From H100 sweeps (tc_sweep --family
     mma, e8p-2 / int4-g128 on 28672x8192 and 8192x28672): at M = 2..16 this was the best or within
     10 % of it on both shapes (e8p-2 M=4: 47.0 / 50.9 us against 58.0 / 74.2 us with one tile and 4
     K warps; M=16: 70.8 / 63.9 us), except at M > 8 on a wide N (``WIDE_TILES_MIN_BLOCKS``): four
-    tiles and 4 K warps. Where the shape refuses it: fewer K warps, then one tile, then one unit per
+    tiles and 4 K warps (one-stage decodes only). Where the shape refuses it: fewer K warps, then one tile, then one unit per
     lane."""
     units = max(1, 32 // unit) if unit < 32 else 1
     shapes = [(2, 8), (2, 4), (2, 2), (2, 1), (1, 8), (1, 4), (1, 2), (1, 1)]
-    if m > 8 and n // (16 * 4) >= WIDE_TILES_MIN_BLOCKS:
+    if m > 8 and n // (16 * 4) >= WIDE_TILES_MIN_BLOCKS and decode_stages == 1:
         shapes.insert(0, (4, 4))
     for u in dict.fromkeys((units, 1)):
         for tiles, warps_k in shapes:
@@ -473,7 +475,7 @@ def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_i
 
     fmt = get_format(fmt)
     unit = fmt.decode_unit
-    cfg = cfg or default_mma_config(n, k, m, unit)
+    cfg = cfg or default_mma_config(n, k, m, unit, fmt.decode_stages)
     check_mma_config(cfg, n, k, m, unit)
     func = inline_derived(mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit)))
     intrin = fmt.decode_intrin("cuda") if use_intrin else None

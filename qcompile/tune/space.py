@@ -250,7 +250,7 @@ def _default_tc(spec: KernelSpec, fmt) -> TensorCoreConfig:
 
 def _default_mma(spec: KernelSpec, fmt) -> MmaConfig:
     try:
-        return default_mma_config(spec.n, spec.k, spec.m, fmt.decode_unit)
+        return default_mma_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.decode_stages)
     except ValueError as err:
         raise QCompileError(str(err)) from None
 
