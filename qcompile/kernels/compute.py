@@ -17,26 +17,39 @@ from ..formats import Format
 FP16_RUN = 8  # products summed in fp16 (4 per HFMA2 lane) before the fp32 accumulation
 
 
-def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True, fp16_run: int = 0):
-    """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]). ``fp16_run``: products per fp16
-    partial sum in the GEMV form (capped at the decode unit; 0: FP16_RUN)."""
+def format_stages(fmt: Format, n: int, k: int):
+    """(params, bufs) of an [n, k] weight: the packed tensors as placeholders (``params``, in
+    ``tensor_specs`` order) and, in ``bufs``, them plus every stage the format's decode reads: its
+    derived tables (W_table*, ``Format.tir_tables``), the packed-word slices its gather shares
+    (W_slice, ``Format.slice_count``) and its table lookups (W_gather, ``Format.gather_count``).
+    Every kernel builds the format's decode from these, so none re-implements a format."""
     from tvm import te
 
     fmt.check_shape(n, k)
     unit = fmt.decode_unit
     if k % unit:
         raise ValueError(f"in_features {k} must be a multiple of the decode unit {unit}")
-    X = te.placeholder((m, k), "float16", name="X")
     specs = fmt.tensor_specs(n, k)
     bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in specs.items()}
     params = list(bufs.values())
-    bufs.update(fmt.tir_tables(bufs))  # derived tables (stages W_table*), see Format.tir_tables
-    if fmt.slice_count:  # packed-word slices the gather shares (see Format.slice_count), stage W_slice
+    bufs.update(fmt.tir_tables(bufs))
+    if fmt.slice_count:
         bufs["slices"] = te.compute((n, k // unit, fmt.slice_count),
                                     lambda i, c, g: fmt.tir_slice(bufs, i, c, g), name="W_slice")
-    if fmt.gather_count:  # the format's table lookups as their own stage (see Format.gather_count)
+    if fmt.gather_count:
         bufs["gathered"] = te.compute((n, k // unit, fmt.gather_count),
                                       lambda i, c, g: fmt.tir_gather(bufs, i, c, g), name="W_gather")
+    return params, bufs
+
+
+def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True, fp16_run: int = 0):
+    """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]). ``fp16_run``: products per fp16
+    partial sum in the GEMV form (capped at the decode unit; 0: FP16_RUN)."""
+    from tvm import te
+
+    params, bufs = format_stages(fmt, n, k)
+    unit = fmt.decode_unit
+    X = te.placeholder((m, k), "float16", name="X")
     if not two_level:
         W = te.compute((n, k), lambda i, j: fmt.tir_decode(bufs, i, j), name="W_decode")
         kr = te.reduce_axis((0, k), name="k")

@@ -68,20 +68,10 @@ def decode_func(fmt, n: int, k: int):
     """PrimFunc main(*packed tensors, W fp16[n, k]) with W = the format's decode of every unit."""
     from tvm import te
 
-    fmt.check_shape(n, k)
+    from .compute import format_stages
+
+    params, bufs = format_stages(fmt, n, k)
     unit = fmt.decode_unit
-    if k % unit:
-        raise ValueError(f"in_features {k} must be a multiple of the decode unit {unit}")
-    specs = fmt.tensor_specs(n, k)
-    bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in specs.items()}
-    params = list(bufs.values())
-    bufs.update(fmt.tir_tables(bufs))
-    if fmt.slice_count:
-        bufs["slices"] = te.compute((n, k // unit, fmt.slice_count),
-                                    lambda i, c, g: fmt.tir_slice(bufs, i, c, g), name="W_slice")
-    if fmt.gather_count:
-        bufs["gathered"] = te.compute((n, k // unit, fmt.gather_count),
-                                      lambda i, c, g: fmt.tir_gather(bufs, i, c, g), name="W_gather")
     W_unit = te.compute((n, k // unit, unit), lambda i, c, j: fmt.tir_decode_unit(bufs, i, c, j), name="W_decode")
     W = te.compute((n, k), lambda i, j: W_unit[i, j // unit, j % unit], name="W")
     return te.create_prim_func([*params, W]).with_attr("global_symbol", "main")

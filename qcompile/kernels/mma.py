@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .compute import format_stages
 from .schedules import _func_mod, _gather_block, _get_sblock, inline_derived, vectorize_copy
 
 WARP = 32
@@ -152,17 +153,8 @@ def mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     block, steps = 4 * span, span // 4
     if k % block:
         raise ValueError(f"in_features {k} must be a multiple of the K block {block}")
+    params, bufs = format_stages(fmt, n, k)
     X = te.placeholder((m, k), "float16", name="X")
-    specs = fmt.tensor_specs(n, k)
-    bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in specs.items()}
-    params = list(bufs.values())
-    bufs.update(fmt.tir_tables(bufs))
-    if fmt.slice_count:
-        bufs["slices"] = te.compute((n, k // unit, fmt.slice_count),
-                                    lambda i, c, g: fmt.tir_slice(bufs, i, c, g), name="W_slice")
-    if fmt.gather_count:
-        bufs["gathered"] = te.compute((n, k // unit, fmt.gather_count),
-                                      lambda i, c, g: fmt.tir_gather(bufs, i, c, g), name="W_gather")
     W = te.compute((n, k // unit, unit), lambda i, c, j: fmt.tir_decode_unit(bufs, i, c, j), name="W_decode")
     nkb = k // block
     loop_blocks = blocks or nkb
