@@ -128,7 +128,7 @@ def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, stream
     packed-word tensors, which ``lut_shared`` never copies (they are the weight, not a table)."""
     import tvm
 
-    from .mma import _loops_below
+    from .mma import _loops_below, stage_packed_words
 
     sch = tvm.s_tir.Schedule(_func_mod(func))
     out = sch.get_sblock("W")
@@ -178,17 +178,7 @@ def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, stream
             sch.compute_at(slices, own)
             sch.set_scope(slices, 0, "local")
             consumers.append(slices)
-    for name in streamed:  # the packed words: one register copy per tensor, vector loads
-        for blk in consumers:
-            names = [r.source.name for r in sch.get(blk).reads]
-            if name in names:
-                users = [b for b in consumers if name in [r.source.name for r in sch.get(b).reads]]
-                words = sch.cache_read(blk, names.index(name), "local", consumer_blocks=users)
-                sch.compute_at(words, tx)
-                own_loops = _loops_below(sch, words, tx)
-                if all(isinstance(sch.get(lp).extent, tvm.tirx.IntImm) for lp in own_loops):
-                    vectorize_copy(sch, words, 16, len(sch.get_loops(words)) - len(own_loops))
-                break
+    stage_packed_words(sch, consumers, streamed, tx)
     for loop in _loops_below(sch, dec, own)[:-1]:
         sch.unroll(loop)
     if intrin is not None:

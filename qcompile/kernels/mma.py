@@ -356,19 +356,7 @@ def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=())
             sch.compute_at(slices, w_lane)
             sch.set_scope(slices, 0, "local")
             consumers.append(slices)
-    # the packed words: one register copy per tensor, read by every stage that needs them, vector loads
-    for name in streamed:
-        for blk in consumers:
-            names = [r.source.name for r in sch.get(blk).reads]
-            if name in names:
-                users = [b for b in consumers if name in [r.source.name for r in sch.get(b).reads]]
-                words = sch.cache_read(blk, names.index(name), "local", consumer_blocks=users)
-                sch.compute_at(words, w_lane)
-                own = _loops_below(sch, words, w_lane)
-                if all(isinstance(sch.get(lp).extent, tvm.tirx.IntImm) for lp in own):
-                    vectorize_copy(sch, words, 16, len(sch.get_loops(words)) - len(own))
-                # (a window of data-dependent extent, QTIP's packed rows, stays a scalar copy)
-                break
+    stage_packed_words(sch, consumers, streamed, w_lane)
     sources = []
     for loop in _loops_below(sch, dec, w_lane)[:-1]:  # the lane's rows and units
         sch.unroll(loop)
@@ -426,6 +414,25 @@ def _loops_below(sch, block, anchor):
     loops = sch.get_loops(block)
     pos = [sch.get(lp).same_as(sch.get(anchor)) for lp in loops].index(True)
     return loops[pos + 1:]
+
+
+def stage_packed_words(sch, consumers, streamed, at) -> None:
+    """The packed words (``streamed`` tensors) in registers: one copy per tensor at loop ``at``,
+    read by every block of ``consumers`` that needs it, with vector loads where its region has a
+    constant extent (a window of data-dependent extent, QTIP's packed rows, stays a scalar copy)."""
+    import tvm
+
+    for name in streamed:
+        for blk in consumers:
+            names = [r.source.name for r in sch.get(blk).reads]
+            if name in names:
+                users = [b for b in consumers if name in [r.source.name for r in sch.get(b).reads]]
+                words = sch.cache_read(blk, names.index(name), "local", consumer_blocks=users)
+                sch.compute_at(words, at)
+                own = _loops_below(sch, words, at)
+                if all(isinstance(sch.get(lp).extent, tvm.tirx.IntImm) for lp in own):
+                    vectorize_copy(sch, words, 16, len(sch.get_loops(words)) - len(own))
+                break
 
 
 # From M > 8 (two n8 token tiles) the activations' B fragments cost as much as the decode: four
