@@ -41,10 +41,10 @@ class DecodeConfig:
     """threads: threads per block (``block_threads``: with stage, a block holds whole rows or a
     whole part of one row); units: consecutive decode units of a row per thread; lut_shared: 1 = a
     format's lookup tables (never its packed words) copied to shared memory once per block, 0 =
-    read through L1 (the tables are small and hot in L1); stage: 1 = the block's decoded values go through shared memory and leave in
-    16-byte stores of consecutive lanes (coalesced), 0 = each lane stores its own units (a warp's
-    stores then stride by a unit: e8p-2 on 28672x8192 wrote at 0.50 of copy bandwidth, int4's
-    16-byte units at 0.97)."""
+    read through L1 (the tables are small and hot in L1); stage: 1 = the block's decoded values go
+    through shared memory and leave in 16-byte stores of consecutive lanes (coalesced), 0 = each
+    lane stores its own units (a warp's stores then stride by a unit: e8p-2 on 28672x8192 wrote at
+    0.50 of copy bandwidth, int4's 16-byte units at 0.97)."""
 
     threads: int = 256
     units: int = 1
@@ -93,7 +93,7 @@ def block_threads(cfg: DecodeConfig, n: int, row_units: int) -> int:
         if not options and per_row <= 1024:
             options = [per_row]
         if not options:
-            options = [t for t in range(1024, 127, -1) if per_row % t == 0][:1]
+            options = [t for t in range(1024, 127, -1) if per_row % t == 0][:1]  # the largest
         if not options and per_row % 32 == 0:
             options = [32]
     else:
@@ -121,11 +121,11 @@ def check_decode_config(cfg: DecodeConfig, n: int, k: int, unit: int) -> None:
     block_threads(cfg, n, k // unit)
 
 
-def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, streamed=(), packed=()):
+def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, packed=(), stream: bool = True):
     """Schedule ``decode_func`` (derived stages inlined, ``inline_derived``) for CUDA; returns an
     IRModule. ``intrin``: the format's (TensorIntrin name, CUDA source) decode of one unit, or None;
-    ``streamed``: the packed-word tensors to load into registers (``fmt.streamed``); ``packed``: all
-    packed-word tensors, which ``lut_shared`` never copies (they are the weight, not a table)."""
+    ``packed``: the packed-word tensors (``fmt.streamed``), which ``lut_shared`` never copies (they
+    are the weight, not a table) and which ``stream`` loads into registers."""
     import tvm
 
     from .mma import _loops_below, stage_packed_words
@@ -166,7 +166,7 @@ def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, stream
             sch.unroll(loop)
         consumers.append(gather)
         if cfg.lut_shared:  # its tables (what it reads besides the packed words) to shared memory
-            skip = set(streamed) | set(packed) | {"W_slice"}
+            skip = set(packed) | {"W_slice"}
             for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
                 table = sch.cache_read(gather, idx, "shared")
                 sch.compute_at(table, bx)
@@ -178,7 +178,8 @@ def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, stream
             sch.compute_at(slices, own)
             sch.set_scope(slices, 0, "local")
             consumers.append(slices)
-    stage_packed_words(sch, consumers, streamed, tx)
+    if stream:
+        stage_packed_words(sch, consumers, packed, tx)
     for loop in _loops_below(sch, dec, own)[:-1]:
         sch.unroll(loop)
     if intrin is not None:
@@ -215,6 +216,5 @@ def decode_scheduled_func(fmt, n: int, k: int, target_kind: str = "cuda", cfg: D
     intrin = fmt.decode_intrin("cuda") if use_intrin else None
     # packed words in registers only where a unit's words are a fixed region of its row (row-packed
     # formats); QTIP's tile-packed windows have data-dependent extents and are read through L1
-    streamed = fmt.streamed if tuple(fmt.gemv_tile) == (1, 1) else ()
-    return schedule_decode_cuda(inline_derived(func), cfg, fmt.decode_unit, intrin, streamed,
-                                fmt.streamed)["main"]
+    stream = tuple(fmt.gemv_tile) == (1, 1)
+    return schedule_decode_cuda(inline_derived(func), cfg, fmt.decode_unit, intrin, fmt.streamed, stream)["main"]

@@ -451,8 +451,8 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
     mma, e8p-2 / int4-g128 on 28672x8192 and 8192x28672): at M = 2..16 this was the best or within
     10 % of it on both shapes (e8p-2 M=4: 47.0 / 50.9 us against 58.0 / 74.2 us with one tile and 4
     K warps; M=16: 70.8 / 63.9 us), except at M > 8 on a wide N (``WIDE_TILES_MIN_BLOCKS``): four
-    tiles and 4 K warps (one-stage decodes only). Where the shape refuses it: fewer K warps, then one tile, then one unit per
-    lane."""
+    tiles and 4 K warps (one-stage decodes only). Where the shape refuses it: fewer K warps, then
+    one tile, then one unit per lane."""
     units = max(1, 32 // unit) if unit < 32 else 1
     shapes = [(2, 8), (2, 4), (2, 2), (2, 1), (1, 8), (1, 4), (1, 2), (1, 1)]
     if m > 8 and n // (16 * 4) >= WIDE_TILES_MIN_BLOCKS and decode_stages == 1:
