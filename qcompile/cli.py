@@ -109,6 +109,8 @@ def parser() -> argparse.ArgumentParser:
                    help="candidates per kernel, counting earlier runs (default: %(default)s)")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall time per kernel (default: none)")
+    t.add_argument("--jobs", "-j", type=int, default=None,
+                   help="candidates compiled in parallel while the GPU measures (default: the CPUs, at most 8)")
     t.add_argument("--order", choices=ORDERS, default="model",
                    help="model: XGBoost cost model orders the candidates after the first measurements; "
                         "space: nearest the default config first (default: %(default)s)")
@@ -322,13 +324,15 @@ def cmd_tune(args) -> int:
     from pathlib import Path
 
     from .kernels.target import local_cuda_arch, parse_target
-    from .tune.driver import tune
+    from .tune.driver import default_jobs, tune
     from .tune.measure import CudaMeasure, require_cuda
     from .tune.records import default_records_dir, local_gpu_name
 
     specs = tune_kernels(args)
     target = parse_target(args.target)
     source = args.model if args.model is not None else "--shapes"
+    if args.jobs is not None and args.jobs < 1:
+        raise QCompileError(f"--jobs {args.jobs}: give at least 1 compile job (or leave it out: the CPUs, at most 8)")
     if args.dry_run:
         print(describe_kernels(specs, source))
         return 0
@@ -340,6 +344,7 @@ def cmd_tune(args) -> int:
     if target.name not in (target.arch, gpu):  # e.g. --target h200 on an H100
         raise QCompileError(f"--target {args.target} names another GPU than this one ({gpu})")
     records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
+    jobs = default_jobs() if args.jobs is None else args.jobs
     print(describe_kernels(specs, source), flush=True)
     measure = CudaMeasure()
     formats = list(dict.fromkeys(spec.format for spec in specs))
@@ -349,7 +354,8 @@ def cmd_tune(args) -> int:
             print(f"\n{fmt_name}:", flush=True)
         results.append((fmt_name, tune([s for s in specs if s.format == fmt_name], target, measure, records_dir,
                                        budget=args.budget, time_budget_s=args.time_budget, gpu=gpu,
-                                       order=args.order, log=lambda text: print(text, flush=True))))
+                                       order=args.order, log=lambda text: print(text, flush=True),
+                                       jobs=jobs)))
     for fmt_name, fmt_results in results:
         print(f"\nrecords: {records_dir / gpu / (fmt_name + '.json')}")
         for result in fmt_results:

@@ -334,7 +334,8 @@ def test_tune_measures_budget_saves_each_and_picks_the_best(tmp_path):
     assert re.search(r" \d+\.\d\d us \(best \d+\.\d\d us\)$", progress[2])
 
 
-def test_tune_resumes_after_an_interrupt_and_never_remeasures(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 3])
+def test_tune_resumes_after_an_interrupt_and_never_remeasures(tmp_path, jobs):
     spec = KernelSpec(FORMAT, N, K, 4)
 
     class Interrupted(CountingMeasure):
@@ -345,18 +346,18 @@ def test_tune_resumes_after_an_interrupt_and_never_remeasures(tmp_path):
 
     first = Interrupted()
     with pytest.raises(KeyboardInterrupt):
-        tune([spec], SM90, first, tmp_path, budget=16, gpu=GPU, log=None)
+        tune([spec], SM90, first, tmp_path, budget=16, gpu=GPU, log=None, jobs=jobs)
     assert TuningRecords(tmp_path).entry(spec, GPU).tried_count == 5  # all but the one in flight
 
     second = CountingMeasure()
-    tune([spec], SM90, second, tmp_path, budget=16, gpu=GPU, log=None)
+    tune([spec], SM90, second, tmp_path, budget=16, gpu=GPU, log=None, jobs=jobs)
     assert len(second.calls) == 11
     assert not set(first.calls) & set(second.calls)
     third = CountingMeasure()
-    (result,) = tune([spec], SM90, third, tmp_path, budget=16, gpu=GPU, log=None)
+    (result,) = tune([spec], SM90, third, tmp_path, budget=16, gpu=GPU, log=None, jobs=jobs)
     assert third.calls == [] and result.measured_now == 0  # a second run with records measures nothing
     more = CountingMeasure()
-    tune([spec], SM90, more, tmp_path, budget=20, gpu=GPU, log=None)  # a larger budget continues
+    tune([spec], SM90, more, tmp_path, budget=20, gpu=GPU, log=None, jobs=jobs)  # a larger budget continues
     assert len(more.calls) == 4 and not set(more.calls) & (set(first.calls) | set(second.calls))
 
 
@@ -432,6 +433,27 @@ def test_model_order_is_deterministic_and_finds_the_best(tmp_path):
     assert runs[0] != space_order[:40]  # the model reordered the search
     best = min(space.candidates(spec), key=fake_any_us)
     assert TuningRecords(tmp_path / "a").entry(spec, GPU).best()[0] == best
+
+
+def test_parallel_compiles_measure_the_same_candidates_in_the_same_order(tmp_path):
+    """jobs > 1 compiles a batch of candidates in threads while they are measured one by one: in the
+    space order it measures exactly what jobs=1 measures, in the same order; in the model order it
+    stays deterministic, within the budget, default first and no repeats."""
+    spec = KernelSpec(FORMAT, N, K, 4)
+    serial, parallel = CountingMeasure(), CountingMeasure()
+    tune([spec], SM90, serial, tmp_path / "s", budget=9, gpu=GPU, order="space", log=None)
+    tune([spec], SM90, parallel, tmp_path / "p", budget=9, gpu=GPU, order="space", log=None, jobs=4)
+    assert parallel.calls == serial.calls and len(serial.calls) == 9
+    runs = []
+    for name in ("a", "b"):
+        measure = CountingMeasure()
+        tune([spec], SM90, measure, tmp_path / name, budget=13, gpu=GPU, order="model", log=None, jobs=4)
+        runs.append([key for _, key in measure.calls])
+    assert runs[0] == runs[1] and len(set(runs[0])) == 13
+    assert runs[0][0] == space.config_key(space.default_config(spec))
+    assert TuningRecords(tmp_path / "a").entry(spec, GPU).tried_count == 13
+    with pytest.raises(QCompileError, match="compile jobs"):
+        tune([spec], SM90, CountingMeasure(), tmp_path / "c", gpu=GPU, log=None, jobs=0)
 
 
 # --- the tensor-core family (TC_MIN_M <= M <= GEMV_MAX_M) ---------------------------------------------------
@@ -852,8 +874,10 @@ def test_cli_tune_and_build_bad_arguments(tmp_path, capsys):
     assert cli_main(["tune", "--format", "int4-g99", "--shapes", "256x1024"]) == 2
     assert cli_main(["tune", "--format", FORMAT, "--shapes", "256x100"]) == 2
     assert cli_main(["tune", "--format", FORMAT, "--shapes", "256by1024"]) == 2
+    assert cli_main(["tune", "--format", FORMAT, "--shapes", "256x1024", "--jobs", "0"]) == 2
     assert cli_main(["build", "-f", FORMAT, "-t", "h100", "-o", str(tmp_path / "o"),
                      "--records", str(tmp_path / "nowhere")]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 4 and all(line.startswith("error: ") for line in errors)
+    assert len(errors) == 5 and all(line.startswith("error: ") for line in errors)
+    assert "--jobs 0" in errors[3]
     assert "does not exist" in errors[-1]

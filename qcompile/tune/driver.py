@@ -27,7 +27,10 @@ database/builders added little but overhead for a space of a few hundred configs
 from __future__ import annotations
 
 import math
+import os
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Union
@@ -77,12 +80,23 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# Scheduling is Python (and registers TensorIntrins on first use), so it runs one candidate at a time;
+# the compile (TVM's lowering and NVRTC, C++ that releases the GIL) is what the compile threads overlap.
+_SCHEDULE_LOCK = threading.Lock()
+
+
+def default_jobs() -> int:
+    """Compile threads of ``qcompile tune`` by default: the CPUs, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def compile_candidate(spec: KernelSpec, target: TargetInfo, config: KernelConfig):
     """The kernel of ``spec`` scheduled with ``config``, compiled alone: a callable TVM function
-    ``f(X, *packed tensors, Y)``."""
+    ``f(X, *packed tensors, Y)``. Safe to call from several threads at once."""
     import tvm
 
-    func = scheduled_func(spec, target, config)
+    with _SCHEDULE_LOCK:
+        func = scheduled_func(spec, target, config)
     executable = compile_module(tvm.IRModule({spec.name: func}), target.tvm_target())
     return executable[spec.name]
 
@@ -122,14 +136,17 @@ class _Picker:
 def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: Measure,
          records_dir: Union[str, Path], budget: int = DEFAULT_BUDGET, time_budget_s: Optional[float] = None,
          gpu: Optional[str] = None, order: str = "model", log: Optional[Callable[[str], None]] = print,
-         clock: Callable[[], float] = time.monotonic) -> List[TuneResult]:
+         clock: Callable[[], float] = time.monotonic, jobs: int = 1) -> List[TuneResult]:
     """Tune every GEMV and low-batch tensor-core kernel of ``specs`` for ``target`` on ``gpu``
     (default: the GPU the target names, else the local one) and keep the results in
     ``records_dir/<gpu>/<format>.json``.
 
     ``budget``: candidates per kernel in all (earlier runs' count); ``time_budget_s``: wall time per
     kernel, checked between candidates; ``order``: "model" (XGBoost-ordered after the first
-    measurements) or "space" (the space's own order). GEMM kernels (M > GEMV_MAX_M) are skipped with
+    measurements) or "space" (the space's own order); ``jobs``: compile threads. With jobs > 1 the
+    candidates after the default are picked ``jobs`` at a time (the model ranks a batch at once) and
+    compiled in parallel while the GPU measures them one by one; jobs=1 compiles each just before
+    it is measured. GEMM kernels (M > GEMV_MAX_M) are skipped with
     a log line: their search space is still to come. Returns one TuneResult per distinct spec."""
     say = log or (lambda text: None)
     target = parse_target(target) if isinstance(target, str) else target
@@ -141,6 +158,8 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
         raise QCompileError(f"the time budget must be positive seconds, got {time_budget_s!r}")
     if order not in ORDERS:
         raise QCompileError(f"unknown candidate order {order!r}; use {' or '.join(ORDERS)}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise QCompileError(f"the number of compile jobs must be a positive int, got {jobs!r}")
     gpu = gpu or records_gpu(target)
     if gpu is None:
         raise QCompileError(f"cannot tell which GPU the records of target {target.name} are for; "
@@ -157,12 +176,38 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
             say(f"skip {_shape(spec)}: {reason}")
             results.append(TuneResult(spec, None, skipped=reason))
             continue
-        results.append(_tune_one(spec, target, measure, records, gpu, budget, time_budget_s, order, say, clock))
+        pool = ThreadPoolExecutor(jobs) if jobs > 1 else _Inline()
+        try:
+            results.append(_tune_one(spec, target, measure, records, gpu, budget, time_budget_s, order, say,
+                                     clock, pool, jobs))
+        finally:  # an interrupt or a stopped run drops the compiles not yet started
+            pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
+class _Inline:
+    """The pool of jobs=1: runs each compile when its result is asked for."""
+
+    def shutdown(self, wait=True, cancel_futures=False):
+        pass
+
+    def submit(self, fn, *args):
+        return _Deferred(fn, args)
+
+
+class _Deferred:
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
+
+    def result(self):
+        return self.fn(*self.args)
+
+    def cancel(self):
+        return True
+
+
 def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_budget_s, order, say,
-              clock) -> TuneResult:
+              clock, pool, jobs) -> TuneResult:
     candidates = space.candidates(spec)  # QCompileError for a shape the format cannot take
     entry = records.open_entry(spec, gpu, candidates[0])
     path = records.path(gpu, spec.format)
@@ -177,33 +222,46 @@ def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_b
     picker = _Picker(spec, order, entry, neighbours)
     start = clock()
     measured_now = 0
-    while todo and entry.tried_count < planned:
-        if time_budget_s is not None and clock() - start >= time_budget_s:
-            say(f"{label}: time budget of {time_budget_s:g} s reached")
-            break
-        cfg = picker.next(todo)
-        todo.remove(cfg)
-        key = space.config_key(cfg)
-        try:
-            kernel = compile_candidate(spec, target, cfg)
-        except Exception as err:  # a config TVM cannot schedule or compile: never retried
-            entry.add_failure(cfg, f"compile: {one_line(err)}")
-        else:
+    out_of_time = False
+    while todo and entry.tried_count < planned and not out_of_time:
+        # a batch: the default alone (it is the baseline, and its compile registers the intrinsics),
+        # then up to `jobs` candidates compiled together
+        size = 1 if entry.default in todo else min(jobs, planned - entry.tried_count, len(todo))
+        batch = []
+        for _ in range(size):
+            batch.append(picker.next(todo))
+            todo.remove(batch[-1])
+        compiled: List[Future] = [pool.submit(compile_candidate, spec, target, cfg) for cfg in batch]
+        for i, cfg in enumerate(batch):
+            if time_budget_s is not None and clock() - start >= time_budget_s:
+                say(f"{label}: time budget of {time_budget_s:g} s reached")
+                for fut in compiled[i:]:
+                    fut.cancel()
+                out_of_time = True
+                break
+            key = space.config_key(cfg)
             try:
-                us = measure(spec, cfg, kernel)
-            except CandidateError as err:
-                entry.add_failure(cfg, f"measure: {err}")
-            except Exception as err:
-                raise QCompileError(f"measuring {label} {key} failed ({one_line(err)}); the results so "
-                                    f"far are in {path}; fix the cause and run again to resume") from None
+                kernel = compiled[i].result()
+            except Exception as err:  # a config TVM cannot schedule or compile: never retried
+                entry.add_failure(cfg, f"compile: {one_line(err)}")
             else:
-                if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us <= 0:
-                    raise QCompileError(f"the measure function returned {us!r} for {label} {key}; "
-                                        f"it must return a positive time in microseconds")
-                entry.add_measurement(cfg, float(us))
-        records.save(entry)
-        measured_now += 1
-        say(_progress(spec, entry, cfg, planned))
+                try:
+                    us = measure(spec, cfg, kernel)
+                except CandidateError as err:
+                    entry.add_failure(cfg, f"measure: {err}")
+                except Exception as err:
+                    for fut in compiled[i + 1:]:
+                        fut.cancel()
+                    raise QCompileError(f"measuring {label} {key} failed ({one_line(err)}); the results so "
+                                        f"far are in {path}; fix the cause and run again to resume") from None
+                else:
+                    if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us <= 0:
+                        raise QCompileError(f"the measure function returned {us!r} for {label} {key}; "
+                                            f"it must return a positive time in microseconds")
+                    entry.add_measurement(cfg, float(us))
+            records.save(entry)
+            measured_now += 1
+            say(_progress(spec, entry, cfg, planned))
     best = entry.best()
     if best is None:
         say(f"{label}: no candidate ran; build keeps the default config")
