@@ -77,6 +77,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--quiet", "-q", action="store_true", help="no progress messages")
 
     from .kernels.library import GEMV_MAX_M
+    from .kernels.mma import MMA_MAX_M
     from .tune.driver import DEFAULT_BUDGET, ORDERS
 
     t = sub.add_parser("tune", help="tune the GEMV and low-batch tensor-core kernels of a model, a checkpoint or "
@@ -98,7 +99,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--shapes", default=None,
                    help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096); instead of a model")
     t.add_argument("--m", default="1,2,4,16",
-                   help=f"batch sizes (M buckets) to tune, up to {GEMV_MAX_M} (GEMV, mma.sync and WMMA buckets); the GEMM (M > {GEMV_MAX_M}) has no tuning space yet "
+                   help=f"batch sizes (M buckets) to tune: the GEMV, mma.sync and WMMA buckets (up to M={GEMV_MAX_M}; int4 and E8P "
+                        f"up to {MMA_MAX_M} on mma.sync); the GEMM kernels above have no tuning space yet "
                         f"(default: %(default)s)")
     t.add_argument("--dry-run", action="store_true", help="print the kernels it would tune and exit (needs no GPU)")
     t.add_argument("--target", "-t", default="auto", help="the local GPU: auto, its sm_XX or its name (default: auto)")
@@ -273,7 +275,8 @@ def tune_kernels(args) -> List[KernelSpec]:
     Validates everything on the way (one-line QCompileError); needs no GPU."""
     from .bench.harness import parse_ms, parse_shapes
     from .formats import get as get_format
-    from .kernels.library import GEMV_MAX_M, KernelSpec
+    from .kernels.library import GEMM_FAMILY, GEMV_MAX_M, KernelSpec, kernel_family
+    from .kernels.mma import MMA_MAX_M
 
     if args.model is not None and args.shapes is not None:
         raise QCompileError("give a model directory or checkpoint, or --shapes, not both")
@@ -293,15 +296,17 @@ def tune_kernels(args) -> List[KernelSpec]:
 
         kernel_shapes = model_kernel_shapes(args.model, args.format)
     ms = list(dict.fromkeys(parse_ms(args.m)))
-    gemm = [m for m in ms if m > GEMV_MAX_M]
-    ms = [m for m in ms if m <= GEMV_MAX_M]
-    if not ms:
-        raise QCompileError(f"--m {args.m}: only buckets M <= {GEMV_MAX_M} can be tuned (the GEMV, mma.sync "
-                            f"and WMMA families); the GEMM kernels have no tuning space yet (e.g. --m 1,2,4,16)")
+    specs = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in ms]
+    tunable = [s for s in specs if kernel_family(s.format, s.m) != GEMM_FAMILY]
+    gemm = sorted({s.m for s in specs} - {s.m for s in tunable})
+    if not tunable:
+        raise QCompileError(f"--m {args.m}: only the GEMV, mma.sync and WMMA buckets can be tuned (M <= {GEMV_MAX_M}; "
+                            f"int4 and E8P up to M={MMA_MAX_M}); the GEMM kernels have no tuning space yet "
+                            f"(e.g. --m 1,2,4,16)")
     if gemm:
-        print(f"note: M {','.join(map(str, gemm))} > {GEMV_MAX_M} are GEMM kernels with no tuning space yet "
+        print(f"note: M {','.join(map(str, gemm))} run GEMM kernels with no tuning space yet "
               f"(build uses their default schedule); not tuned")
-    return [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in ms]
+    return tunable
 
 
 def describe_kernels(specs, source: str) -> str:

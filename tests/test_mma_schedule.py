@@ -169,8 +169,8 @@ def test_lookup_tables_go_to_shared_memory_with_lut_shared(name, table):
 @pytest.mark.parametrize("name", qc.formats.names())
 def test_every_format_compiles_to_mma_sync(name):
     fmt = qc.formats.get(name)
-    src = compile_sm90({f"k_m{m}": mma_scheduled_func(fmt, N, K, m) for m in (1, 5, 16)})
-    assert src.count("mma.sync.aligned.m16n8k16") >= 3
+    src = compile_sm90({f"k_m{m}": mma_scheduled_func(fmt, N, K, m) for m in (1, 5, 16, 40)})
+    assert src.count("mma.sync.aligned.m16n8k16") >= 4
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
@@ -180,9 +180,13 @@ def test_e8p_fragments_stay_in_registers():
     import subprocess
     import tempfile
 
-    # and the defaults with four tiles a warp (M > 8 on a wide N)
+    # and the defaults with four tiles a warp (M > 8 on a wide N), and of the M=32/64 buckets (up to
+    # 8 token tiles of accumulators a lane)
     src = compile_sm90({"k": mma_scheduled_func("e8p-2", N, K, 16), "wide_e8p": mma_scheduled_func("e8p-2", 28672, 8192, 16),
-                        "wide_int4": mma_scheduled_func("int4-g128", 28672, 8192, 16)})
+                        "wide_int4": mma_scheduled_func("int4-g128", 28672, 8192, 16),
+                        "e8p_m32": mma_scheduled_func("e8p-2", 28672, 8192, 32),
+                        "int4_m64": mma_scheduled_func("int4-g128", 8192, 28672, 64),
+                        "e8p4_m64": mma_scheduled_func("e8p-4", 28672, 8192, 64)})
     with tempfile.TemporaryDirectory() as tmp:
         path = f"{tmp}/k.cu"
         with open(path, "w") as f:
@@ -190,7 +194,7 @@ def test_e8p_fragments_stay_in_registers():
         out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", f"{tmp}/k.cubin", path],
                              capture_output=True, text=True, check=True)
     report = out.stderr + out.stdout
-    assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == 3, report
+    assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == 6, report
 
 
 # --- dispatch and configs --------------------------------------------------------------------------------
@@ -198,9 +202,9 @@ def test_e8p_fragments_stay_in_registers():
 def test_library_routes_low_batch_of_row_packed_formats_to_mma():
     for name in ("int4-g128", "e8p-2", "e8p-3", "e8p-4"):
         assert kernel_family(name, 1) == GEMV_FAMILY
-        for m in (2, 4, 8, 16):
+        for m in (2, 4, 8, 16, 17, 32, 64):
             assert kernel_family(name, m) == MMA_FAMILY, (name, m)
-        assert kernel_family(name, 32) == GEMM_FAMILY
+        assert kernel_family(name, 65) == kernel_family(name, 128) == GEMM_FAMILY
     for name in ("qtip-hyb-2", "qtip-3inst-3"):
         assert [kernel_family(name, m) for m in (1, 4, 8, 16, 64)] == [GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY,
                                                                       TC_FAMILY, GEMM_FAMILY]
@@ -257,7 +261,8 @@ def test_padded_k_blocks_need_a_padded_func():
     (MmaConfig(tiles=4, warps_n=2), 96, 512, 4, "N=96 is not a multiple of 128 rows per block"),
     (MmaConfig(warps_k=8, unroll=2), 256, 512, 4, "the 4 K blocks do not split over 8 warps x unroll 2"),
     (MmaConfig(warps_n=8, warps_k=8), 1024, 8192, 4, "2048 threads per block"),
-    (MmaConfig(), 256, 512, 17, "M=17 must be 1..16"),
+    (MmaConfig(), 256, 512, 65, "M=65 must be 1..64"),
+    (MmaConfig(warps_k=8), 256, 1024, 64, "the 8 K warps' partial sums need 64 KiB of shared memory"),
     (MmaConfig(units=0), 256, 512, 4, "units must be a positive int"),
 ])
 def test_bad_configs_are_refused_in_one_line(cfg, n, k, m, match):

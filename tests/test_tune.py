@@ -94,7 +94,7 @@ def test_config_keys_and_dicts_reject_nonsense():
 
 def test_space_refuses_gemm_and_bad_shapes():
     with pytest.raises(QCompileError, match="GEMM"):
-        space.candidates(KernelSpec(FORMAT, N, K, 64))
+        space.candidates(KernelSpec(FORMAT, N, K, 128))
     with pytest.raises(QCompileError, match="group"):
         space.candidates(KernelSpec(FORMAT, N, 100, 1))
 
@@ -407,12 +407,12 @@ def test_tune_time_budget_skips_gemm_and_refuses_bad_settings(tmp_path):
     ticks = iter(range(1000))
     measure = CountingMeasure()
     logs = []
-    results = tune([KernelSpec(FORMAT, N, K, 1), KernelSpec(FORMAT, N, K, 64)], SM90, measure, tmp_path,
+    results = tune([KernelSpec(FORMAT, N, K, 1), KernelSpec(FORMAT, N, K, 128)], SM90, measure, tmp_path,
                    budget=50, time_budget_s=3, gpu=GPU, log=logs.append, clock=lambda: next(ticks))
     # the clock reads 0 at the start, then 1, 2, 3 before each candidate: two fit in 3 s
     assert len(measure.calls) == 2 and any("time budget of 3 s reached" in line for line in logs)
     assert results[1].skipped and results[1].entry is None
-    assert any(line.startswith(f"skip N={N} K={K} M=64: GEMM") for line in logs)
+    assert any(line.startswith(f"skip N={N} K={K} M=128: GEMM") for line in logs)
     for kwargs, message in (({"target": "llvm"}, "CUDA targets"), ({"budget": 0}, "budget"),
                             ({"order": "random"}, "order"), ({"gpu": None, "target": "sm_90"}, "which GPU"),
                             ({"time_budget_s": -1}, "time budget")):
@@ -566,7 +566,7 @@ def test_scheduled_func_applies_a_tc_config():
     (FORMAT, 1, TensorCoreConfig(), "runs on the CUDA-core GEMV, which takes a GemvConfig; got a TensorCoreConfig"),
     (FORMAT, 4, GemvConfig(), "runs on the mma.sync kernel, which takes an MmaConfig; got a GemvConfig"),
     (FORMAT, 16, TensorCoreConfig(), "runs on the mma.sync kernel, which takes an MmaConfig; got a TensorCoreConfig"),
-    (FORMAT, 64, GemvConfig(), "runs on the GEMM (M > 16), which takes no config"),
+    (FORMAT, 128, GemvConfig(), "runs on the GEMM (M > 16), which takes no config"),
     (TC_FORMAT, 64, TensorCoreConfig(), "which takes no config; got a TensorCoreConfig"),
     (TC_FORMAT, 16, TensorCoreConfig(n_tile=48), "n_tile 48"),  # the right family, but it does not fit
     (FORMAT, 16, MmaConfig(tiles=32), "N=256 is not a multiple of 512 rows per block"),

@@ -75,7 +75,7 @@ def bad_cases(model, ck, artifact):
         "checkpoint, other format": (["tune", ck, "-f", "e8p-2"], "quantized to int4-g128, not e8p-2"),
         "missing directory": (["tune", str(Path(model) / "nope"), "-f", FORMAT], "does not exist"),
         "artifact": (["tune", artifact, "-f", FORMAT], "built qcompile artifact"),
-        "only GEMM buckets": (["tune", model, "-f", FORMAT, "--m", "64,256"], f"only buckets M <= {GEMV_MAX_M}"),
+        "only GEMM buckets": (["tune", model, "-f", FORMAT, "--m", "128,256"], "only the GEMV, mma.sync and WMMA buckets"),
         "bad m": (["tune", ck, "--m", "1,x"], "--m"),
         "bad target": (["tune", ck, "--target", "tpu", "--dry-run"], "unknown target"),
     }
@@ -94,12 +94,12 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
     shapes = kernel_shapes(default_model, FORMAT)
     for argv in (["tune", str(default_model), "-f", FORMAT], ["tune", str(checkpoint)],
                  ["tune", str(checkpoint), "-f", FORMAT]):
-        assert cli_main(argv + ["--m", f"1,4,{TC_MIN_M},16,64", "--dry-run"]) == 0
+        assert cli_main(argv + ["--m", f"1,4,{TC_MIN_M},16,64,128", "--dry-run"]) == 0
         out = capsys.readouterr().out.splitlines()
-        assert out[0].startswith(f"note: M 64 > {GEMV_MAX_M} are GEMM kernels with no tuning space yet")
-        assert out[1].startswith(f"{4 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
+        assert out[0].startswith("note: M 128 run GEMM kernels with no tuning space yet")
+        assert out[1].startswith(f"{5 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
         assert [re.sub(r"=\s+", "=", line).split() for line in out[2:]] == [
-            [f, f"N={n}", f"K={k}", "M=1", "gemv", f"M=4,{TC_MIN_M},16", "mma"] for f, n, k in shapes]
+            [f, f"N={n}", f"K={k}", "M=1", "gemv", f"M=4,{TC_MIN_M},16,64", "mma"] for f, n, k in shapes]
     assert cli_main(["tune", str(checkpoint), "--dry-run"]) == 0  # the default --m includes M=16
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{4 * len(shapes)} kernels to tune")
@@ -146,10 +146,10 @@ def test_model_path_tunes_exactly_the_derived_kernels(default_model, tmp_path, m
     monkeypatch.setattr(target_mod, "local_cuda_arch", lambda: "sm_90")
     monkeypatch.setattr(records_mod, "local_gpu_name", lambda: "h100")
     records = tmp_path / "rec"
-    argv = ["tune", str(default_model), "-f", FORMAT, "-t", "sm_90", "--m", "1,4,16,64", "--budget", "1",
+    argv = ["tune", str(default_model), "-f", FORMAT, "-t", "sm_90", "--m", "1,4,16,64,128", "--budget", "1",
             "--order", "space", "--records", str(records)]
     assert cli_main(argv) == 0
-    expected = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes(default_model, FORMAT) for m in (1, 4, 16)]
+    expected = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes(default_model, FORMAT) for m in (1, 4, 16, 64)]
     assert [spec for spec, _ in calls] == expected  # each once, GEMM buckets left out
     assert all(key == space.config_key(space.default_config(spec)) for spec, key in calls)
     assert {space.config_key(space.default_config(spec)).split("=")[0] for spec in expected} == {"rows", "units"}

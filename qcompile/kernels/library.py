@@ -20,7 +20,7 @@ from ..formats import get as get_format
 from .compute import matmul_func
 from .decode import DecodeSpec, decode_scheduled_func
 from .hadamard import SIDES, RhtSpec, rht_specs, scheduled_rht_func
-from .mma import MmaConfig, mma_scheduled_func
+from .mma import MMA_MAX_M, MmaConfig, mma_scheduled_func
 from .pipeline import compile_module
 from .schedules import GemvConfig, schedule_gemm_cuda, schedule_gemv_cuda, schedule_llvm
 from .target import TargetInfo
@@ -93,9 +93,11 @@ def serves_gemv(fmt, m: int) -> bool:
 
 def kernel_family(fmt, m: int) -> str:
     """Which kernel family runs bucket ``m`` of format ``fmt`` (name or Format) on CUDA:
-    GEMV_FAMILY (``GemvConfig``), MMA_FAMILY (``MmaConfig``, MMA_MIN_M..GEMV_MAX_M of the row-packed
+    GEMV_FAMILY (``GemvConfig``), MMA_FAMILY (``MmaConfig``, MMA_MIN_M..MMA_MAX_M of the row-packed
     formats) or TC_FAMILY (the WMMA kernel, ``TensorCoreConfig``, TC_MIN_M..GEMV_MAX_M of the others)
     up to GEMV_MAX_M; GEMM_FAMILY (no config) above."""
+    if MMA_MIN_M <= m <= MMA_MAX_M and runs_mma(fmt):
+        return MMA_FAMILY
     if m > GEMV_MAX_M:
         get_format(fmt)
         return GEMM_FAMILY

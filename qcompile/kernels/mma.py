@@ -61,6 +61,16 @@ class MmaConfig:
 
 
 MAX_THREADS = 1024
+# Batches up to this M run on one launch: the M tiles of 8 tokens all reuse each decoded A fragment
+# (the M=16 kernel launched per 16 rows decodes the weight again for each block)
+MMA_MAX_M = 64
+# the warps_k partial tiles meet in dynamic shared memory; above 48 KiB a launch needs an opt-in
+MAX_PARTIAL_BYTES = 48 * 1024
+
+
+def partial_bytes(cfg: MmaConfig, m: int) -> int:
+    """Shared memory of the split-K partial sums: warps_k fp32 tiles of (M padded to 8) x block rows."""
+    return cfg.warps_k * (-(-m // MMA_N) * MMA_N) * MMA_M * cfg.tiles * cfg.warps_n * 4
 
 
 def span_of(cfg: MmaConfig, unit: int) -> int:
@@ -107,8 +117,11 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> None:
         problems.append(f"N={n} is not a multiple of {rows} rows per block (16 x tiles x warps_n)")
     if cfg.threads > MAX_THREADS:
         problems.append(f"{cfg.threads} threads per block (over {MAX_THREADS})")
-    if not 1 <= m <= 16:
-        problems.append(f"M={m} must be 1..16")
+    if not 1 <= m <= MMA_MAX_M:
+        problems.append(f"M={m} must be 1..{MMA_MAX_M}")
+    elif partial_bytes(cfg, m) > MAX_PARTIAL_BYTES:
+        problems.append(f"the {cfg.warps_k} K warps' partial sums need {partial_bytes(cfg, m) // 1024} KiB of shared "
+                        f"memory (over {MAX_PARTIAL_BYTES // 1024})")
     if problems:
         raise ValueError(f"MmaConfig {cfg.as_dict()} cannot schedule N={n} K={k} M={m}: " + "; ".join(problems))
 

@@ -37,6 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import QCompileError
 from ..formats import get as get_format
+from ..kernels.mma import MMA_MAX_M
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, TC_FAMILY, KernelSpec, default_gemv_config,
                                kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
@@ -222,9 +223,9 @@ def _check_spec(spec: KernelSpec):
         raise QCompileError(f"M must be >= 1, got {spec.m}")
     family = spec_family(spec)
     if family not in FAMILIES:
-        raise QCompileError(f"M={spec.m} of {spec.format} is served by the GEMM family (M > {GEMV_MAX_M}), which "
-                            f"has no search space so far (the GEMV, mma.sync and tensor-core families: M <= "
-                            f"{GEMV_MAX_M})")
+        raise QCompileError(f"M={spec.m} of {spec.format} is served by the GEMM family, which has no search "
+                            f"space so far (the GEMV, mma.sync and tensor-core families: M <= {GEMV_MAX_M}, "
+                            f"and the mma.sync buckets of int4 and E8P up to M={MMA_MAX_M})")
     fmt = get_format(spec.format)
     fmt.check_shape(spec.n, spec.k)
     return fmt, family

@@ -10,7 +10,7 @@ from qcompile.kernels.mma import MmaConfig, check_mma_config, mma_scheduled_func
 from qcompile.kernels.pipeline import compile_module
 
 pytestmark = pytest.mark.gpu
-MS = (1, 2, 5, 8, 16)
+MS = (1, 2, 5, 8, 16, 24, 64)
 N, K = 1024, 2048
 
 
