@@ -7,7 +7,7 @@ from qcompile.kernels.library import KernelSpec, build, compile_fatbin, cuda_sou
 from qcompile.kernels.target import parse_target
 from qcompile.errors import QCompileError
 
-SPECS = [KernelSpec("int4-g128", 512, 1024, m) for m in (1, 4, 16, 64)]
+SPECS = [KernelSpec("int4-g128", 512, 1024, m) for m in (1, 4, 16, 64, 128)]
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_89", "sm_90"])
@@ -17,7 +17,8 @@ def test_codegen_for_each_arch(arch):
         assert f"{spec.name}_kernel" in src
     assert "qc_decode_int4x8_f16(" in src  # GEMV kernels use the format's LOP3 decode intrinsic
     assert "lop3.b32" in src
-    assert "wmma::mma_sync" in src  # M=64 runs on tensor cores
+    assert "mma.sync.aligned.m16n8k16" in src  # M=4..64 run on mma.sync
+    assert "wmma::mma_sync" in src  # M=128 on the WMMA GEMM
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH")
