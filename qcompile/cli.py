@@ -17,7 +17,7 @@ EXIT_USER_ERROR = 2
 
 
 def parser() -> argparse.ArgumentParser:
-    from .kernels.library import DEFAULT_BUCKETS, GEMV_MAX_M, MMA_DECODE_MIN_M
+    from .kernels.library import DEFAULT_BUCKETS, GEMV_MAX_M, MMA_DECODE_MIN_M, MMA_EXTRA_BUCKETS
 
     p = argparse.ArgumentParser(prog="qcompile", description=(
         "Compile 2-4 bit quantized LLM weights into fused dequantize + GEMV/GEMM kernels."))
@@ -63,8 +63,10 @@ def parser() -> argparse.ArgumentParser:
                    help="auto (the local GPU, else the CPU), llvm, sm_XX or a GPU name such as h100 (default: auto)")
     b.add_argument("-o", "--output", required=True, help="artifact directory to write")
     b.add_argument("--overwrite", action="store_true", help="replace an existing artifact directory")
-    b.add_argument("--buckets", default=",".join(str(m) for m in DEFAULT_BUCKETS),
-                   help="batch-size buckets to compile kernels for (default: %(default)s)")
+    b.add_argument("--buckets", default=None,
+                   help="batch-size buckets to compile kernels for (default: "
+                        f"{','.join(str(m) for m in DEFAULT_BUCKETS)}, and {','.join(str(m) for m in MMA_EXTRA_BUCKETS)} "
+                        "for int4 and E8P on a GPU)")
     b.add_argument("--decode-min-m", type=int, default=None, metavar="M",
                    help="batch size from which layers decode their weight to fp16 once and multiply with cuBLAS "
                         f"(default: {MMA_DECODE_MIN_M} for int4 and E8P, {GEMV_MAX_M + 1} for QTIP; 0: never, "

@@ -384,7 +384,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     import tvm
 
     from ..kernels.decode import DecodeSpec
-    from ..kernels.library import DEFAULT_BUCKETS, GEMV_MAX_M, KernelSpec, default_decode_min_m
+    from ..kernels.library import GEMV_MAX_M, KernelSpec, default_buckets, default_decode_min_m
     from ..kernels.target import parse_target
     from ..runtime.dispatch import plan_rows
     from .baselines import (RotatingWeights, cublas_fp16_method, decode_cublas_method, decode_only_method,
@@ -406,7 +406,8 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     small = [m for m in ms if m <= GEMV_MAX_M]
     large = [m for m in ms if m > GEMV_MAX_M]
     split_ms = [m for m in large if m <= SPLIT_MAX_M]
-    bucket_ms = sorted(set(small) | {b for m in split_ms for _, _, b in plan_rows(m, DEFAULT_BUCKETS)})
+    buckets = default_buckets(fmt)  # the buckets qcompile build compiles for the format (GPU)
+    bucket_ms = sorted(set(small) | {b for m in split_ms for _, _, b in plan_rows(m, buckets)})
     specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in bucket_ms]
     if fused_gemm:
         specs += [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in large]
@@ -474,7 +475,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                 if fused_gemm and kernel_of(m) is not None:
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     methods["fused_gemm"] = (qcompile_method(kernel_of(m), X, q_weights, Y), Y, ())
-                plan = plan_rows(m, DEFAULT_BUCKETS) if m in split_ms else []
+                plan = plan_rows(m, buckets) if m in split_ms else []
                 if plan and all(kernel_of(b) is not None for _, _, b in plan):
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     launches = []

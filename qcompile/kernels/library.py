@@ -60,6 +60,19 @@ MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an
 TARGET_GEMV_THREADS = 262144
 
 
+# int4 and E8P on a CUDA target add the mma.sync buckets 32 and 64 (MMA_MAX_M): one launch decodes the
+# weight once for all rows, where blocks of 16 rows decode it once per block
+MMA_EXTRA_BUCKETS = (32, 64)
+
+
+def default_buckets(fmt, target_kind: str = "cuda") -> Tuple[int, ...]:
+    """The M buckets ``qcompile build`` compiles for format ``fmt`` by default: DEFAULT_BUCKETS, plus
+    MMA_EXTRA_BUCKETS for the formats that run mma.sync (``runs_mma``) on CUDA."""
+    if target_kind == "cuda" and runs_mma(fmt):
+        return DEFAULT_BUCKETS + MMA_EXTRA_BUCKETS
+    return DEFAULT_BUCKETS
+
+
 # From this M on a row-packed format (``runs_mma``) takes the decode + cuBLAS route: below it,
 # repeated M=16 launches of the mma.sync kernel cost less (each reads the packed weight once, ~0.4x
 # of the fp16 weight's read time on the 70B MLP shapes, against ~2x for writing and reading an fp16

@@ -29,7 +29,7 @@ from ..formats import Format
 from ..formats import get as get_format
 from ..kernels.hadamard import RhtSpec
 from ..kernels.decode import DecodeSpec
-from ..kernels.library import DEFAULT_BUCKETS, KernelSpec, default_decode_min_m, rht_kernel_specs
+from ..kernels.library import KernelSpec, default_buckets, default_decode_min_m, rht_kernel_specs
 from ..kernels.target import TargetInfo, parse_target
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -48,7 +48,7 @@ PathLike = Union[str, os.PathLike]
 
 
 def build(model_dir: Optional[PathLike], format: Union[str, Format, None], target: str, out_dir: PathLike,
-          buckets: Sequence[int] = DEFAULT_BUCKETS, progress: Optional[Callable[[str], None]] = print,
+          buckets: Optional[Sequence[int]] = None, progress: Optional[Callable[[str], None]] = print,
           overwrite: bool = False, records: Union[PathLike, bool, None] = True,
           warn: Optional[Callable[[str], None]] = None, decode_min_m: Optional[int] = None) -> Path:
     """Quantize every decoder linear of the model with ``format``, compile its kernels for ``target``
@@ -69,7 +69,7 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     out = Path(out_dir).absolute()
     fmt = get_format(format) if format is not None else None
     tinfo = parse_target(target)
-    buckets = parse_buckets(buckets)
+    buckets = None if buckets is None else parse_buckets(buckets)
     if decode_min_m is not None and (isinstance(decode_min_m, bool) or not isinstance(decode_min_m, int)
                                      or decode_min_m < 0):
         raise QCompileError(f"decode_min_m must be a batch size >= 1, or 0 for no decode route; got {decode_min_m!r}")
@@ -98,6 +98,8 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
         say(f"quantizing {len(layers)} linears to {fmt.name}")
         quantized = quantize_linears(unquantized, fmt, list(layers))
     shapes = distinct_shapes(layers)
+    if buckets is None:
+        buckets = default_buckets(fmt, tinfo.kind)
     specs = [KernelSpec(f, n, k, m) for (f, n, k) in shapes for m in buckets]
     rht = rht_kernel_specs(sorted({qw.shape for qw, _ in quantized.values() if qw.rht}), buckets)
     decode_at = {} if decode_min_m == 0 else {
