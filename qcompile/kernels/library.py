@@ -69,15 +69,27 @@ TARGET_GEMV_THREADS = 262144
 MMA_DECODE_MIN_M = 96
 
 
+# The fragment-native formats (``Format.fragment_native``: QTIP HYB, stored in the mma A-fragment
+# order) have their own mma.sync kernel (qcompile.kernels.mma_fragment: each lane decodes its own A
+# registers from its own bytes), which ``mma_scheduled_func`` builds for them. Whether it serves their
+# buckets MMA_MIN_M..GEMV_MAX_M (instead of the GEMV / WMMA kernels) waits for H100 timings
+# (python3 -m qcompile.bench.tc_sweep --family mma --format qtip-hyb-2 ...): True routes them there.
+FRAGMENT_MMA_ROUTED = False
+
+
 def default_decode_min_m(fmt) -> int:
-    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default."""
-    return MMA_DECODE_MIN_M if runs_mma(fmt) else GEMV_MAX_M + 1
+    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default. (The
+    row-packed formats' MMA_DECODE_MIN_M was measured for them; a fragment-native format keeps
+    GEMV_MAX_M + 1 even when routed to mma.sync, until its M > 16 crossover is measured.)"""
+    return MMA_DECODE_MIN_M if tuple(get_format(fmt).gemv_tile) == (1, 1) else GEMV_MAX_M + 1
 
 
 def runs_mma(fmt) -> bool:
     """True when format ``fmt`` (name or Format) runs buckets MMA_MIN_M..GEMV_MAX_M on mma.sync: its
-    packed words are per row (``Format.gemv_tile`` (1, 1)), which the lanes load with vector loads."""
-    return tuple(get_format(fmt).gemv_tile) == (1, 1)
+    packed words are per row (``Format.gemv_tile`` (1, 1)), which the lanes load with vector loads,
+    or it is fragment-native and FRAGMENT_MMA_ROUTED is on."""
+    f = get_format(fmt)
+    return tuple(f.gemv_tile) == (1, 1) or (FRAGMENT_MMA_ROUTED and f.fragment_native)
 
 
 def serves_gemv(fmt, m: int) -> bool:
