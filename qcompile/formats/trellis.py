@@ -730,15 +730,21 @@ class TrellisFormat(Format):
         s = tirx.bitwise_and(tirx.shift_right(slice_, tirx.Cast("uint32", tirx.bitwise_and(shift, 31))), c32(0xFFFF))
         return self._hyb_state_word(bufs, s, c)
 
-    def _hyb_state_word(self, bufs: Mapping[str, object], s, c, copy=None):
-        """HYB: uint32 half2 word of state s (uint32 expr < 2^16): tlut32[idx] ^ (h & 0x8000) with
-        h = s·(s+1), idx = bits 6..14 of h (low half: value 0, its sign flipped by bit 15 of h;
-        high half: value 1). ``c`` / ``copy``: which table copy (``_hyb_lut_word``)."""
+    def _hyb_state_word(self, bufs: Mapping[str, object], s, c, copy=None, mask_first=False):
+        """HYB: uint32 half2 word of state s (uint32 expr; h's bits 6..15 depend only on s mod 2^16):
+        tlut32[idx] ^ (h & 0x8000) with h = s·(s+1), idx = bits 6..14 of h (low half: value 0, its
+        sign flipped by bit 15 of h; high half: value 1). ``c`` / ``copy``: which table copy
+        (``_hyb_lut_word``). ``mask_first``: idx as (h & 0x7FC0) >> 6, the same value, which lets nvcc
+        fold the shift into the lane copies' 64-byte entry stride (address = h & 0x7FC0 + copy)."""
         from tvm import tirx
 
         c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
         h = s * (s + c32(1))
-        idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << Q_BITS) - 1)))
+        mask = c32(((1 << Q_BITS) - 1) << (15 - Q_BITS))
+        if mask_first:
+            idx = tirx.Cast("int32", tirx.shift_right(tirx.bitwise_and(h, mask), c32(15 - Q_BITS)))
+        else:
+            idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << Q_BITS) - 1)))
         return tirx.bitwise_xor(self._hyb_lut_word(bufs, idx, c, copy), tirx.bitwise_and(h, c32(0x8000)))
 
     def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
@@ -870,7 +876,7 @@ class TrellisFormat(Format):
         # the window without its & 0xFFFF: bits above 16 change neither h's bits 6..15 (h mod 2^16
         # depends only on s mod 2^16) nor so the word; one instruction less per state
         s = tirx.Cast("uint32", tirx.shift_right(z, tirx.Cast(dtype, shift)))
-        return self._hyb_state_word(bufs, s, None, tirx.floormod(lane, LUT_COPIES))
+        return self._hyb_state_word(bufs, s, None, tirx.floormod(lane, LUT_COPIES), mask_first=True)
 
     def tir_fragment_decode(self, bufs: Mapping[str, object], I, J, lane, e):
         """fp16 A-fragment register e (0..7) of lane ``lane`` for tile (I, J): the weight at tile row
