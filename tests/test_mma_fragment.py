@@ -192,3 +192,13 @@ def test_tuner_space_and_sweep_candidates(monkeypatch):
     assert sweep[0][0] == "mma-default" and sweep[0][1].lut_shared == 2
     assert {cfg.lut_shared for _, cfg, _ in sweep} == {0, 1, 2}
     assert all(cfg.tiles % 2 == 0 for _, cfg, _ in sweep) and all(intrin for _, _, intrin in sweep)
+
+
+def test_tuning_record_fit_check_knows_fragment_configs():
+    """A tuning record of HYB may hold lut_shared=2 (per-lane tables); other formats' may not."""
+    from qcompile.tune import space
+
+    cfg = MmaConfig(units=1, tiles=2, warps_k=8, lut_shared=2)
+    assert space.fit_error(cfg, 28672, 8192, 4, 16, fragment=True) is None
+    assert "lut_shared must be 0 or 1" in space.fit_error(cfg, 28672, 8192, 4, 32)
+    assert "must be even" in space.fit_error(MmaConfig(tiles=1), 28672, 8192, 4, 16, fragment=True)

@@ -201,13 +201,14 @@ def check_mma(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment: bool 
     return None
 
 
-def fit_error(cfg, n: int, k: int, m: int, unit: int) -> Optional[str]:
+def fit_error(cfg, n: int, k: int, m: int, unit: int, fragment: bool = False) -> Optional[str]:
     """Why a config of any family cannot schedule the (n, k, m) kernel, or None: the GEMV's
-    ``tiling_error``, the tensor-core ``check_tensorcore_config`` or ``check_mma``."""
+    ``tiling_error``, the tensor-core ``check_tensorcore_config`` or ``check_mma`` (``fragment``: of
+    a fragment-native format, QTIP HYB)."""
     if family_of(cfg) == TC_FAMILY:
         return check_tensorcore_config(cfg, n, k, m, unit)
     if family_of(cfg) == MMA_FAMILY:
-        return check_mma(cfg, n, k, m, unit)
+        return check_mma(cfg, n, k, m, unit, fragment)
     return tiling_error(cfg, n, k, unit)
 
 
