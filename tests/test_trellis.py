@@ -332,6 +332,58 @@ def test_hyb_derived_tables_decode_bit_exact_on_llvm(K, tables):
     assert torch.equal(f16_bits(out.view(n, k)), f16_bits(fmt.decode_fp16(qw)))
 
 
+def ptx_a_fragment(W: torch.Tensor) -> torch.Tensor:
+    """fp16 [N/16, k/16, 32, 8]: register e of lane l's PTX mma.m16n8k16 A fragment of each 16x16 tile
+    of W [N, k]: row (l >> 2) + 8·((e >> 1) & 1), column 2·(l & 3) + (e & 1) + 8·(e >> 2)."""
+    n, k = W.shape
+    lane, e = torch.arange(32)[:, None], torch.arange(8)[None, :]
+    row = (lane >> 2) + 8 * ((e >> 1) & 1)
+    col = 2 * (lane & 3) + (e & 1) + 8 * (e >> 2)
+    return W.view(n // 16, 16, k // 16, 16).permute(0, 2, 1, 3)[:, :, row, col]
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+@pytest.mark.parametrize("staged", [False, True])
+def test_hyb_fragment_decode_is_the_ptx_a_fragment_on_llvm(K, staged):
+    """HYB in its stored layout decodes per (tile, lane, A register) (tir_fragment_decode): lane l's
+    register e, from its own and lane l + 1's packed bytes, is bit for bit the weight the PTX A
+    fragment puts there. staged: through the kernel's stages (compute.fragment_stages: the lane's
+    staged words, slices, table words, and the uint32 table with its lane copies), else inline."""
+    import tvm
+    from tvm import te
+
+    from qcompile.kernels.compute import fragment_stages
+    from qcompile.kernels.target import parse_target
+
+    fmt = qc.formats.get(f"qtip-hyb-{K}")
+    assert fmt.fragment_native and fmt.fragment_word_count == 4 * K
+    assert not any(qc.formats.get(nm).fragment_native for nm in ("qtip-3inst-2", "qtip-1mad-3", "int4-g128", "e8p-2"))
+    assert not tr.variant(fmt.name, "mma", "tiles").fragment_native
+    n, k = 64, 128
+    qw = random_weight(fmt, n, k, seed=10 + K)
+    qw.tensors["tlut"][8:12] = -0.0  # the sign flip of ±0 must stay exact
+    if staged:
+        params, bufs = fragment_stages(fmt, n, k)
+        assert {"fragment_words", "fragment_slices", "fragment_gathered", "tlut32_lanes"} <= set(bufs)
+    else:
+        bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in fmt.tensor_specs(n, k).items()}
+        params = list(bufs.values())
+    F = te.compute((n // 16, k // 16, 32, 8), lambda I, J, lane, e: fmt.tir_fragment_decode(bufs, I, J, lane, e), name="F")
+    ex = tvm.compile(te.create_prim_func([*params, F]), target=parse_target("llvm").tvm_target())
+    out = torch.empty(n // 16, k // 16, 32, 8, dtype=torch.float16)
+    ex["main"](*[qw.tensors[name] for name in fmt.tensor_specs(n, k)], out)
+    assert torch.equal(f16_bits(out), f16_bits(ptx_a_fragment(fmt.decode_fp16(qw))))
+
+
+def test_fragment_decode_refuses_other_layouts():
+    from tvm import te
+
+    fmt = tr.variant("qtip-hyb-2", "row", "kernel")
+    bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in fmt.tensor_specs(64, 64).items()}
+    with pytest.raises(QCompileError, match="not stored in the mma A-fragment order"):
+        fmt.tir_fragment_decode(bufs, 0, 0, 0, 0)
+
+
 @pytest.mark.parametrize("lanes", [0, 1])
 def test_hyb_gemv_table_knob_compiles_for_sm90(lanes):
     """lut_lanes=1: the per-lane table copies (16 x 512 uint32, 32 KiB) in dynamic shared memory, read

@@ -81,12 +81,18 @@ def variants(cfg) -> list:
     return out
 
 
-def mma_variants(cfg) -> list:
+def mma_variants(cfg, fragment: bool = False) -> list:
     """mma.sync configs near ``cfg``: more or fewer K warps, two units per lane, two tiles per warp,
-    two warps along N, two K blocks per loop step."""
-    return [replace(cfg, warps_k=cfg.warps_k * 2), replace(cfg, warps_k=max(1, cfg.warps_k // 2)),
-            replace(cfg, units=cfg.units * 2), replace(cfg, tiles=cfg.tiles * 2),
-            replace(cfg, warps_n=cfg.warps_n * 2), replace(cfg, unroll=2)]
+    two warps along N, two K blocks per loop step; for a fragment-native format (QTIP HYB) also one
+    unit per lane, the other table placements (lut_shared 0, 1, 2) and 4 K warps with 2 K blocks a step."""
+    out = [replace(cfg, warps_k=cfg.warps_k * 2), replace(cfg, warps_k=max(1, cfg.warps_k // 2)),
+           replace(cfg, units=cfg.units * 2), replace(cfg, tiles=cfg.tiles * 2),
+           replace(cfg, warps_n=cfg.warps_n * 2), replace(cfg, unroll=2)]
+    if fragment:
+        out += [replace(cfg, units=max(1, cfg.units // 2))]
+        out += [replace(cfg, lut_shared=v) for v in (2, 1, 0) if v != cfg.lut_shared]
+        out += [replace(cfg, warps_k=max(1, cfg.warps_k // 2), unroll=2)]
+    return out
 
 
 def family_api(family: str):
@@ -104,20 +110,22 @@ def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants:
                family: str = "tensorcore"):
     """[(label, cfg, use_intrin)] that tile the shape: default first, no duplicates."""
     default, near, check, _ = family_api(family)
-    base = default(n, k, m, fmt.decode_unit, *((fmt.decode_stages,) if family == "mma" else ()))
-    cfgs = [base] + [parse_config(t, base) for t in extra] + (near(base) if with_variants else [])
+    fragment = family == "mma" and fmt.fragment_native  # QTIP HYB: qcompile.kernels.mma_fragment
+    base = default(n, k, m, fmt.decode_unit, *((fmt.decode_stages, fragment) if family == "mma" else ()))
+    cfgs = [base] + [parse_config(t, base) for t in extra] + ((near(base, fragment) if fragment else near(base))
+                                                              if with_variants else [])
     out, seen = [], set()
     prefix = "tc" if family == "tensorcore" else family
     for i, cfg in enumerate(cfgs):
         if cfg in seen:
             continue
         try:
-            check(cfg, n, k, m, fmt.decode_unit)
+            check(cfg, n, k, m, fmt.decode_unit, *((True,) if fragment else ()))
         except ValueError:
             continue
         seen.add(cfg)
         out.append((f"{prefix}-default" if i == 0 else f"{prefix}-{len(out)}", cfg, True))
-    if plain and fmt.decode_intrin("cuda") is not None:
+    if plain and fmt.decode_intrin("cuda") is not None and not fragment:  # (no decode intrinsic there)
         out.append((f"{prefix}-default-tir", base, False))
     return out
 

@@ -264,6 +264,12 @@ class Format:
     # kernel defaults weigh (qcompile.kernels.mma.default_mma_config)
     decode_stages: int = 1
 
+    # Fragment-native formats store each 16x16 tile in the PTX mma.m16n8k16 A-fragment order (QTIP HYB
+    # in the reference's kernel layout): lane l's packed bytes decode to exactly its own A registers.
+    # They decode per (tile (I, J), lane, register e) instead of per unit (``tir_fragment_decode``;
+    # qcompile.kernels.mma_fragment builds the mma.sync kernel from these, see TrellisFormat).
+    fragment_native: bool = False
+
     def unit_reads(self) -> Dict[str, Tuple[Tuple[int, ...], str, bool]]:
         """For a decode intrinsic: name -> (shape, dtype, staged[, offset]) of the region of each
         kernel tensor that one decode unit reads (the same number of dimensions as the tensor;

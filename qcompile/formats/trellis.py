@@ -660,10 +660,11 @@ class TrellisFormat(Format):
 
         return tirx.floormod(tirx.floordiv(c, self.gemv_tile[1]), LUT_COPIES)
 
-    def _hyb_lut_word(self, bufs: Mapping[str, object], idx, c):
-        """uint32 table word of entry idx: from the lane copies, the uint32 table, or tlut itself."""
+    def _hyb_lut_word(self, bufs: Mapping[str, object], idx, c, copy=None):
+        """uint32 table word of entry idx: from the lane copies (copy ``copy``, default the GEMV's
+        ``_hyb_lut_copy(c)``), the uint32 table, or tlut itself."""
         if "tlut32_lanes" in bufs:
-            return bufs["tlut32_lanes"][idx, self._hyb_lut_copy(c)]
+            return bufs["tlut32_lanes"][idx, self._hyb_lut_copy(c) if copy is None else copy]
         if "tlut32" in bufs:
             return bufs["tlut32"][idx]
         return _tir_tlut32(bufs["tlut"], idx)
@@ -727,9 +728,24 @@ class TrellisFormat(Format):
         # (the & 0xFFFF does not change the result: h mod 2^16 depends only on s mod 2^16 and only h's bits
         # 6..15 are read; but with it nvcc narrows the K=3 slices' 64-bit shifts to 32 bits)
         s = tirx.bitwise_and(tirx.shift_right(slice_, tirx.Cast("uint32", tirx.bitwise_and(shift, 31))), c32(0xFFFF))
+        return self._hyb_state_word(bufs, s, c)
+
+    def _hyb_state_word(self, bufs: Mapping[str, object], s, c, copy=None, mask_first=False):
+        """HYB: uint32 half2 word of state s (uint32 expr; h's bits 6..15 depend only on s mod 2^16):
+        tlut32[idx] ^ (h & 0x8000) with h = s·(s+1), idx = bits 6..14 of h (low half: value 0, its
+        sign flipped by bit 15 of h; high half: value 1). ``c`` / ``copy``: which table copy
+        (``_hyb_lut_word``). ``mask_first``: idx as (h & 0x7FC0) >> 6, the same value, which lets nvcc
+        fold the shift into the lane copies' 64-byte entry stride (address = h & 0x7FC0 + copy)."""
+        from tvm import tirx
+
+        c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
         h = s * (s + c32(1))
-        idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << Q_BITS) - 1)))
-        return tirx.bitwise_xor(self._hyb_lut_word(bufs, idx, c), tirx.bitwise_and(h, c32(0x8000)))
+        mask = c32(((1 << Q_BITS) - 1) << (15 - Q_BITS))
+        if mask_first:
+            idx = tirx.Cast("int32", tirx.shift_right(tirx.bitwise_and(h, mask), c32(15 - Q_BITS)))
+        else:
+            idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << Q_BITS) - 1)))
+        return tirx.bitwise_xor(self._hyb_lut_word(bufs, idx, c, copy), tirx.bitwise_and(h, c32(0x8000)))
 
     def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
         """fp16 value of weight (n, 16c + j): window → code, from the packed words (and the tlut)."""
@@ -767,6 +783,114 @@ class TrellisFormat(Format):
 
         source = _CUDA_HYB if self.V == 2 else _cuda_trellis()
         return register_unit_decode(self, f"qc_qtip_{self.code}_k{self.K}_decode16", source), source
+
+    # --- fragment decode: HYB in the kernel layout, whose stored order is the mma A-fragment order -----
+    # (§1.4) Tile (I, J) = 16x16 weights rows 16I.., columns 16J..; its super-tile (I2, J2) = (I // 2,
+    # J // 2), sub-tile (a, b) = (I % 2, J % 2). Lane l's 4·K bytes of a super-tile (tensor row
+    # trellis[I2, J2, :], int16 words 2K·l .. 2K·l + 2K - 1) hold its K-byte chunks of the four tiles,
+    # chunk (a, b) at byte (2b + a)·K. State t = 4l + j (j = 0..3) of a tile is lane l's A register pair
+    # j: registers e = 2j, 2j + 1 (row (l >> 2) + 8·(j & 1), columns 2·(l & 3) + 8·(j >> 1) + 0, 1), its
+    # window the 16 stream bits from bit 2K·j of lane l's chunk, running into lane l + 1's (lane 31:
+    # lane 0's, the tail-bite). So a lane decodes its A registers from its own 4K bytes and the next
+    # lane's 4K bytes, nothing else.
+    @property
+    def fragment_native(self) -> bool:
+        """True for HYB in its stored (kernel) layout: each lane's bytes decode to its A fragment."""
+        return self.code == "hyb" and self.is_default_layout
+
+    @property
+    def fragment_word_count(self) -> int:
+        """int16 words a lane stages per super-tile: its own 2K words, then lane l + 1's 2K."""
+        return 4 * self.K
+
+    def _check_fragment(self):
+        if not self.fragment_native:
+            raise QCompileError(f"{self.name} is not stored in the mma A-fragment order (only qtip-hyb-K in the "
+                                f"kernel layout is)")
+
+    def tir_fragment_word(self, bufs: Mapping[str, object], I2, J2, lane, w):
+        """int16 word w (0..4K-1) of lane ``lane``'s staged words of super-tile (I2, J2): w < 2K its own
+        words, then lane (lane + 1) % 32's (two contiguous runs: two vector loads)."""
+        from tvm import tirx
+
+        self._check_fragment()
+        fd, fm = tirx.floordiv, tirx.floormod
+        half = 2 * self.K
+        return bufs["trellis"][I2, J2, fm(lane + fd(w, half), 32) * half + fm(w, half)]
+
+    def tir_fragment_slice(self, bufs: Mapping[str, object], I, J, lane):
+        """The 16K stream bits of lane ``lane`` in tile (I, J) from its own chunk on (own chunk << 8K |
+        lane + 1's chunk): uint32 for K = 2, uint64 for K = 3, 4. Reads bufs["fragment_words"] (the
+        staged words, [N/32, k/32, 32, 4K]) when a kernel computed them, else the trellis."""
+        from tvm import tirx
+
+        self._check_fragment()
+        fd, fm = tirx.floordiv, tirx.floormod
+        K = self.K
+        dtype = "uint32" if K == 2 else "uint64"
+        cast = lambda e: tirx.Cast(dtype, e)  # noqa: E731
+        const = lambda v: tirx.const(v, dtype)  # noqa: E731
+        staged = bufs.get("fragment_words")
+        I2, J2 = fd(I, 2), fd(J, 2)
+
+        def word(w):  # uint16 value (in ``dtype``) of staged word w
+            raw = staged[I2, J2, lane, w] if staged is not None else self.tir_fragment_word(bufs, I2, J2, lane, w)
+            return cast(tirx.Cast("uint16", raw))
+
+        chunk_byte = (fm(J, 2) * 2 + fm(I, 2)) * K  # chunk (a, b)'s first byte in a lane's 4K bytes
+
+        def chunk(first):
+            """The K bytes from staged byte ``first`` as a little-endian integer: the packing stores
+            each chunk byte-reversed, so this is the chunk's stream bits, first bit = MSB."""
+            if K % 2 == 0:  # whole words (chunks start at even bytes)
+                terms = [tirx.shift_left(word(fd(first, 2) + i), const(16 * i)) for i in range(K // 2)]
+            else:
+                terms = []
+                for i in range(K):
+                    addr = first + i
+                    byte = tirx.bitwise_and(tirx.shift_right(word(fd(addr, 2)), cast(8 * fm(addr, 2))), const(0xFF))
+                    terms.append(tirx.shift_left(byte, const(8 * i)))
+            val = terms[0]
+            for t in terms[1:]:
+                val = tirx.bitwise_or(val, t)
+            return val
+
+        own, nxt = chunk(chunk_byte), chunk(chunk_byte + 4 * K)
+        return tirx.bitwise_or(tirx.shift_left(own, const(8 * K)), nxt)
+
+    def tir_fragment_gather(self, bufs: Mapping[str, object], I, J, lane, g):
+        """uint32 half2 word of lane ``lane``'s A registers 2g, 2g + 1 (g = 0..3) in tile (I, J): the
+        HYB table word of state 4·lane + g (``_hyb_state_word``: low half = register 2g, high half =
+        2g + 1), from table copy lane % LUT_COPIES when the lane copies are a stage. Reads
+        bufs["fragment_slices"] ([N/16, k/16, 32]) when present."""
+        from tvm import tirx
+
+        self._check_fragment()
+        K = self.K
+        dtype = "uint32" if K == 2 else "uint64"
+        slices = bufs.get("fragment_slices")
+        z = slices[I, J, lane] if slices is not None else self.tir_fragment_slice(bufs, I, J, lane)
+        bits = 32 if K == 2 else 64
+        # (the & keeps constant folding of unreachable g values from producing an out-of-range shift)
+        shift = tirx.bitwise_and(16 * K - 16 - 2 * K * g, bits - 1)
+        # the window without its & 0xFFFF: bits above 16 change neither h's bits 6..15 (h mod 2^16
+        # depends only on s mod 2^16) nor so the word; one instruction less per state
+        s = tirx.Cast("uint32", tirx.shift_right(z, tirx.Cast(dtype, shift)))
+        return self._hyb_state_word(bufs, s, None, tirx.floormod(lane, LUT_COPIES), mask_first=True)
+
+    def tir_fragment_decode(self, bufs: Mapping[str, object], I, J, lane, e):
+        """fp16 A-fragment register e (0..7) of lane ``lane`` for tile (I, J): the weight at tile row
+        (lane >> 2) + 8·((e >> 1) & 1), column 2·(lane & 3) + (e & 1) + 8·(e >> 2) (PTX m16n8k16). Half
+        e % 2 of gathered word e // 2 (bufs["fragment_gathered"], [N/16, k/16, 32, 4], when present)."""
+        from tvm import tirx
+
+        self._check_fragment()
+        fd, fm = tirx.floordiv, tirx.floormod
+        gathered = bufs.get("fragment_gathered")
+        word = (gathered[I, J, lane, fd(e, 2)] if gathered is not None
+                else self.tir_fragment_gather(bufs, I, J, lane, fd(e, 2)))
+        half = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 16 * fm(e, 2))), tirx.const(0xFFFF, "uint32"))
+        return tirx.reinterpret("float16", tirx.Cast("uint16", half))
 
 
 def _tir_tlut32(tlut, e):

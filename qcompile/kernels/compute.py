@@ -42,6 +42,31 @@ def format_stages(fmt: Format, n: int, k: int):
     return params, bufs
 
 
+def fragment_stages(fmt: Format, n: int, k: int):
+    """(params, bufs) of an [n, k] weight of a fragment-native format (``Format.fragment_native``):
+    the packed tensors as placeholders and, in ``bufs``, them plus the stages its fragment decode
+    reads: the derived tables (W_table*, ``Format.tir_tables``), each lane's staged packed words per
+    32x32 super-tile (W_lane_words [n/32, k/32, 32, fragment_word_count]), its stream slice per 16x16
+    tile (W_lane_slice [n/16, k/16, 32]) and its 4 table words per tile (W_lane_gather [n/16, k/16,
+    32, 4]); ``tir_fragment_decode(bufs, I, J, lane, e)`` then reads register e from those."""
+    from tvm import te
+
+    fmt.check_shape(n, k)
+    specs = fmt.tensor_specs(n, k)
+    bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in specs.items()}
+    params = list(bufs.values())
+    bufs.update(fmt.tir_tables(bufs))
+    bufs["fragment_words"] = te.compute((n // 32, k // 32, 32, fmt.fragment_word_count),
+                                        lambda I2, J2, lane, w: fmt.tir_fragment_word(bufs, I2, J2, lane, w),
+                                        name="W_lane_words")
+    bufs["fragment_slices"] = te.compute((n // 16, k // 16, 32), lambda I, J, lane: fmt.tir_fragment_slice(bufs, I, J, lane),
+                                         name="W_lane_slice")
+    bufs["fragment_gathered"] = te.compute((n // 16, k // 16, 32, 4),
+                                           lambda I, J, lane, g: fmt.tir_fragment_gather(bufs, I, J, lane, g),
+                                           name="W_lane_gather")
+    return params, bufs
+
+
 def matmul_func(fmt: Format, n: int, k: int, m: int, two_level: bool = True, fp16_run: int = 0):
     """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]). ``fp16_run``: products per fp16
     partial sum in the GEMV form (capped at the decode unit; 0: FP16_RUN)."""

@@ -68,7 +68,7 @@ MMA_EXTRA_BUCKETS = (32, 64)
 def default_buckets(fmt, target_kind: str = "cuda") -> Tuple[int, ...]:
     """The M buckets ``qcompile build`` compiles for format ``fmt`` by default: DEFAULT_BUCKETS, plus
     MMA_EXTRA_BUCKETS for the formats that run mma.sync (``runs_mma``) on CUDA."""
-    if target_kind == "cuda" and runs_mma(fmt):
+    if target_kind == "cuda" and runs_mma(fmt) and mma_max_m(fmt) >= max(MMA_EXTRA_BUCKETS):
         return DEFAULT_BUCKETS + MMA_EXTRA_BUCKETS
     return DEFAULT_BUCKETS
 
@@ -82,15 +82,33 @@ def default_buckets(fmt, target_kind: str = "cuda") -> Tuple[int, ...]:
 MMA_DECODE_MIN_M = 96
 
 
+# The fragment-native formats (``Format.fragment_native``: QTIP HYB, stored in the mma A-fragment
+# order) have their own mma.sync kernel (qcompile.kernels.mma_fragment: each lane decodes its own A
+# registers from its own bytes), which ``mma_scheduled_func`` builds for them. Whether it serves their
+# buckets MMA_MIN_M..GEMV_MAX_M (instead of the GEMV / WMMA kernels) waits for H100 timings
+# (python3 -m qcompile.bench.tc_sweep --family mma --format qtip-hyb-2 ...): True routes them there.
+FRAGMENT_MMA_ROUTED = False
+
+
 def default_decode_min_m(fmt) -> int:
-    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default."""
-    return MMA_DECODE_MIN_M if runs_mma(fmt) else GEMV_MAX_M + 1
+    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default. (The
+    row-packed formats' MMA_DECODE_MIN_M was measured for them; a fragment-native format keeps
+    GEMV_MAX_M + 1 even when routed to mma.sync, until its M > 16 crossover is measured.)"""
+    return MMA_DECODE_MIN_M if tuple(get_format(fmt).gemv_tile) == (1, 1) else GEMV_MAX_M + 1
 
 
 def runs_mma(fmt) -> bool:
     """True when format ``fmt`` (name or Format) runs buckets MMA_MIN_M..GEMV_MAX_M on mma.sync: its
-    packed words are per row (``Format.gemv_tile`` (1, 1)), which the lanes load with vector loads."""
-    return tuple(get_format(fmt).gemv_tile) == (1, 1)
+    packed words are per row (``Format.gemv_tile`` (1, 1)), which the lanes load with vector loads,
+    or it is fragment-native and FRAGMENT_MMA_ROUTED is on."""
+    f = get_format(fmt)
+    return tuple(f.gemv_tile) == (1, 1) or (FRAGMENT_MMA_ROUTED and f.fragment_native)
+
+
+def mma_max_m(fmt) -> int:
+    """The largest bucket format ``fmt`` runs on mma.sync when it does (``runs_mma``): MMA_MAX_M for
+    the row-packed formats (measured there), GEMV_MAX_M for a fragment-native one."""
+    return MMA_MAX_M if tuple(get_format(fmt).gemv_tile) == (1, 1) else GEMV_MAX_M
 
 
 def serves_gemv(fmt, m: int) -> bool:
@@ -109,7 +127,7 @@ def kernel_family(fmt, m: int) -> str:
     GEMV_FAMILY (``GemvConfig``), MMA_FAMILY (``MmaConfig``, MMA_MIN_M..MMA_MAX_M of the row-packed
     formats) or TC_FAMILY (the WMMA kernel, ``TensorCoreConfig``, TC_MIN_M..GEMV_MAX_M of the others)
     up to GEMV_MAX_M; GEMM_FAMILY (no config) above."""
-    if MMA_MIN_M <= m <= MMA_MAX_M and runs_mma(fmt):
+    if MMA_MIN_M <= m <= mma_max_m(fmt) and runs_mma(fmt):
         return MMA_FAMILY
     if m > GEMV_MAX_M:
         get_format(fmt)

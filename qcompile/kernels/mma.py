@@ -1,4 +1,4 @@
-"""mma.sync rule of the fused decode + matmul for small M (1..16): every lane decodes its own share
+"""mma.sync rule of the fused decode + matmul for small M (1..64; int4 and E8P route M = 2..64 here, QTIP HYB M = 2..16 through the fragment-native variant in qcompile.kernels.mma_fragment): every lane decodes its own share
 of the weight straight into the A fragments of ``mma.sync.m16n8k16`` (fp16 x fp16 -> fp32), the
 activations are the B fragments (8 tokens per n8 tile, zero rows past M) and nothing goes through
 shared memory but the final split-K sum.
@@ -42,7 +42,9 @@ class MmaConfig:
     splitting K per thread block (each sums its share of the K blocks; the partials meet in shared
     memory); unroll: K blocks per step of a warp's K loop (their loads in flight together);
     lut_shared: 1 = a format's lookup tables (E8P's abs table) copied to shared memory once per thread
-    block, 0 = read from global memory (through L1).
+    block, 0 = read from global memory (through L1); for the fragment-native formats (QTIP HYB,
+    qcompile.kernels.mma_fragment) also 2 = LUT_COPIES copies of the table, a lane reading its own
+    (32 KiB of shared memory a block, bank conflicts at most two-way).
     """
 
     units: int = 1
@@ -64,13 +66,6 @@ MAX_THREADS = 1024
 # Batches up to this M run on one launch: the M tiles of 8 tokens all reuse each decoded A fragment
 # (the M=16 kernel launched per 16 rows decodes the weight again for each block)
 MMA_MAX_M = 64
-# the warps_k partial tiles meet in dynamic shared memory; above 48 KiB a launch needs an opt-in
-MAX_PARTIAL_BYTES = 48 * 1024
-
-
-def partial_bytes(cfg: MmaConfig, m: int) -> int:
-    """Shared memory of the split-K partial sums: warps_k fp32 tiles of (M padded to 8) x block rows."""
-    return cfg.warps_k * (-(-m // MMA_N) * MMA_N) * MMA_M * cfg.tiles * cfg.warps_n * 4
 
 
 def span_of(cfg: MmaConfig, unit: int) -> int:
@@ -91,14 +86,26 @@ def k_blocks(cfg: MmaConfig, k: int, unit: int) -> int:
     return -(-(k // block) // step) * step
 
 
-def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> None:
-    """Raise ValueError (one line) when ``cfg`` cannot schedule an [n, k] weight at batch m."""
+# shared memory a thread block may take without opting in (static + dynamic): the split-K partial
+# tiles (dynamic) and a format's tables
+SHARED_BYTES = 48 * 1024
+
+
+def partial_bytes(cfg: MmaConfig, m: int) -> int:
+    """Shared memory of the split-K partial tiles: warps_k x tokens (padded to n8) x rows fp32."""
+    return cfg.warps_k * (-(-m // MMA_N) * MMA_N) * (MMA_M * cfg.tiles * cfg.warps_n) * 4
+
+
+def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment: bool = False) -> None:
+    """Raise ValueError (one line) when ``cfg`` cannot schedule an [n, k] weight at batch m.
+    ``fragment``: for a fragment-native format (``Format.fragment_native``: qcompile.kernels.mma_fragment),
+    whose lut_shared may also be 2 (per-lane table copies, which must fit in shared memory)."""
     problems = []
     for name in ("units", "tiles", "warps_n", "warps_k", "unroll"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
             problems.append(f"{name} must be a positive int")
-    if cfg.lut_shared not in (0, 1):
-        problems.append("lut_shared must be 0 or 1")
+    if cfg.lut_shared not in ((0, 1, 2) if fragment else (0, 1)):
+        problems.append("lut_shared must be 0, 1 or 2" if fragment else "lut_shared must be 0 or 1")
     if problems:
         raise ValueError(f"bad MmaConfig {cfg.as_dict()}: {'; '.join(problems)}")
     span = span_of(cfg, unit)
@@ -117,11 +124,20 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> None:
         problems.append(f"N={n} is not a multiple of {rows} rows per block (16 x tiles x warps_n)")
     if cfg.threads > MAX_THREADS:
         problems.append(f"{cfg.threads} threads per block (over {MAX_THREADS})")
+    if fragment and isinstance(cfg.tiles, int) and cfg.tiles % 2:
+        problems.append(f"tiles={cfg.tiles} must be even (a warp decodes both 16-row halves of a 32x32 super-tile)")
     if not 1 <= m <= MMA_MAX_M:
         problems.append(f"M={m} must be 1..{MMA_MAX_M}")
-    elif partial_bytes(cfg, m) > MAX_PARTIAL_BYTES:
-        problems.append(f"the {cfg.warps_k} K warps' partial sums need {partial_bytes(cfg, m) // 1024} KiB of shared "
-                        f"memory (over {MAX_PARTIAL_BYTES // 1024})")
+    else:
+        table = 0
+        if fragment:
+            from ..formats.trellis import LUT_COPIES, Q_BITS
+
+            table = {0: 0, 1: 4 << Q_BITS, 2: (4 << Q_BITS) * LUT_COPIES}.get(cfg.lut_shared, 0)
+        if partial_bytes(cfg, m) + table > SHARED_BYTES:
+            problems.append(f"the {cfg.warps_k} K warps' partial sums need {partial_bytes(cfg, m) // 1024} KiB of "
+                            f"shared memory" + (f" beside {table // 1024} KiB of tables" if table else "")
+                            + f" (over {SHARED_BYTES // 1024})")
     if problems:
         raise ValueError(f"MmaConfig {cfg.as_dict()} cannot schedule N={n} K={k} M={m}: " + "; ".join(problems))
 
@@ -139,6 +155,16 @@ def fragment_column(kb, s, hi, t, lo, span):
 def a_layout(r, hi, t, lo):
     """(lane, register element) of A fragment entry (tile row r, column (hi, t, lo))."""
     return 4 * (r // 2) + t, 4 * hi + 2 * (r % 2) + lo
+
+
+def a_layout_natural(r, hi, t, lo):
+    """``a_layout`` with tile row r = g + 8h (PTX's own row order: the A fragment of a stored tile)."""
+    return 4 * (r % 8) + t, 4 * hi + 2 * (r // 8) + lo
+
+
+def c_layout_natural(r, a):
+    """``c_layout`` with tile row r = g + 8h."""
+    return 4 * (r % 8) + a // 2, 2 * (r // 8) + a % 2
 
 
 def b_layout(a, hi, t, lo):
@@ -228,22 +254,26 @@ _MMA_IMPL = '''        for tx in T.thread_binding(0, 32, "threadIdx.x"):
 MMA_INTRIN = "qcompile.mma_m16n8k16_f16f32"
 
 
-def register_mma():
-    """The TensorIntrin of one mma.sync.m16n8k16 in this kernel's fragment layouts (``a_layout`` ...):
-    C[r, a] += X[a, c] * W[r, c] over a 16-row tile, 8 tokens and 16 columns."""
+def register_mma(rows=None):
+    """The TensorIntrin of one mma.sync.m16n8k16 in this kernel's fragment layouts (``a_layout`` ...;
+    ``rows``: a RowMap, default PAIRED_ROWS; NATURAL_ROWS: ``a_layout_natural`` ...): C[r, a] +=
+    X[a, c] * W[r, c] over a 16-row tile, 8 tokens and 16 columns."""
     import tvm
     from tvm.script import tirx as T
 
     from .intrinsics import _REGISTERED
 
-    if MMA_INTRIN in _REGISTERED:
-        return MMA_INTRIN
-    env = {"T": T, "a_layout": a_layout, "b_layout": b_layout, "c_layout": c_layout}
+    natural = rows is not None and not rows.paired
+    name = MMA_INTRIN + ("_natural_rows" if natural else "")
+    if name in _REGISTERED:
+        return name
+    a_lay, b_lay, c_lay = (a_layout_natural, b_layout, c_layout_natural) if natural else (a_layout, b_layout, c_layout)
+    env = {"T": T, "a_layout": a_lay, "b_layout": b_lay, "c_layout": c_lay}
     desc = tvm.script.from_source(_MMA_SCRIPT.format(fname="desc", body=_MMA_DESC), extra_vars=env)
     impl = tvm.script.from_source(_MMA_SCRIPT.format(fname="impl", body=_MMA_IMPL), extra_vars=env)
-    tvm.s_tir.TensorIntrin.register(MMA_INTRIN, desc, impl, override=True)
-    _REGISTERED[MMA_INTRIN] = ""
-    return MMA_INTRIN
+    tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED[name] = ""
+    return name
 
 
 def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=()):
@@ -251,13 +281,51 @@ def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=())
     inlined, ``inline_derived``) for mma.sync; returns an IRModule. ``intrin``: the format's
     (TensorIntrin name, CUDA source) decode of one unit, or None for the plain TIR decode;
     ``streamed``: the packed-word tensors to load into registers (``fmt.streamed``)."""
+    return schedule_mma_rows(func, cfg, unit, PAIRED_ROWS, _UnitDecode(cfg, intrin, streamed))
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """How a kernel's 16-row tile maps onto the mma rows and how its X fragments are laid out.
+    ``paired``: tile row r = 2g + h is mma row g + 8h (this module's kernel: lane (g, t) owns weight
+    rows 2g, 2g + 1); else r = g + 8h, the PTX order itself (qcompile.kernels.mma_fragment: the
+    stored A-fragment order). ``x_contiguous``: a lane's columns of a K block are contiguous
+    (``fragment_column``: 16-byte activation loads), else only column pairs (4-byte loads)."""
+
+    paired: bool
+    x_contiguous: bool
+
+    def layouts(self):
+        return (a_layout, b_layout, c_layout) if self.paired else (a_layout_natural, b_layout, c_layout_natural)
+
+    def intrin(self) -> str:
+        return register_mma(self)
+
+    def split_rows(self, sch, loop, tiles=None):
+        """(tile, g, h) loops of a tile-row loop (tile row r = 2g + h or g + 8h)."""
+        if self.paired:
+            return sch.split(loop, [tiles, MMA_M // 2, 2])
+        tile, h, g = sch.split(loop, [tiles, 2, MMA_M // 2])
+        return tile, g, h
+
+
+PAIRED_ROWS = RowMap(paired=True, x_contiguous=True)
+NATURAL_ROWS = RowMap(paired=False, x_contiguous=False)
+
+
+def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
+    """The mma.sync schedule of an ``mma_func``-shaped PrimFunc (blocks X_frag, W_frag, acc, Y) whose
+    tile rows map to mma rows as ``rows`` says; ``weights`` places the weight side: its
+    ``lane_loops(sch, wf)`` lays out the W_frag block's loops (returns the lane loop) and its
+    ``decode(sch, w_lane, bn)`` the stages W_frag reads (returns the CUDA sources to inject)."""
     import tvm
 
     sch = tvm.s_tir.Schedule(_func_mod(func))
     acc = sch.get_sblock("acc")
     m, n = (int(sch.get(loop).extent) for loop in sch.get_loops(acc)[:2])
     k = int(sch.get(sch.get_sblock("X_frag")).reads[0].source.shape[1])
-    check_mma_config(cfg, n, k, m, unit)
+    check_mma_config(cfg, n, k, m, unit, fragment=not rows.paired)
+    a_lay, b_lay, c_lay = rows.layouts()
 
     # 1. M padded to whole n8 tiles of tokens: X_frag_pad holds zeros past M, acc_pad the padded result
     m_pad = -(-m // MMA_N) * MMA_N
@@ -301,23 +369,16 @@ def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=())
         return (outer, lane_elem[0], *tiles, lane_elem[1])
 
     sch.transform_layout(wf, ("write", 0), lambda i, kb, s, hi, t, lo: fragments(
-        kb, a_layout(i % MMA_M, hi, t, lo), i // MMA_M, s))
+        kb, a_lay(i % MMA_M, hi, t, lo), i // MMA_M, s))
     sch.transform_layout(xw, ("write", 0), lambda a, kb, s, hi, t, lo: fragments(
-        kb, b_layout(a % MMA_N, hi, t, lo), a // MMA_N, s))
+        kb, b_lay(a % MMA_N, hi, t, lo), a // MMA_N, s))
     sch.transform_layout(store, ("read", 0), lambda w, a, i: fragments(
-        w, c_layout(i % MMA_M, a % MMA_N), a // MMA_N, i // MMA_M))
+        w, c_lay(i % MMA_M, a % MMA_N), a // MMA_N, i // MMA_M))
 
-    # W fragments: (tile rows r = 2g + h, steps, hi, t, lo) -> lane (g, t); each lane's elements are
-    # columns 4s + 2hi + lo of its decoded units of rows 2g, 2g + 1
-    r, s, hi, t, lo = sch.get_loops(wf)[-5:]
-    tile, g, h = sch.split(r, [cfg.tiles, MMA_M // 2, 2])
-    sch.reorder(tile, g, t, s, hi, h, lo)
-    w_lane = sch.fuse(g, t)
-    sch.bind(w_lane, "threadIdx.x")
-    for loop in (s, hi, h, lo):
-        sch.unroll(loop)
+    # W fragments: (tile rows, steps, hi, t, lo) -> lane (g, t) (the weights' own layout)
+    w_lane = weights.lane_loops(sch, wf)
     # X fragments: (tokens a, steps, hi, t, lo) -> lane (a, t); a lane's elements are its span of one
-    # token's activations, contiguous: 16-byte loads
+    # token's activations, contiguous: 16-byte loads (or, in natural column order, pairs: 4-byte loads)
     a, s, hi, t, lo = sch.get_loops(xw)[-5:]
     m_tile, a = sch.split(a, [None, MMA_N])
     sch.reorder(m_tile, a, t, s, hi, lo)
@@ -327,58 +388,28 @@ def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=())
         sch.unroll(loop)
     sch.compute_at(xf, x_lane)
     sch.set_scope(xf, 0, "local")
-    own = _loops_below(sch, xf, x_lane)  # (steps, hi, lo): the lane's columns, contiguous
-    if len(own) > 1:
-        sch.fuse(*own)
-    vectorize_copy(sch, xf, 16, len(sch.get_loops(xf)) - min(1, len(own)))
-    # C fragments: init and the store to the partial tile, lane (g, t) = rows 2g + h, tokens 2t + l
+    own = _loops_below(sch, xf, x_lane)  # (steps, hi, lo): the lane's columns
+    if rows.x_contiguous:
+        if len(own) > 1:
+            sch.fuse(*own)
+        vectorize_copy(sch, xf, 16, len(sch.get_loops(xf)) - min(1, len(own)))
+    else:
+        for loop in own[:-1]:
+            sch.unroll(loop)
+        vectorize_copy(sch, xf, 16, len(sch.get_loops(xf)) - min(1, len(own)))
+    # C fragments: init and the store to the partial tile, lane (g, t) = rows (g, h), tokens 2t + l
     for blk, row_first in ((store, False), (sch.get_child_blocks(init)[0], True)):
         loops = sch.get_loops(blk)[-2:]
         r, a = loops if row_first else loops[::-1]
-        tile, g, h = sch.split(r, [None, MMA_M // 2, 2])
+        tile, g, h = rows.split_rows(sch, r)
         m_tile, t, l = sch.split(a, [None, 4, 2])
         sch.reorder(m_tile, tile, g, t, h, l)
         sch.bind(sch.fuse(g, t), "threadIdx.x")
         sch.unroll(h)
         sch.unroll(l)
 
-    # 4. the decode of the lane's units (two rows x cfg.units units), in registers
-    dec = sch.get_sblock("W_decode")
-    sch.compute_at(dec, w_lane)
-    sch.set_scope(dec, 0, "local")
-    gather = _gather_block(sch)
-    consumers = [dec]
-    if gather is not None:
-        sch.compute_at(gather, w_lane)
-        sch.set_scope(gather, 0, "local")
-        for loop in _loops_below(sch, gather, w_lane):
-            sch.unroll(loop)
-        consumers.append(gather)
-        if cfg.lut_shared:  # its tables (what it reads besides the packed words) to shared memory
-            skip = set(streamed) | {"W_slice"}
-            for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
-                table = sch.cache_read(gather, idx, "shared")
-                sch.compute_at(table, bn)
-                copy = sch.fuse(*sch.get_loops(table)[1:])
-                _, t_z, t_y, t_x = sch.split(copy, [None, cfg.warps_k, cfg.warps_n, WARP])
-                sch.bind(t_z, "threadIdx.z")
-                sch.bind(t_y, "threadIdx.y")
-                sch.bind(t_x, "threadIdx.x")
-        slices = _get_sblock(sch, "W_slice")
-        if slices is not None:
-            sch.compute_at(slices, w_lane)
-            sch.set_scope(slices, 0, "local")
-            consumers.append(slices)
-    stage_packed_words(sch, consumers, streamed, w_lane)
-    sources = []
-    for loop in _loops_below(sch, dec, w_lane)[:-1]:  # the lane's rows and units
-        sch.unroll(loop)
-    if intrin is not None:
-        name, source = intrin
-        sch.tensorize(sch.get_loops(dec)[-1], name)
-        sources.append(source)
-    else:
-        sch.unroll(sch.get_loops(dec)[-1])
+    # 4. the decode of the lane's weights, in registers
+    sources = weights.decode(sch, w_lane, bn)
 
     # 5. epilogue: every thread sums the warps_k partials of some outputs and stores fp16
     wb = sch.get_sblock("acc")
@@ -403,7 +434,7 @@ def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=())
         sch.reverse_compute_at(sch.get_sblock("Y"), t_x)
 
     # 6. one mma.sync per (step, tile, token tile); the K loop unrolled by cfg.unroll
-    sch.tensorize(sch.get_loops(sch.get_sblock("acc_rf"))[-5], register_mma())
+    sch.tensorize(sch.get_loops(sch.get_sblock("acc_rf"))[-5], rows.intrin())
     for loop in (s_loop, tl, mo):
         sch.unroll(loop)
     if cfg.unroll > 1:
@@ -414,6 +445,67 @@ def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=())
     from .pipeline import WARP_ATTR
 
     return tvm.IRModule({"main": sch.mod["main"].with_attr(WARP_ATTR, True)})
+
+
+class _UnitDecode:
+    """The weight side of ``mma_func``: lane (g, t) decodes whole units of rows 2g, 2g + 1 (the
+    format's ``tir_decode_unit``, its gather and slices, its decode intrinsic) in registers."""
+
+    def __init__(self, cfg: MmaConfig, intrin, streamed):
+        self.cfg, self.intrin, self.streamed = cfg, intrin, streamed
+
+    def lane_loops(self, sch, wf):
+        # (tile rows r = 2g + h, steps, hi, t, lo) -> lane (g, t); each lane's elements are columns
+        # 4s + 2hi + lo of its decoded units of rows 2g, 2g + 1
+        r, s, hi, t, lo = sch.get_loops(wf)[-5:]
+        tile, g, h = sch.split(r, [self.cfg.tiles, MMA_M // 2, 2])
+        sch.reorder(tile, g, t, s, hi, h, lo)
+        w_lane = sch.fuse(g, t)
+        sch.bind(w_lane, "threadIdx.x")
+        for loop in (s, hi, h, lo):
+            sch.unroll(loop)
+        return w_lane
+
+    def decode(self, sch, w_lane, bn):
+        """The decode of the lane's units (two rows x cfg.units units), in registers."""
+        cfg, intrin, streamed = self.cfg, self.intrin, self.streamed
+        dec = sch.get_sblock("W_decode")
+        sch.compute_at(dec, w_lane)
+        sch.set_scope(dec, 0, "local")
+        gather = _gather_block(sch)
+        consumers = [dec]
+        if gather is not None:
+            sch.compute_at(gather, w_lane)
+            sch.set_scope(gather, 0, "local")
+            for loop in _loops_below(sch, gather, w_lane):
+                sch.unroll(loop)
+            consumers.append(gather)
+            if cfg.lut_shared:  # its tables (what it reads besides the packed words) to shared memory
+                skip = set(streamed) | {"W_slice"}
+                for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
+                    table = sch.cache_read(gather, idx, "shared")
+                    sch.compute_at(table, bn)
+                    copy = sch.fuse(*sch.get_loops(table)[1:])
+                    _, t_z, t_y, t_x = sch.split(copy, [None, cfg.warps_k, cfg.warps_n, WARP])
+                    sch.bind(t_z, "threadIdx.z")
+                    sch.bind(t_y, "threadIdx.y")
+                    sch.bind(t_x, "threadIdx.x")
+            slices = _get_sblock(sch, "W_slice")
+            if slices is not None:
+                sch.compute_at(slices, w_lane)
+                sch.set_scope(slices, 0, "local")
+                consumers.append(slices)
+        stage_packed_words(sch, consumers, streamed, w_lane)
+        sources = []
+        for loop in _loops_below(sch, dec, w_lane)[:-1]:  # the lane's rows and units
+            sch.unroll(loop)
+        if intrin is not None:
+            name, source = intrin
+            sch.tensorize(sch.get_loops(dec)[-1], name)
+            sources.append(source)
+        else:
+            sch.unroll(sch.get_loops(dec)[-1])
+        return sources
 
 
 def _read_index(sch, block, prefix):
@@ -458,34 +550,52 @@ def stage_packed_words(sch, consumers, streamed, at) -> None:
 WIDE_TILES_MIN_BLOCKS = 264
 
 
-def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1) -> MmaConfig:
+def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1, fragment: bool = False) -> MmaConfig:
     """The config qcompile uses without a tuning record: 32 columns per lane (``units``), two 16-row
     tiles per warp sharing each B fragment, 8 warps splitting K. From H100 sweeps (tc_sweep --family
     mma, e8p-2 / int4-g128 on 28672x8192 and 8192x28672): at M = 2..16 this was the best or within
     10 % of it on both shapes (e8p-2 M=4: 47.0 / 50.9 us against 58.0 / 74.2 us with one tile and 4
     K warps; M=16: 70.8 / 63.9 us), except at M > 8 on a wide N (``WIDE_TILES_MIN_BLOCKS``): four
     tiles and 4 K warps (one-stage decodes only). Where the shape refuses it: fewer K warps, then
-    one tile, then one unit per lane."""
-    units = max(1, 32 // unit) if unit < 32 else 1
+    one tile, then one unit per lane.
+
+    ``fragment``: for a fragment-native format (qcompile.kernels.mma_fragment; QTIP HYB, whose unit
+    is 16 columns): the same shapes with an even number of tiles (both row-subtiles of a 32x32
+    super-tile in one warp) and the per-lane table copies (lut_shared=2) where they fit in shared
+    memory, else the single table. Not measured yet: no GPU timing has picked these."""
+    # (fragment: one unit = 64-column K blocks, two super-tiles a block; with two, qtip-hyb-4's 16-byte
+    # word pairs of four super-tiles made ptxas spill at M > 8 to stay at 48 registers)
+    units = 1 if fragment else max(1, 32 // unit) if unit < 32 else 1
     shapes = [(2, 8), (2, 4), (2, 2), (2, 1), (1, 8), (1, 4), (1, 2), (1, 1)]
     if m > 8 and n // (16 * 4) >= WIDE_TILES_MIN_BLOCKS and decode_stages == 1:
         shapes.insert(0, (4, 4))
     for u in dict.fromkeys((units, 1)):
         for tiles, warps_k in shapes:
-            cfg = MmaConfig(units=u, tiles=tiles, warps_n=1, warps_k=warps_k)
-            try:
-                check_mma_config(cfg, n, k, m, unit)
-            except ValueError:
-                continue
-            return cfg
+            for lut in ((2, 1) if fragment else (1,)):
+                cfg = MmaConfig(units=u, tiles=tiles, warps_n=1, warps_k=warps_k, lut_shared=lut)
+                try:
+                    check_mma_config(cfg, n, k, m, unit, fragment=fragment)
+                except ValueError:
+                    continue
+                return cfg
     raise ValueError(f"no mma config tiles N={n}, K={k} in decode units of {unit}")
 
 
-def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_intrin: bool = True):
-    """The scheduled PrimFunc ("main") of ``fmt``'s fused decode + matmul on mma.sync."""
+def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_intrin: bool = True,
+                       fragment=None):
+    """The scheduled PrimFunc ("main") of ``fmt``'s fused decode + matmul on mma.sync. ``fragment``:
+    True = the fragment-native kernel (qcompile.kernels.mma_fragment; ``use_intrin`` does not apply),
+    False = this module's unit-decode kernel, None = the fragment-native one for the formats that are
+    (``Format.fragment_native``: QTIP HYB)."""
     from ..formats import get as get_format
 
     fmt = get_format(fmt)
+    if fragment is None:
+        fragment = fmt.fragment_native
+    if fragment:
+        from .mma_fragment import fragment_mma_scheduled_func
+
+        return fragment_mma_scheduled_func(fmt, n, k, m, cfg)
     unit = fmt.decode_unit
     cfg = cfg or default_mma_config(n, k, m, unit, fmt.decode_stages)
     check_mma_config(cfg, n, k, m, unit)

@@ -239,7 +239,7 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
         if unit is not None:
-            problem = fit_error(cfg, obj["n"], obj["k"], obj["m"], unit)
+            problem = fit_error(cfg, obj["n"], obj["k"], obj["m"], unit, _fragment_native(format_name))
             if problem:
                 raise ValueError(f"{where}: {what} {config_key(cfg)} does not fit the shape ({problem})")
         return cfg
@@ -303,6 +303,13 @@ def _format_unit(format_name: str) -> int:
     from ..formats import get as get_format
 
     return get_format(format_name).decode_unit
+
+
+def _fragment_native(format_name: str) -> bool:
+    """Whether the format's mma.sync configs are the fragment-native kernel's (lut_shared may be 2)."""
+    from ..formats import get as get_format
+
+    return get_format(format_name).fragment_native
 
 
 def read_records_file(path: PathLike, gpu: str, format_name: str) -> Dict[EntryKey, TuningEntry]:

@@ -192,22 +192,24 @@ def check_tensorcore_config(cfg: TensorCoreConfig, n: int, k: int, m: int, unit:
     return None
 
 
-def check_mma(cfg: MmaConfig, n: int, k: int, m: int, unit: int) -> Optional[str]:
-    """Why ``cfg`` cannot schedule the mma.sync kernel (``mma.check_mma_config``'s one line), or None."""
+def check_mma(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment: bool = False) -> Optional[str]:
+    """Why ``cfg`` cannot schedule the mma.sync kernel (``mma.check_mma_config``'s one line; ``fragment``:
+    of a fragment-native format), or None."""
     try:
-        check_mma_config(cfg, n, k, m, unit)
+        check_mma_config(cfg, n, k, m, unit, fragment)
     except ValueError as err:
         return str(err)
     return None
 
 
-def fit_error(cfg, n: int, k: int, m: int, unit: int) -> Optional[str]:
+def fit_error(cfg, n: int, k: int, m: int, unit: int, fragment: bool = False) -> Optional[str]:
     """Why a config of any family cannot schedule the (n, k, m) kernel, or None: the GEMV's
-    ``tiling_error``, the tensor-core ``check_tensorcore_config`` or ``check_mma``."""
+    ``tiling_error``, the tensor-core ``check_tensorcore_config`` or ``check_mma`` (``fragment``: of
+    a fragment-native format, QTIP HYB)."""
     if family_of(cfg) == TC_FAMILY:
         return check_tensorcore_config(cfg, n, k, m, unit)
     if family_of(cfg) == MMA_FAMILY:
-        return check_mma(cfg, n, k, m, unit)
+        return check_mma(cfg, n, k, m, unit, fragment)
     return tiling_error(cfg, n, k, unit)
 
 
@@ -251,7 +253,7 @@ def _default_tc(spec: KernelSpec, fmt) -> TensorCoreConfig:
 
 def _default_mma(spec: KernelSpec, fmt) -> MmaConfig:
     try:
-        return default_mma_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.decode_stages)
+        return default_mma_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.decode_stages, fmt.fragment_native)
     except ValueError as err:
         raise QCompileError(str(err)) from None
 
@@ -339,7 +341,7 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
         if (cfg == default or not MMA_MIN_WARPS <= cfg.warps_n * cfg.warps_k <= MMA_MAX_WARPS
                 or cfg.units * unit > MMA_MAX_SPAN):
             continue
-        if check_mma(cfg, spec.n, spec.k, spec.m, unit) is None:
+        if check_mma(cfg, spec.n, spec.k, spec.m, unit, fmt.fragment_native) is None:
             space.append(cfg)
     space.sort(key=lambda c: (_distance(c, default), tuple(getattr(c, name) for name in names)))
     return [default] + space[:MAX_MMA_CANDIDATES - 1]

@@ -1,7 +1,9 @@
 """The mma.sync kernels (qcompile.kernels.mma) on the GPU, for every format: fused products against
 float64 at M = 1..16 (default configs and others: one tile, several warps along N, 64-column spans,
 unrolled K loops), and the decoded values read back exactly through the kernel's A fragments with
-one-hot activations (with the format's decode intrinsic and with the plain TIR decode)."""
+one-hot activations (with the format's decode intrinsic and with the plain TIR decode). For QTIP HYB,
+mma_scheduled_func builds the fragment-native kernel (qcompile.kernels.mma_fragment: each lane decodes
+its own A registers), so every test here covers it; FRAGMENT_CONFIGS adds its table placements."""
 import pytest
 import torch
 
@@ -54,18 +56,30 @@ CONFIGS = [
 CONFIG_MS = (3, 16)
 
 
+# the fragment-native kernel (QTIP HYB): the three table placements, one unit a lane, unrolled K loops,
+# two warps along N, four tiles a warp
+FRAGMENT_CONFIGS = [
+    MmaConfig(units=2, tiles=2, warps_n=1, warps_k=4, lut_shared=0),
+    MmaConfig(units=1, tiles=2, warps_n=2, warps_k=2, unroll=2, lut_shared=1),
+    MmaConfig(units=2, tiles=4, warps_n=1, warps_k=2, lut_shared=2),
+    MmaConfig(units=4, tiles=2, warps_n=1, warps_k=4, unroll=2, lut_shared=2),
+]
+
+
 def _fits(name, cfg):
-    unit = qc.formats.get(name).decode_unit
+    fmt = qc.formats.get(name)
     try:
         for m in CONFIG_MS:
-            check_mma_config(cfg, N, K, m, unit)
+            check_mma_config(cfg, N, K, m, fmt.decode_unit, fragment=fmt.fragment_native)
         return True
     except ValueError:
         return False
 
 
 CONFIG_CASES = [pytest.param(name, cfg, id=f"{name}-" + "-".join(f"{v}" for v in cfg.as_dict().values()))
-                for cfg in CONFIGS for name in ["int4-g128", "e8p-2", "e8p-4", "qtip-1mad-2"] if _fits(name, cfg)]
+                for cfg in CONFIGS + FRAGMENT_CONFIGS
+                for name in ["int4-g128", "e8p-2", "e8p-4", "qtip-1mad-2", "qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4"]
+                if _fits(name, cfg)]
 
 
 @pytest.mark.parametrize("name, cfg", CONFIG_CASES)
@@ -91,7 +105,7 @@ def test_decode_bit_exact_through_the_kernel(name, use_intrin, check_one_hot_dec
     check_one_hot_decode(fn, fmt, qw, m, f"{name} intrin={use_intrin}")
 
 
-@pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4"])
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4", "qtip-hyb-2", "qtip-hyb-3"])
 def test_padded_k_blocks_match_float64(name):
     """K = 11008 (Llama-2-7B down_proj): 86 K blocks padded to 88 for 8 K warps (and to 96 for 16
     warps x unroll 2): the padded blocks read K's last block again and must add nothing."""
@@ -99,8 +113,10 @@ def test_padded_k_blocks_match_float64(name):
 
     fmt = qc.formats.get(name)
     n, k = 512, 11008
-    cfgs = {"default": default_mma_config(n, k, 4, fmt.decode_unit),
-            "wk16u2": MmaConfig(units=max(1, 32 // fmt.decode_unit), tiles=1, warps_k=16, unroll=2)}
+    frag = fmt.fragment_native
+    cfgs = {"default": default_mma_config(n, k, 4, fmt.decode_unit, fragment=frag),
+            "wk16u2": MmaConfig(units=max(1, 32 // fmt.decode_unit), tiles=2 if frag else 1, warps_k=16, unroll=2,
+                                lut_shared=1)}
     assert all(k_blocks(cfg, k, fmt.decode_unit) > k // (4 * 32) for cfg in cfgs.values())
     qw = fmt.random_weight(n, k, seed=13).to("cuda")
     ex = build({f"{tag}_{m}": mma_scheduled_func(fmt, n, k, m, cfg) for tag, cfg in cfgs.items() for m in (3, 16)})

@@ -1,0 +1,196 @@
+"""mma.sync rule for fragment-native formats (``Format.fragment_native``: QTIP HYB in the reference's
+kernel layout), whose stored order IS the PTX mma.m16n8k16 A-fragment order: lane l's packed bytes
+of a 16x16 tile decode to exactly its own eight A registers.
+
+The generic mma.sync kernel (qcompile.kernels.mma) gives lane (g, t) whole decode units (16 columns
+of weight rows 2g, 2g + 1). For HYB such a tile row needs stream slices of four lanes' chunks, read as
+scalar 16-bit loads (qtip-hyb-2 M=16 on 28672x8192: 606 us, against 322 us on the WMMA kernel). Here
+instead every lane decodes its own fragment, as the layout was designed for:
+
+- rows: tile row r = g + 8h is mma row r itself (``NATURAL_ROWS``: ``a_layout_natural``), so the output
+  comes out in natural row order; columns: step s of K block kb multiplies tile column
+  J = kb * steps + s in its natural order (``natural_column``); the activations of a lane are
+  column pairs (4-byte loads).
+- per lane and 32x32 super-tile (I2, J2): its 4K packed bytes (all four tiles: K=2 one 8-byte load,
+  K=4 one 16-byte load) and lane l + 1's 4K bytes (a second load, an L1 hit) are staged in registers
+  (stage W_lane_words); per tile one stream slice (own chunk << 8K | next chunk, W_lane_slice); four
+  windows at bits 0, 2K, 4K, 6K -> four HYB table words (W_lane_gather, the table in shared memory:
+  ``MmaConfig.lut_shared`` 2 = one copy per lane % 16, 1 = one copy, 0 = global); A register e = half
+  e % 2 of word e // 2 (W_frag). The format owns every bit of this (``TrellisFormat.tir_fragment_*``,
+  stages built by ``compute.fragment_stages``); this module only places the stages.
+- two 16-row tiles a warp are the two row-subtiles of a super-tile, so a lane's staged words feed
+  both (``check_mma_config(..., fragment=True)`` refuses an odd ``MmaConfig.tiles``); a K block is
+  4 x span = 64 x units columns (2 x units super-tiles), the generic kernel's K blocks for QTIP's
+  16-column unit, so the MmaConfig knobs and their checks are the same, plus lut_shared=2 and a
+  shared-memory check (default: ``default_mma_config(..., fragment=True)``, one unit a lane).
+
+Everything else (split-K warps and their shared-memory partials, M padding to n8 token tiles, the
+epilogue, one mma.sync per step, tile and token tile) is the generic rule's
+(``mma.schedule_mma_rows``).
+"""
+from __future__ import annotations
+
+from .mma import (MMA_M, NATURAL_ROWS, WARP, MmaConfig, _loops_below, check_mma_config, default_mma_config,
+                  k_blocks, schedule_mma_rows, span_of)
+from .schedules import _get_sblock, vectorize_copy
+
+
+def natural_column(kb, s, hi, t, lo, span):
+    """The weight / activation column of fragment column c = 8 * hi + 2 * t + lo of mma step s of K
+    block kb: tile column J = kb * (span / 4) + s, in its natural order (the A fragment's own)."""
+    return kb * (4 * span) + 16 * s + 8 * hi + 2 * t + lo
+
+
+def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
+    """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]) of a fragment-native format:
+    acc[a, i] = sum over K blocks kb, steps s, fragment columns c of X_frag[a, kb, s, c] *
+    W_frag[i, kb, s, c], W_frag[i, kb, s, (hi, t, lo)] = A register 4hi + 2h + lo of lane
+    4 * (i % 8) + t of tile (i // 16, kb * span / 4 + s), h = i % 16 // 8 (``tir_fragment_decode``),
+    i.e. the weight at row i, column ``natural_column``. ``blocks``: K blocks of the loop (0: those of
+    K); past K's, X_frag is zero and W_frag repeats K's last block (as ``mma.mma_func``)."""
+    import tvm
+    from tvm import te
+
+    from .compute import fragment_stages
+
+    if not getattr(fmt, "fragment_native", False):
+        raise ValueError(f"{fmt.name} is not fragment-native (its stored order is not the mma A-fragment order)")
+    fmt.check_shape(n, k)
+    if span % 8:
+        raise ValueError(f"span {span} must be a multiple of 8 (K blocks of whole 32-column super-tiles)")
+    block, steps = 4 * span, span // 4
+    if k % block:
+        raise ValueError(f"in_features {k} must be a multiple of the K block {block}")
+    params, bufs = fragment_stages(fmt, n, k)
+    X = te.placeholder((m, k), "float16", name="X")
+    nkb = k // block
+    loop_blocks = blocks or nkb
+    if loop_blocks < nkb:
+        raise ValueError(f"{loop_blocks} K blocks cannot cover the {nkb} of in_features {k}")
+
+    def clamp(kb):  # a padded block past K reads K's last block (in bounds), its activations zeroed
+        return kb if loop_blocks == nkb else tvm.te.min(kb, nkb - 1)
+
+    def x_value(a, kb, s, hi, t, lo):
+        x = X[a, natural_column(clamp(kb), s, hi, t, lo, span)]
+        if loop_blocks == nkb:
+            return x
+        return tvm.tirx.if_then_else(kb < nkb, x, tvm.tirx.const(0, "float16"))
+
+    def w_value(tile, h, g, kb, s, hi, t, lo):  # weight row 16 * tile + 8h + g = A row g + 8h
+        return fmt.tir_fragment_decode(bufs, tile, clamp(kb) * steps + s, 4 * g + t, 4 * hi + 2 * h + lo)
+
+    frag = (loop_blocks, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
+    XF = te.compute((m, *frag), x_value, name="X_frag")
+    # the block iterates rows as (tile, h, g), so that the lane 4g + t of a register is plain in every
+    # index (with i % 8, compute_at's region analysis relaxed the lane over the tile loops); its
+    # buffer is [n, ...] like mma_func's (transform_layout below), which acc reads as an einsum
+    WF = te.compute((n // MMA_M, 2, MMA_M // 2, *frag), w_value, name="W_frag")
+    axes = [te.reduce_axis((0, e), name=nm) for e, nm in zip(frag, ("kb", "s", "hi", "t", "lo"))]
+    acc = te.compute((m, n), lambda a, i: te.sum(
+        XF[(a, *axes)].astype("float32") * WF[(i // MMA_M, i % MMA_M // 8, i % 8, *axes)].astype("float32"),
+        axis=axes), name="acc")
+    Y = te.compute((m, n), lambda a, i: acc[a, i].astype("float16"), name="Y")
+    func = te.create_prim_func([X, *params, Y]).with_attr("global_symbol", "main")
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
+    sch.transform_layout(sch.get_sblock("W_frag"), ("write", 0),
+                         lambda tile, h, g, *rest: (tile * MMA_M + h * 8 + g, *rest))
+    return sch.mod["main"]
+
+
+class _FragmentDecode:
+    """The weight side of ``fragment_mma_func`` for ``mma.schedule_mma_rows``: lane (g, t) = lane
+    4g + t computes its A registers of the warp's tiles; its staged words, slices and table words in
+    registers; the table where ``cfg.lut_shared`` says."""
+
+    def __init__(self, cfg: MmaConfig):
+        self.cfg = cfg
+
+    def lane_loops(self, sch, wf):
+        # (tiles, h, g, steps, hi, t, lo) -> lane (g, t); the lane loop outermost, so that the stages
+        # computed at it cover all the warp's tiles (both row-subtiles of a super-tile)
+        loops = sch.get_loops(wf)
+        g, s, hi, t, lo = loops[-5:]
+        tile_h = loops[-7:-5]
+        sch.reorder(g, t, *tile_h, s, hi, lo)
+        w_lane = sch.fuse(g, t)
+        sch.bind(w_lane, "threadIdx.x")
+        for loop in (*tile_h, s, hi, lo):
+            sch.unroll(loop)
+        return w_lane
+
+    def decode(self, sch, w_lane, bn):
+        cfg = self.cfg
+        # consumers first: the table words, the slices they share, the packed words those read
+        for name in ("W_lane_gather", "W_lane_slice", "W_lane_words"):
+            blk = sch.get_sblock(name)
+            sch.compute_at(blk, w_lane)
+            sch.set_scope(blk, 0, "local")
+            loops = _loops_below(sch, blk, w_lane)
+            if name == "W_lane_words":  # (super-tiles..., word): own words, then lane + 1's: two vector loads
+                words = int(sch.get(loops[-1]).extent)
+                half, _ = sch.split(loops[-1], [2, words // 2])
+                for loop in (*loops[:-1], half):
+                    sch.unroll(loop)
+                vectorize_copy(sch, blk, 16, len(sch.get_loops(blk)) - 1)
+            else:
+                for loop in loops:
+                    sch.unroll(loop)
+        _place_tables(sch, bn, cfg)
+        return []
+
+
+def _place_tables(sch, bn, cfg: MmaConfig) -> None:
+    """The format's derived tables (Format.tir_tables: W_table, its lane copies W_table_lanes):
+    lut_shared 2: the lane copies in shared memory, 1: the single table, 0: both inlined (the table
+    words read from the format's tensors in global memory). Filled once per thread block by all its
+    threads."""
+    lanes, single = _get_sblock(sch, "W_table_lanes"), _get_sblock(sch, "W_table")
+    if lanes is None and single is None:
+        return
+    if cfg.lut_shared == 0:
+        for blk in (lanes, single):
+            if blk is not None:
+                sch.compute_inline(blk)
+        return
+    if cfg.lut_shared == 2 and lanes is not None:
+        if single is not None:
+            sch.compute_inline(single)
+        keep = lanes
+    else:
+        if lanes is not None:
+            sch.compute_inline(lanes)
+        keep = sch.get_sblock("W_table")
+    sch.compute_at(keep, bn)
+    copy = sch.fuse(*sch.get_loops(keep)[1:])
+    _, t_z, t_y, t_x = sch.split(copy, [None, cfg.warps_k, cfg.warps_n, WARP])
+    sch.bind(t_z, "threadIdx.z")
+    sch.bind(t_y, "threadIdx.y")
+    sch.bind(t_x, "threadIdx.x")
+    sch.set_scope(keep, 0, "shared")
+
+
+def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16):
+    """Schedule ``fragment_mma_func(fmt, n, k, m, span_of(cfg, unit))`` for mma.sync (``unit``: the
+    format's decode unit, which sets the K block as in the generic kernel); returns an IRModule."""
+    return schedule_mma_rows(func, cfg, unit, NATURAL_ROWS, _FragmentDecode(cfg))
+
+
+def default_fragment_config(n: int, k: int, m: int, unit: int = 16) -> MmaConfig:
+    """The config of the fragment-native kernel without a tuning record (``default_mma_config``
+    with fragment=True)."""
+    return default_mma_config(n, k, m, unit, fragment=True)
+
+
+def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None):
+    """The scheduled PrimFunc ("main") of a fragment-native format's fused decode + matmul on mma.sync."""
+    from ..formats import get as get_format
+
+    fmt = get_format(fmt)
+    if not fmt.fragment_native:
+        raise ValueError(f"{fmt.name} is not fragment-native (its stored order is not the mma A-fragment order)")
+    unit = fmt.decode_unit
+    cfg = cfg or default_fragment_config(n, k, m, unit)
+    check_mma_config(cfg, n, k, m, unit, fragment=True)
+    func = fragment_mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit))
+    return schedule_fragment_mma_cuda(func, cfg, unit)["main"]

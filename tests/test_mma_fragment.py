@@ -1,0 +1,204 @@
+"""The fragment-native mma.sync rule (qcompile.kernels.mma_fragment, QTIP HYB) on a machine without a GPU:
+its products (the unscheduled compute, on llvm) sum to X @ W^T in natural row and column order, it
+schedules and compiles for sm_90 into mma.sync with the lanes' packed words in vector loads, no
+fragment in local memory and (ptxas) no spills, the library can route to it with one flag, and
+configs that do not fit are refused in one line. (Values on the GPU: tests/gpu/test_mma_gpu.py, which
+runs mma_scheduled_func, i.e. this kernel for qtip-hyb-K.)"""
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+import qcompile as qc
+from qcompile.kernels import library
+from qcompile.kernels.library import GEMV_FAMILY, MMA_FAMILY, TC_FAMILY, KernelSpec, kernel_family, scheduled_func
+from qcompile.kernels.mma import (MmaConfig, a_layout_natural, c_layout_natural, check_mma_config,
+                                  default_mma_config, k_blocks, mma_scheduled_func, span_of)
+from qcompile.kernels.mma_fragment import fragment_mma_func, natural_column
+from qcompile.kernels.pipeline import compile_module
+from qcompile.kernels.target import parse_target
+
+HYB = ("qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4")
+N, K = 256, 1024
+
+
+def test_natural_layouts_are_ptx_and_columns_cover_k_once():
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        for e in range(8):
+            row, col = g + 8 * ((e >> 1) & 1), 2 * t + (e & 1) + 8 * (e >> 2)  # PTX A register e
+            assert a_layout_natural(row, col // 8, (col % 8) // 2, col % 2) == (lane, e)
+        for e in range(4):
+            row, tok = g + 8 * (e >> 1), 2 * t + (e & 1)  # PTX C register e
+            assert c_layout_natural(row, tok) == (lane, e)
+    span = 32
+    cols = sorted(natural_column(kb, s, hi, t, lo, span) for kb in range(3) for s in range(span // 4)
+                  for hi in range(2) for t in range(4) for lo in range(2))
+    assert cols == list(range(3 * 4 * span))
+
+
+@pytest.mark.parametrize("name,span,k,blocks", [("qtip-hyb-2", 32, 512, 0), ("qtip-hyb-3", 16, 256, 0),
+                                                ("qtip-hyb-4", 32, 384, 4)])
+def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks):
+    """The unscheduled compute the GPU schedule starts from (A registers from tir_fragment_decode,
+    natural rows and columns) sums to X @ W^T at M=3; with padded K blocks (3 -> 4) the blocks past K
+    add nothing."""
+    import tvm
+
+    fmt = qc.formats.get(name)
+    n, m = 64, 3
+    qw = fmt.random_weight(n, k, seed=3)
+    ex = tvm.compile(tvm.IRModule({"main": fragment_mma_func(fmt, n, k, m, span, blocks)}),
+                     target=parse_target("llvm").tvm_target())
+    gen = torch.Generator().manual_seed(1)
+    X = (torch.randn(m, k, generator=gen) / 8).half()
+    Y = torch.full((m, n), float("nan"), dtype=torch.float16)
+    ex["main"](X, *[qw.tensors[t] for t in fmt.tensor_specs(n, k)], Y)
+    ref = X.double() @ fmt.decode_fp16(qw).double().T
+    err = ((Y.double() - ref).norm() / ref.norm()).item()
+    assert err < 1e-3, err
+
+
+# --- CUDA code generation --------------------------------------------------------------------------------
+
+def compile_sm90(funcs):
+    import tvm
+
+    from qcompile.kernels.library import cuda_source
+
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
+                        for name, f in funcs.items()})
+    return cuda_source(compile_module(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_90"})))
+
+
+def kernel_body(src, name):
+    start = re.search(rf"{name}_kernel\([^)]*\)\s*{{", src).start()
+    end = src.find('extern "C" __global__', start + 1)
+    return src[start:end if end > 0 else len(src)]
+
+
+# the lanes' packed words: own 4K bytes and lane + 1's, as vector loads (K=3: 12 bytes, 4-byte aligned)
+WORD_LOAD = {2: r"\*\(short4\*\)\(trellis_ptr", 3: r"\*\(short2\*\)\(trellis_ptr", 4: r"\*\(int4\*\)\(trellis_ptr"}
+
+
+@pytest.mark.parametrize("name", HYB)
+def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
+    fmt = qc.formats.get(name)
+    cfgs = {f"k_m{m}": (m, default_mma_config(N, K, m, 16, fragment=True)) for m in (2, 9, 16)}
+    cfgs["k_cfg"] = (4, MmaConfig(units=1, tiles=2, warps_n=2, warps_k=2, unroll=2, lut_shared=1))
+    cfgs["k_global"] = (5, MmaConfig(units=2, tiles=4, warps_k=2, lut_shared=0))
+    src = compile_sm90({fname: mma_scheduled_func(fmt, N, K, m, cfg) for fname, (m, cfg) in cfgs.items()})
+    for fname, (m, cfg) in cfgs.items():
+        body = kernel_body(src, fname)
+        assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in body, fname
+        # LowerWarpMemory lowered the A fragments: each lane holds its own registers (tiles x steps x 8),
+        # not a warp-wide array
+        regs = cfg.tiles * span_of(cfg, 16) // 4 * 8
+        assert re.search(rf"half W_frag_warp_ptr\[{regs}\];", body), fname
+        assert not re.search(r"half \w+\[(2048|4096|8192|16384)\]", body), fname
+        assert "__shfl" not in body, fname
+        assert re.search(WORD_LOAD[fmt.K], body), fname
+        assert "trellis_ptr[" not in body, fname  # no scalar loads of the packed words
+        assert "qc_qtip_hyb" not in body, fname  # no unit decode: the lanes decode their own registers
+    assert re.search(r"__shared__ \S+ uint W_table_lanes_shared\w*\[8192\]", kernel_body(src, "k_m2"))
+    assert re.search(r"__shared__ \S+ uint W_table_shared\w*\[512\]", kernel_body(src, "k_cfg"))
+    glob = kernel_body(src, "k_global")  # lut_shared=0: the table words read from tlut in global memory
+    assert "W_table" not in glob and "tlut_ptr[" in glob
+
+
+# (qtip-hyb-4 at M=16 with tiles=2: with two units a lane, ptxas spilled one value to stay at 48 registers)
+PTXAS_CASES = [("qtip-hyb-2", 28672, 8192, 4), ("qtip-hyb-2", 28672, 8192, 16), ("qtip-hyb-2", 4096, 11008, 4),
+               ("qtip-hyb-2", 4096, 11008, 16), ("qtip-hyb-3", 28672, 8192, 16), ("qtip-hyb-4", 8192, 28672, 16),
+               ("qtip-hyb-4", 4096, 4096, 16), ("qtip-hyb-2", 1024, 2048, 16)]
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
+def test_default_configs_do_not_spill():
+    """ptxas's report for the default configs on real shapes: no stack frame, no spills."""
+    funcs = {f"k{i}": mma_scheduled_func(name, n, k, m) for i, (name, n, k, m) in enumerate(PTXAS_CASES)}
+    src = compile_sm90(funcs)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = f"{tmp}/k.cu"
+        with open(path, "w") as f:
+            f.write(src)
+        out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", f"{tmp}/k.cubin", path],
+                             capture_output=True, text=True, check=True)
+    report = out.stderr + out.stdout
+    assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == len(PTXAS_CASES), report
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert len(regs) == len(PTXAS_CASES) and max(regs) <= 128, report
+
+
+# --- configs and dispatch --------------------------------------------------------------------------------
+
+def test_default_configs():
+    for n, k in [(28672, 8192), (8192, 28672), (4096, 11008), (11008, 4096), (256, 512)]:
+        for m in (2, 4, 8, 16):
+            cfg = default_mma_config(n, k, m, 16, fragment=True)
+            check_mma_config(cfg, n, k, m, 16, fragment=True)
+            assert cfg.tiles % 2 == 0 and cfg.lut_shared == 2
+    assert default_mma_config(28672, 8192, 4, 16, fragment=True) == MmaConfig(units=1, tiles=2, warps_k=8, lut_shared=2)
+    assert default_mma_config(28672, 8192, 16, 16, fragment=True) == MmaConfig(units=1, tiles=4, warps_k=4, lut_shared=2)
+    cfg = default_mma_config(4096, 11008, 4, 16, fragment=True)  # 172 K blocks of 64 columns padded to 176
+    assert cfg.warps_k == 8 and k_blocks(cfg, 11008, 16) == 176 and span_of(cfg, 16) == 16
+
+
+@pytest.mark.parametrize("cfg,m,match", [
+    (MmaConfig(tiles=1), 4, "tiles=1 must be even"),
+    (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "bytes of shared memory"),
+    (MmaConfig(lut_shared=3), 4, "lut_shared must be 0, 1 or 2"),
+])
+def test_bad_fragment_configs_are_refused_in_one_line(cfg, m, match):
+    with pytest.raises(ValueError, match=match) as info:
+        check_mma_config(cfg, N, 8192, m, 16, fragment=True)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match=match):
+        mma_scheduled_func("qtip-hyb-2", N, 8192, m, cfg)
+    with pytest.raises(ValueError, match="lut_shared must be 0 or 1"):  # per-lane copies: fragment formats only
+        check_mma_config(MmaConfig(lut_shared=2), N, K, 4, 32)
+
+
+def test_router_flag_routes_hyb_to_the_fragment_kernel(monkeypatch):
+    """Off (today): HYB's buckets keep the GEMV / WMMA kernels. On: MMA_MIN_M..16 run this kernel,
+    through the same scheduled_func; the decode route's threshold does not move."""
+    assert library.FRAGMENT_MMA_ROUTED is False
+    assert [kernel_family("qtip-hyb-2", m) for m in (1, 4, 8, 16)] == [GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY, TC_FAMILY]
+    decode_from = library.default_decode_min_m("qtip-hyb-2")
+    monkeypatch.setattr(library, "FRAGMENT_MMA_ROUTED", True)
+    assert [kernel_family("qtip-hyb-3", m) for m in (1, 2, 4, 8, 16)] == [GEMV_FAMILY] + [MMA_FAMILY] * 4
+    assert kernel_family("qtip-3inst-2", 4) == GEMV_FAMILY  # not fragment-native
+    assert library.default_decode_min_m("qtip-hyb-2") == decode_from
+    src = compile_sm90({"k": scheduled_func(KernelSpec("qtip-hyb-2", N, K, 4), parse_target("sm_90"))})
+    assert "mma.sync.aligned.m16n8k16" in src and "W_lane_gather" in src
+
+
+def test_tuner_space_and_sweep_candidates(monkeypatch):
+    """The tuner's mma.sync space and tc_sweep's candidates of HYB: fragment configs (even tiles, the
+    per-lane tables by default), all passing the fragment check."""
+    from qcompile.bench import tc_sweep
+    from qcompile.tune import space
+
+    monkeypatch.setattr(library, "FRAGMENT_MMA_ROUTED", True)
+    spec = KernelSpec("qtip-hyb-2", 28672, 8192, 16)
+    cands = space.candidates(spec)
+    assert cands[0] == space.default_config(spec) == default_mma_config(28672, 8192, 16, 16, fragment=True)
+    for cfg in cands:
+        check_mma_config(cfg, 28672, 8192, 16, 16, fragment=True)
+    fmt = qc.formats.get("qtip-hyb-2")
+    sweep = tc_sweep.candidates(fmt, 28672, 8192, 4, [], True, True, "mma")
+    assert sweep[0][0] == "mma-default" and sweep[0][1].lut_shared == 2
+    assert {cfg.lut_shared for _, cfg, _ in sweep} == {0, 1, 2}
+    assert all(cfg.tiles % 2 == 0 for _, cfg, _ in sweep) and all(intrin for _, _, intrin in sweep)
+
+
+def test_tuning_record_fit_check_knows_fragment_configs():
+    """A tuning record of HYB may hold lut_shared=2 (per-lane tables); other formats' may not."""
+    from qcompile.tune import space
+
+    cfg = MmaConfig(units=1, tiles=2, warps_k=8, lut_shared=2)
+    assert space.fit_error(cfg, 28672, 8192, 4, 16, fragment=True) is None
+    assert "lut_shared must be 0 or 1" in space.fit_error(cfg, 28672, 8192, 4, 32)
+    assert "must be even" in space.fit_error(MmaConfig(tiles=1), 28672, 8192, 4, 16, fragment=True)
