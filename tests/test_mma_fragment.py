@@ -148,7 +148,7 @@ def test_default_configs():
 
 @pytest.mark.parametrize("cfg,m,match", [
     (MmaConfig(tiles=1), 4, "tiles=1 must be even"),
-    (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "bytes of shared memory"),
+    (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "KiB of shared memory beside 32 KiB of tables"),
     (MmaConfig(lut_shared=3), 4, "lut_shared must be 0, 1 or 2"),
 ])
 def test_bad_fragment_configs_are_refused_in_one_line(cfg, m, match):
