@@ -162,17 +162,19 @@ def test_bad_fragment_configs_are_refused_in_one_line(cfg, m, match):
 
 
 def test_router_flag_routes_hyb_to_the_fragment_kernel(monkeypatch):
-    """Off (today): HYB's buckets keep the GEMV / WMMA kernels. On: MMA_MIN_M..16 run this kernel,
-    through the same scheduled_func; the decode route's threshold does not move."""
-    assert library.FRAGMENT_MMA_ROUTED is False
-    assert [kernel_family("qtip-hyb-2", m) for m in (1, 4, 8, 16)] == [GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY, TC_FAMILY]
-    decode_from = library.default_decode_min_m("qtip-hyb-2")
-    monkeypatch.setattr(library, "FRAGMENT_MMA_ROUTED", True)
+    """On (today): HYB's MMA_MIN_M..16 run this kernel through scheduled_func, and its decode route
+    starts at FRAGMENT_DECODE_MIN_M. Off: its buckets go back to the GEMV / WMMA kernels and the decode
+    route to GEMV_MAX_M + 1. 1MAD/3INST are not fragment-native either way."""
+    assert library.FRAGMENT_MMA_ROUTED is True
     assert [kernel_family("qtip-hyb-3", m) for m in (1, 2, 4, 8, 16)] == [GEMV_FAMILY] + [MMA_FAMILY] * 4
     assert kernel_family("qtip-3inst-2", 4) == GEMV_FAMILY  # not fragment-native
-    assert library.default_decode_min_m("qtip-hyb-2") == decode_from
+    assert library.default_decode_min_m("qtip-hyb-2") == library.FRAGMENT_DECODE_MIN_M
+    assert library.default_decode_min_m("qtip-3inst-2") == library.GEMV_MAX_M + 1
     src = compile_sm90({"k": scheduled_func(KernelSpec("qtip-hyb-2", N, K, 4), parse_target("sm_90"))})
     assert "mma.sync.aligned.m16n8k16" in src and "W_lane_gather" in src
+    monkeypatch.setattr(library, "FRAGMENT_MMA_ROUTED", False)
+    assert [kernel_family("qtip-hyb-2", m) for m in (1, 4, 8, 16)] == [GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY, TC_FAMILY]
+    assert library.default_decode_min_m("qtip-hyb-2") == library.GEMV_MAX_M + 1
 
 
 def test_tuner_space_and_sweep_candidates(monkeypatch):

@@ -120,11 +120,10 @@ def test_no_config_for_untileable_shape():
         default_tc_config(200, 512, 4, 8)
 
 
-@pytest.mark.parametrize("name", ["qtip-3inst-2", "qtip-hyb-2"])
+@pytest.mark.parametrize("name", ["qtip-3inst-2", "qtip-1mad-3"])
 def test_library_routes_low_batch_to_tensor_cores_from_tc_min_m(name):
-    """Every QTIP format's bucket M < TC_MIN_M is a GEMV and M >= TC_MIN_M (up to GEMV_MAX_M) a WMMA
-    kernel, HYB included: its 32-row GEMV spills at M=16 (3005 us against 322 us on tensor cores, H100).
-    (The row-packed formats run M >= 2 on mma.sync: tests/test_mma_schedule.py.)"""
+    """QTIP 1MAD/3INST: bucket M < TC_MIN_M is a GEMV and M >= TC_MIN_M (up to GEMV_MAX_M) a WMMA
+    kernel. (The row-packed formats and QTIP HYB run M >= 2 on mma.sync: tests/test_mma_schedule.py.)"""
     from qcompile.kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec, scheduled_func
     from qcompile.kernels.target import parse_target
 

@@ -77,24 +77,35 @@ def default_buckets(fmt, target_kind: str = "cuda") -> Tuple[int, ...]:
 # repeated M=16 launches of the mma.sync kernel cost less (each reads the packed weight once, ~0.4x
 # of the fp16 weight's read time on the 70B MLP shapes, against ~2x for writing and reading an fp16
 # copy). Measured crossover (e8p-2, H100): M=64 split 268 us vs decode 361 us, M=128 split 536 us vs
-# decode 359 us on 28672x8192 (59 vs 77 us and 115 vs 78 us on 4096x11008). The other formats
-# (QTIP: M=16 on the WMMA kernel costs about as much as the decode route) take it from GEMV_MAX_M + 1.
-MMA_DECODE_MIN_M = 96
+# decode 359 us on 28672x8192 (59 vs 77 us and 115 vs 78 us on 4096x11008). With the M=32 and 64
+# buckets on one mma.sync launch each (H100, tc_sweep at 9b550f9: e8p-2 M=64 183.6 / 165.0 / 41.5 us
+# on 28672x8192 / 8192x28672 / 4096x11008), M=128 costs two M=64 launches, 367 us against the
+# decode route's 359 us: the crossover moved to 128. The WMMA formats (QTIP 1MAD / 3INST: M=16 on
+# the WMMA kernel costs about as much as the decode route) take it from GEMV_MAX_M + 1.
+MMA_DECODE_MIN_M = 128
+# QTIP HYB on its fragment-native mma.sync kernel: M=16 100 / 111 / 37.6 us (H100, same sweep), so
+# M=32 as two launches (200 us on 28672x8192) beats decode + cuBLAS (263 + 155 us); at M=64 four
+# launches (400 us) and the decode route (~420 us) are even
+FRAGMENT_DECODE_MIN_M = 64
 
 
 # The fragment-native formats (``Format.fragment_native``: QTIP HYB, stored in the mma A-fragment
 # order) have their own mma.sync kernel (qcompile.kernels.mma_fragment: each lane decodes its own A
-# registers from its own bytes), which ``mma_scheduled_func`` builds for them. Whether it serves their
-# buckets MMA_MIN_M..GEMV_MAX_M (instead of the GEMV / WMMA kernels) waits for H100 timings
-# (python3 -m qcompile.bench.tc_sweep --family mma --format qtip-hyb-2 ...): True routes them there.
-FRAGMENT_MMA_ROUTED = False
+# registers from its own bytes), which ``mma_scheduled_func`` builds for them, and which serves their
+# buckets MMA_MIN_M..GEMV_MAX_M. H100 (tc_sweep at 9b550f9, qtip-hyb-2, default configs), against the
+# GEMV (M < 8) / WMMA (M >= 8) kernels it replaces: 28672x8192 M=4 76.8 vs 238 us, M=16 100 vs 305 us;
+# 8192x28672 M=4 84.4 vs 243 us, M=16 111 vs 336 us; 4096x11008 M=4 30.8 vs 207 us, M=16 37.6 vs 83.5 us.
+FRAGMENT_MMA_ROUTED = True
 
 
 def default_decode_min_m(fmt) -> int:
-    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default. (The
-    row-packed formats' MMA_DECODE_MIN_M was measured for them; a fragment-native format keeps
-    GEMV_MAX_M + 1 even when routed to mma.sync, until its M > 16 crossover is measured.)"""
-    return MMA_DECODE_MIN_M if tuple(get_format(fmt).gemv_tile) == (1, 1) else GEMV_MAX_M + 1
+    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default:
+    MMA_DECODE_MIN_M for the row-packed formats, FRAGMENT_DECODE_MIN_M for a fragment-native one on
+    mma.sync, GEMV_MAX_M + 1 for the WMMA formats (each measured, above)."""
+    f = get_format(fmt)
+    if tuple(f.gemv_tile) == (1, 1):
+        return MMA_DECODE_MIN_M
+    return FRAGMENT_DECODE_MIN_M if runs_mma(f) else GEMV_MAX_M + 1
 
 
 def runs_mma(fmt) -> bool:
