@@ -93,7 +93,7 @@ FRAGMENT_DECODE_MIN_M = 64
 # order) have their own mma.sync kernel (qcompile.kernels.mma_fragment: each lane decodes its own A
 # registers from its own bytes), which ``mma_scheduled_func`` builds for them, and which serves their
 # buckets MMA_MIN_M..GEMV_MAX_M. H100 (tc_sweep at 9b550f9, qtip-hyb-2, default configs), against the
-# GEMV (M < 8) / WMMA (M >= 8) kernels it replaces: 28672x8192 M=4 76.8 vs 238 us, M=16 100 vs 305 us;
+# GEMV (M < 8) / WMMA (M >= 8) kernels it replaces: 28672x8192 M=4 76.8 vs 240.6 us, M=16 100 vs 320 us;
 # 8192x28672 M=4 84.4 vs 243 us, M=16 111 vs 336 us; 4096x11008 M=4 30.8 vs 207 us, M=16 37.6 vs 83.5 us.
 FRAGMENT_MMA_ROUTED = True
 
