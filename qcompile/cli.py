@@ -99,7 +99,9 @@ def parser() -> argparse.ArgumentParser:
                    help="weight format, e.g. int4-g128; required with a model directory or --shapes, optional for "
                         "a checkpoint (which carries its format)")
     t.add_argument("--shapes", default=None,
-                   help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096); instead of a model")
+                   help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096), or model presets with "
+                        "every linear shape, fused qkv and gate/up included (llama-2-7b, llama-2-13b, llama-2-70b, "
+                        "llama-3-8b); instead of a model")
     t.add_argument("--m", default="1,2,4,16",
                    help=f"batch sizes (M buckets) to tune: the GEMV, mma.sync and WMMA buckets (up to M={GEMV_MAX_M}; int4 and E8P "
                         f"up to {MMA_MAX_M} on mma.sync); the GEMM kernels above have no tuning space yet "

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import qcompile as qc
 from qcompile.bench import harness, timing
 from qcompile.bench.harness import (bandwidth_fraction, bench_document, check_bench_document, format_table,
                                     gpu_short_name, kernel_bytes, make_record, parse_ms, parse_shapes,
@@ -141,6 +142,24 @@ def test_names():
 
 def test_commit_is_unknown_without_git(tmp_path):
     assert source_commit(tmp_path) == "unknown"
+
+
+def test_model_shape_presets_are_every_linear_fused_and_not():
+    """--shapes llama-2-7b etc.: q/o, k/v (GQA), gate/up, down and the fused qkv and gate/up of the
+    QuIP#/QTIP checkpoints, each distinct shape once, mixable with NxK items."""
+    assert parse_shapes("llama-2-7b") == [(4096, 4096), (11008, 4096), (4096, 11008), (12288, 4096), (22016, 4096)]
+    assert parse_shapes("Llama-3-8B") == [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336), (6144, 4096),
+                                          (28672, 4096)]
+    assert parse_shapes("llama-2-70b")[-2:] == [(10240, 8192), (57344, 8192)]
+    assert (13824, 5120) in parse_shapes("llama-2-13b") and (27648, 5120) in parse_shapes("llama-2-13b")
+    assert parse_shapes("4096x4096,llama-2-7b")[:2] == [(4096, 4096), (11008, 4096)]
+    assert len(parse_shapes("llama-2-7b,llama-2-13b,llama-2-70b,llama-3-8b")) == 21
+    with pytest.raises(QCompileError, match="or a model \\(llama-2-7b, "):
+        parse_shapes("llama-9b")
+    for fmt_name in ("int4-g128", "e8p-2", "qtip-hyb-2"):  # every preset shape is one the formats take
+        fmt = qc.formats.get(fmt_name)
+        for n, k in parse_shapes("llama-2-7b,llama-2-13b,llama-2-70b,llama-3-8b"):
+            fmt.check_shape(n, k)
 
 
 def test_argument_errors_are_one_line():

@@ -205,14 +205,38 @@ def one_line(err: BaseException, limit: int = 300) -> str:
 
 # --- arguments -------------------------------------------------------------------------------
 
+def _llama_shapes(hidden: int, intermediate: int, kv: int) -> Tuple[Tuple[int, int], ...]:
+    """The linears of a Llama-family decoder layer as (out, in): q and o, k and v (GQA: ``kv``
+    outputs), gate and up, down; then the fused qkv and gate/up of QuIP#/QTIP checkpoints."""
+    return ((hidden, hidden), (kv, hidden), (intermediate, hidden), (hidden, intermediate),
+            (hidden + 2 * kv, hidden), (2 * intermediate, hidden))
+
+
+# --shapes presets: every distinct layer shape of these models, as built from Hugging Face weights
+# (one kernel per linear) and as imported from fused QuIP#/QTIP checkpoints
+MODEL_SHAPES: Dict[str, Tuple[Tuple[int, int], ...]] = {
+    "llama-2-7b": _llama_shapes(4096, 11008, 4096),
+    "llama-2-13b": _llama_shapes(5120, 13824, 5120),
+    "llama-2-70b": _llama_shapes(8192, 28672, 1024),
+    "llama-3-8b": _llama_shapes(4096, 14336, 1024),
+}
+
+
 def parse_shapes(text: str) -> List[Tuple[int, int]]:
+    """NxK items and model presets (``MODEL_SHAPES``: e.g. llama-2-7b), comma-separated; in order,
+    each shape once."""
     shapes = []
     for item in str(text).split(","):
+        name = item.strip().lower()
+        if name in MODEL_SHAPES:
+            shapes.extend(MODEL_SHAPES[name])
+            continue
         m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
         if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
-            raise QCompileError(f"--shapes: {item.strip()!r} is not NxK (out x in features, e.g. 11008x4096)")
+            raise QCompileError(f"--shapes: {item.strip()!r} is not NxK (out x in features, e.g. 11008x4096) "
+                                f"or a model ({', '.join(MODEL_SHAPES)})")
         shapes.append((int(m.group(1)), int(m.group(2))))
-    return shapes
+    return list(dict.fromkeys(shapes))
 
 
 def parse_ms(text: str) -> List[int]:
@@ -230,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Time the compiled kernels against cuBLAS fp16 and torch's int4 kernel on this GPU.")
     ap.add_argument("--format", default=DEFAULT_FORMAT, help=f"weight format (default {DEFAULT_FORMAT})")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES,
-                    help=f"layer shapes NxK, out x in features (default {DEFAULT_SHAPES})")
+                    help=f"layer shapes NxK, out x in features, or model presets ({', '.join(MODEL_SHAPES)}) "
+                         f"(default {DEFAULT_SHAPES})")
     ap.add_argument("--m", default=DEFAULT_MS, help=f"batch sizes (default {DEFAULT_MS})")
     ap.add_argument("--name", default=None, help="output name (default <format>-<gpu>, e.g. int4-g128-h100)")
     ap.add_argument("--out-dir", default=DEFAULT_OUT_DIR, help=f"where the JSON and PNG go (default {DEFAULT_OUT_DIR})")
