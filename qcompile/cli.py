@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, List, Optional
 
 from .errors import QCompileError
 
+# the buckets qcompile tune measures by default, besides the format's other default build buckets
+DEFAULT_TUNE_MS = (1, 2, 4, 16)
+
 if TYPE_CHECKING:  # the kernel library imports TVM; the command line loads it only where needed
     from .kernels.library import KernelSpec
 
@@ -17,7 +20,8 @@ EXIT_USER_ERROR = 2
 
 
 def parser() -> argparse.ArgumentParser:
-    from .kernels.library import DEFAULT_BUCKETS, GEMV_MAX_M, MMA_DECODE_MIN_M, MMA_EXTRA_BUCKETS
+    from .kernels.library import (DEFAULT_BUCKETS, FRAGMENT_DECODE_MIN_M, GEMV_MAX_M, MMA_DECODE_MIN_M,
+                                  MMA_DECODE_MIN_M_M16, MMA_EXTRA_BUCKETS)
 
     p = argparse.ArgumentParser(prog="qcompile", description=(
         "Compile 2-4 bit quantized LLM weights into fused dequantize + GEMV/GEMM kernels."))
@@ -69,7 +73,8 @@ def parser() -> argparse.ArgumentParser:
                         "for int4 and E8P on a GPU)")
     b.add_argument("--decode-min-m", type=int, default=None, metavar="M",
                    help="batch size from which layers decode their weight to fp16 once and multiply with cuBLAS "
-                        f"(default: {MMA_DECODE_MIN_M} for int4 and E8P, {GEMV_MAX_M + 1} for QTIP; 0: never, "
+                        f"(default: {MMA_DECODE_MIN_M} for int4 and E8P with the 64 bucket, else {MMA_DECODE_MIN_M_M16}; "
+                        f"{FRAGMENT_DECODE_MIN_M} for QTIP HYB, {GEMV_MAX_M + 1} for QTIP 1MAD/3INST; 0: never, "
                         f"the fused kernels at every M)")
     b.add_argument("--records", default=None, metavar="DIR",
                    help="tuning records directory (<gpu>/<format>.json) to take tuned schedules from "
@@ -86,7 +91,7 @@ def parser() -> argparse.ArgumentParser:
                                     "some layer shapes on the local GPU",
                        description="Measure schedule candidates for each kernel (format, N, K, M) on the local "
                                    f"CUDA GPU, in the family that runs its bucket (the GEMV, the mma.sync or the WMMA "
-                                   f"tensor-core kernel, up to M={GEMV_MAX_M}), and keep the "
+                                   f"tensor-core kernel, up to M={GEMV_MAX_M}; int4/E8P's mma.sync up to M={MMA_MAX_M}), and keep the "
                                    "results in the tuning records "
                                    "(<records>/<gpu>/<format>.json), which qcompile build then uses. The kernels are "
                                    "those qcompile build compiles for MODEL_OR_CHECKPOINT (at the --m buckets), or "
@@ -102,10 +107,11 @@ def parser() -> argparse.ArgumentParser:
                    help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096), or model presets with "
                         "every linear shape, fused qkv and gate/up included (llama-2-7b, llama-2-13b, llama-2-70b, "
                         "llama-3-8b); instead of a model")
-    t.add_argument("--m", default="1,2,4,16",
+    t.add_argument("--m", default=None,
                    help=f"batch sizes (M buckets) to tune: the GEMV, mma.sync and WMMA buckets (up to M={GEMV_MAX_M}; int4 and E8P "
                         f"up to {MMA_MAX_M} on mma.sync); the GEMM kernels above have no tuning space yet "
-                        f"(default: %(default)s)")
+                        f"(default: {','.join(map(str, DEFAULT_TUNE_MS))} and the format's other default build "
+                        f"buckets: 32,64 for int4 and E8P)")
     t.add_argument("--dry-run", action="store_true", help="print the kernels it would tune and exit (needs no GPU)")
     t.add_argument("--target", "-t", default="auto", help="the local GPU: auto, its sm_XX or its name (default: auto)")
     t.add_argument("--records", default=None, metavar="DIR",
@@ -275,11 +281,12 @@ def cmd_build(args) -> int:
 def tune_kernels(args) -> List[KernelSpec]:
     """The kernels ``qcompile tune`` measures: the (format, N, K) of MODEL_OR_CHECKPOINT as
     ``qcompile build`` compiles them (``model.build.kernel_shapes``), or of --format and --shapes,
-    times the tunable M buckets of --m (M <= GEMV_MAX_M: GEMV and low-batch tensor-core kernels).
+    times the tunable M buckets of --m (the GEMV, mma.sync and WMMA buckets: ``kernel_family`` not GEMM;
+    default DEFAULT_TUNE_MS plus the format's other default build buckets).
     Validates everything on the way (one-line QCompileError); needs no GPU."""
     from .bench.harness import parse_ms, parse_shapes
     from .formats import get as get_format
-    from .kernels.library import GEMM_FAMILY, GEMV_MAX_M, KernelSpec, kernel_family
+    from .kernels.library import GEMM_FAMILY, GEMV_MAX_M, KernelSpec, default_buckets, kernel_family
     from .kernels.mma import MMA_MAX_M
 
     if args.model is not None and args.shapes is not None:
@@ -299,8 +306,12 @@ def tune_kernels(args) -> List[KernelSpec]:
         from .model.build import kernel_shapes as model_kernel_shapes
 
         kernel_shapes = model_kernel_shapes(args.model, args.format)
-    ms = list(dict.fromkeys(parse_ms(args.m)))
-    specs = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in ms]
+    if args.m is None:  # the tunable buckets build compiles by default (int4/E8P: also 32, 64), and M=2
+        specs = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes
+                 for m in sorted(set(DEFAULT_TUNE_MS) | set(default_buckets(f)))]
+    else:
+        ms = list(dict.fromkeys(parse_ms(args.m)))
+        specs = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in ms]
     tunable = [s for s in specs if kernel_family(s.format, s.m) != GEMM_FAMILY]
     gemm = sorted({s.m for s in specs} - {s.m for s in tunable})
     if not tunable:

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 import qcompile as qc
-from qcompile.kernels.library import MMA_DECODE_MIN_M
+from qcompile.kernels.library import MMA_DECODE_MIN_M_M16
 from qcompile.cli import main as cli_main
 from qcompile.model import build as build_module
 from qcompile.model.build import build
@@ -63,7 +63,9 @@ def test_artifact_contents(llvm_artifact):
     manifest = json.loads((llvm_artifact / "manifest.json").read_text())
     assert manifest["target"] == "llvm" and manifest["format"] == FORMAT
     assert manifest["buckets"] == [1, 4, 16]
-    assert manifest["decode_min_m"] == {FORMAT: MMA_DECODE_MIN_M}  # the large-M route (qcompile.kernels.decode)
+    # the large-M route (qcompile.kernels.decode); the llvm build has buckets 1, 4, 16 (no 64), so its
+    # crossover is the M=16-block one
+    assert manifest["decode_min_m"] == {FORMAT: MMA_DECODE_MIN_M_M16}
     assert manifest["qcompile_version"] == qc.__version__ and manifest["tvm_version"]
     assert set(manifest["files"]) == set(files) - {"manifest.json"}
     layers = manifest["layers"]
@@ -273,10 +275,11 @@ def test_target_mismatch_is_refused(llvm_artifact, tmp_path):
 def test_cross_compile_for_sm90(default_model, tmp_path, monkeypatch):
     if shutil.which("nvcc") is None:
         monkeypatch.setenv("PATH", "/usr/local/cuda/bin" + os.pathsep + os.environ["PATH"])
-    # one GEMV and one tensor-core GEMM bucket: both kernel families, half the compile time
+    # a GEMV and an mma.sync bucket (int4 M=64: one launch), a fraction of the default's compile time
     out = build(default_model, FORMAT, "sm_90", tmp_path / "art-sm90", buckets=(1, 64), progress=None)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["target"] == "cuda-sm_90" and manifest["buckets"] == [1, 64]
+    assert manifest["decode_min_m"] == {FORMAT: 128}  # the 64 bucket is there: decode + cuBLAS from 128
     assert manifest["kernels"] == {"library": "kernels.so", "fatbin": "kernels.fatbin", "source": "kernels.cu"}
     assert {"kernels.so", "kernels.fatbin", "kernels.cu"} <= set(manifest["files"])
     assert (out / "kernels.fatbin").stat().st_size > 1000

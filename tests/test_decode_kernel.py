@@ -12,7 +12,8 @@ from qcompile.kernels import library
 from qcompile.kernels.decode import (DecodeConfig, DecodeSpec, block_threads, check_decode_config, decode_func,
                                      decode_scheduled_func, schedule_decode_cuda)
 from qcompile.kernels.hadamard import rht_specs
-from qcompile.kernels.library import (GEMV_MAX_M, MMA_DECODE_MIN_M, KernelSpec, default_decode_min_m)
+from qcompile.kernels.library import (GEMV_MAX_M, MMA_DECODE_MIN_M, MMA_DECODE_MIN_M_M16, KernelSpec,
+                                      default_decode_min_m)
 from qcompile.kernels.pipeline import compile_module
 from qcompile.kernels.target import parse_target
 from qcompile.runtime.linear import QuantLinear, kernel_module, register_kernel_module
@@ -248,9 +249,9 @@ def test_loaded_artifact_decodes_large_batches(llvm_artifact, tmp_path):
     model = qc.load(llvm_artifact, device="cpu")
     lin = next(m for m in model.modules() if isinstance(m, QuantLinear))
     entry = kernel_module(lin.kernel_handle)
-    assert entry.decode_min_m == {"int4-g128": MMA_DECODE_MIN_M}
+    assert entry.decode_min_m == {"int4-g128": MMA_DECODE_MIN_M_M16}  # llvm: buckets 1, 4, 16, no 64
     w = qc.formats.get(lin.format).decode_fp16(lin.quantized_weight()).float()
-    x = torch.randn(MMA_DECODE_MIN_M + 3, lin.in_features).half()
+    x = torch.randn(MMA_DECODE_MIN_M_M16 + 3, lin.in_features).half()
     with torch.no_grad():
         y = lin(x)
     ref = F.linear(x.float(), w, None if lin.bias is None else lin.bias.float())

@@ -214,6 +214,23 @@ def test_library_routes_low_batch_of_row_packed_formats_to_mma():
     assert "mma.sync.aligned.m16n8k16" in src
 
 
+def test_default_buckets_and_decode_route_follow_the_mma_buckets():
+    """int4/E8P on a GPU compile 32 and 64 (single mma.sync launches) and then take the decode route
+    from M=128; a module without the 64 bucket keeps the M=16-block crossover (96). QTIP and the CPU
+    build keep 1, 4, 16; HYB's decode route starts at 64, 1MAD/3INST's at 17."""
+    from qcompile.kernels import library
+
+    for name in ("int4-g128", "e8p-2", "e8p-4"):
+        assert library.default_buckets(name) == (1, 4, 16, 32, 64)
+        assert library.default_buckets(name, "llvm") == (1, 4, 16)
+        assert library.default_decode_min_m(name) == library.default_decode_min_m(name, (1, 64)) == 128
+        assert library.default_decode_min_m(name, (1, 4, 16)) == library.default_decode_min_m(name, (1, 32)) == 96
+    for name in ("qtip-hyb-2", "qtip-3inst-2", "qtip-1mad-3"):
+        assert library.default_buckets(name) == (1, 4, 16)
+    assert library.default_decode_min_m("qtip-hyb-2") == library.default_decode_min_m("qtip-hyb-2", (1, 4)) == 64
+    assert library.default_decode_min_m("qtip-3inst-2") == 17
+
+
 def test_library_refuses_another_familys_config():
     from qcompile.kernels.schedules import GemvConfig
 

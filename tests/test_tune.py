@@ -456,6 +456,34 @@ def test_parallel_compiles_measure_the_same_candidates_in_the_same_order(tmp_pat
         tune([spec], SM90, CountingMeasure(), tmp_path / "c", gpu=GPU, log=None, jobs=0)
 
 
+def test_parallel_tune_records_failures_and_stops_at_the_time_budget(tmp_path, monkeypatch):
+    """jobs > 1: a candidate that cannot be scheduled is recorded as failed like with jobs=1, and the
+    time budget (checked before each measurement) leaves the rest of a compiled batch unmeasured and
+    unrecorded, so the next run measures it."""
+    spec = KernelSpec(FORMAT, N, K, 1)
+    cands = space.candidates(spec)
+    real_scheduled_func = driver.scheduled_func
+
+    def scheduled_func(spec, target, config=None):
+        if config == cands[2]:
+            raise ValueError("cannot schedule this")
+        return real_scheduled_func(spec, target, config)
+
+    monkeypatch.setattr(driver, "scheduled_func", scheduled_func)
+    measure = CountingMeasure()
+    tune([spec], SM90, measure, tmp_path, budget=5, gpu=GPU, order="space", log=None, jobs=3)
+    entry = TuningRecords(tmp_path).entry(spec, GPU)
+    assert set(entry.failed) == {space.config_key(cands[2])} and entry.tried_count == 5
+    assert [key for _, key in measure.calls] == [space.config_key(c) for c in cands[:5] if c != cands[2]]
+    ticks = iter(range(1000))
+    more = CountingMeasure()
+    tune([spec], SM90, more, tmp_path, budget=12, time_budget_s=2, gpu=GPU, order="space", log=None, jobs=4,
+         clock=lambda: next(ticks))
+    assert [key for _, key in more.calls] == [space.config_key(c) for c in cands[5:6]]  # one fit in 2 s
+    assert TuningRecords(tmp_path).entry(spec, GPU).tried_count == 6
+    assert driver.default_jobs() >= 1
+
+
 # --- the tensor-core family (TC_MIN_M <= M <= GEMV_MAX_M) ---------------------------------------------------
 
 TC_N, TC_K = 256, 512  # small: a tensor-core kernel of this shape schedules in well under a second
@@ -566,7 +594,7 @@ def test_scheduled_func_applies_a_tc_config():
     (FORMAT, 1, TensorCoreConfig(), "runs on the CUDA-core GEMV, which takes a GemvConfig; got a TensorCoreConfig"),
     (FORMAT, 4, GemvConfig(), "runs on the mma.sync kernel, which takes an MmaConfig; got a GemvConfig"),
     (FORMAT, 16, TensorCoreConfig(), "runs on the mma.sync kernel, which takes an MmaConfig; got a TensorCoreConfig"),
-    (FORMAT, 128, GemvConfig(), "runs on the GEMM (M > 16), which takes no config"),
+    (FORMAT, 128, GemvConfig(), "runs on the GEMM (M > 64), which takes no config"),
     (TC_FORMAT, 64, TensorCoreConfig(), "which takes no config; got a TensorCoreConfig"),
     (TC_FORMAT, 16, TensorCoreConfig(n_tile=48), "n_tile 48"),  # the right family, but it does not fit
     (FORMAT, 16, MmaConfig(tiles=32), "N=256 is not a multiple of 512 rows per block"),
@@ -838,6 +866,27 @@ def test_records_round_trip_with_an_mma_entry_and_build_applies_it(tmp_path):
     stale = TuningRecords(tmp_path, warn=pytest.fail)
     with pytest.raises(RecordsError):  # an MmaConfig's knobs read as tensor-core knobs: refused on load
         stale.entry(MMA_SPEC, GPU, "tensorcore")
+
+
+def test_mma_records_reach_m64_for_row_packed_formats_only(tmp_path):
+    """An mma.sync entry of int4 at M=64 (one launch) round-trips; M=65, or a QTIP HYB mma entry at
+    M=32 (its mma buckets end at 16), makes the file damaged (one-line RecordsError)."""
+    from qcompile.tune.records import read_records_file
+
+    spec64 = KernelSpec(FORMAT, TC_N, TC_K, 64)
+    records = TuningRecords(tmp_path)
+    path = records.save(tc_entry(spec64, times={space.default_config(spec64): 9.0}))
+    assert read_records_file(path, GPU, FORMAT)[(TC_N, TC_K, 64, *current_versions(), "mma")].m == 64
+    assert TuningRecords(tmp_path).config_for(spec64, GPU) == space.default_config(spec64)
+    path.write_text(path.read_text().replace('"m": 64', '"m": 65'))
+    with pytest.raises(RecordsError, match="M > 64 has no mma.sync config"):
+        read_records_file(path, GPU, FORMAT)
+    hyb = KernelSpec("qtip-hyb-2", 256, 512, 16)
+    hyb_path = records.save(tc_entry(hyb, times={space.default_config(hyb): 5.0}))
+    read_records_file(hyb_path, GPU, "qtip-hyb-2")
+    hyb_path.write_text(hyb_path.read_text().replace('"m": 16', '"m": 32'))
+    with pytest.raises(RecordsError, match="M > 16 has no mma.sync config"):
+        read_records_file(hyb_path, GPU, "qtip-hyb-2")
 
 
 def test_tune_covers_the_mma_bucket_and_never_remeasures(tmp_path):

@@ -100,10 +100,17 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
         assert out[1].startswith(f"{5 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
         assert [re.sub(r"=\s+", "=", line).split() for line in out[2:]] == [
             [f, f"N={n}", f"K={k}", "M=1", "gemv", f"M=4,{TC_MIN_M},16,64", "mma"] for f, n, k in shapes]
-    assert cli_main(["tune", str(checkpoint), "--dry-run"]) == 0  # the default --m includes M=16
+    # the default --m: 1, 2, 4, 16 and int4's other default build buckets (32, 64: mma.sync)
+    assert cli_main(["tune", str(checkpoint), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"{4 * len(shapes)} kernels to tune")
-    assert out[1].split()[-4:] == ["M=1", "gemv", "M=2,4,16", "mma"]
+    assert out[0].startswith(f"{6 * len(shapes)} kernels to tune")
+    assert out[1].split()[-4:] == ["M=1", "gemv", "M=2,4,16,32,64", "mma"]
+    # QTIP HYB: mma.sync up to 16, so M=32 is a GEMM bucket there (noted, not tuned)
+    assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-4:] == ["M=1", "gemv", "M=2,4,16", "mma"]
+    assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--m", "4,32", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("note: M 32 run GEMM kernels") and out[1].startswith("1 kernels to tune")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

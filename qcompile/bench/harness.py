@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="M from which the timed route is decode + cuBLAS (default: the format's default of "
                          "qcompile build; 0: never)")
     ap.add_argument("--fused-gemm", action="store_true",
-                    help="also time the fused GEMM kernel compiled for each M > 16 (slow to compile)")
+                    help="also time the fused WMMA GEMM kernel compiled for each M the GEMM family serves "
+                         "(M > 16; int4/E8P: M > 64) (slow to compile)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph",
                     help="graph: CUDA graphs of launches, timed per replay (default); events: events around each launch")
     return ap
@@ -409,7 +410,8 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     import tvm
 
     from ..kernels.decode import DecodeSpec
-    from ..kernels.library import GEMV_MAX_M, KernelSpec, default_buckets, default_decode_min_m
+    from ..kernels.library import (GEMM_FAMILY, GEMV_MAX_M, KernelSpec, default_buckets, default_decode_min_m,
+                                   kernel_family)
     from ..kernels.target import parse_target
     from ..runtime.dispatch import plan_rows
     from .baselines import (RotatingWeights, cublas_fp16_method, decode_cublas_method, decode_only_method,
@@ -434,8 +436,9 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     buckets = default_buckets(fmt)  # the buckets qcompile build compiles for the format (GPU)
     bucket_ms = sorted(set(small) | {b for m in split_ms for _, _, b in plan_rows(m, buckets)})
     specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in bucket_ms]
+    gemm_ms = [m for m in large if kernel_family(fmt, m) == GEMM_FAMILY]  # (int4/E8P M <= 64: mma.sync)
     if fused_gemm:
-        specs += [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in large]
+        specs += [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in gemm_ms if m not in bucket_ms]
     if large:
         specs += [DecodeSpec(fmt.name, n, k) for n, k in shapes]
     t0 = time.perf_counter()
@@ -497,7 +500,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)  # poison
                     methods["fused"] = (qcompile_method(kernel_of(m), X, q_weights, Y), Y, ())
             else:
-                if fused_gemm and kernel_of(m) is not None:
+                if fused_gemm and m in gemm_ms and kernel_of(m) is not None:
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     methods["fused_gemm"] = (qcompile_method(kernel_of(m), X, q_weights, Y), Y, ())
                 plan = plan_rows(m, buckets) if m in split_ms else []

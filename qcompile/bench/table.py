@@ -47,7 +47,8 @@ def main(argv=None) -> int:
             print(f"error: {path} is not a readable bench record ({type(err).__name__}: {err})", file=sys.stderr)
             return 2
         print(f"{doc.get('format')} ({path}, commit {doc.get('commit')}, {doc.get('device')}; "
-              f"ˢ rows split into M=16 blocks, ᵈ decode + cuBLAS)\n")
+              f"ˢ the bucket plan's launches (M=16 blocks; int4/E8P: 32/64-row mma.sync launches since 2f71ae5), "
+              f"ᵈ decode + cuBLAS)\n")
         print(table + "\n")
     return 0
 

@@ -6,7 +6,8 @@
 For every shape and M, in one process: a handful of candidates of the family (``tensorcore``: the WMMA
 kernel of qcompile.kernels.tensorcore; ``mma``: the mma.sync kernel of qcompile.kernels.mma; the
 family's default config and variants of it, plus any --config given), the library's current
-default kernel (``library.scheduled_func``: the GEMV at M <= 16, dlight's WMMA GEMM above) and cuBLAS
+default kernel (``library.scheduled_func``: the family ``kernel_family`` picks, GEMV, mma.sync
+(fragment-native for QTIP HYB) or WMMA, dlight's WMMA GEMM above) and cuBLAS
 fp16 (``F.linear`` on the decoded weight). Each candidate is checked against a float64 reference
 before it is timed; timing is qcompile.bench.timing's (CUDA graphs, weights rotated past the L2).
 Prints a table (µs, speedup vs cuBLAS) and writes every row to --out.

@@ -28,16 +28,17 @@ from .tensorcore import TensorCoreConfig, tc_scheduled_func
 
 # Above the largest bucket of a module the runtime splits M into bucket-sized launches, and from a
 # format's ``default_decode_min_m`` on it decodes the weight once and multiplies with cuBLAS (see
-# qcompile.kernels.decode): the fused GEMM buckets (64, 256) lost to both on every shape measured
-# (H100: e8p-2 M=64 on 8192x28672 710 us against 4 x 61 us on the mma.sync kernel), so they are
-# opt-in (--buckets)
+# qcompile.kernels.decode): the fused GEMM buckets (then 64 and 256; 64 is an mma.sync bucket of
+# int4/E8P now) lost to both on every shape measured (H100: e8p-2 M=64 on 8192x28672 710 us against
+# 4 x 61 us on the mma.sync kernel), so GEMM buckets are opt-in (--buckets)
 DEFAULT_BUCKETS = (1, 4, 16)
 # every bucket issue 5 asks for; each needs a kernel, so it is opt-in (qcompile build --buckets) while
 # compile time matters more than the last few percent of padding
 TUNED_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 GEMV_MAX_M = 16  # up to here the low-batch families (decode once, reuse over M); above, the GEMM
+# (int4/E8P: mma.sync up to MMA_MAX_M first)
 # from this bucket up to GEMV_MAX_M the low-batch WMMA kernel (qcompile.kernels.tensorcore) serves
-# the buckets of the formats that do not run on mma.sync (``runs_mma``, below): at M=16 on the 70B MLP shapes it runs 1.2x (int4-g128) / 0.9-1.15x
+# the buckets of the formats that do not run on mma.sync (``runs_mma``, below: QTIP 1MAD/3INST): at M=16 on the 70B MLP shapes it ran 1.2x (int4-g128) / 0.9-1.15x
 # (e8p-2) of cuBLAS fp16 where the CUDA-core GEMV, 16 multiply-adds per decoded weight, reached
 # 0.5-0.7x / 0.3x (H100). A tuning record names its kernel family and applies only to a bucket that
 # family serves (an old GEMV record of M=16 is kept but not applied).
@@ -45,14 +46,15 @@ TC_MIN_M = 8
 # the kernel families of a bucket (``kernel_family``); "gemv", "tensorcore" and "mma" are also the
 # "kernel" field of a tuning record
 GEMV_FAMILY, TC_FAMILY, MMA_FAMILY, GEMM_FAMILY = "gemv", "tensorcore", "mma", "gemm"
-# from this bucket up to GEMV_MAX_M, formats packed row by row (``Format.gemv_tile`` (1, 1): E8P,
+# from this bucket up to MMA_MAX_M, formats packed row by row (``Format.gemv_tile`` (1, 1): E8P,
 # group-wise int) run the mma.sync kernel (qcompile.kernels.mma): each lane decodes its weights
 # straight into A fragments, no shared memory. H100, 28672x8192 / 8192x28672, default MmaConfig:
 # e8p-2 M=4 47.0 / 50.9 us (GEMV 79.9 / 79.7), M=16 70.8 / 63.9 us (WMMA kernel 140 / 180);
 # int4-g128 M=4 56.9 / 64.7 (GEMV 76.2 / 81.7), M=16 72.3 / 67.1 (131 / 138). At M=1 the GEMV stays
 # (e8p-2 42.2 / 44.0 us against the best mma config's 45.1 / 48.3). QTIP's tile-packed trellis is
-# read through data-dependent windows that the mma lanes load as scalars (qtip-hyb-2 M=16: 606 us
-# against 322 us on the WMMA kernel), so QTIP keeps the GEMV / WMMA families.
+# read through data-dependent windows that the row-wise mma lanes load as scalars (qtip-hyb-2 M=16:
+# 606 us against 322 us on the WMMA kernel): QTIP HYB runs a fragment-native variant instead
+# (FRAGMENT_MMA_ROUTED, below), 1MAD/3INST keep the GEMV / WMMA families.
 MMA_MIN_M = 2
 MIN_GEMV_THREADS = 32768  # threads in flight below which a GEMV cannot cover an H100-class GPU (132 SMs)
 # threads of a 32-column-unit (E8P) GEMV that fill an H100 (132 SMs x 2048): below it, more threads
@@ -73,16 +75,18 @@ def default_buckets(fmt, target_kind: str = "cuda") -> Tuple[int, ...]:
     return DEFAULT_BUCKETS
 
 
-# From this M on a row-packed format (``runs_mma``) takes the decode + cuBLAS route: below it,
-# repeated M=16 launches of the mma.sync kernel cost less (each reads the packed weight once, ~0.4x
-# of the fp16 weight's read time on the 70B MLP shapes, against ~2x for writing and reading an fp16
-# copy). Measured crossover (e8p-2, H100): M=64 split 268 us vs decode 361 us, M=128 split 536 us vs
-# decode 359 us on 28672x8192 (59 vs 77 us and 115 vs 78 us on 4096x11008). With the M=32 and 64
-# buckets on one mma.sync launch each (H100, tc_sweep at 9b550f9: e8p-2 M=64 183.6 / 165.0 / 41.5 us
-# on 28672x8192 / 8192x28672 / 4096x11008), M=128 costs two M=64 launches, 367 us against the
-# decode route's 359 us: the crossover moved to 128. The WMMA formats (QTIP 1MAD / 3INST: M=16 on
-# the WMMA kernel costs about as much as the decode route) take it from GEMV_MAX_M + 1.
+# From this M on a row-packed format (``runs_mma``) takes the decode + cuBLAS route: below it, the
+# mma.sync launches of the bucket plan cost less (each reads the packed weight once, ~0.4x of the
+# fp16 weight's read time on the 70B MLP shapes, against ~2x for writing and reading an fp16 copy).
+# With buckets up to 16 only (MMA_DECODE_MIN_M_M16), measured crossover (e8p-2, H100): M=64 split
+# 268 us vs decode 361 us, M=128 split 536 us vs decode 359 us on 28672x8192 (59 vs 77 us and 115 vs
+# 78 us on 4096x11008). With the M=32 and 64 buckets on one mma.sync launch each (H100, tc_sweep at
+# 9b550f9: e8p-2 M=64 183.6 / 165.0 / 41.5 us on 28672x8192 / 8192x28672 / 4096x11008), M=128 costs
+# two M=64 launches, 367 us against the decode route's 359 us: the crossover moves to 128
+# (MMA_DECODE_MIN_M, for modules that have the 64 bucket). The WMMA formats (QTIP 1MAD / 3INST: M=16
+# on the WMMA kernel costs about as much as the decode route) take it from GEMV_MAX_M + 1.
 MMA_DECODE_MIN_M = 128
+MMA_DECODE_MIN_M_M16 = 96
 # QTIP HYB on its fragment-native mma.sync kernel: M=16 100 / 111 / 37.6 us (H100, same sweep), so
 # M=32 as two launches (200 us on 28672x8192) beats decode + cuBLAS (263 + 155 us); at M=64 four
 # launches (400 us) and the decode route (~420 us) are even
@@ -98,18 +102,21 @@ FRAGMENT_DECODE_MIN_M = 64
 FRAGMENT_MMA_ROUTED = True
 
 
-def default_decode_min_m(fmt) -> int:
-    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default:
-    MMA_DECODE_MIN_M for the row-packed formats, FRAGMENT_DECODE_MIN_M for a fragment-native one on
-    mma.sync, GEMV_MAX_M + 1 for the WMMA formats (each measured, above)."""
+def default_decode_min_m(fmt, buckets: Optional[Sequence[int]] = None) -> int:
+    """The smallest M at which format ``fmt`` (name or Format) runs decode + cuBLAS by default, in a
+    module compiled with ``buckets`` (None: ``default_buckets(fmt)``): for the row-packed formats
+    MMA_DECODE_MIN_M when the buckets include MMA_MAX_M's single-launch bucket (64), else
+    MMA_DECODE_MIN_M_M16; FRAGMENT_DECODE_MIN_M for a fragment-native one on mma.sync; GEMV_MAX_M + 1
+    for the WMMA formats (each measured, above)."""
     f = get_format(fmt)
     if tuple(f.gemv_tile) == (1, 1):
-        return MMA_DECODE_MIN_M
+        buckets = default_buckets(f) if buckets is None else buckets
+        return MMA_DECODE_MIN_M if max(MMA_EXTRA_BUCKETS) in buckets else MMA_DECODE_MIN_M_M16
     return FRAGMENT_DECODE_MIN_M if runs_mma(f) else GEMV_MAX_M + 1
 
 
 def runs_mma(fmt) -> bool:
-    """True when format ``fmt`` (name or Format) runs buckets MMA_MIN_M..GEMV_MAX_M on mma.sync: its
+    """True when format ``fmt`` (name or Format) runs buckets MMA_MIN_M..mma_max_m(fmt) on mma.sync: its
     packed words are per row (``Format.gemv_tile`` (1, 1)), which the lanes load with vector loads,
     or it is fragment-native and FRAGMENT_MMA_ROUTED is on."""
     f = get_format(fmt)
@@ -136,8 +143,8 @@ def serves_gemv(fmt, m: int) -> bool:
 def kernel_family(fmt, m: int) -> str:
     """Which kernel family runs bucket ``m`` of format ``fmt`` (name or Format) on CUDA:
     GEMV_FAMILY (``GemvConfig``), MMA_FAMILY (``MmaConfig``, MMA_MIN_M..MMA_MAX_M of the row-packed
-    formats) or TC_FAMILY (the WMMA kernel, ``TensorCoreConfig``, TC_MIN_M..GEMV_MAX_M of the others)
-    up to GEMV_MAX_M; GEMM_FAMILY (no config) above."""
+    formats, MMA_MIN_M..GEMV_MAX_M of QTIP HYB) or TC_FAMILY (the WMMA kernel, ``TensorCoreConfig``,
+    TC_MIN_M..GEMV_MAX_M of QTIP 1MAD/3INST); GEMM_FAMILY (no config) above those."""
     if MMA_MIN_M <= m <= mma_max_m(fmt) and runs_mma(fmt):
         return MMA_FAMILY
     if m > GEMV_MAX_M:
@@ -268,15 +275,16 @@ def check_config_family(spec: KernelSpec, config) -> str:
         runs = {GEMV_FAMILY: "the CUDA-core GEMV, which takes a GemvConfig",
                 TC_FAMILY: "the low-batch WMMA tensor-core kernel, which takes a TensorCoreConfig",
                 MMA_FAMILY: "the mma.sync kernel, which takes an MmaConfig",
-                GEMM_FAMILY: f"the GEMM (M > {GEMV_MAX_M}), which takes no config"}[family]
+                GEMM_FAMILY: f"the GEMM (M > {mma_max_m(spec.format) if runs_mma(spec.format) else GEMV_MAX_M}), "
+                             f"which takes no config"}[family]
         raise ValueError(f"M={spec.m} of {spec.format} runs on {runs}; got a {type(config).__name__}")
     return family
 
 
 def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[KernelConfig] = None):
     """The scheduled PrimFunc of one kernel, renamed to ``spec.name``. ``config``: the knobs of the
-    family that serves the bucket (``kernel_family``: a GemvConfig, MmaConfig or TensorCoreConfig up
-    to GEMV_MAX_M, none for the GEMM) or None for the default; ValueError (one
+    family that serves the bucket (``kernel_family``: a GemvConfig, MmaConfig or TensorCoreConfig,
+    none for the GEMM) or None for the default; ValueError (one
     line) for another family's config or one that does not fit the shape. The CPU (llvm) schedule
     has no knobs and ignores ``config``."""
     fmt = get_format(spec.format)

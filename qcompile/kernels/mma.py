@@ -1,12 +1,14 @@
-"""mma.sync rule of the fused decode + matmul for small M (1..64; int4 and E8P route M = 2..64 here, QTIP HYB M = 2..16 through the fragment-native variant in qcompile.kernels.mma_fragment): every lane decodes its own share
-of the weight straight into the A fragments of ``mma.sync.m16n8k16`` (fp16 x fp16 -> fp32), the
+"""mma.sync rule of the fused decode + matmul for small M (1..64: int4 and E8P route M = 2..64 here,
+QTIP HYB M = 2..16 through the fragment-native variant in qcompile.kernels.mma_fragment): every lane
+decodes its own share of the weight straight into the A fragments of ``mma.sync.m16n8k16`` (fp16 x fp16 -> fp32), the
 activations are the B fragments (8 tokens per n8 tile, zero rows past M) and nothing goes through
 shared memory but the final split-K sum.
 
 Why: the CUDA-core GEMV spends ~30 % of its issue slots on the multiply-adds and their fp16 -> fp32
 sums (E8P at M=1: 3.9 instructions per weight), and at M=16 on 16 multiply-adds per decoded weight;
 a tensor core does all of them for one instruction per 16x8x16 products, next to the decode, so the
-kernel is left with the decode and the weight stream at every M up to 16.
+kernel is left with the decode and the weight stream at every M up to 64 (8 token tiles reuse each
+decoded A fragment).
 
 The weight is not permuted: the K order of the products is. Within a K block of 4 * span columns
 (span = ``units`` decode units), lane (g, t) = (lane // 4, lane % 4) takes columns
@@ -89,6 +91,9 @@ def k_blocks(cfg: MmaConfig, k: int, unit: int) -> int:
 # shared memory a thread block may take without opting in (static + dynamic): the split-K partial
 # tiles (dynamic) and a format's tables
 SHARED_BYTES = 48 * 1024
+# what a row-packed format's tables take in shared memory with lut_shared=1, at most (E8P's abs table
+# 1 KiB, e8p-3's E81B table beside it): reserved beside the partial tiles
+ROW_TABLE_RESERVE = 4 * 1024
 
 
 def partial_bytes(cfg: MmaConfig, m: int) -> int:
@@ -129,7 +134,7 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
     if not 1 <= m <= MMA_MAX_M:
         problems.append(f"M={m} must be 1..{MMA_MAX_M}")
     else:
-        table = 0
+        table = ROW_TABLE_RESERVE if cfg.lut_shared == 1 else 0
         if fragment:
             from ..formats.trellis import LUT_COPIES, Q_BITS
 
@@ -562,7 +567,9 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
     ``fragment``: for a fragment-native format (qcompile.kernels.mma_fragment; QTIP HYB, whose unit
     is 16 columns): the same shapes with an even number of tiles (both row-subtiles of a 32x32
     super-tile in one warp) and the per-lane table copies (lut_shared=2) where they fit in shared
-    memory, else the single table. Not measured yet: no GPU timing has picked these."""
+    memory, else the single table. Measured on the H100 (tc_sweep at 9b550f9, qtip-hyb-2 at M = 2..16 on
+    28672x8192, 8192x28672, 4096x11008: see qcompile.kernels.library.FRAGMENT_MMA_ROUTED); no variant
+    has been timed against them yet."""
     # (fragment: one unit = 64-column K blocks, two super-tiles a block; with two, qtip-hyb-4's 16-byte
     # word pairs of four super-tiles made ptxas spill at M > 8 to stay at 48 registers)
     units = 1 if fragment else max(1, 32 // unit) if unit < 32 else 1

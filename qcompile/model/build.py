@@ -103,7 +103,7 @@ def build(model_dir: Optional[PathLike], format: Union[str, Format, None], targe
     specs = [KernelSpec(f, n, k, m) for (f, n, k) in shapes for m in buckets]
     rht = rht_kernel_specs(sorted({qw.shape for qw, _ in quantized.values() if qw.rht}), buckets)
     decode_at = {} if decode_min_m == 0 else {
-        f: decode_min_m or default_decode_min_m(f) for f in sorted({f for (f, _, _) in shapes})}
+        f: decode_min_m or default_decode_min_m(f, buckets) for f in sorted({f for (f, _, _) in shapes})}
     decode = [DecodeSpec(f, n, k) for (f, n, k) in shapes if f in decode_at]
     say(f"compiling {len(specs)} kernels ({len(shapes)} shapes x {len(buckets)} batch buckets) for {tinfo.key}"
         + (f", {len(rht)} RHT kernels" if rht else "")

@@ -6,7 +6,8 @@ runs padded.
 
 - M <= GEMV_MAX_M: one launch of the smallest bucket >= M. The GEMV family reads the weights once
   per launch whatever M is, so padding a few rows is cheaper than a second launch.
-- larger M: blocks of the largest GEMM bucket (> GEMV_MAX_M) that still fits, greedily; the final
+- larger M: blocks of the largest bucket above GEMV_MAX_M (int4/E8P's mma.sync 32 and 64, or opt-in
+  GEMM buckets) that still fits, greedily; the final
   remainder (smaller than every GEMM bucket) runs as one launch of the smallest bucket >= it.
   Taking GEMV buckets for that tail would cost one weight read per launch (e.g. 44 = 16+16+4+4+4:
   five launches instead of one 64-row GEMM).

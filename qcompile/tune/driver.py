@@ -1,8 +1,8 @@
 """The tuning loop: for each kernel, build and measure candidates of its search space and keep every
 result in the records (``qcompile tune``). A kernel is tuned in the family that runs its bucket
 (``library.kernel_family``): the CUDA-core GEMV (``GemvConfig``), the mma.sync kernel (``MmaConfig``)
-or the WMMA tensor-core kernel (``TensorCoreConfig``); GEMM buckets (M > 16) have no space
-yet and are skipped with a log line.
+or the WMMA tensor-core kernel (``TensorCoreConfig``); GEMM buckets (above 16; int4/E8P above
+64) have no space yet and are skipped with a log line.
 
 Per kernel (format, N, K, M): the default config is measured first (it is the baseline and what
 ``qcompile build`` uses without a record), then candidates in the order of the space
@@ -30,7 +30,7 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Union
@@ -86,8 +86,12 @@ _SCHEDULE_LOCK = threading.Lock()
 
 
 def default_jobs() -> int:
-    """Compile threads of ``qcompile tune`` by default: the CPUs, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
+    """Compile threads of ``qcompile tune`` by default: the CPUs this process may run on, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # (not on every platform)
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
 
 
 def compile_candidate(spec: KernelSpec, target: TargetInfo, config: KernelConfig):
@@ -144,9 +148,9 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
     ``budget``: candidates per kernel in all (earlier runs' count); ``time_budget_s``: wall time per
     kernel, checked between candidates; ``order``: "model" (XGBoost-ordered after the first
     measurements) or "space" (the space's own order); ``jobs``: compile threads. With jobs > 1 the
-    candidates after the default are picked ``jobs`` at a time (the model ranks a batch at once) and
-    compiled in parallel while the GPU measures them one by one; jobs=1 compiles each just before
-    it is measured. GEMM kernels (M > GEMV_MAX_M) are skipped with
+    candidates after the default are picked ``jobs`` at a time (the model ranks a batch at once),
+    compiled in parallel, then measured one by one on the GPU (no compile runs during a measurement);
+    jobs=1 compiles each just before it is measured. GEMM kernels (``kernel_family``) are skipped with
     a log line: their search space is still to come. Returns one TuneResult per distinct spec."""
     say = log or (lambda text: None)
     target = parse_target(target) if isinstance(target, str) else target
@@ -232,6 +236,8 @@ def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_b
             batch.append(picker.next(todo))
             todo.remove(batch[-1])
         compiled: List[Future] = [pool.submit(compile_candidate, spec, target, cfg) for cfg in batch]
+        if jobs > 1:  # measure with no compile running: a thread holding the GIL between an event's
+            wait(compiled)  # record and the graph replay would land in that candidate's time
         for i, cfg in enumerate(batch):
             if time_budget_s is not None and clock() - start >= time_budget_s:
                 say(f"{label}: time budget of {time_budget_s:g} s reached")

@@ -53,7 +53,8 @@ from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 from ..errors import QCompileError
 from ..jsonio import atomic_write_bytes
-from ..kernels.library import GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, KernelConfig, KernelSpec, kernel_family
+from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, KernelConfig, KernelSpec, kernel_family,
+                               mma_max_m)
 from ..kernels.mma import MMA_MAX_M
 from .space import (CONFIG_CLASS, FAMILIES, TITLE, config_from_dict, config_from_key, config_key, family_of,
                     fit_error)
@@ -226,7 +227,12 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
     if kernel not in FAMILIES:
         raise ValueError(f"entry {index}: kernel must be one of {', '.join(FAMILIES)}, got {kernel!r}")
     where = f"entry {index} ({kernel} N={obj['n']} K={obj['k']} M={obj['m']})"
-    max_m = MMA_MAX_M if kernel == MMA_FAMILY else GEMV_MAX_M
+    max_m = GEMV_MAX_M
+    if kernel == MMA_FAMILY:
+        try:
+            max_m = mma_max_m(format_name)
+        except QCompileError:  # (an unknown format name: the file's own check says so)
+            max_m = MMA_MAX_M
     if obj["m"] > max_m:
         raise ValueError(f"{where}: M > {max_m} has no {TITLE[kernel]} config")
     for name in ("qcompile_version", "tvm_version"):
