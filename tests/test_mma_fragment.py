@@ -167,7 +167,7 @@ def test_router_flag_routes_hyb_to_the_fragment_kernel(monkeypatch):
     route to GEMV_MAX_M + 1. 1MAD/3INST are not fragment-native either way."""
     assert library.FRAGMENT_MMA_ROUTED is True
     assert [kernel_family("qtip-hyb-3", m) for m in (1, 2, 4, 8, 16)] == [GEMV_FAMILY] + [MMA_FAMILY] * 4
-    assert kernel_family("qtip-3inst-2", 4) == GEMV_FAMILY  # not fragment-native
+    assert kernel_family("qtip-1mad-2", 4) == GEMV_FAMILY  # not fragment-native
     assert library.default_decode_min_m("qtip-hyb-2") == library.FRAGMENT_DECODE_MIN_M
     assert library.default_decode_min_m("qtip-3inst-2") == library.GEMV_MAX_M + 1
     src = compile_sm90({"k": scheduled_func(KernelSpec("qtip-hyb-2", N, K, 4), parse_target("sm_90"))})

@@ -208,8 +208,10 @@ def test_library_routes_low_batch_of_row_packed_formats_to_mma():
     # QTIP HYB (fragment-native) runs M=2..16 on its own mma.sync kernel; 1MAD/3INST keep GEMV + WMMA
     assert [kernel_family("qtip-hyb-2", m) for m in (1, 2, 4, 8, 16, 17, 64)] == [
         GEMV_FAMILY, MMA_FAMILY, MMA_FAMILY, MMA_FAMILY, MMA_FAMILY, GEMM_FAMILY, GEMM_FAMILY]
-    assert [kernel_family("qtip-3inst-3", m) for m in (1, 4, 8, 16, 64)] == [GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY,
-                                                                             TC_FAMILY, GEMM_FAMILY]
+    assert [kernel_family("qtip-3inst-3", m) for m in (1, 2, 4, 8, 16, 64)] == [
+        GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY, TC_FAMILY, TC_FAMILY, GEMM_FAMILY]
+    assert [kernel_family("qtip-1mad-2", m) for m in (1, 4, 8, 16, 64)] == [GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY,
+                                                                            TC_FAMILY, GEMM_FAMILY]
     src = compile_sm90({"k": scheduled_func(KernelSpec("int4-g128", N, K, 4), parse_target("sm_90"))})
     assert "mma.sync.aligned.m16n8k16" in src
 

@@ -122,15 +122,16 @@ def test_no_config_for_untileable_shape():
 
 @pytest.mark.parametrize("name", ["qtip-3inst-2", "qtip-1mad-3"])
 def test_library_routes_low_batch_to_tensor_cores_from_tc_min_m(name):
-    """QTIP 1MAD/3INST: bucket M < TC_MIN_M is a GEMV and M >= TC_MIN_M (up to GEMV_MAX_M) a WMMA
-    kernel. (The row-packed formats and QTIP HYB run M >= 2 on mma.sync: tests/test_mma_schedule.py.)"""
-    from qcompile.kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec, scheduled_func
+    """QTIP 1MAD/3INST: bucket M < tc_min_m (8; 3INST: 4) is a GEMV and M >= it (up to GEMV_MAX_M) a
+    WMMA kernel. (The row-packed formats and QTIP HYB run M >= 2 on mma.sync: tests/test_mma_schedule.py.)"""
+    from qcompile.kernels.library import GEMV_MAX_M, TC_MIN_M, KernelSpec, scheduled_func, tc_min_m
     from qcompile.kernels.target import parse_target
 
+    assert tc_min_m(name) == {"qtip-3inst-2": 4, "qtip-1mad-3": TC_MIN_M}[name]  # 3INST's M=4: measured
     target = parse_target("sm_90")
-    for m in (TC_MIN_M - 1, TC_MIN_M, GEMV_MAX_M):
+    for m in (tc_min_m(name) - 1, tc_min_m(name), GEMV_MAX_M):
         text = scheduled_func(KernelSpec(name, N, K, m), target).script()
-        assert ("wmma.matrix_a" in text) == (m >= TC_MIN_M), (name, m)
+        assert ("wmma.matrix_a" in text) == (m >= tc_min_m(name)), (name, m)
 
 
 def test_cuda_tensor_intrinsics_import_restores_inspect_stack():

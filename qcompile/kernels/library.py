@@ -129,15 +129,28 @@ def mma_max_m(fmt) -> int:
     return MMA_MAX_M if tuple(get_format(fmt).gemv_tile) == (1, 1) else GEMV_MAX_M
 
 
+# QTIP 3INST's bucket 4 (M = 2..4) runs on the WMMA kernel too: H100, qtip-3inst-2 at M=4, WMMA (tc_sweep
+# at 9b550f9) against the GEMV (bench records at 1e5e29e, the same GEMV kernel): 175 vs 248 us on
+# 28672x8192, 166 vs 168 us on 8192x28672, 50.1 vs 56.9 us on 4096x11008 (the last pair in one process).
+# 1MAD stays on the GEMV there: 183 vs 262 us, but 184 vs 170 us and 59.6 vs 57.8 us (same process).
+TC_MIN_M_BY_CODE = {"3inst": 4}
+
+
+def tc_min_m(fmt) -> int:
+    """The smallest bucket a WMMA format ``fmt`` runs on the WMMA kernel (TC_MIN_M unless measured
+    otherwise, TC_MIN_M_BY_CODE)."""
+    return TC_MIN_M_BY_CODE.get(getattr(get_format(fmt), "code", None), TC_MIN_M)
+
+
 def serves_gemv(fmt, m: int) -> bool:
     """True when bucket ``m`` (<= GEMV_MAX_M) of format ``fmt`` (name or Format) runs the CUDA-core
-    GEMV family: M=1 for every format, and M < TC_MIN_M for the formats that do not run on mma.sync
-    (``runs_mma``). (QTIP HYB's GEMV thread holds a 32-row super-tile, whose M accumulators spill from
-    M=8 on: qtip-hyb-2 on 28672x8192 at M=16 measured 3005 us on GEMV, 322 us on tensor cores; H100,
-    6b07141.)"""
+    GEMV family: M=1 for every format, and M < ``tc_min_m`` for the formats that do not run on
+    mma.sync (``runs_mma``). (QTIP HYB's GEMV thread holds a 32-row super-tile, whose M accumulators
+    spill from M=8 on: qtip-hyb-2 on 28672x8192 at M=16 measured 3005 us on GEMV, 322 us on tensor
+    cores; H100, 6b07141.)"""
     if runs_mma(fmt):  # (an unknown name fails here, with the formats listed)
         return m < MMA_MIN_M
-    return m < TC_MIN_M
+    return m < tc_min_m(fmt)
 
 
 def kernel_family(fmt, m: int) -> str:
