@@ -101,8 +101,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Hugging Face Llama-family model directory (with --format: the format it is built with) or "
                         "qcompile checkpoint (its format); instead of --shapes")
     t.add_argument("--format", "-f", default=None,
-                   help="weight format, e.g. int4-g128; required with a model directory or --shapes, optional for "
-                        "a checkpoint (which carries its format)")
+                   help="weight format, e.g. int4-g128; required with a model directory or --shapes (with --shapes "
+                        "also a list, e.g. int4-g128,e8p-2,qtip-hyb-2), optional for a checkpoint (which carries its format)")
     t.add_argument("--shapes", default=None,
                    help="layer shapes NxK, out x in features (e.g. 4096x4096,11008x4096), or model presets with "
                         "every linear shape, fused qkv and gate/up included (llama-2-7b, llama-2-13b, llama-2-70b, "
@@ -297,11 +297,13 @@ def tune_kernels(args) -> List[KernelSpec]:
     if args.shapes is not None:
         if args.format is None:
             raise QCompileError("--shapes needs --format (e.g. --format int4-g128)")
-        fmt = get_format(args.format)
+        # with --shapes, several formats at once (a,b,...): one records file each
+        formats = [get_format(name.strip()) for name in dict.fromkeys(args.format.split(",")) if name.strip()]
         shapes = list(dict.fromkeys(parse_shapes(args.shapes)))
-        for n, k in shapes:
-            fmt.check_shape(n, k)
-        kernel_shapes = [(fmt.name, n, k) for n, k in shapes]
+        for fmt in formats:
+            for n, k in shapes:
+                fmt.check_shape(n, k)
+        kernel_shapes = [(fmt.name, n, k) for fmt in formats for n, k in shapes]
     else:
         from .model.build import kernel_shapes as model_kernel_shapes
 

@@ -111,6 +111,11 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
     assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--m", "4,32", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("note: M 32 run GEMM kernels") and out[1].startswith("1 kernels to tune")
+    # several formats with --shapes (one records file each), model presets for the shapes
+    assert cli_main(["tune", "--format", "e8p-2,qtip-hyb-2", "--shapes", "llama-2-7b", "--m", "1,16", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("20 kernels to tune (10 shapes) from --shapes")
+    assert [line.split()[0] for line in out[1:]] == ["e8p-2"] * 5 + ["qtip-hyb-2"] * 5
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
