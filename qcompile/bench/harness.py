@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -248,6 +249,47 @@ def parse_ms(text: str) -> List[int]:
     return ms
 
 
+@dataclass(frozen=True)
+class BenchPlan:
+    """What ``qcompile bench`` times for a format at its Ms, as ``qcompile build`` would run them on a
+    GPU: the buckets build compiles (``library.default_buckets``), the decode + cuBLAS threshold for
+    those buckets (``library.default_decode_min_m``), the bucket kernels the split Ms launch
+    (``runtime.dispatch.plan_rows``) and the Ms the GEMM family serves (for --fused-gemm)."""
+
+    buckets: Tuple[int, ...]
+    decode_from: int          # 0: no decode route
+    large: Tuple[int, ...]    # Ms above GEMV_MAX_M
+    split_ms: Tuple[int, ...]  # large Ms also timed as the bucket plan's launches (<= SPLIT_MAX_M)
+    bucket_ms: Tuple[int, ...]  # bucket kernels to compile: the small Ms and the split plans' buckets
+    gemm_ms: Tuple[int, ...]  # large Ms of the GEMM family
+
+    def route(self, m: int) -> str:
+        """The runtime's route at M: "fused" (one low-batch launch), "split" (the bucket plan's
+        launches) or "decode_cublas"."""
+        from ..kernels.library import GEMV_MAX_M
+
+        if m <= GEMV_MAX_M:
+            return "fused"
+        return "decode_cublas" if self.decode_from and m >= self.decode_from else "split"
+
+
+def bench_plan(fmt, ms: Sequence[int], decode_min_m: Optional[int] = None) -> BenchPlan:
+    """The BenchPlan of format ``fmt`` at ``ms`` (``decode_min_m``: None = build's default, 0 = never)."""
+    from ..formats import get as get_format
+    from ..kernels.library import GEMM_FAMILY, GEMV_MAX_M, default_buckets, default_decode_min_m, kernel_family
+    from ..runtime.dispatch import plan_rows
+
+    fmt = get_format(fmt)
+    buckets = default_buckets(fmt)  # the buckets qcompile build compiles for the format (GPU)
+    decode_from = default_decode_min_m(fmt, buckets) if decode_min_m is None else decode_min_m
+    small = [m for m in ms if m <= GEMV_MAX_M]
+    large = [m for m in ms if m > GEMV_MAX_M]
+    split_ms = [m for m in large if m <= SPLIT_MAX_M]
+    bucket_ms = sorted(set(small) | {b for m in split_ms for _, _, b in plan_rows(m, buckets)})
+    gemm_ms = [m for m in large if kernel_family(fmt, m) == GEMM_FAMILY]  # (int4/E8P M <= 64: mma.sync)
+    return BenchPlan(tuple(buckets), decode_from, tuple(large), tuple(split_ms), tuple(bucket_ms), tuple(gemm_ms))
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="qcompile bench",
@@ -410,8 +452,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     import tvm
 
     from ..kernels.decode import DecodeSpec
-    from ..kernels.library import (GEMM_FAMILY, GEMV_MAX_M, KernelSpec, default_buckets, default_decode_min_m,
-                                   kernel_family)
+    from ..kernels.library import GEMV_MAX_M, KernelSpec
     from ..kernels.target import parse_target
     from ..runtime.dispatch import plan_rows
     from .baselines import (RotatingWeights, cublas_fp16_method, decode_cublas_method, decode_only_method,
@@ -429,14 +470,10 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
 
     bench = _Bench(iters, warmup, timing_mode, log)
     target = parse_target("auto")
-    decode_from = default_decode_min_m(fmt) if decode_min_m is None else decode_min_m
-    small = [m for m in ms if m <= GEMV_MAX_M]
-    large = [m for m in ms if m > GEMV_MAX_M]
-    split_ms = [m for m in large if m <= SPLIT_MAX_M]
-    buckets = default_buckets(fmt)  # the buckets qcompile build compiles for the format (GPU)
-    bucket_ms = sorted(set(small) | {b for m in split_ms for _, _, b in plan_rows(m, buckets)})
+    plan = bench_plan(fmt, ms, decode_min_m)
+    large, split_ms = plan.large, plan.split_ms
+    buckets, bucket_ms, gemm_ms = plan.buckets, plan.bucket_ms, plan.gemm_ms
     specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in bucket_ms]
-    gemm_ms = [m for m in large if kernel_family(fmt, m) == GEMM_FAMILY]  # (int4/E8P M <= 64: mma.sync)
     if fused_gemm:
         specs += [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in gemm_ms if m not in bucket_ms]
     if large:
@@ -520,8 +557,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                                                 None, ())
             if not methods:
                 continue
-            route = ("fused" if m <= GEMV_MAX_M else
-                     "decode_cublas" if decode_from and m >= decode_from else "split")
+            route = plan.route(m)
             if route not in methods:
                 route = next(iter(methods))
             times, errs = {}, {}
