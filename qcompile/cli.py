@@ -121,6 +121,10 @@ def parser() -> argparse.ArgumentParser:
                    help="candidates per kernel, counting earlier runs (default: %(default)s)")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall time per kernel (default: none)")
+    t.add_argument("--alternatives", action="store_true",
+                   help="also measure the other kernel families that can run a bucket (mma.sync at M=1; the GEMV "
+                        "or WMMA kernel at QTIP 1MAD/3INST's M=2..7), each with a quarter of the budget; build "
+                        "takes one where it measured faster than the bucket's default family")
     t.add_argument("--jobs", "-j", type=int, default=None,
                    help="candidates compiled in parallel while the GPU measures (default: the CPUs, at most 8)")
     t.add_argument("--order", choices=ORDERS, default="model",
@@ -326,15 +330,18 @@ def tune_kernels(args) -> List[KernelSpec]:
     return tunable
 
 
-def describe_kernels(specs, source: str) -> str:
+def describe_kernels(specs, source: str, alternatives: bool = False) -> str:
     """The list ``qcompile tune`` prints before it starts: one line per (format, N, K) with its Ms
-    by kernel family, e.g. ``M=1,2,4 gemv  M=16 tensorcore``."""
-    from .kernels.library import kernel_family
+    by kernel family, e.g. ``M=1,2,4 gemv  M=16 tensorcore``; with ``alternatives``, the families
+    measured for a bucket joined by "+" (``M=1 gemv+mma``)."""
+    from .kernels.library import family_options, kernel_family
 
     by_shape = {}
     for spec in specs:
         families = by_shape.setdefault((spec.format, spec.n, spec.k), {})
-        families.setdefault(kernel_family(spec.format, spec.m), []).append(spec.m)
+        label = ("+".join(family_options(spec.format, spec.m)) if alternatives
+                 else kernel_family(spec.format, spec.m))
+        families.setdefault(label, []).append(spec.m)
     lines = [f"{len(specs)} kernels to tune ({len(by_shape)} shapes) from {source}:"]
     for (fmt, n, k), families in by_shape.items():
         ms = "  ".join(f"M={','.join(map(str, ms))} {family}" for family, ms in families.items())
@@ -356,7 +363,7 @@ def cmd_tune(args) -> int:
     if args.jobs is not None and args.jobs < 1:
         raise QCompileError(f"--jobs {args.jobs}: give at least 1 compile job (or leave it out: the CPUs, at most 8)")
     if args.dry_run:
-        print(describe_kernels(specs, source))
+        print(describe_kernels(specs, source, args.alternatives))
         return 0
     require_cuda()
     if target.kind != "cuda" or target.arch != local_cuda_arch():
@@ -367,7 +374,7 @@ def cmd_tune(args) -> int:
         raise QCompileError(f"--target {args.target} names another GPU than this one ({gpu})")
     records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
     jobs = default_jobs() if args.jobs is None else args.jobs
-    print(describe_kernels(specs, source), flush=True)
+    print(describe_kernels(specs, source, args.alternatives), flush=True)
     measure = CudaMeasure()
     formats = list(dict.fromkeys(spec.format for spec in specs))
     results = []
@@ -377,7 +384,7 @@ def cmd_tune(args) -> int:
         results.append((fmt_name, tune([s for s in specs if s.format == fmt_name], target, measure, records_dir,
                                        budget=args.budget, time_budget_s=args.time_budget, gpu=gpu,
                                        order=args.order, log=lambda text: print(text, flush=True),
-                                       jobs=jobs)))
+                                       jobs=jobs, alternatives=args.alternatives)))
     for fmt_name, fmt_results in results:
         print(f"\nrecords: {records_dir / gpu / (fmt_name + '.json')}")
         for result in fmt_results:

@@ -590,7 +590,7 @@ def test_scheduled_func_applies_a_tc_config():
     (TC_FORMAT, 16, GemvConfig(), "runs on the low-batch WMMA tensor-core kernel, which takes a TensorCoreConfig; "
                                   "got a GemvConfig"),
     (TC_FORMAT, TC_MIN_M, MmaConfig(), "which takes a TensorCoreConfig; got a MmaConfig"),
-    (TC_FORMAT, 4, TensorCoreConfig(), "runs on the CUDA-core GEMV, which takes a GemvConfig; got a TensorCoreConfig"),
+    (TC_FORMAT, 4, MmaConfig(), "runs on the CUDA-core GEMV, which takes a GemvConfig; got a MmaConfig"),
     (FORMAT, 1, TensorCoreConfig(), "runs on the CUDA-core GEMV, which takes a GemvConfig; got a TensorCoreConfig"),
     (FORMAT, 4, GemvConfig(), "runs on the mma.sync kernel, which takes an MmaConfig; got a GemvConfig"),
     (FORMAT, 16, TensorCoreConfig(), "runs on the mma.sync kernel, which takes an MmaConfig; got a TensorCoreConfig"),
@@ -930,3 +930,62 @@ def test_cli_tune_and_build_bad_arguments(tmp_path, capsys):
     assert len(errors) == 5 and all(line.startswith("error: ") for line in errors)
     assert "--jobs 0" in errors[3]
     assert "does not exist" in errors[-1]
+
+
+# --- alternative families: the tuner may move a bucket to another family that can run it ----------------------
+
+def test_family_options_and_alternative_configs_schedule():
+    """mma.sync can also run M=1 of int4/E8P/HYB; QTIP 1MAD/3INST's M = 2..7 can run on the GEMV or
+    the WMMA kernel; a config of an option picks its family, any other family is refused in one line."""
+    from qcompile.kernels.library import family_options
+
+    assert family_options(FORMAT, 1) == ("gemv", "mma") and family_options(FORMAT, 4) == ("mma",)
+    assert family_options("qtip-hyb-2", 1) == ("gemv", "mma") and family_options("qtip-hyb-2", 16) == ("mma",)
+    assert family_options("qtip-1mad-2", 4) == ("gemv", "tensorcore")
+    assert family_options("qtip-3inst-2", 4) == ("tensorcore", "gemv")
+    assert family_options("qtip-1mad-2", 16) == ("tensorcore",) and family_options(FORMAT, 128) == ("gemm",)
+    spec1 = KernelSpec(FORMAT, TC_N, TC_K, 1)
+    mma1 = space.default_config(spec1, "mma")
+    assert isinstance(mma1, MmaConfig) and space.candidates(spec1, "mma")[0] == mma1
+    src = library.cuda_source(library.build([spec1], SM90, lambda s: mma1))
+    assert "mma.sync.aligned.m16n8k16" in src
+    tc4 = space.default_config(KernelSpec("qtip-1mad-2", TC_N, TC_K, 4), "tensorcore")
+    assert "wmma.matrix_a" in library.scheduled_func(KernelSpec("qtip-1mad-2", TC_N, TC_K, 4), SM90, tc4).script()
+    with pytest.raises(QCompileError, match="cannot run on the gemv family"):
+        space.candidates(KernelSpec(FORMAT, TC_N, TC_K, 4), "gemv")
+    with pytest.raises(ValueError, match="takes an MmaConfig; got a GemvConfig"):
+        library.scheduled_func(KernelSpec(FORMAT, TC_N, TC_K, 4), SM90, GemvConfig())
+
+
+def test_tune_alternatives_and_build_takes_the_faster_family(tmp_path):
+    """With alternatives, M=1 of int4 is tuned on the GEMV (budget) and on mma.sync (a quarter of it),
+    into two entries; the build takes the mma.sync config where its best beat the GEMV's, the GEMV's
+    where it did not, and never an alternative without the default family's entry beside it."""
+    spec = KernelSpec(FORMAT, TC_N, TC_K, 1)
+
+    def measure_with(mma_us):
+        return CountingMeasure(lambda cfg: mma_us if isinstance(cfg, MmaConfig) else fake_us(cfg))
+
+    fast = measure_with(1.0)  # mma.sync faster than every GEMV config (>= 10 us)
+    results = tune([spec], SM90, fast, tmp_path / "a", budget=8, gpu=GPU, order="space", log=None, alternatives=True)
+    assert [r.entry.kernel for r in results] == ["gemv", "mma"]
+    assert [r.measured_now for r in results] == [8, 2]
+    records = TuningRecords(tmp_path / "a")
+    assert records.entry(spec, GPU, "mma").tried_count == 2
+    assert isinstance(records.config_for(spec, GPU), MmaConfig)
+    src = library.cuda_source(library.build([spec], SM90, records.lookup(GPU)))
+    assert "mma.sync.aligned.m16n8k16" in src
+
+    slow = measure_with(99.0)
+    tune([spec], SM90, slow, tmp_path / "b", budget=8, gpu=GPU, order="space", log=None, alternatives=True)
+    assert isinstance(TuningRecords(tmp_path / "b").config_for(spec, GPU), GemvConfig)
+
+    only_alt = measure_with(1.0)  # an mma.sync entry alone: not known to beat the default route
+    TuningRecords(tmp_path / "c").save(TuningEntry(FORMAT, GPU, TC_N, TC_K, 1, *current_versions(),
+                                                   default=space.default_config(spec, "mma"),
+                                                   measured_us={space.config_key(space.default_config(spec, "mma")): 1.0}))
+    assert TuningRecords(tmp_path / "c").config_for(spec, GPU) is None and not only_alt.calls
+    # without alternatives (the default) only the bucket's own family is tuned
+    plain = CountingMeasure()
+    assert len(tune([spec], SM90, plain, tmp_path / "d", budget=3, gpu=GPU, log=None)) == 1
+    assert plain.calls and all(key.startswith("rows=") for _, key in plain.calls)  # GEMV configs only

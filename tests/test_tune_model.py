@@ -116,6 +116,10 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("20 kernels to tune (10 shapes) from --shapes")
     assert [line.split()[0] for line in out[1:]] == ["e8p-2"] * 5 + ["qtip-hyb-2"] * 5
+    # --alternatives lists the families measured per bucket
+    assert cli_main(["tune", "--format", "qtip-1mad-2", "--shapes", "256x512", "--alternatives", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-6:] == [
+        "M=1", "gemv", "M=2,4", "gemv+tensorcore", "M=16", "tensorcore"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

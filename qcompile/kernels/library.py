@@ -276,13 +276,36 @@ def _tiled_gemv_config(n: int, k: int, m: int, unit: int, tile: Tuple[int, int])
 KernelConfig = Union[GemvConfig, TensorCoreConfig, MmaConfig]
 
 
+def family_options(fmt, m: int) -> Tuple[str, ...]:
+    """The kernel families that can run bucket ``m`` of format ``fmt``: ``kernel_family`` first (the
+    route without a tuning record), then the alternatives ``qcompile tune`` also measures, so that a
+    record can move the bucket where it measured faster on that GPU and shape: mma.sync at M=1 for
+    the formats that run it (HYB's M=2 on mma.sync, 76.3 us, beat its M=1 GEMV, 83.0 us, on an H100
+    at 28672x8192), and between the GEMV and the WMMA kernel for QTIP 1MAD/3INST's buckets 2..7
+    (1MAD's M=4: WMMA 30 % faster on 28672x8192, 9 % slower on 8192x28672)."""
+    default = kernel_family(fmt, m)
+    if default == GEMM_FAMILY:
+        return (default,)
+    if runs_mma(fmt):
+        return (default, MMA_FAMILY) if m == 1 else (default,)
+    if 2 <= m < TC_MIN_M:
+        return (default, TC_FAMILY if default == GEMV_FAMILY else GEMV_FAMILY)
+    return (default,)
+
+
+_CONFIG_FAMILY = {GemvConfig: GEMV_FAMILY, TensorCoreConfig: TC_FAMILY, MmaConfig: MMA_FAMILY}
+
+
 def check_config_family(spec: KernelSpec, config) -> str:
-    """The kernel family of ``spec`` (``kernel_family``); ValueError (one line) when ``config`` is not
-    None and not that family's config class (a GemvConfig for a tensor-core bucket, any config for
-    a GEMM bucket, which has no knobs)."""
+    """The kernel family that runs ``spec`` with ``config``: ``kernel_family`` for None, else the
+    config's own family when it is one of ``family_options`` (a tuning record may move a bucket to an
+    alternative family); ValueError (one line) for a config of a family that cannot run the bucket
+    (a GemvConfig for an mma.sync bucket of M > 1, any config for a GEMM bucket, which has no knobs)."""
     family = kernel_family(spec.format, spec.m)
     if config is None:
         return family
+    if _CONFIG_FAMILY.get(type(config)) in family_options(spec.format, spec.m):
+        return _CONFIG_FAMILY[type(config)]
     expected = {GEMV_FAMILY: GemvConfig, TC_FAMILY: TensorCoreConfig, MMA_FAMILY: MmaConfig}.get(family)
     if expected is None or type(config) is not expected:
         runs = {GEMV_FAMILY: "the CUDA-core GEMV, which takes a GemvConfig",
@@ -295,10 +318,10 @@ def check_config_family(spec: KernelSpec, config) -> str:
 
 
 def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[KernelConfig] = None):
-    """The scheduled PrimFunc of one kernel, renamed to ``spec.name``. ``config``: the knobs of the
-    family that serves the bucket (``kernel_family``: a GemvConfig, MmaConfig or TensorCoreConfig,
-    none for the GEMM) or None for the default; ValueError (one
-    line) for another family's config or one that does not fit the shape. The CPU (llvm) schedule
+    """The scheduled PrimFunc of one kernel, renamed to ``spec.name``. ``config``: the knobs of a
+    family that can run the bucket (``family_options``: a GemvConfig, MmaConfig or TensorCoreConfig,
+    none for the GEMM), which picks that family, or None for the default family and config;
+    ValueError (one line) for another family's config or one that does not fit the shape. The CPU (llvm) schedule
     has no knobs and ignores ``config``."""
     fmt = get_format(spec.format)
     if target.kind == "llvm":

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Union
 
 from ..errors import QCompileError
-from ..kernels.library import KernelConfig, KernelSpec, scheduled_func
+from ..kernels.library import KernelConfig, KernelSpec, family_options, scheduled_func
 from ..kernels.pipeline import compile_module
 from ..kernels.target import TargetInfo, parse_target
 from . import space
@@ -44,6 +44,7 @@ from .cost_model import CostModel, training_set
 from .records import TuningEntry, TuningRecords, records_gpu
 
 DEFAULT_BUDGET = 64      # candidates per kernel, counting those measured by earlier runs
+ALTERNATIVE_BUDGET_DIVISOR = 4  # an alternative family's budget: the kernel's over this
 REFIT_EVERY = 4          # new measurements between cost-model refits
 EXPLORE_EVERY = 4        # every n-th pick follows the space order instead of the model
 ORDERS = ("model", "space")
@@ -140,7 +141,8 @@ class _Picker:
 def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: Measure,
          records_dir: Union[str, Path], budget: int = DEFAULT_BUDGET, time_budget_s: Optional[float] = None,
          gpu: Optional[str] = None, order: str = "model", log: Optional[Callable[[str], None]] = print,
-         clock: Callable[[], float] = time.monotonic, jobs: int = 1) -> List[TuneResult]:
+         clock: Callable[[], float] = time.monotonic, jobs: int = 1,
+         alternatives: bool = False) -> List[TuneResult]:
     """Tune every GEMV and low-batch tensor-core kernel of ``specs`` for ``target`` on ``gpu``
     (default: the GPU the target names, else the local one) and keep the results in
     ``records_dir/<gpu>/<format>.json``.
@@ -150,7 +152,11 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
     measurements) or "space" (the space's own order); ``jobs``: compile threads. With jobs > 1 the
     candidates after the default are picked ``jobs`` at a time (the model ranks a batch at once),
     compiled in parallel, then measured one by one on the GPU (no compile runs during a measurement);
-    jobs=1 compiles each just before it is measured. GEMM kernels (``kernel_family``) are skipped with
+    jobs=1 compiles each just before it is measured. ``alternatives``: also tune the other families
+    that can run a bucket (``library.family_options``: mma.sync at M=1, the GEMV or WMMA kernel at
+    QTIP 1MAD/3INST's M = 2..7), each with a quarter of ``budget``, into their own entries; build
+    then takes an alternative where it measured faster than the default family's best
+    (``TuningRecords.config_for``). One TuneResult per tuned (spec, family). GEMM kernels (``kernel_family``) are skipped with
     a log line: their search space is still to come. Returns one TuneResult per distinct spec."""
     say = log or (lambda text: None)
     target = parse_target(target) if isinstance(target, str) else target
@@ -180,12 +186,16 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
             say(f"skip {_shape(spec)}: {reason}")
             results.append(TuneResult(spec, None, skipped=reason))
             continue
-        pool = ThreadPoolExecutor(jobs) if jobs > 1 else _Inline()
-        try:
-            results.append(_tune_one(spec, target, measure, records, gpu, budget, time_budget_s, order, say,
-                                     clock, pool, jobs))
-        finally:  # an interrupt or a stopped run drops the compiles not yet started
-            pool.shutdown(wait=True, cancel_futures=True)
+        families = [f for f in family_options(spec.format, spec.m) if f in space.FAMILIES]
+        for i, family in enumerate(families[:len(families) if alternatives else 1]):
+            # an alternative family gets a quarter of the budget: its default and nearest neighbours
+            family_budget = budget if i == 0 else max(1, budget // ALTERNATIVE_BUDGET_DIVISOR)
+            pool = ThreadPoolExecutor(jobs) if jobs > 1 else _Inline()
+            try:
+                results.append(_tune_one(spec, target, measure, records, gpu, family_budget, time_budget_s, order,
+                                         say, clock, pool, jobs, None if i == 0 else family))
+            finally:  # an interrupt or a stopped run drops the compiles not yet started
+                pool.shutdown(wait=True, cancel_futures=True)
     return results
 
 
@@ -211,8 +221,8 @@ class _Deferred:
 
 
 def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_budget_s, order, say,
-              clock, pool, jobs) -> TuneResult:
-    candidates = space.candidates(spec)  # QCompileError for a shape the format cannot take
+              clock, pool, jobs, family=None) -> TuneResult:
+    candidates = space.candidates(spec, family)  # QCompileError for a shape the format cannot take
     entry = records.open_entry(spec, gpu, candidates[0])
     path = records.path(gpu, spec.format)
     planned = min(budget, len(candidates))

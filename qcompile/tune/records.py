@@ -53,8 +53,8 @@ from typing import Callable, Dict, Iterable, Optional, Tuple, Union
 
 from ..errors import QCompileError
 from ..jsonio import atomic_write_bytes
-from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, KernelConfig, KernelSpec, kernel_family,
-                               mma_max_m)
+from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, KernelConfig, KernelSpec, family_options,
+                               kernel_family, mma_max_m)
 from ..kernels.mma import MMA_MAX_M
 from .space import (CONFIG_CLASS, FAMILIES, TITLE, config_from_dict, config_from_key, config_key, family_of,
                     fit_error)
@@ -394,7 +394,7 @@ def applies_today(entry: "TuningEntry", spec: KernelSpec) -> bool:
     from .space import default_config
 
     try:
-        today = default_config(spec)
+        today = default_config(spec, entry.kernel)
     except QCompileError:
         return False
     return entry.default == today or config_key(today) in entry.measured_us
@@ -475,15 +475,17 @@ class TuningRecords:
 
     # --- what build uses: never raises for a damaged file ----------------------------------------
     def config_for(self, spec: KernelSpec, gpu: Optional[str]) -> Optional[KernelConfig]:
-        """The best measured config of ``spec`` on ``gpu`` for the current versions, of the family
-        that runs the spec's bucket (``library.kernel_family``: a GemvConfig, MmaConfig or
-        TensorCoreConfig up to GEMV_MAX_M), or None: no GPU, a GEMM bucket, no record of that
-        family (a record of another family for the same bucket, e.g. an old GEMV record of M=16,
-        is never applied), or a damaged file (warned once, then the defaults)."""
+        """The best measured config of ``spec`` on ``gpu`` for the current versions (a GemvConfig,
+        MmaConfig or TensorCoreConfig), or None: no GPU, a GEMM bucket, no record that applies, or a
+        damaged file (warned once, then the defaults). The candidates are the entries of the
+        families that can run the bucket (``library.family_options``): the default family's, and an
+        alternative family's only beside it (so that its best is known to beat the default route)
+        and only where it measured faster. A record of a family that cannot run the bucket (e.g. an
+        old GEMV record of M=16) is never applied."""
         if gpu is None:
             return None
-        family = kernel_family(spec.format, spec.m)
-        if family not in FAMILIES:
+        families = [f for f in family_options(spec.format, spec.m) if f in FAMILIES]
+        if not families:
             return None
         cache_key = (gpu, spec.format)
         if cache_key not in self._lenient:
@@ -492,11 +494,15 @@ class TuningRecords:
             except QCompileError as err:
                 self._warn(f"{err} (using the default schedules)")
                 self._lenient[cache_key] = {}
-        entry = self._lenient[cache_key].get((spec.n, spec.k, spec.m, *self.versions, family))
-        best = entry.best() if entry is not None else None
-        if best is None or not applies_today(entry, spec):
+        found = []
+        for family in families:
+            entry = self._lenient[cache_key].get((spec.n, spec.k, spec.m, *self.versions, family))
+            best = entry.best() if entry is not None else None
+            if best is not None and applies_today(entry, spec):
+                found.append((family, best))
+        if not found or found[0][0] != families[0]:
             return None
-        return best[0]
+        return min(found, key=lambda fb: fb[1][1])[1][0]
 
     def lookup(self, gpu: Optional[str]) -> Callable[[KernelSpec], Optional[KernelConfig]]:
         """``config_for`` bound to one GPU: what ``qcompile.kernels.library.build`` takes."""

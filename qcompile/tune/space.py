@@ -39,7 +39,7 @@ from ..errors import QCompileError
 from ..formats import get as get_format
 from ..kernels.mma import MMA_MAX_M
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, TC_FAMILY, KernelSpec, default_gemv_config,
-                               kernel_family)
+                               family_options, kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
 from ..kernels.mma import MmaConfig, check_mma_config, default_mma_config
 from ..kernels.tensorcore import TensorCoreConfig, check_tc_config, default_tc_config
@@ -219,11 +219,16 @@ def in_space(cfg: GemvConfig, n: int, k: int, unit: int) -> bool:
     return tiling_error(cfg, n, k, unit) is None and MIN_THREADS <= threads <= MAX_THREADS
 
 
-def _check_spec(spec: KernelSpec):
-    """(the spec's format, its family); QCompileError for a spec of no tunable family or a bad shape."""
+def _check_spec(spec: KernelSpec, family: Optional[str] = None):
+    """(the spec's format, the family: ``family`` or the one that runs the bucket); QCompileError for
+    a spec of no tunable family, a family that cannot run the bucket (``library.family_options``) or a
+    bad shape."""
     if spec.m < 1:
         raise QCompileError(f"M must be >= 1, got {spec.m}")
-    family = spec_family(spec)
+    if family is not None and family not in family_options(spec.format, spec.m):
+        raise QCompileError(f"M={spec.m} of {spec.format} cannot run on the {family} family (it can on: "
+                            f"{', '.join(family_options(spec.format, spec.m))})")
+    family = family or spec_family(spec)
     if family not in FAMILIES:
         raise QCompileError(f"M={spec.m} of {spec.format} is served by the GEMM family, which has no search "
                             f"space so far (the GEMV, mma.sync and tensor-core families: M <= {GEMV_MAX_M}, "
@@ -233,10 +238,11 @@ def _check_spec(spec: KernelSpec):
     return fmt, family
 
 
-def default_config(spec: KernelSpec):
+def default_config(spec: KernelSpec, family: Optional[str] = None):
     """The config ``qcompile build`` uses without a record: a GemvConfig, TensorCoreConfig or
-    MmaConfig, the family of the spec's bucket."""
-    fmt, family = _check_spec(spec)
+    MmaConfig, the family of the spec's bucket (or of ``family``, one of ``library.family_options``:
+    that family's default for the bucket)."""
+    fmt, family = _check_spec(spec, family)
     if family == TC_FAMILY:
         return _default_tc(spec, fmt)
     if family == MMA_FAMILY:
@@ -275,11 +281,12 @@ def _sortable(value) -> Tuple[int, object]:
     return (0, value) if isinstance(value, int) and not isinstance(value, bool) else (1, str(value))
 
 
-def candidates(spec: KernelSpec) -> list:
-    """Every candidate of the spec's space (its bucket's family: ``gemv_candidates``,
-    ``tc_candidates`` or ``mma_candidates``) in a deterministic order, the default config first.
-    QCompileError for a GEMM bucket (no space yet) or a shape the format cannot take."""
-    fmt, family = _check_spec(spec)
+def candidates(spec: KernelSpec, family: Optional[str] = None) -> list:
+    """Every candidate of the spec's space (its bucket's family, or ``family``, one of
+    ``library.family_options``: ``gemv_candidates``, ``tc_candidates`` or ``mma_candidates``) in a
+    deterministic order, the default config first. QCompileError for a GEMM bucket (no space yet),
+    a family that cannot run the bucket or a shape the format cannot take."""
+    fmt, family = _check_spec(spec, family)
     if family == TC_FAMILY:
         return tc_candidates(spec, fmt)
     return mma_candidates(spec, fmt) if family == MMA_FAMILY else gemv_candidates(spec, fmt)
