@@ -888,13 +888,12 @@ class TrellisFormat(Format):
         if self.V == 1:
             c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
 
-            def half(e):  # uint32: the fp16 bits of register e (state 8·lane + e, window at bit e·K)
+            def window(e):  # uint32: state 8·lane + e, the window at bit e·K of the slice
                 # (the & as below: constant folding of unreachable g values must not see a bad shift)
                 shift = tirx.bitwise_and(16 * K - 16 - K * e, bits - 1)
-                s = tirx.bitwise_and(tirx.Cast("uint32", tirx.shift_right(z, tirx.Cast(dtype, shift))), c32(0xFFFF))
-                return tirx.Cast("uint32", tirx.reinterpret("uint16", _tir_code(self.code, s, 0, None)))
+                return tirx.bitwise_and(tirx.Cast("uint32", tirx.shift_right(z, tirx.Cast(dtype, shift))), c32(0xFFFF))
 
-            return tirx.bitwise_or(half(2 * g), tirx.shift_left(half(2 * g + 1), c32(16)))
+            return _tir_code_pair(self.code, window(2 * g), window(2 * g + 1))
         # (the & keeps constant folding of unreachable g values from producing an out-of-range shift)
         shift = tirx.bitwise_and(16 * K - 16 - 2 * K * g, bits - 1)
         # the window without its & 0xFFFF: bits above 16 change neither h's bits 6..15 (h mod 2^16
@@ -954,6 +953,32 @@ def _tir_code(code: str, s, v, tlut):
         sign = tirx.Cast("uint16", tirx.shift_left(sign_bit, u32(15)))
         return tirx.reinterpret("float16", tirx.bitwise_xor(tirx.reinterpret("uint16", val), sign))
     raise QCompileError(f"unknown trellis code {code!r}")
+
+
+def _tir_code_pair(code: str, s0, s1):
+    """TIR uint32 half2 word of two V=1 states (uint32 exprs < 2^16): low half the fp16 bits of s0's
+    value, high half s1's, bit for bit ``_tir_code``'s. 3INST in the pair form of _CUDA_TRELLIS's
+    decode: the two states' fp16 halves regrouped into two half2 words (one PRMT each on the GPU) and
+    added as one half2 (HADD2): sm_90 SASS of the fragment kernel's K loop 10.5 instead of 12.8
+    instructions a weight (qtip-3inst-2@mma-kernel). 1MAD: ``_tir_code`` twice (the plain-TIR byte
+    sums tried, (x & 0x00FF00FF) + (x >> 8 & 0x00FF00FF) then its two halves, and the 2^23 magic
+    number for y - 510, came out at 20 instead of 18: nvcc splits the halves' sums apart again; the
+    DP4A of _CUDA_TRELLIS needs a CUDA intrinsic)."""
+    from tvm import tirx
+
+    u32 = lambda x: tirx.const(x, "uint32")  # noqa: E731
+    sr, sl, band, bor = tirx.shift_right, tirx.shift_left, tirx.bitwise_and, tirx.bitwise_or
+    if code == "3inst":
+        r0, r1 = [tirx.bitwise_xor(band(s * u32(INST3_A) + u32(INST3_B), u32(INST3_MASK)), u32(INST3_XOR))
+                  for s in (s0, s1)]
+        lo = bor(band(r0, u32(0xFFFF)), sl(r1, u32(16)))          # the low fp16 halves: (s0, s1)
+        hi = bor(sr(r0, u32(16)), band(r1, u32(0xFFFF0000)))      # the high fp16 halves: (s0, s1)
+        h2 = lambda w: tirx.reinterpret("float16x2", w)  # noqa: E731
+        return tirx.reinterpret("uint32", h2(hi) + h2(lo))
+    if code == "1mad":
+        bits16 = lambda st: tirx.Cast("uint32", tirx.reinterpret("uint16", _tir_code(code, st, 0, None)))  # noqa: E731
+        return bor(bits16(s0), sl(bits16(s1), u32(16)))
+    raise QCompileError(f"the pair decode is for the V=1 codes (1mad, 3inst), not {code!r}")
 
 
 # HYB's decode of one unit from its 8 gathered table words: word p holds columns 2p and 2p + 1 (low,
