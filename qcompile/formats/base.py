@@ -270,6 +270,11 @@ class Format:
     # qcompile.kernels.mma_fragment builds the mma.sync kernel from these, see TrellisFormat).
     fragment_native: bool = False
 
+    def layout_variant(self, layout: str) -> "Format":
+        """This format with its packed data in another layout (``formats.get("<name>@<layout>")``):
+        unregistered variants that kernels may prefer (QTIP: ``trellis.variant``)."""
+        raise QCompileError(f"{self.name} has no layout variants (asked for {self.name}@{layout})")
+
     def unit_reads(self) -> Dict[str, Tuple[Tuple[int, ...], str, bool]]:
         """For a decode intrinsic: name -> (shape, dtype, staged[, offset]) of the region of each
         kernel tensor that one decode unit reads (the same number of dimensions as the tensor;
@@ -331,8 +336,14 @@ def names():
 
 
 def get(name: str) -> Format:
+    """The registered format ``name``, or an unregistered layout variant named
+    ``<registered name>@<layout>`` (``Format.layout_variant``, e.g. "qtip-3inst-2@mma-kernel")."""
     if isinstance(name, Format):
         return name
+    if name not in _REGISTRY and isinstance(name, str) and "@" in name:
+        base, layout = name.split("@", 1)
+        if base in _REGISTRY:
+            return get(base).layout_variant(layout)
     if name not in _REGISTRY:
         raise QCompileError(f"unknown format {name!r}; choose one of: {', '.join(names())}")
     if name not in _INSTANCES:

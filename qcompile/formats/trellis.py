@@ -456,6 +456,10 @@ class TrellisFormat(Format):
     def variant(self, order: Optional[str] = None, packing: Optional[str] = None) -> "TrellisFormat":
         return variant(self.base_name, order or self.order, packing or self.packing)
 
+    def layout_variant(self, layout: str) -> "TrellisFormat":
+        """``formats.get("qtip-<code>-<K>@<order>-<packing>")``: the variant (``trellis_format``)."""
+        return trellis_format(f"{self.base_name}@{layout}")
+
     def streams(self, qw: QuantizedWeight) -> torch.Tensor:
         """Tile streams int16 [(N/16)(k/16), 16K] (tiles row-major, MSB-first words) of a stored weight."""
         n, k = qw.shape
@@ -784,7 +788,8 @@ class TrellisFormat(Format):
         source = _CUDA_HYB if self.V == 2 else _cuda_trellis()
         return register_unit_decode(self, f"qc_qtip_{self.code}_k{self.K}_decode16", source), source
 
-    # --- fragment decode: HYB in the kernel layout, whose stored order is the mma A-fragment order -----
+    # --- fragment decode: the kernel layout (HYB's stored one; 1MAD / 3INST as the @mma-kernel variant),
+    # whose order is the mma A-fragment order -----------------------------------------------------------
     # (§1.4) Tile (I, J) = 16x16 weights rows 16I.., columns 16J..; its super-tile (I2, J2) = (I // 2,
     # J // 2), sub-tile (a, b) = (I % 2, J % 2). Lane l's 4·K bytes of a super-tile (tensor row
     # trellis[I2, J2, :], int16 words 2K·l .. 2K·l + 2K - 1) hold its K-byte chunks of the four tiles,
@@ -792,11 +797,16 @@ class TrellisFormat(Format):
     # j: registers e = 2j, 2j + 1 (row (l >> 2) + 8·(j & 1), columns 2·(l & 3) + 8·(j >> 1) + 0, 1), its
     # window the 16 stream bits from bit 2K·j of lane l's chunk, running into lane l + 1's (lane 31:
     # lane 0's, the tail-bite). So a lane decodes its A registers from its own 4K bytes and the next
-    # lane's 4K bytes, nothing else.
+    # lane's 4K bytes, nothing else. V=1 (1MAD / 3INST in mma order, one state per position): state
+    # p = 8l + e is lane l's register e, its window from bit K·e of lane l's chunk (7K + 16 <= 16K: at
+    # most into lane l + 1's chunk, as HYB's), so the same words and slice serve both.
     @property
     def fragment_native(self) -> bool:
-        """True for HYB in its stored (kernel) layout: each lane's bytes decode to its A fragment."""
-        return self.code == "hyb" and self.is_default_layout
+        """True in the kernel layout (order "mma", packing "kernel"): each lane's bytes decode to its A
+        fragment. HYB's stored layout; for 1MAD / 3INST the unregistered variant
+        ``qtip-<code>-<K>@mma-kernel`` (state p = position p, so lane l's eight A registers are states
+        8l..8l+7, the windows at bits 0, K, .., 7K of the same slice as HYB's)."""
+        return (self.order, self.packing) == LAYOUTS["kernel"]
 
     @property
     def fragment_word_count(self) -> int:
@@ -805,8 +815,8 @@ class TrellisFormat(Format):
 
     def _check_fragment(self):
         if not self.fragment_native:
-            raise QCompileError(f"{self.name} is not stored in the mma A-fragment order (only qtip-hyb-K in the "
-                                f"kernel layout is)")
+            raise QCompileError(f"{self.name} is not stored in the mma A-fragment order (only the kernel layout "
+                                f"is: qtip-hyb-K, or a variant qtip-<code>-<K>@mma-kernel)")
 
     def tir_fragment_word(self, bufs: Mapping[str, object], I2, J2, lane, w):
         """int16 word w (0..4K-1) of lane ``lane``'s staged words of super-tile (I2, J2): w < 2K its own
@@ -859,10 +869,14 @@ class TrellisFormat(Format):
         return tirx.bitwise_or(tirx.shift_left(own, const(8 * K)), nxt)
 
     def tir_fragment_gather(self, bufs: Mapping[str, object], I, J, lane, g):
-        """uint32 half2 word of lane ``lane``'s A registers 2g, 2g + 1 (g = 0..3) in tile (I, J): the
-        HYB table word of state 4·lane + g (``_hyb_state_word``: low half = register 2g, high half =
-        2g + 1), from table copy lane % LUT_COPIES when the lane copies are a stage. Reads
-        bufs["fragment_slices"] ([N/16, k/16, 32]) when present."""
+        """uint32 half2 word of lane ``lane``'s A registers 2g, 2g + 1 (g = 0..3) in tile (I, J) (low
+        half = register 2g, high half = 2g + 1). Reads bufs["fragment_slices"] ([N/16, k/16, 32]) when
+        present.
+        HYB (V=2): the table word of state 4·lane + g (``_hyb_state_word``), the window at bit 2K·g of
+          the slice, from table copy lane % LUT_COPIES when the lane copies are a stage.
+        1MAD / 3INST (V=1, mma order): registers 2g, 2g + 1 are states 8·lane + 2g, 8·lane + 2g + 1,
+          the windows at bits 2g·K and (2g + 1)·K of the slice (register 7's ends at bit 7K + 16 <=
+          16K: inside lane + 1's chunk for every K >= 2), each decoded by the code (``_tir_code``)."""
         from tvm import tirx
 
         self._check_fragment()
@@ -871,6 +885,15 @@ class TrellisFormat(Format):
         slices = bufs.get("fragment_slices")
         z = slices[I, J, lane] if slices is not None else self.tir_fragment_slice(bufs, I, J, lane)
         bits = 32 if K == 2 else 64
+        if self.V == 1:
+            c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
+
+            def window(e):  # uint32: state 8·lane + e, the window at bit e·K of the slice
+                # (the & as below: constant folding of unreachable g values must not see a bad shift)
+                shift = tirx.bitwise_and(16 * K - 16 - K * e, bits - 1)
+                return tirx.bitwise_and(tirx.Cast("uint32", tirx.shift_right(z, tirx.Cast(dtype, shift))), c32(0xFFFF))
+
+            return _tir_code_pair(self.code, window(2 * g), window(2 * g + 1))
         # (the & keeps constant folding of unreachable g values from producing an out-of-range shift)
         shift = tirx.bitwise_and(16 * K - 16 - 2 * K * g, bits - 1)
         # the window without its & 0xFFFF: bits above 16 change neither h's bits 6..15 (h mod 2^16
@@ -930,6 +953,32 @@ def _tir_code(code: str, s, v, tlut):
         sign = tirx.Cast("uint16", tirx.shift_left(sign_bit, u32(15)))
         return tirx.reinterpret("float16", tirx.bitwise_xor(tirx.reinterpret("uint16", val), sign))
     raise QCompileError(f"unknown trellis code {code!r}")
+
+
+def _tir_code_pair(code: str, s0, s1):
+    """TIR uint32 half2 word of two V=1 states (uint32 exprs < 2^16): low half the fp16 bits of s0's
+    value, high half s1's, bit for bit ``_tir_code``'s. 3INST in the pair form of _CUDA_TRELLIS's
+    decode: the two states' fp16 halves regrouped into two half2 words (one PRMT each on the GPU) and
+    added as one half2 (HADD2): sm_90 SASS of the fragment kernel's K loop 10.5 instead of 12.8
+    instructions a weight (qtip-3inst-2@mma-kernel). 1MAD: ``_tir_code`` twice (the plain-TIR byte
+    sums tried, (x & 0x00FF00FF) + (x >> 8 & 0x00FF00FF) then its two halves, and the 2^23 magic
+    number for y - 510, came out at 20 instead of 18: nvcc splits the halves' sums apart again; the
+    DP4A of _CUDA_TRELLIS needs a CUDA intrinsic)."""
+    from tvm import tirx
+
+    u32 = lambda x: tirx.const(x, "uint32")  # noqa: E731
+    sr, sl, band, bor = tirx.shift_right, tirx.shift_left, tirx.bitwise_and, tirx.bitwise_or
+    if code == "3inst":
+        r0, r1 = [tirx.bitwise_xor(band(s * u32(INST3_A) + u32(INST3_B), u32(INST3_MASK)), u32(INST3_XOR))
+                  for s in (s0, s1)]
+        lo = bor(band(r0, u32(0xFFFF)), sl(r1, u32(16)))          # the low fp16 halves: (s0, s1)
+        hi = bor(sr(r0, u32(16)), band(r1, u32(0xFFFF0000)))      # the high fp16 halves: (s0, s1)
+        h2 = lambda w: tirx.reinterpret("float16x2", w)  # noqa: E731
+        return tirx.reinterpret("uint32", h2(hi) + h2(lo))
+    if code == "1mad":
+        bits16 = lambda st: tirx.Cast("uint32", tirx.reinterpret("uint16", _tir_code(code, st, 0, None)))  # noqa: E731
+        return bor(bits16(s0), sl(bits16(s1), u32(16)))
+    raise QCompileError(f"the pair decode is for the V=1 codes (1mad, 3inst), not {code!r}")
 
 
 # HYB's decode of one unit from its 8 gathered table words: word p holds columns 2p and 2p + 1 (low,

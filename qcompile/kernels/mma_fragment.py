@@ -1,6 +1,8 @@
 """mma.sync rule for fragment-native formats (``Format.fragment_native``: QTIP HYB in the reference's
-kernel layout), whose stored order IS the PTX mma.m16n8k16 A-fragment order: lane l's packed bytes
-of a 16x16 tile decode to exactly its own eight A registers.
+kernel layout; QTIP 1MAD / 3INST as the unregistered variants qtip-<code>-<K>@mma-kernel), whose
+stored order IS the PTX mma.m16n8k16 A-fragment order: lane l's packed bytes of a 16x16 tile decode
+to exactly its own eight A registers (V=1: register e = state 8l + e; the format's gather decodes
+the codes, there is no table).
 
 The generic mma.sync kernel (qcompile.kernels.mma) gives lane (g, t) whole decode units (16 columns
 of weight rows 2g, 2g + 1). For HYB such a tile row needs stream slices of four lanes' chunks, read as

@@ -124,3 +124,25 @@ def test_padded_k_blocks_match_float64(name):
         for m in (3, 16):
             err = rel_err(ex[f"{tag}_{m}"], fmt, qw, m, seed=m)
             assert err < 2e-3, (name, tag, m, err)
+
+
+# QTIP 1MAD / 3INST in the kernel layout (unregistered variants, fragment-native like HYB's stored
+# layout: qcompile.kernels.mma_fragment with the V=1 fragment gather); fused products against float64
+# and, at M=16, the decoded values read back bit for bit through the A fragments
+V1_FRAGMENT = [f"qtip-{code}-{K}@mma-kernel" for code in ("1mad", "3inst") for K in (2, 3, 4)]
+
+
+@pytest.mark.parametrize("name", V1_FRAGMENT)
+def test_v1_fragment_variants_match_float64(name, check_one_hot_decode):
+    fmt = qc.formats.get(name)
+    assert fmt.fragment_native
+    qw = fmt.random_weight(N, K, seed=5).to("cuda")
+    ms = (1, 2, 5, 8, 16)
+    ex = build({f"m{m}": mma_scheduled_func(fmt, N, K, m) for m in ms})
+    for m in ms:
+        err = rel_err(ex[f"m{m}"], fmt, qw, m, seed=m)
+        assert err < 2e-3, (name, m, err)
+    n, k = 256, 1024
+    qw = fmt.random_weight(n, k, seed=11)
+    fn = build({"k": mma_scheduled_func(fmt, n, k, 16)})["k"]
+    check_one_hot_decode(fn, fmt, qw, 16, name)
