@@ -182,12 +182,35 @@ def c_layout(r, a):
     return 4 * (r // 2) + a // 2, 2 * (r % 2) + a % 2
 
 
+def padded_x_frag(X, m: int, k: int, frag, nkb: int, column):
+    """(X_frag, clamp) of a kernel whose loop runs ``frag[0]`` K blocks over the ``nkb`` of K
+    (``k_blocks``): X_frag[a, kb, s, hi, t, lo] = X[a, column(clamp(kb), s, hi, t, lo)], zero in the
+    padded blocks past K; ``clamp`` maps a padded block to K's last one, so its weight reads stay in
+    bounds (the products are zero anyway)."""
+    import tvm
+    from tvm import te
+
+    loop_blocks = frag[0]
+    if loop_blocks < nkb:
+        raise ValueError(f"{loop_blocks} K blocks cannot cover the {nkb} of in_features {k}")
+
+    def clamp(kb):
+        return kb if loop_blocks == nkb else tvm.te.min(kb, nkb - 1)
+
+    def x_value(a, kb, s, hi, t, lo):
+        x = X[a, column(clamp(kb), s, hi, t, lo)]
+        if loop_blocks == nkb:
+            return x
+        return tvm.tirx.if_then_else(kb < nkb, x, tvm.tirx.const(0, "float16"))
+
+    return te.compute((m, *frag), x_value, name="X_frag"), clamp
+
+
 def mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]) with the products in mma order
     (see the module doc): acc[a, i] = sum over K blocks kb, steps s, columns c of
     X_frag[a, kb, s, c] * W_frag[i, kb, s, c] in fp32. ``blocks``: K blocks of the loop (0: those of
     K); past K's, X_frag is zero and W_frag repeats K's last block (``k_blocks``)."""
-    import tvm
     from tvm import te
 
     fmt.check_shape(n, k)
@@ -201,22 +224,12 @@ def mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     X = te.placeholder((m, k), "float16", name="X")
     W = te.compute((n, k // unit, unit), lambda i, c, j: fmt.tir_decode_unit(bufs, i, c, j), name="W_decode")
     nkb = k // block
-    loop_blocks = blocks or nkb
-    if loop_blocks < nkb:
-        raise ValueError(f"{loop_blocks} K blocks cannot cover the {nkb} of in_features {k}")
+    frag = (blocks or nkb, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
+    XF, clamp = padded_x_frag(X, m, k, frag, nkb, lambda kb, *c: fragment_column(kb, *c, span))
 
-    def col(kb, s, hi, t, lo):
-        # a padded block past K reads K's last block (in bounds), its activations zeroed below
-        kb = kb if loop_blocks == nkb else tvm.te.min(kb, nkb - 1)
-        return fragment_column(kb, s, hi, t, lo, span)
+    def col(kb, *c):
+        return fragment_column(clamp(kb), *c, span)
 
-    def x_value(a, kb, *c):
-        if loop_blocks == nkb:
-            return X[a, col(kb, *c)]
-        return tvm.tirx.if_then_else(kb < nkb, X[a, col(kb, *c)], tvm.tirx.const(0, "float16"))
-
-    frag = (loop_blocks, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
-    XF = te.compute((m, *frag), x_value, name="X_frag")
     WF = te.compute((n, *frag), lambda i, *kc: W[i, col(*kc) // unit, col(*kc) % unit], name="W_frag")
     axes = [te.reduce_axis((0, e), name=nm) for e, nm in zip(frag, ("kb", "s", "hi", "t", "lo"))]
     acc = te.compute((m, n), lambda a, i: te.sum(XF[(a, *axes)].astype("float32") * WF[(i, *axes)].astype("float32"),
@@ -424,11 +437,7 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     r_a, r_i = loops[-2:]
     if r_k is not None:
         sch.reorder(r_a, r_i, r_k)
-    out = sch.fuse(r_a, r_i)
-    _, t_z, t_y, t_x = sch.split(out, [None, cfg.warps_k, cfg.warps_n, WARP])
-    sch.bind(t_z, "threadIdx.z")
-    sch.bind(t_y, "threadIdx.y")
-    sch.bind(t_x, "threadIdx.x")
+    t_x = spread_over_block(sch, sch.fuse(r_a, r_i), cfg)
     if r_k is not None:
         sch.unroll(r_k)
     sch.set_scope(wb, 0, "local")
@@ -488,13 +497,7 @@ class _UnitDecode:
             if cfg.lut_shared:  # its tables (what it reads besides the packed words) to shared memory
                 skip = set(streamed) | {"W_slice"}
                 for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
-                    table = sch.cache_read(gather, idx, "shared")
-                    sch.compute_at(table, bn)
-                    copy = sch.fuse(*sch.get_loops(table)[1:])
-                    _, t_z, t_y, t_x = sch.split(copy, [None, cfg.warps_k, cfg.warps_n, WARP])
-                    sch.bind(t_z, "threadIdx.z")
-                    sch.bind(t_y, "threadIdx.y")
-                    sch.bind(t_x, "threadIdx.x")
+                    fill_per_block(sch, sch.cache_read(gather, idx, "shared"), bn, cfg)
             slices = _get_sblock(sch, "W_slice")
             if slices is not None:
                 sch.compute_at(slices, w_lane)
@@ -511,6 +514,21 @@ class _UnitDecode:
         else:
             sch.unroll(sch.get_loops(dec)[-1])
         return sources
+
+
+def spread_over_block(sch, loop, cfg: MmaConfig):
+    """Split ``loop`` over the thread block's threads (threadIdx.z = K warp, y = N warp, x = lane)."""
+    _, t_z, t_y, t_x = sch.split(loop, [None, cfg.warps_k, cfg.warps_n, WARP])
+    sch.bind(t_z, "threadIdx.z")
+    sch.bind(t_y, "threadIdx.y")
+    sch.bind(t_x, "threadIdx.x")
+    return t_x
+
+
+def fill_per_block(sch, block, bn, cfg: MmaConfig) -> None:
+    """``block`` (a table copy) computed once per thread block (at loop ``bn``) by all its threads."""
+    sch.compute_at(block, bn)
+    spread_over_block(sch, sch.fuse(*sch.get_loops(block)[1:]), cfg)
 
 
 def _read_index(sch, block, prefix):

@@ -32,8 +32,8 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 """
 from __future__ import annotations
 
-from .mma import (MMA_M, NATURAL_ROWS, WARP, MmaConfig, _loops_below, check_mma_config, default_mma_config,
-                  k_blocks, schedule_mma_rows, span_of)
+from .mma import (MMA_M, NATURAL_ROWS, MmaConfig, _loops_below, check_mma_config, default_mma_config,
+                  fill_per_block, k_blocks, padded_x_frag, schedule_mma_rows, span_of)
 from .schedules import _get_sblock, vectorize_copy
 
 
@@ -66,24 +66,12 @@ def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     params, bufs = fragment_stages(fmt, n, k)
     X = te.placeholder((m, k), "float16", name="X")
     nkb = k // block
-    loop_blocks = blocks or nkb
-    if loop_blocks < nkb:
-        raise ValueError(f"{loop_blocks} K blocks cannot cover the {nkb} of in_features {k}")
-
-    def clamp(kb):  # a padded block past K reads K's last block (in bounds), its activations zeroed
-        return kb if loop_blocks == nkb else tvm.te.min(kb, nkb - 1)
-
-    def x_value(a, kb, s, hi, t, lo):
-        x = X[a, natural_column(clamp(kb), s, hi, t, lo, span)]
-        if loop_blocks == nkb:
-            return x
-        return tvm.tirx.if_then_else(kb < nkb, x, tvm.tirx.const(0, "float16"))
+    frag = (blocks or nkb, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
+    XF, clamp = padded_x_frag(X, m, k, frag, nkb, lambda kb, *c: natural_column(kb, *c, span))
 
     def w_value(tile, h, g, kb, s, hi, t, lo):  # weight row 16 * tile + 8h + g = A row g + 8h
         return fmt.tir_fragment_decode(bufs, tile, clamp(kb) * steps + s, 4 * g + t, 4 * hi + 2 * h + lo)
 
-    frag = (loop_blocks, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
-    XF = te.compute((m, *frag), x_value, name="X_frag")
     # the block iterates rows as (tile, h, g), so that the lane 4g + t of a register is plain in every
     # index (with i % 8, compute_at's region analysis relaxed the lane over the tile loops); its
     # buffer is [n, ...] like mma_func's (transform_layout below), which acc reads as an einsum
@@ -163,12 +151,7 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
         if lanes is not None:
             sch.compute_inline(lanes)
         keep = sch.get_sblock("W_table")
-    sch.compute_at(keep, bn)
-    copy = sch.fuse(*sch.get_loops(keep)[1:])
-    _, t_z, t_y, t_x = sch.split(copy, [None, cfg.warps_k, cfg.warps_n, WARP])
-    sch.bind(t_z, "threadIdx.z")
-    sch.bind(t_y, "threadIdx.y")
-    sch.bind(t_x, "threadIdx.x")
+    fill_per_block(sch, keep, bn, cfg)
     sch.set_scope(keep, 0, "shared")
 
 
