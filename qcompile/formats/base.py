@@ -260,6 +260,12 @@ class Format:
     # contiguous region (a QTIP tile's 16 rows; HYB's 32x32 super-tiles: 32 rows x 2 units). A GEMV
     # thread that holds whole blocks reads them with vector loads and indexes them by constants.
     gemv_tile: Tuple[int, int] = (1, 1)
+
+    @property
+    def row_packed(self) -> bool:
+        """True when a row's packed words are its own (``gemv_tile`` (1, 1): int4, E8P): a unit's words
+        are a fixed region of its row, which kernels load into registers with vector loads."""
+        return tuple(self.gemv_tile) == (1, 1)
     # codebook stages a unit's decode sums (2 for the residual E8P formats): a register cost that
     # kernel defaults weigh (qcompile.kernels.mma.default_mma_config)
     decode_stages: int = 1

@@ -61,7 +61,7 @@ def default_decode_config(fmt) -> DecodeConfig:
     whose rows a lane already writes 32 bytes at a time, and staging only adds the shared-memory
     round trip (qtip-hyb-2 on 28672x8192: 309 us unstaged, 333 us staged), and HYB's 2 KiB table
     is worth a shared-memory copy per block (263 us against 308 us)."""
-    return DecodeConfig() if tuple(fmt.gemv_tile) == (1, 1) else DecodeConfig(stage=0, lut_shared=1)
+    return DecodeConfig() if fmt.row_packed else DecodeConfig(stage=0, lut_shared=1)
 
 
 def decode_func(fmt, n: int, k: int):
@@ -216,5 +216,5 @@ def decode_scheduled_func(fmt, n: int, k: int, target_kind: str = "cuda", cfg: D
     intrin = fmt.decode_intrin("cuda") if use_intrin else None
     # packed words in registers only where a unit's words are a fixed region of its row (row-packed
     # formats); QTIP's tile-packed windows have data-dependent extents and are read through L1
-    stream = tuple(fmt.gemv_tile) == (1, 1)
+    stream = fmt.row_packed
     return schedule_decode_cuda(inline_derived(func), cfg, fmt.decode_unit, intrin, fmt.streamed, stream)["main"]

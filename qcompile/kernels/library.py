@@ -109,7 +109,7 @@ def default_decode_min_m(fmt, buckets: Optional[Sequence[int]] = None) -> int:
     MMA_DECODE_MIN_M_M16; FRAGMENT_DECODE_MIN_M for a fragment-native one on mma.sync; GEMV_MAX_M + 1
     for the WMMA formats (each measured, above)."""
     f = get_format(fmt)
-    if tuple(f.gemv_tile) == (1, 1):
+    if f.row_packed:
         buckets = default_buckets(f) if buckets is None else buckets
         return MMA_DECODE_MIN_M if max(MMA_EXTRA_BUCKETS) in buckets else MMA_DECODE_MIN_M_M16
     return FRAGMENT_DECODE_MIN_M if runs_mma(f) else GEMV_MAX_M + 1
@@ -120,13 +120,13 @@ def runs_mma(fmt) -> bool:
     packed words are per row (``Format.gemv_tile`` (1, 1)), which the lanes load with vector loads,
     or it is fragment-native and FRAGMENT_MMA_ROUTED is on."""
     f = get_format(fmt)
-    return tuple(f.gemv_tile) == (1, 1) or (FRAGMENT_MMA_ROUTED and f.fragment_native)
+    return f.row_packed or (FRAGMENT_MMA_ROUTED and f.fragment_native)
 
 
 def mma_max_m(fmt) -> int:
     """The largest bucket format ``fmt`` runs on mma.sync when it does (``runs_mma``): MMA_MAX_M for
     the row-packed formats (measured there), GEMV_MAX_M for a fragment-native one."""
-    return MMA_MAX_M if tuple(get_format(fmt).gemv_tile) == (1, 1) else GEMV_MAX_M
+    return MMA_MAX_M if get_format(fmt).row_packed else GEMV_MAX_M
 
 
 # QTIP 3INST's bucket 4 (M = 2..4) runs on the WMMA kernel too: H100, qtip-3inst-2 at M=4, WMMA (tc_sweep
