@@ -152,7 +152,7 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
     measurements) or "space" (the space's own order); ``jobs``: compile threads. With jobs > 1 the
     candidates after the default are picked ``jobs`` at a time (the model ranks a batch at once),
     compiled in parallel, then measured one by one on the GPU (no compile runs during a measurement);
-    jobs=1 compiles each just before it is measured. ``alternatives``: also tune the other families
+    jobs=1 compiles each just before it is measured (in the pool's one thread). ``alternatives``: also tune the other families
     that can run a bucket (``library.family_options``: mma.sync at M=1, the GEMV or WMMA kernel at
     QTIP 1MAD/3INST's M = 2..7), each with a quarter of ``budget``, into their own entries; build
     then takes an alternative where it measured faster than the default family's best
@@ -190,34 +190,13 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
         for i, family in enumerate(families[:len(families) if alternatives else 1]):
             # an alternative family gets a quarter of the budget: its default and nearest neighbours
             family_budget = budget if i == 0 else max(1, budget // ALTERNATIVE_BUDGET_DIVISOR)
-            pool = ThreadPoolExecutor(jobs) if jobs > 1 else _Inline()
+            pool = ThreadPoolExecutor(jobs)
             try:
                 results.append(_tune_one(spec, target, measure, records, gpu, family_budget, time_budget_s, order,
                                          say, clock, pool, jobs, None if i == 0 else family))
             finally:  # an interrupt or a stopped run drops the compiles not yet started
                 pool.shutdown(wait=True, cancel_futures=True)
     return results
-
-
-class _Inline:
-    """The pool of jobs=1: runs each compile when its result is asked for."""
-
-    def shutdown(self, wait=True, cancel_futures=False):
-        pass
-
-    def submit(self, fn, *args):
-        return _Deferred(fn, args)
-
-
-class _Deferred:
-    def __init__(self, fn, args):
-        self.fn, self.args = fn, args
-
-    def result(self):
-        return self.fn(*self.args)
-
-    def cancel(self):
-        return True
 
 
 def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_budget_s, order, say,
@@ -246,8 +225,9 @@ def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_b
             batch.append(picker.next(todo))
             todo.remove(batch[-1])
         compiled: List[Future] = [pool.submit(compile_candidate, spec, target, cfg) for cfg in batch]
-        if jobs > 1:  # measure with no compile running: a thread holding the GIL between an event's
-            wait(compiled)  # record and the graph replay would land in that candidate's time
+        # measure with no compile running: a thread holding the GIL between an event's record and the
+        # graph replay would land in that candidate's time
+        wait(compiled)
         for i, cfg in enumerate(batch):
             if time_budget_s is not None and clock() - start >= time_budget_s:
                 say(f"{label}: time budget of {time_budget_s:g} s reached")
