@@ -6,8 +6,6 @@ configs that do not fit are refused in one line. (Values on the GPU: tests/gpu/t
 runs mma_scheduled_func, i.e. this kernel for qtip-hyb-K.)"""
 import re
 import shutil
-import subprocess
-import tempfile
 
 import pytest
 import torch
@@ -18,8 +16,9 @@ from qcompile.kernels.library import GEMV_FAMILY, MMA_FAMILY, TC_FAMILY, KernelS
 from qcompile.kernels.mma import (MmaConfig, a_layout_natural, c_layout_natural, check_mma_config,
                                   default_mma_config, k_blocks, mma_scheduled_func, span_of)
 from qcompile.kernels.mma_fragment import fragment_mma_func, natural_column
-from qcompile.kernels.pipeline import compile_module
 from qcompile.kernels.target import parse_target
+
+from test_mma_schedule import compile_sm90, ptxas_report
 
 HYB = ("qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4")
 N, K = 256, 1024
@@ -63,15 +62,6 @@ def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks):
 
 
 # --- CUDA code generation --------------------------------------------------------------------------------
-
-def compile_sm90(funcs):
-    import tvm
-
-    from qcompile.kernels.library import cuda_source
-
-    mod = tvm.IRModule({name: f.with_attr("global_symbol", name).with_attr("tirx.is_scheduled", True)
-                        for name, f in funcs.items()})
-    return cuda_source(compile_module(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_90"})))
 
 
 def kernel_body(src, name):
@@ -119,14 +109,7 @@ PTXAS_CASES = [("qtip-hyb-2", 28672, 8192, 4), ("qtip-hyb-2", 28672, 8192, 16), 
 def test_default_configs_do_not_spill():
     """ptxas's report for the default configs on real shapes: no stack frame, no spills."""
     funcs = {f"k{i}": mma_scheduled_func(name, n, k, m) for i, (name, n, k, m) in enumerate(PTXAS_CASES)}
-    src = compile_sm90(funcs)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/k.cu"
-        with open(path, "w") as f:
-            f.write(src)
-        out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", f"{tmp}/k.cubin", path],
-                             capture_output=True, text=True, check=True)
-    report = out.stderr + out.stdout
+    report = ptxas_report(compile_sm90(funcs))
     assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == len(PTXAS_CASES), report
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     assert len(regs) == len(PTXAS_CASES) and max(regs) <= 128, report

@@ -128,6 +128,19 @@ def compile_sm90(funcs):
     return cuda_source(compile_module(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_90"})))
 
 
+def ptxas_report(src: str) -> str:
+    """What ``nvcc -Xptxas -v`` says of CUDA source ``src`` for sm_90 (registers, stack, spills)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/k.cu", "w") as f:
+            f.write(src)
+        out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", f"{tmp}/k.cubin", f"{tmp}/k.cu"],
+                             capture_output=True, text=True, check=True)
+    return out.stderr + out.stdout
+
+
 def kernel_body(src, name):
     start = re.search(rf"{name}_kernel\([^)]*\)\s*{{", src).start()  # the definition, not a declaration
     end = src.find('extern "C" __global__', start + 1)
@@ -177,9 +190,6 @@ def test_every_format_compiles_to_mma_sync(name):
 def test_e8p_fragments_stay_in_registers():
     """ptxas's report: no local memory (a fragment indexed by a value the compiler cannot fold went
     to local memory before the fragments were laid out lane-outermost)."""
-    import subprocess
-    import tempfile
-
     # and the defaults with four tiles a warp (M > 8 on a wide N), and of the M=32/64 buckets (up to
     # 8 token tiles of accumulators a lane)
     src = compile_sm90({"k": mma_scheduled_func("e8p-2", N, K, 16), "wide_e8p": mma_scheduled_func("e8p-2", 28672, 8192, 16),
@@ -187,13 +197,7 @@ def test_e8p_fragments_stay_in_registers():
                         "e8p_m32": mma_scheduled_func("e8p-2", 28672, 8192, 32),
                         "int4_m64": mma_scheduled_func("int4-g128", 8192, 28672, 64),
                         "e8p4_m64": mma_scheduled_func("e8p-4", 28672, 8192, 64)})
-    with tempfile.TemporaryDirectory() as tmp:
-        path = f"{tmp}/k.cu"
-        with open(path, "w") as f:
-            f.write(src)
-        out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", f"{tmp}/k.cubin", path],
-                             capture_output=True, text=True, check=True)
-    report = out.stderr + out.stdout
+    report = ptxas_report(src)
     assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == 6, report
 
 

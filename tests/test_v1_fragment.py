@@ -7,8 +7,6 @@ the unscheduled compute sums to X @ W^T, the kernel compiles for sm_90 into mma.
 (Values on the GPU: tests/gpu/test_mma_gpu.py, test_v1_fragment_variants_match_float64.)"""
 import re
 import shutil
-import subprocess
-import tempfile
 
 import pytest
 import torch
@@ -20,7 +18,8 @@ from qcompile.kernels.mma import default_mma_config, mma_scheduled_func, span_of
 from qcompile.kernels.mma_fragment import fragment_mma_func
 from qcompile.kernels.target import parse_target
 
-from test_mma_fragment import WORD_LOAD, compile_sm90, kernel_body
+from test_mma_fragment import WORD_LOAD, kernel_body
+from test_mma_schedule import compile_sm90, ptxas_report
 from test_trellis import f16_bits, ptx_a_fragment
 
 V1 = [f"qtip-{code}-{K}@mma-kernel" for code in ("1mad", "3inst") for K in (2, 3, 4)]
@@ -107,12 +106,7 @@ def test_v1_fragment_kernel_compiles_to_mma_sync_without_spills():
         assert re.search(rf"half W_frag_warp_ptr\[{cfg.tiles * span_of(cfg, 16) // 4 * 8}\];", body), name
         assert re.search(WORD_LOAD[2], body) and "trellis_ptr[" not in body, name
         assert "W_table" not in body and "__shfl" not in body, name
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(f"{tmp}/k.cu", "w") as f:
-            f.write(src)
-        out = subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-Xptxas", "-v", "-o", f"{tmp}/k.cubin", f"{tmp}/k.cu"],
-                             capture_output=True, text=True, check=True)
-    report = out.stderr + out.stdout
+    report = ptxas_report(src)
     assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == len(PTXAS_CASES), report
     regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
     assert len(regs) == len(PTXAS_CASES) and max(regs) <= 128, report
