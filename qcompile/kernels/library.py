@@ -130,9 +130,9 @@ def mma_max_m(fmt) -> int:
 
 
 # QTIP 3INST's bucket 4 (M = 2..4) runs on the WMMA kernel too: H100, qtip-3inst-2 at M=4, WMMA (tc_sweep
-# at 9b550f9) against the GEMV (bench records at 1e5e29e, the same GEMV kernel): 175 vs 248 us on
+# at 9b550f9) against the GEMV (bench records at 1e5e29e, the same GEMV kernel): 175 vs 262.8 us on
 # 28672x8192, 166 vs 168 us on 8192x28672, 50.1 vs 56.9 us on 4096x11008 (the last pair in one process).
-# 1MAD stays on the GEMV there: 183 vs 262 us, but 184 vs 170 us and 59.6 vs 57.8 us (same process).
+# 1MAD stays on the GEMV there: 183 vs 264.8 us, but 184 vs 170.5 us and 59.6 vs 57.8 us (same process).
 TC_MIN_M_BY_CODE = {"3inst": 4}
 
 
