@@ -145,11 +145,12 @@ def test_bad_fragment_configs_are_refused_in_one_line(cfg, m, match):
 
 
 def test_router_flag_routes_hyb_to_the_fragment_kernel(monkeypatch):
-    """On (today): HYB's MMA_MIN_M..16 run this kernel through scheduled_func, and its decode route
+    """On (today): HYB's FRAGMENT_MMA_MIN_M..16 (M=1 included) run this kernel through scheduled_func, and its decode route
     starts at FRAGMENT_DECODE_MIN_M. Off: its buckets go back to the GEMV / WMMA kernels and the decode
     route to GEMV_MAX_M + 1. 1MAD/3INST are not fragment-native either way."""
     assert library.FRAGMENT_MMA_ROUTED is True
-    assert [kernel_family("qtip-hyb-3", m) for m in (1, 2, 4, 8, 16)] == [GEMV_FAMILY] + [MMA_FAMILY] * 4
+    assert [kernel_family("qtip-hyb-3", m) for m in (1, 2, 4, 8, 16)] == [MMA_FAMILY] * 5
+    assert library.family_options("qtip-hyb-2", 1) == (MMA_FAMILY, GEMV_FAMILY)  # the GEMV: a record's alternative
     assert kernel_family("qtip-1mad-2", 4) == GEMV_FAMILY  # not fragment-native
     assert library.default_decode_min_m("qtip-hyb-2") == library.FRAGMENT_DECODE_MIN_M
     assert library.default_decode_min_m("qtip-3inst-2") == library.GEMV_MAX_M + 1

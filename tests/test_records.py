@@ -50,24 +50,28 @@ def test_shipped_tuning_records_are_valid():
             best = entry.best() if callable(entry.best) else entry.best
             assert best is not None, (path, entry.n, entry.k, entry.m)
             assert space.family_of(best[0]) == entry.kernel
-            unit = qc.formats.get(path.stem).decode_unit
-            assert space.fit_error(best[0], entry.n, entry.k, entry.m, unit) is None
+            fmt = qc.formats.get(path.stem)
+            assert space.fit_error(best[0], entry.n, entry.k, entry.m, fmt.decode_unit, fmt.fragment_native) is None
 
 
-def test_shipped_gemv_records_of_tensor_core_buckets_are_not_applied():
-    """The shipped M=16 entries were measured on the GEMV before M=16 ran on tensor cores (now the
-    mma.sync kernel): they read as GEMV entries (the files predate the "kernel" field) and stay in the
-    files, but build never applies them to a bucket another family runs; the M=1 entries of the same
-    shapes still apply."""
+def test_shipped_gemv_records_of_tensor_core_buckets_are_not_applied(tmp_path):
+    """The shipped M=16 GEMV entries were measured before M=16 ran on tensor cores (now the mma.sync
+    kernel). In the file's first layout (no "kernel" field, as shipped until the mma entries joined)
+    they read as GEMV entries and stay in the file, but build never applies them to a bucket another
+    family runs; the M=1 entries of the same shapes still apply."""
     from pathlib import Path
 
     from qcompile.kernels.library import GEMV_FAMILY, KernelSpec, kernel_family
     from qcompile.kernels.schedules import GemvConfig
     from qcompile.tune.records import TuningRecords, applies_today, read_records_file
 
-    root = Path(__file__).resolve().parents[1] / "schedules"
+    shipped = json.loads((Path(__file__).resolve().parents[1] / "schedules" / "h100" / "int4-g128.json").read_text())
+    old = [{key: value for key, value in entry.items() if key != "kernel"}  # the first layout
+           for entry in shipped["entries"] if entry.get("kernel", "gemv") == "gemv"]
+    root = tmp_path / "schedules"
     path = root / "h100" / "int4-g128.json"
-    assert all("kernel" not in entry for entry in json.loads(path.read_text())["entries"])  # the old layout
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(dict(shipped, entries=old)))
     entries = read_records_file(path, "h100", "int4-g128")
     stale = [e for e in entries.values() if kernel_family(e.format, e.m) != GEMV_FAMILY]
     assert stale and all(e.m == 16 and e.kernel == "gemv" and e.best() is not None for e in stale)

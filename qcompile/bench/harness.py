@@ -540,18 +540,18 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                 if fused_gemm and m in gemm_ms and kernel_of(m) is not None:
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     methods["fused_gemm"] = (qcompile_method(kernel_of(m), X, q_weights, Y), Y, ())
-                plan = plan_rows(m, buckets) if m in split_ms else []
-                if plan and all(kernel_of(b) is not None for _, _, b in plan):
+                rows = plan_rows(m, buckets) if m in split_ms else []
+                if rows and all(kernel_of(b) is not None for _, _, b in rows):
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     launches = []
-                    for start, used, b in plan:
+                    for start, used, b in rows:
                         if used == b:
                             launches.append((kernel_of(b), X[start:start + used], Y[start:start + used]))
                         else:  # padded tail, as the runtime pads it (its copies left out of the timing)
                             xb = torch.zeros((b, k), device=device, dtype=torch.float16)
                             xb[:used].copy_(X[start:start + used])
                             launches.append((kernel_of(b), xb, torch.empty((b, n), device=device, dtype=torch.float16)))
-                    methods["split"] = (split_method(launches, q_weights), Y, list(zip(launches, plan)))
+                    methods["split"] = (split_method(launches, q_weights), Y, list(zip(launches, rows)))
                 if has_decode:
                     methods["decode_cublas"] = (decode_cublas_method(executable[decode_name], X, q_weights, W_scratch),
                                                 None, ())

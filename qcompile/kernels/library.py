@@ -100,6 +100,17 @@ FRAGMENT_DECODE_MIN_M = 64
 # GEMV (M < 8) / WMMA (M >= 8) kernels it replaces: 28672x8192 M=4 76.8 vs 240.6 us, M=16 100 vs 320 us;
 # 8192x28672 M=4 84.4 vs 243 us, M=16 111 vs 336 us; 4096x11008 M=4 30.8 vs 207 us, M=16 37.6 vs 83.5 us.
 FRAGMENT_MMA_ROUTED = True
+# ... and its M=1 too: the tuner's alternative-family runs (H100, c8d9447, budget 12-16) measured the
+# fragment kernel's best below the GEMV's best on all six shapes tried: 28672x8192 74.1 vs 84.6 us,
+# 8192x28672 71.2 vs 73.6, 4096x11008 19.1 vs 29.4, 4096x4096 9.0 vs 13.6, 12288x4096 19.2 vs 20.5,
+# 22016x4096 34.9 vs 35.5 us (schedules/h100/qtip-hyb-2.json); the GEMV stays its alternative
+FRAGMENT_MMA_MIN_M = 1
+
+
+def mma_min_m(fmt) -> int:
+    """The smallest bucket format ``fmt`` runs on mma.sync when it does (``runs_mma``):
+    FRAGMENT_MMA_MIN_M for a fragment-native one, MMA_MIN_M (M=1 on the GEMV) for the row-packed ones."""
+    return FRAGMENT_MMA_MIN_M if get_format(fmt).fragment_native else MMA_MIN_M
 
 
 def default_decode_min_m(fmt, buckets: Optional[Sequence[int]] = None) -> int:
@@ -116,7 +127,7 @@ def default_decode_min_m(fmt, buckets: Optional[Sequence[int]] = None) -> int:
 
 
 def runs_mma(fmt) -> bool:
-    """True when format ``fmt`` (name or Format) runs buckets MMA_MIN_M..mma_max_m(fmt) on mma.sync: its
+    """True when format ``fmt`` (name or Format) runs buckets mma_min_m(fmt)..mma_max_m(fmt) on mma.sync: its
     packed words are per row (``Format.gemv_tile`` (1, 1)), which the lanes load with vector loads,
     or it is fragment-native and FRAGMENT_MMA_ROUTED is on."""
     f = get_format(fmt)
@@ -149,16 +160,16 @@ def serves_gemv(fmt, m: int) -> bool:
     spill from M=8 on: qtip-hyb-2 on 28672x8192 at M=16 measured 3005 us on GEMV, 322 us on tensor
     cores; H100, 6b07141.)"""
     if runs_mma(fmt):  # (an unknown name fails here, with the formats listed)
-        return m < MMA_MIN_M
+        return m < mma_min_m(fmt)
     return m < tc_min_m(fmt)
 
 
 def kernel_family(fmt, m: int) -> str:
     """Which kernel family runs bucket ``m`` of format ``fmt`` (name or Format) on CUDA:
     GEMV_FAMILY (``GemvConfig``), MMA_FAMILY (``MmaConfig``, MMA_MIN_M..MMA_MAX_M of the row-packed
-    formats, MMA_MIN_M..GEMV_MAX_M of QTIP HYB) or TC_FAMILY (the WMMA kernel, ``TensorCoreConfig``,
+    formats, FRAGMENT_MMA_MIN_M..GEMV_MAX_M of QTIP HYB) or TC_FAMILY (the WMMA kernel, ``TensorCoreConfig``,
     TC_MIN_M..GEMV_MAX_M of QTIP 1MAD/3INST); GEMM_FAMILY (no config) above those."""
-    if MMA_MIN_M <= m <= mma_max_m(fmt) and runs_mma(fmt):
+    if runs_mma(fmt) and mma_min_m(fmt) <= m <= mma_max_m(fmt):
         return MMA_FAMILY
     if m > GEMV_MAX_M:
         get_format(fmt)
@@ -279,15 +290,16 @@ KernelConfig = Union[GemvConfig, TensorCoreConfig, MmaConfig]
 def family_options(fmt, m: int) -> Tuple[str, ...]:
     """The kernel families that can run bucket ``m`` of format ``fmt``: ``kernel_family`` first (the
     route without a tuning record), then the alternatives ``qcompile tune`` also measures, so that a
-    record can move the bucket where it measured faster on that GPU and shape: mma.sync at M=1 for
-    the formats that run it (HYB's M=2 on mma.sync, 76.3 us, beat its M=1 GEMV, 83.0 us, on an H100
-    at 28672x8192), and between the GEMV and the WMMA kernel for QTIP 1MAD/3INST's buckets 2..7
+    record can move the bucket where it measured faster on that GPU and shape: at M=1, the mma.sync
+    kernel or the GEMV, whichever is not the default, for the formats that run mma.sync, and between the GEMV and the WMMA kernel for QTIP 1MAD/3INST's buckets 2..7
     (1MAD's M=4: WMMA 30 % faster on 28672x8192, 9 % slower on 8192x28672)."""
     default = kernel_family(fmt, m)
     if default == GEMM_FAMILY:
         return (default,)
     if runs_mma(fmt):
-        return (default, MMA_FAMILY) if m == 1 else (default,)
+        if m != 1:
+            return (default,)
+        return (default, GEMV_FAMILY if default == MMA_FAMILY else MMA_FAMILY)
     if 2 <= m < TC_MIN_M:
         return (default, TC_FAMILY if default == GEMV_FAMILY else GEMV_FAMILY)
     return (default,)

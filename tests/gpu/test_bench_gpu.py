@@ -11,14 +11,16 @@ pytestmark = [pytest.mark.gpu,
 
 
 def test_small_bench_writes_valid_json(tmp_path, capsys):
-    rc = harness.main(["--shapes", "4096x4096", "--m", "1,16", "--iters", "30", "--warmup", "3",
+    """M=1 and 16 (one kernel each), 48 (the bucket plan's launches) and 256 (decode + cuBLAS): every
+    route of the harness runs and is checked."""
+    rc = harness.main(["--shapes", "4096x4096", "--m", "1,16,48,256", "--iters", "30", "--warmup", "3",
                        "--name", "small", "--out-dir", str(tmp_path)])
     assert rc == 0
     doc = json.loads((tmp_path / "small.json").read_text())
     harness.check_bench_document(doc)
     assert (tmp_path / "small.png").read_bytes()[:4] == b"\x89PNG"
     assert doc["copy_bandwidth_GBps"] > 100  # any datacenter GPU copies far faster
-    assert [(r["N"], r["K"], r["M"]) for r in doc["records"]] == [(4096, 4096, 1), (4096, 4096, 16)]
+    assert [(r["N"], r["K"], r["M"]) for r in doc["records"]] == [(4096, 4096, m) for m in (1, 16, 48, 256)]
     for r in doc["records"]:
         assert r["format"] == "int4-g128"
         assert r["rel_err"] is not None and r["rel_err"] < 1e-2
