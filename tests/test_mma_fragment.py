@@ -99,10 +99,32 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     assert "W_table" not in glob and "tlut_ptr[" in glob
 
 
+def test_default_config_per_m():
+    """The fragment defaults the H100 records chose (FRAGMENT_SMALL_M_WARPS_K, FRAGMENT_UNROLL): 16 K
+    warps up to M=4, two K blocks a step for two tiles above; the wide-N M > 8 keeps four tiles."""
+    from qcompile.kernels import mma
+
+    for n, k in ((4096, 4096), (8192, 28672), (28672, 8192)):
+        for m in (1, 2, 4):
+            cfg = default_mma_config(n, k, m, 16, fragment=True)
+            assert (cfg.tiles, cfg.warps_k, cfg.unroll) == (2, mma.FRAGMENT_SMALL_M_WARPS_K, 1), (n, k, m)
+        assert default_mma_config(n, k, 8, 16, fragment=True).unroll == mma.FRAGMENT_UNROLL
+    assert default_mma_config(8192, 28672, 16, 16, fragment=True).unroll == mma.FRAGMENT_UNROLL
+    wide = default_mma_config(28672, 8192, 16, 16, fragment=True)
+    assert (wide.tiles, wide.warps_k, wide.unroll) == (4, 4, 1)
+    assert default_mma_config(28672, 8192, 4, 32) == MmaConfig(units=1, tiles=2, warps_k=8)  # row-packed: as before
+    # 4-bit codes keep one K block a step above FRAGMENT_UNROLL_MAX_M_WIDE (ptxas spilled them)
+    assert default_mma_config(4096, 4096, 16, 16, fragment=True, code_bits=4).unroll == 1
+    assert default_mma_config(4096, 4096, 8, 16, fragment=True, code_bits=4).unroll == mma.FRAGMENT_UNROLL
+    assert mma.format_default_mma_config(qc.formats.get("qtip-hyb-4"), 4096, 4096, 16).unroll == 1
+
+
 # (qtip-hyb-4 at M=16 with tiles=2: with two units a lane, ptxas spilled one value to stay at 48 registers)
 PTXAS_CASES = [("qtip-hyb-2", 28672, 8192, 4), ("qtip-hyb-2", 28672, 8192, 16), ("qtip-hyb-2", 4096, 11008, 4),
                ("qtip-hyb-2", 4096, 11008, 16), ("qtip-hyb-3", 28672, 8192, 16), ("qtip-hyb-4", 8192, 28672, 16),
-               ("qtip-hyb-4", 4096, 4096, 16), ("qtip-hyb-2", 1024, 2048, 16)]
+               ("qtip-hyb-4", 4096, 4096, 16), ("qtip-hyb-2", 1024, 2048, 16), ("qtip-hyb-2", 28672, 8192, 1),
+               ("qtip-hyb-4", 4096, 4096, 1), ("qtip-hyb-4", 8192, 28672, 8), ("qtip-hyb-3", 4096, 11008, 8),
+               ("qtip-hyb-3", 4096, 4096, 16)]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
@@ -123,10 +145,10 @@ def test_default_configs():
             cfg = default_mma_config(n, k, m, 16, fragment=True)
             check_mma_config(cfg, n, k, m, 16, fragment=True)
             assert cfg.tiles % 2 == 0 and cfg.lut_shared == 2
-    assert default_mma_config(28672, 8192, 4, 16, fragment=True) == MmaConfig(units=1, tiles=2, warps_k=8, lut_shared=2)
+    assert default_mma_config(28672, 8192, 4, 16, fragment=True) == MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=2)
     assert default_mma_config(28672, 8192, 16, 16, fragment=True) == MmaConfig(units=1, tiles=4, warps_k=4, lut_shared=2)
     cfg = default_mma_config(4096, 11008, 4, 16, fragment=True)  # 172 K blocks of 64 columns padded to 176
-    assert cfg.warps_k == 8 and k_blocks(cfg, 11008, 16) == 176 and span_of(cfg, 16) == 16
+    assert cfg.warps_k == 16 and k_blocks(cfg, 11008, 16) == 176 and span_of(cfg, 16) == 16
 
 
 @pytest.mark.parametrize("cfg,m,match", [

@@ -209,9 +209,9 @@ def test_library_routes_low_batch_of_row_packed_formats_to_mma():
         for m in (2, 4, 8, 16, 17, 32, 64):
             assert kernel_family(name, m) == MMA_FAMILY, (name, m)
         assert kernel_family(name, 65) == kernel_family(name, 128) == GEMM_FAMILY
-    # QTIP HYB (fragment-native) runs M=2..16 on its own mma.sync kernel; 1MAD/3INST keep GEMV + WMMA
+    # QTIP HYB (fragment-native) runs M=1..16 on its own mma.sync kernel; 1MAD/3INST keep GEMV + WMMA
     assert [kernel_family("qtip-hyb-2", m) for m in (1, 2, 4, 8, 16, 17, 64)] == [
-        GEMV_FAMILY, MMA_FAMILY, MMA_FAMILY, MMA_FAMILY, MMA_FAMILY, GEMM_FAMILY, GEMM_FAMILY]
+        MMA_FAMILY, MMA_FAMILY, MMA_FAMILY, MMA_FAMILY, MMA_FAMILY, GEMM_FAMILY, GEMM_FAMILY]
     assert [kernel_family("qtip-3inst-3", m) for m in (1, 2, 4, 8, 16, 64)] == [
         GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY, TC_FAMILY, TC_FAMILY, GEMM_FAMILY]
     assert [kernel_family("qtip-1mad-2", m) for m in (1, 4, 8, 16, 64)] == [GEMV_FAMILY, GEMV_FAMILY, TC_FAMILY,

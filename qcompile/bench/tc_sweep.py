@@ -112,7 +112,12 @@ def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants:
     """[(label, cfg, use_intrin)] that tile the shape: default first, no duplicates."""
     default, near, check, _ = family_api(family)
     fragment = family == "mma" and fmt.fragment_native  # QTIP HYB: qcompile.kernels.mma_fragment
-    base = default(n, k, m, fmt.decode_unit, *((fmt.decode_stages, fragment) if family == "mma" else ()))
+    if family == "mma":
+        from ..kernels.mma import format_default_mma_config
+
+        base = format_default_mma_config(fmt, n, k, m)
+    else:
+        base = default(n, k, m, fmt.decode_unit)
     cfgs = [base] + [parse_config(t, base) for t in extra] + ((near(base, fragment) if fragment else near(base))
                                                               if with_variants else [])
     out, seen = [], set()

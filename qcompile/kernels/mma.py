@@ -25,6 +25,7 @@ dlight-style rule; the knobs are ``MmaConfig`` (the tuner's space).
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 from .compute import format_stages
@@ -573,7 +574,20 @@ def stage_packed_words(sch, consumers, streamed, at) -> None:
 WIDE_TILES_MIN_BLOCKS = 264
 
 
-def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1, fragment: bool = False) -> MmaConfig:
+# The fragment kernel's defaults from the H100 tuning records (qtip-hyb-2, schedules/h100, 2dbd483),
+# units=1 tiles=2 against the K warps / unroll of before (warps_k=8, unroll=1): at M = 1 and 4, 16 K
+# warps: 4096x4096 9.0 vs 14.2 us, 4096x11008 19.9 vs 30.9, 8192x28672 73.9 vs 85.0, 12288x4096 19.3
+# vs 22.1, 22016x4096 35.4 vs 36.6, 28672x8192 75.2 vs 77.3 us; at M=16, unroll 2: 13.7 vs 17.8,
+# 27.9 vs 37.7, 105.2 vs 112.0, 26.8 vs 28.0 us
+FRAGMENT_SMALL_M = 4
+FRAGMENT_SMALL_M_WARPS_K = 16
+FRAGMENT_UNROLL = 2
+# 4-bit codes' words are twice as wide: with unroll 2 at M=16, ptxas spilled 12 bytes at 48 registers
+FRAGMENT_UNROLL_MAX_M_WIDE = 8
+
+
+def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1, fragment: bool = False,
+                       code_bits: int = 2) -> MmaConfig:
     """The config qcompile uses without a tuning record: 32 columns per lane (``units``), two 16-row
     tiles per warp sharing each B fragment, 8 warps splitting K. From H100 sweeps (tc_sweep --family
     mma, e8p-2 / int4-g128 on 28672x8192 and 8192x28672): at M = 2..16 this was the best or within
@@ -585,25 +599,38 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
     ``fragment``: for a fragment-native format (qcompile.kernels.mma_fragment; QTIP HYB, whose unit
     is 16 columns): the same shapes with an even number of tiles (both row-subtiles of a 32x32
     super-tile in one warp) and the per-lane table copies (lut_shared=2) where they fit in shared
-    memory, else the single table. Measured on the H100 (tc_sweep at 9b550f9, qtip-hyb-2 at M = 2..16 on
-    28672x8192, 8192x28672, 4096x11008: see qcompile.kernels.library.FRAGMENT_MMA_ROUTED); no variant
-    has been timed against them yet."""
+    memory, else the single table; 16 K warps at M <= 4, and two K blocks a step (unroll=2) for two
+    tiles above (FRAGMENT_SMALL_M_WARPS_K, FRAGMENT_UNROLL), but not above FRAGMENT_UNROLL_MAX_M_WIDE
+    for ``code_bits`` (the format's bits per weight) of 4. Measured on the H100 (tc_sweep at 9b550f9, qtip-hyb-2
+    at M = 2..16 on 28672x8192, 8192x28672, 4096x11008: see qcompile.kernels.library.FRAGMENT_MMA_ROUTED;
+    the tuning records of 2dbd483 for the K warps and unroll)."""
     # (fragment: one unit = 64-column K blocks, two super-tiles a block; with two, qtip-hyb-4's 16-byte
     # word pairs of four super-tiles made ptxas spill at M > 8 to stay at 48 registers)
     units = 1 if fragment else max(1, 32 // unit) if unit < 32 else 1
     shapes = [(2, 8), (2, 4), (2, 2), (2, 1), (1, 8), (1, 4), (1, 2), (1, 1)]
     if m > 8 and n // (16 * 4) >= WIDE_TILES_MIN_BLOCKS and decode_stages == 1:
         shapes.insert(0, (4, 4))
+    if fragment and m <= FRAGMENT_SMALL_M:
+        shapes.insert(0, (2, FRAGMENT_SMALL_M_WARPS_K))
+    wide_words = code_bits >= 4 and m > FRAGMENT_UNROLL_MAX_M_WIDE
+    unrolls = (FRAGMENT_UNROLL, 1) if fragment and m > FRAGMENT_SMALL_M and not wide_words else (1,)
     for u in dict.fromkeys((units, 1)):
         for tiles, warps_k in shapes:
-            for lut in ((2, 1) if fragment else (1,)):
-                cfg = MmaConfig(units=u, tiles=tiles, warps_n=1, warps_k=warps_k, lut_shared=lut)
+            for lut, unroll in itertools.product((2, 1) if fragment else (1,), unrolls if tiles == 2 else (1,)):
+                cfg = MmaConfig(units=u, tiles=tiles, warps_n=1, warps_k=warps_k, unroll=unroll, lut_shared=lut)
                 try:
                     check_mma_config(cfg, n, k, m, unit, fragment=fragment)
                 except ValueError:
                     continue
                 return cfg
     raise ValueError(f"no mma config tiles N={n}, K={k} in decode units of {unit}")
+
+
+def format_default_mma_config(fmt, n: int, k: int, m: int) -> MmaConfig:
+    """``default_mma_config`` with the knobs format ``fmt`` (a Format) sets: its decode unit and stages,
+    whether it is fragment-native, and (fragment-native, i.e. QTIP) its bits per weight."""
+    return default_mma_config(n, k, m, fmt.decode_unit, fmt.decode_stages, fmt.fragment_native,
+                              fmt.K if fmt.fragment_native else 2)
 
 
 def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_intrin: bool = True,
@@ -622,7 +649,7 @@ def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_i
 
         return fragment_mma_scheduled_func(fmt, n, k, m, cfg)
     unit = fmt.decode_unit
-    cfg = cfg or default_mma_config(n, k, m, unit, fmt.decode_stages)
+    cfg = cfg or format_default_mma_config(fmt, n, k, m)
     check_mma_config(cfg, n, k, m, unit)
     func = inline_derived(mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit)))
     intrin = fmt.decode_intrin("cuda") if use_intrin else None

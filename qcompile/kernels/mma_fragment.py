@@ -24,7 +24,7 @@ instead every lane decodes its own fragment, as the layout was designed for:
   both (``check_mma_config(..., fragment=True)`` refuses an odd ``MmaConfig.tiles``); a K block is
   4 x span = 64 x units columns (2 x units super-tiles), the generic kernel's K blocks for QTIP's
   16-column unit, so the MmaConfig knobs and their checks are the same, plus lut_shared=2 and a
-  shared-memory check (default: ``default_mma_config(..., fragment=True)``, one unit a lane).
+  shared-memory check (default: ``format_default_mma_config``, one unit a lane).
 
 Everything else (split-K warps and their shared-memory partials, M padding to n8 token tiles, the
 epilogue, one mma.sync per step, tile and token tile) is the generic rule's
@@ -32,7 +32,7 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 """
 from __future__ import annotations
 
-from .mma import (MMA_M, NATURAL_ROWS, MmaConfig, _loops_below, check_mma_config, default_mma_config,
+from .mma import (MMA_M, NATURAL_ROWS, MmaConfig, _loops_below, check_mma_config, format_default_mma_config,
                   fill_per_block, k_blocks, padded_x_frag, schedule_mma_rows, span_of)
 from .schedules import _get_sblock, vectorize_copy
 
@@ -161,12 +161,6 @@ def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16):
     return schedule_mma_rows(func, cfg, unit, NATURAL_ROWS, _FragmentDecode(cfg))
 
 
-def default_fragment_config(n: int, k: int, m: int, unit: int = 16) -> MmaConfig:
-    """The config of the fragment-native kernel without a tuning record (``default_mma_config``
-    with fragment=True)."""
-    return default_mma_config(n, k, m, unit, fragment=True)
-
-
 def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None):
     """The scheduled PrimFunc ("main") of a fragment-native format's fused decode + matmul on mma.sync."""
     from ..formats import get as get_format
@@ -175,7 +169,7 @@ def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = No
     if not fmt.fragment_native:
         raise ValueError(f"{fmt.name} is not fragment-native (its stored order is not the mma A-fragment order)")
     unit = fmt.decode_unit
-    cfg = cfg or default_fragment_config(n, k, m, unit)
+    cfg = cfg or format_default_mma_config(fmt, n, k, m)
     check_mma_config(cfg, n, k, m, unit, fragment=True)
     func = fragment_mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit))
     return schedule_fragment_mma_cuda(func, cfg, unit)["main"]

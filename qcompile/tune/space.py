@@ -41,7 +41,7 @@ from ..kernels.mma import MMA_MAX_M
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, TC_FAMILY, KernelSpec, default_gemv_config,
                                family_options, kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
-from ..kernels.mma import MmaConfig, check_mma_config, default_mma_config
+from ..kernels.mma import MmaConfig, check_mma_config, format_default_mma_config
 from ..kernels.tensorcore import TensorCoreConfig, check_tc_config, default_tc_config
 
 FAMILIES = (GEMV_FAMILY, TC_FAMILY, MMA_FAMILY)  # the tunable kernel families (a tuning record's "kernel")
@@ -259,7 +259,7 @@ def _default_tc(spec: KernelSpec, fmt) -> TensorCoreConfig:
 
 def _default_mma(spec: KernelSpec, fmt) -> MmaConfig:
     try:
-        return default_mma_config(spec.n, spec.k, spec.m, fmt.decode_unit, fmt.decode_stages, fmt.fragment_native)
+        return format_default_mma_config(fmt, spec.n, spec.k, spec.m)
     except ValueError as err:
         raise QCompileError(str(err)) from None
 
@@ -334,7 +334,7 @@ def tc_candidates(spec: KernelSpec, fmt) -> List[TensorCoreConfig]:
 
 
 def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
-    """The spec's mma.sync space in a deterministic order: the default config (``default_mma_config``)
+    """The spec's mma.sync space in a deterministic order: the default config (``format_default_mma_config``)
     first, then every config of MMA_KNOB_VALUES with MMA_MIN_WARPS..MMA_MAX_WARPS warps per block and
     at most MMA_MAX_SPAN columns per lane that passes ``check_mma_config``, by distance from the
     default; at most MAX_MMA_CANDIDATES."""
