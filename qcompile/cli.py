@@ -121,10 +121,11 @@ def parser() -> argparse.ArgumentParser:
                    help="candidates per kernel, counting earlier runs (default: %(default)s)")
     t.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="wall time per kernel (default: none)")
-    t.add_argument("--alternatives", action="store_true",
-                   help="also measure the other kernel families that can run a bucket (mma.sync at M=1; the GEMV "
-                        "or WMMA kernel at QTIP 1MAD/3INST's M=2..7), each with a quarter of the budget; build "
-                        "takes one where it measured faster than the bucket's default family")
+    t.add_argument("--alternatives", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the other kernel families that can run a bucket (at M=1 the mma.sync kernel "
+                        "or the GEMV, whichever is not the default; the GEMV or WMMA kernel at QTIP 1MAD/3INST's "
+                        "M=2..7), each with a quarter of the budget; build takes one where it measured faster "
+                        "than the bucket's default family (default: on)")
     t.add_argument("--jobs", "-j", type=int, default=None,
                    help="candidates compiled in parallel while the GPU measures (default: the CPUs, at most 8)")
     t.add_argument("--order", choices=ORDERS, default="model",

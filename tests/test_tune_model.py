@@ -99,15 +99,18 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
         assert out[0].startswith("note: M 128 run GEMM kernels with no tuning space yet")
         assert out[1].startswith(f"{5 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
         assert [re.sub(r"=\s+", "=", line).split() for line in out[2:]] == [
-            [f, f"N={n}", f"K={k}", "M=1", "gemv", f"M=4,{TC_MIN_M},16,64", "mma"] for f, n, k in shapes]
+            [f, f"N={n}", f"K={k}", "M=1", "gemv+mma", f"M=4,{TC_MIN_M},16,64", "mma"] for f, n, k in shapes]
     # the default --m: 1, 2, 4, 16 and int4's other default build buckets (32, 64: mma.sync)
     assert cli_main(["tune", str(checkpoint), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith(f"{6 * len(shapes)} kernels to tune")
-    assert out[1].split()[-4:] == ["M=1", "gemv", "M=2,4,16,32,64", "mma"]
-    # QTIP HYB: mma.sync up to 16, so M=32 is a GEMM bucket there (noted, not tuned)
+    assert out[1].split()[-4:] == ["M=1", "gemv+mma", "M=2,4,16,32,64", "mma"]
+    # QTIP HYB: M=1 on mma.sync too (the GEMV its alternative), up to 16, so M=32 is a GEMM bucket there
+    # (noted, not tuned)
     assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--dry-run"]) == 0
-    assert capsys.readouterr().out.splitlines()[1].split()[-4:] == ["M=1", "gemv", "M=2,4,16", "mma"]
+    assert capsys.readouterr().out.splitlines()[1].split()[-4:] == ["M=1", "mma+gemv", "M=2,4,16", "mma"]
+    assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--no-alternatives", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-2:] == ["M=1,2,4,16", "mma"]
     assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--m", "4,32", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("note: M 32 run GEMM kernels") and out[1].startswith("1 kernels to tune")
@@ -116,7 +119,7 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("20 kernels to tune (10 shapes) from --shapes")
     assert [line.split()[0] for line in out[1:]] == ["e8p-2"] * 5 + ["qtip-hyb-2"] * 5
-    # --alternatives lists the families measured per bucket
+    # the families measured per bucket (--alternatives, the default)
     assert cli_main(["tune", "--format", "qtip-1mad-2", "--shapes", "256x512", "--alternatives", "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[-6:] == [
         "M=1", "gemv", "M=2,4", "gemv+tensorcore", "M=16", "tensorcore"]
@@ -163,7 +166,7 @@ def test_model_path_tunes_exactly_the_derived_kernels(default_model, tmp_path, m
     monkeypatch.setattr(records_mod, "local_gpu_name", lambda: "h100")
     records = tmp_path / "rec"
     argv = ["tune", str(default_model), "-f", FORMAT, "-t", "sm_90", "--m", "1,4,16,64,128", "--budget", "1",
-            "--order", "space", "--records", str(records)]
+            "--order", "space", "--records", str(records), "--no-alternatives"]
     assert cli_main(argv) == 0
     expected = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes(default_model, FORMAT) for m in (1, 4, 16, 64)]
     assert [spec for spec, _ in calls] == expected  # each once, GEMM buckets left out

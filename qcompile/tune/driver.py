@@ -43,7 +43,11 @@ from . import space
 from .cost_model import CostModel, training_set
 from .records import TuningEntry, TuningRecords, records_gpu
 
-DEFAULT_BUDGET = 64      # candidates per kernel, counting those measured by earlier runs
+# candidates per kernel, counting those measured by earlier runs. 16: on the H100 (2dbd483's records,
+# 54 int4/E8P/HYB kernels of 9 shapes, budgets 12-16) the best came within the first 8 candidates in 47
+# and within 8 % of the final best in all; a Llama-2-7B/70B shape took 42-50 s (int4, e8p-2) and
+# 82-118 s (qtip-hyb-2) at buckets 1, 4, 16 with the M=1 alternative, under the 3-minute target
+DEFAULT_BUDGET = 16
 ALTERNATIVE_BUDGET_DIVISOR = 4  # an alternative family's budget: the kernel's over this
 REFIT_EVERY = 4          # new measurements between cost-model refits
 EXPLORE_EVERY = 4        # every n-th pick follows the space order instead of the model
