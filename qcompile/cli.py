@@ -126,6 +126,10 @@ def parser() -> argparse.ArgumentParser:
                         "or the GEMV, whichever is not the default; the GEMV or WMMA kernel at QTIP 1MAD/3INST's "
                         "M=2..7), each with a quarter of the budget; build takes one where it measured faster "
                         "than the bucket's default family (default: on)")
+    t.add_argument("--merge", default=None, metavar="DIR",
+                   help="add the records under DIR (<gpu>/<format>.json, e.g. tuned on another machine with "
+                        "--records DIR) to the records directory, then exit: no GPU needed; where both measured "
+                        "a candidate, DIR's time is kept")
     t.add_argument("--jobs", "-j", type=int, default=None,
                    help="candidates compiled in parallel while the GPU measures (default: the CPUs, at most 8)")
     t.add_argument("--order", choices=ORDERS, default="model",
@@ -358,6 +362,13 @@ def cmd_tune(args) -> int:
     from .tune.measure import CudaMeasure, require_cuda
     from .tune.records import default_records_dir, local_gpu_name
 
+    if args.merge is not None:  # no kernels, no GPU: records measured elsewhere join these
+        from .tune.records import TuningRecords
+
+        records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
+        for path, count in TuningRecords(records_dir).merge(args.merge):
+            print(f"{path}: {count} entries merged from {args.merge}")
+        return 0
     specs = tune_kernels(args)
     target = parse_target(args.target)
     source = args.model if args.model is not None else "--shapes"

@@ -189,6 +189,38 @@ def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [path.name]
 
 
+def test_merge_adds_records_tuned_elsewhere(tmp_path, capsys):
+    """Records tuned on another machine join these: new keys copied, a shared key gets the union of
+    both measurements (the incoming time where both measured a config), a damaged source is refused
+    before anything is written; `qcompile tune --merge` does it without a GPU."""
+    spec, other = KernelSpec(FORMAT, N, K, 1), KernelSpec(FORMAT, N, K, 4)
+    here, there = TuningRecords(tmp_path / "here"), TuningRecords(tmp_path / "there")
+    default = space.default_config(spec)
+    here.save(make_entry(spec, times={default: 12.0, BEST: 10.0}))
+    there.save(make_entry(spec, times={default: 11.0}))
+    there.save(make_entry(other, times={space.default_config(other): 20.0}))
+    (path, count), = here.merge(tmp_path / "there")
+    assert path == tmp_path / "here" / GPU / f"{FORMAT}.json" and count == 2
+    merged = here.entry(spec, GPU)
+    assert merged.measured_us == {space.config_key(default): 11.0, space.config_key(BEST): 10.0}
+    assert here.config_for(spec, GPU) == BEST and here.entry(other, GPU).default_us == 20.0
+    before = path.read_bytes()
+    bad = tmp_path / "bad" / GPU / f"{FORMAT}.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    with pytest.raises(RecordsError):
+        here.merge(tmp_path / "bad")
+    assert path.read_bytes() == before
+    with pytest.raises(QCompileError, match="not a directory"):
+        here.merge(tmp_path / "missing")
+    assert cli_main(["tune", "--merge", str(tmp_path / "there"), "--records", str(tmp_path / "cli")]) == 0
+    assert f"{FORMAT}.json: 2 entries merged" in capsys.readouterr().out
+    assert TuningRecords(tmp_path / "cli").entry(other, GPU).default_us == 20.0
+    assert cli_main(["tune", "--merge", str(tmp_path / "missing"), "--records", str(tmp_path / "cli")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_records_apply_only_to_their_own_key(tmp_path):
     qc_version, tvm_version = current_versions()
     spec = KernelSpec(FORMAT, N, K, 1)

@@ -49,7 +49,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 from ..errors import QCompileError
 from ..jsonio import atomic_write_bytes
@@ -472,6 +472,42 @@ class TuningRecords:
             write_records_file(path, gpu, format_name, entries.values())
         self._lenient.pop((gpu, format_name), None)
         return path
+
+    def merge(self, other_root: PathLike) -> List[Tuple[Path, int]]:
+        """Add every entry of the records under ``other_root`` (``<gpu>/<format>.json`` files, e.g.
+        what ``qcompile tune --records`` wrote on another machine) to these: an entry of a new key is
+        copied; one of a key present on both sides gets the union of the measurements (``other_root``'s
+        time where both measured a config, its default config). Every source file is read (and a
+        damaged one refused, RecordsError) before anything is written; each destination file is
+        written once, atomically, under the directory lock. Returns [(destination file, entries
+        added or updated)]."""
+        other = Path(other_root)
+        if not other.is_dir():
+            raise QCompileError(f"records to merge: {other} is not a directory (give the directory that holds "
+                                f"<gpu>/<format>.json files)")
+        sources = {}
+        for path in sorted(other.glob("*/*.json")):
+            gpu, format_name = check_gpu_name(path.parent.name), path.stem
+            sources[(gpu, format_name)] = read_records_file(path, gpu, format_name)
+        if not sources:
+            raise QCompileError(f"records to merge: no <gpu>/<format>.json files under {other}")
+        done = []
+        for (gpu, format_name), incoming in sources.items():
+            path = self.path(gpu, format_name)
+            with _locked(path.parent):
+                entries = read_records_file(path, gpu, format_name)
+                for key, entry in incoming.items():
+                    here = entries.get(key)
+                    if here is not None:
+                        entry.measured_us = {**{c: us for c, us in here.measured_us.items()
+                                                if c not in entry.failed}, **entry.measured_us}
+                        entry.failed = {**{c: e for c, e in here.failed.items() if c not in entry.measured_us},
+                                        **entry.failed}
+                    entries[key] = entry
+                write_records_file(path, gpu, format_name, entries.values())
+            self._lenient.pop((gpu, format_name), None)
+            done.append((path, len(incoming)))
+        return done
 
     # --- what build uses: never raises for a damaged file ----------------------------------------
     def config_for(self, spec: KernelSpec, gpu: Optional[str]) -> Optional[KernelConfig]:
