@@ -192,6 +192,17 @@ def test_argument_errors_are_one_line():
         harness.main(["--shapes", "4096x100"])
     with pytest.raises(QCompileError, match="unknown format"):
         harness.main(["--format", "int3-g7"])
+    # several formats: each checked before anything runs; --name names one output only
+    assert [f.name for f in harness.parse_formats("e8p-2, int4-g128,e8p-2")] == ["e8p-2", "int4-g128"]
+    assert [f.name for f in harness.parse_formats("all")] == qc.formats.names()
+    with pytest.raises(QCompileError, match="names no format"):
+        harness.parse_formats(" , ")
+    with pytest.raises(QCompileError, match="unknown format"):
+        harness.main(["--format", "int4-g128,int3-g7"])
+    with pytest.raises(QCompileError, match="--name names one output"):
+        harness.main(["--format", "int4-g128,e8p-2", "--name", "x"])
+    with pytest.raises(QCompileError, match="e8p-2: weight shape 4104x128"):  # int4 takes it, E8P does not
+        harness.main(["--format", "int4-g128,e8p-2", "--shapes", "4104x128"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where there is no GPU")

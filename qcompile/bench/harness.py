@@ -294,7 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="qcompile bench",
         description="Time the compiled kernels against cuBLAS fp16 and torch's int4 kernel on this GPU.")
-    ap.add_argument("--format", default=DEFAULT_FORMAT, help=f"weight format (default {DEFAULT_FORMAT})")
+    ap.add_argument("--format", default=DEFAULT_FORMAT,
+                    help=f"weight format, a comma list of them (one JSON and PNG each, and a roofline PNG of all) or "
+                         f"'all' (default {DEFAULT_FORMAT})")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES,
                     help=f"layer shapes NxK, out x in features, or model presets ({', '.join(MODEL_SHAPES)}) "
                          f"(default {DEFAULT_SHAPES})")
@@ -640,7 +642,6 @@ def default_name(fmt_name: str, device_name: str) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``qcompile bench`` (also ``python -m qcompile.bench.harness``)."""
-    from ..formats import get as get_format
 
     args = build_parser().parse_args(argv)
     shapes = parse_shapes(args.shapes)
@@ -649,27 +650,53 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise QCompileError("--iters must be >= 1 and --warmup >= 0")
     if args.name is not None and not re.fullmatch(r"[0-9A-Za-z._-]+", args.name):
         raise QCompileError(f"--name {args.name!r} may only hold letters, digits, '.', '_' and '-'")
-    fmt = get_format(args.format)
-    for n, k in shapes:
-        fmt.check_shape(n, k)
-    require_cuda()
-
+    fmts = parse_formats(args.format)
+    if args.name is not None and len(fmts) > 1:
+        raise QCompileError(f"--name names one output, but --format lists {len(fmts)} formats; leave --name out "
+                            f"(each format writes <format>-<gpu>.json)")
+    for fmt in fmts:
+        for n, k in shapes:
+            fmt.check_shape(n, k)
     if args.decode_min_m is not None and args.decode_min_m < 0:
         raise QCompileError("--decode-min-m must be >= 1, or 0 for no decode route")
-    doc = run_bench(fmt.name, shapes, ms, args.iters, args.warmup, args.timing, records_dir=args.records,
-                    fused_gemm=args.fused_gemm, decode_min_m=args.decode_min_m)
-    name = args.name or default_name(fmt.name, doc["device"])
-    json_path = Path(args.out_dir) / f"{name}.json"
-    png_path = Path(args.out_dir) / f"{name}.png"
-    write_bench_json(json_path, doc)
-    from .plot import plot_bench
+    require_cuda()
 
-    plot_bench(doc, png_path)
-    print(format_table(doc))
-    if doc["failures"]:
-        print(f"{len(doc['failures'])} measurement(s) failed; see 'failures' in {json_path}")
-    print(f"wrote {json_path} and {png_path}")
+    from .plot import plot_bench, plot_roofline
+
+    docs = []
+    for fmt in fmts:  # one document each, as `--format F` alone writes it
+        if len(fmts) > 1:
+            print(f"\n{fmt.name}:", flush=True)
+        doc = run_bench(fmt.name, shapes, ms, args.iters, args.warmup, args.timing, records_dir=args.records,
+                        fused_gemm=args.fused_gemm, decode_min_m=args.decode_min_m)
+        name = args.name or default_name(fmt.name, doc["device"])
+        json_path = Path(args.out_dir) / f"{name}.json"
+        png_path = Path(args.out_dir) / f"{name}.png"
+        write_bench_json(json_path, doc)
+        plot_bench(doc, png_path)
+        print(format_table(doc))
+        if doc["failures"]:
+            print(f"{len(doc['failures'])} measurement(s) failed; see 'failures' in {json_path}")
+        print(f"wrote {json_path} and {png_path}")
+        docs.append(doc)
+    if len(docs) > 1:  # the formats side by side: bandwidth fraction and speedup against M
+        roofline = Path(args.out_dir) / f"roofline-{gpu_short_name(docs[0]['device'])}.png"
+        print(f"wrote {plot_roofline(docs, roofline)}")
     return 0
+
+
+def parse_formats(text: str) -> list:
+    """The Formats of ``--format``: one name, a comma list (``int4-g128,e8p-2``) or ``all`` (every
+    registered format); QCompileError (one line) for an unknown name or an empty list."""
+    from ..formats import get as get_format
+    from ..formats import names as format_names
+
+    if text.strip() == "all":
+        return [get_format(name) for name in format_names()]
+    picked = [name.strip() for name in dict.fromkeys(text.split(",")) if name.strip()]
+    if not picked:
+        raise QCompileError(f"--format {text!r} names no format; give one or more, e.g. int4-g128,e8p-2, or all")
+    return [get_format(name) for name in picked]
 
 
 if __name__ == "__main__":

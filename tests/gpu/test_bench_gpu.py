@@ -30,3 +30,16 @@ def test_small_bench_writes_valid_json(tmp_path, capsys):
             assert r["torch_int4_rel_err"] < 5e-2
     out = capsys.readouterr().out
     assert "copy bandwidth" in out and "4096" in out
+
+
+def test_bench_of_several_formats_writes_each_and_a_roofline(tmp_path):
+    rc = harness.main(["--format", "int4-g128,e8p-2", "--shapes", "4096x4096", "--m", "1", "--iters", "20",
+                       "--warmup", "2", "--out-dir", str(tmp_path)])
+    assert rc == 0
+    docs = sorted(tmp_path.glob("*.json"))
+    assert len(docs) == 2 and len(list(tmp_path.glob("roofline-*.png"))) == 1
+    for path in docs:
+        doc = json.loads(path.read_text())
+        harness.check_bench_document(doc)
+        assert path.name.startswith(doc["format"] + "-") and path.with_suffix(".png").is_file()
+        assert all(r["rel_err"] is not None and r["rel_err"] < 1e-2 for r in doc["records"])
