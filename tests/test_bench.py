@@ -193,7 +193,7 @@ def test_argument_errors_are_one_line():
     with pytest.raises(QCompileError, match="unknown format"):
         harness.main(["--format", "int3-g7"])
     # several formats: each checked before anything runs; --name names one output only
-    assert [f.name for f in harness.parse_formats("e8p-2, int4-g128,e8p-2")] == ["e8p-2", "int4-g128"]
+    assert [f.name for f in harness.parse_formats("e8p-2, int4-g128,e8p-2 ")] == ["e8p-2", "int4-g128"]
     assert [f.name for f in harness.parse_formats("all")] == qc.formats.names()
     with pytest.raises(QCompileError, match="names no format"):
         harness.parse_formats(" , ")

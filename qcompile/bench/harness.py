@@ -679,7 +679,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{len(doc['failures'])} measurement(s) failed; see 'failures' in {json_path}")
         print(f"wrote {json_path} and {png_path}")
         docs.append(doc)
-    if len(docs) > 1:  # the formats side by side: bandwidth fraction and speedup against M
+    if sum(1 for doc in docs if doc["records"]) > 1:  # the formats side by side: bandwidth fraction, speedup
         roofline = Path(args.out_dir) / f"roofline-{gpu_short_name(docs[0]['device'])}.png"
         print(f"wrote {plot_roofline(docs, roofline)}")
     return 0
@@ -693,7 +693,7 @@ def parse_formats(text: str) -> list:
 
     if text.strip() == "all":
         return [get_format(name) for name in format_names()]
-    picked = [name.strip() for name in dict.fromkeys(text.split(",")) if name.strip()]
+    picked = list(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
     if not picked:
         raise QCompileError(f"--format {text!r} names no format; give one or more, e.g. int4-g128,e8p-2, or all")
     return [get_format(name) for name in picked]

@@ -11,6 +11,7 @@ import torch
 from ..formats import get as get_format
 from ..kernels.compute import matmul_func
 from ..kernels.library import KernelSpec, default_gemv_config, scheduled_func, serves_gemv
+from ..kernels.pipeline import compile_module
 from ..kernels.schedules import GemvConfig, schedule_gemv_cuda
 from ..kernels.target import parse_target
 from .harness import bench_weight
@@ -77,8 +78,9 @@ def main():
                         gemv_cfg = cfg or default_gemv_config(n, k, m, fmt.decode_unit, fmt.gemv_tile)
                         func = schedule_gemv_cuda(matmul_func(fmt, n, k, m, fp16_run=run), gemv_cfg,
                                                   fmt.decode_intrin("cuda"), fmt.streamed)["main"]
-                    ex = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                     target=target.tvm_target())
+                    # compile_module: the pipeline the library's kernels need (mma.sync's warp memory)
+                    ex = compile_module(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                        target.tvm_target())
                     f = ex["main"]
                 except Exception:  # config does not tile this shape
                     continue

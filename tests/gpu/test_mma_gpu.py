@@ -109,18 +109,21 @@ def test_decode_bit_exact_through_the_kernel(name, use_intrin, check_one_hot_dec
 def test_padded_k_blocks_match_float64(name):
     """K = 11008 (Llama-2-7B down_proj): 86 K blocks padded to 88 for 8 K warps (and to 96 for 16
     warps x unroll 2): the padded blocks read K's last block again and must add nothing."""
-    from qcompile.kernels.mma import default_mma_config, k_blocks
+    from qcompile.kernels.mma import format_default_mma_config, k_blocks, span_of
 
     fmt = qc.formats.get(name)
     n, k = 512, 11008
     frag = fmt.fragment_native
-    cfgs = {"default": default_mma_config(n, k, 4, fmt.decode_unit, fragment=frag),
-            "wk16u2": MmaConfig(units=max(1, 32 // fmt.decode_unit), tiles=2 if frag else 1, warps_k=16, unroll=2,
-                                lut_shared=1)}
-    assert all(k_blocks(cfg, k, fmt.decode_unit) > k // (4 * 32) for cfg in cfgs.values())
+    wk16u2 = MmaConfig(units=max(1, 32 // fmt.decode_unit), tiles=2 if frag else 1, warps_k=16, unroll=2, lut_shared=1)
+    # the default differs per M (the fragment kernel's K warps / unroll), so each M takes its own
+    cfgs = {(tag, m): format_default_mma_config(fmt, n, k, m) if tag == "default" else wk16u2
+            for tag in ("default", "wk16u2") for m in (3, 16)}
+    for cfg in cfgs.values():  # K blocks of 4 spans: padded past K's own
+        block = 4 * span_of(cfg, fmt.decode_unit)
+        assert k_blocks(cfg, k, fmt.decode_unit) > -(-k // block), cfg
     qw = fmt.random_weight(n, k, seed=13).to("cuda")
-    ex = build({f"{tag}_{m}": mma_scheduled_func(fmt, n, k, m, cfg) for tag, cfg in cfgs.items() for m in (3, 16)})
-    for tag in cfgs:
+    ex = build({f"{tag}_{m}": mma_scheduled_func(fmt, n, k, m, cfg) for (tag, m), cfg in cfgs.items()})
+    for tag in ("default", "wk16u2"):
         for m in (3, 16):
             err = rel_err(ex[f"{tag}_{m}"], fmt, qw, m, seed=m)
             assert err < 2e-3, (name, tag, m, err)
