@@ -145,8 +145,9 @@ def test_default_configs():
             cfg = default_mma_config(n, k, m, 16, fragment=True)
             check_mma_config(cfg, n, k, m, 16, fragment=True)
             assert cfg.tiles % 2 == 0 and cfg.lut_shared == 2
-    assert default_mma_config(28672, 8192, 4, 16, fragment=True) == MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=2)
-    assert default_mma_config(28672, 8192, 16, 16, fragment=True) == MmaConfig(units=1, tiles=4, warps_k=4, lut_shared=2)
+    small, wide = (default_mma_config(28672, 8192, m, 16, fragment=True) for m in (4, 16))
+    assert small == MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=2)
+    assert wide == MmaConfig(units=1, tiles=4, warps_k=4, lut_shared=2)
     cfg = default_mma_config(4096, 11008, 4, 16, fragment=True)  # 172 K blocks of 64 columns padded to 176
     assert cfg.warps_k == 16 and k_blocks(cfg, 11008, 16) == 176 and span_of(cfg, 16) == 16
 

@@ -295,8 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qcompile bench",
         description="Time the compiled kernels against cuBLAS fp16 and torch's int4 kernel on this GPU.")
     ap.add_argument("--format", default=DEFAULT_FORMAT,
-                    help=f"weight format, a comma list of them (one JSON and PNG each, and a roofline PNG of all) or "
-                         f"'all' (default {DEFAULT_FORMAT})")
+                    help=f"weight format, a comma list of them (one JSON and PNG each, and a roofline PNG "
+                         f"of all) or 'all' (default {DEFAULT_FORMAT})")
     ap.add_argument("--shapes", default=DEFAULT_SHAPES,
                     help=f"layer shapes NxK, out x in features, or model presets ({', '.join(MODEL_SHAPES)}) "
                          f"(default {DEFAULT_SHAPES})")

@@ -35,8 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--shapes", default="28672x8192,8192x28672", help="NxK layer shapes (out x in)")
     ap.add_argument("--m", default="16,64", help="batch sizes (default 16,64)")
     ap.add_argument("--config", action="append", default=[], metavar="K=V,...",
-                    help="an extra config of --family to time (TensorCoreConfig, e.g. 'n_tile=128,k_tile=64,warps_k=4'; "
-                         "MmaConfig, e.g. 'tiles=4,warps_k=4') (fields not given: the default config's); repeatable")
+                    help="an extra config of --family to time (TensorCoreConfig, e.g. "
+                         "'n_tile=128,k_tile=64,warps_k=4'; MmaConfig, e.g. 'tiles=4,warps_k=4') (fields not "
+                         "given: the default config's); repeatable")
     ap.add_argument("--no-variants", action="store_true", help="time only the default and --config configs")
     ap.add_argument("--plain-decode", action="store_true",
                     help="also time the default config with the plain TIR decode instead of the format's intrinsic")

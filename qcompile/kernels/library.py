@@ -291,8 +291,9 @@ def family_options(fmt, m: int) -> Tuple[str, ...]:
     """The kernel families that can run bucket ``m`` of format ``fmt``: ``kernel_family`` first (the
     route without a tuning record), then the alternatives ``qcompile tune`` also measures, so that a
     record can move the bucket where it measured faster on that GPU and shape: at M=1, the mma.sync
-    kernel or the GEMV, whichever is not the default, for the formats that run mma.sync, and between the GEMV and the WMMA kernel for QTIP 1MAD/3INST's buckets 2..7
-    (1MAD's M=4: WMMA 30 % faster on 28672x8192, 9 % slower on 8192x28672)."""
+    kernel or the GEMV, whichever is not the default, for the formats that run mma.sync; between the
+    GEMV and the WMMA kernel for QTIP 1MAD/3INST's buckets 2..7 (1MAD's M=4: WMMA 30 % faster on
+    28672x8192, 9 % slower on 8192x28672)."""
     default = kernel_family(fmt, m)
     if default == GEMM_FAMILY:
         return (default,)

@@ -601,9 +601,10 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
     super-tile in one warp) and the per-lane table copies (lut_shared=2) where they fit in shared
     memory, else the single table; 16 K warps at M <= 4, and two K blocks a step (unroll=2) for two
     tiles above (FRAGMENT_SMALL_M_WARPS_K, FRAGMENT_UNROLL), but not above FRAGMENT_UNROLL_MAX_M_WIDE
-    for ``code_bits`` (the format's bits per weight) of 4. Measured on the H100 (tc_sweep at 9b550f9, qtip-hyb-2
-    at M = 2..16 on 28672x8192, 8192x28672, 4096x11008: see qcompile.kernels.library.FRAGMENT_MMA_ROUTED;
-    the tuning records of 2dbd483 for the K warps and unroll)."""
+    for ``code_bits`` (the format's bits per weight) of 4. Measured on the H100 (tc_sweep at 9b550f9,
+    qtip-hyb-2 at M = 2..16 on 28672x8192, 8192x28672, 4096x11008: see
+    qcompile.kernels.library.FRAGMENT_MMA_ROUTED; the tuning records of 2dbd483 for the K warps and
+    unroll)."""
     # (fragment: one unit = 64-column K blocks, two super-tiles a block; with two, qtip-hyb-4's 16-byte
     # word pairs of four super-tiles made ptxas spill at M > 8 to stay at 48 registers)
     units = 1 if fragment else max(1, 32 // unit) if unit < 32 else 1
