@@ -365,6 +365,12 @@ def cmd_tune(args) -> int:
     if args.merge is not None:  # no kernels, no GPU: records measured elsewhere join these
         from .tune.records import TuningRecords
 
+        others = [flag for flag, given in (("a model or checkpoint", args.model is not None),
+                                           ("--shapes", args.shapes is not None), ("--format", args.format is not None),
+                                           ("--m", args.m is not None), ("--dry-run", args.dry_run)) if given]
+        if others:
+            raise QCompileError(f"--merge only merges records and takes no {', '.join(others)}; run the merge "
+                                f"alone (with --records for the destination)")
         records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
         for path, count in TuningRecords(records_dir).merge(args.merge):
             print(f"{path}: {count} entries merged from {args.merge}")

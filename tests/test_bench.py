@@ -177,6 +177,9 @@ def test_bench_plan_times_the_routes_build_compiles():
     assert harness.bench_plan("qtip-3inst-2", ms).route(32) == "decode_cublas"
     assert harness.bench_plan("int4-g128", ms, decode_min_m=0).route(1024) == "split"
     assert harness.bench_plan("int4-g128", [96], decode_min_m=0).bucket_ms == (32, 64)  # 96 = 64 + 32
+    # a threshold at or below 16 moves small Ms to the decode route, as the runtime's KernelModule.decodes
+    low = harness.bench_plan("qtip-hyb-2", [1, 4, 8, 16], decode_min_m=4)
+    assert [low.route(m) for m in (1, 4, 8, 16)] == ["fused", "decode_cublas", "decode_cublas", "decode_cublas"]
 
 
 def test_argument_errors_are_one_line():

@@ -219,6 +219,24 @@ def test_merge_adds_records_tuned_elsewhere(tmp_path, capsys):
     assert cli_main(["tune", "--merge", str(tmp_path / "missing"), "--records", str(tmp_path / "cli")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+    assert cli_main(["tune", "--merge", str(tmp_path / "there"), "--records", str(tmp_path / "dry"), "--dry-run"]) == 2
+    assert "takes no --dry-run" in capsys.readouterr().err and not (tmp_path / "dry").exists()
+    # a failure on one side never hides the other side's measurement of the config
+    failing = make_entry(spec, times={default: 11.0})
+    failing.add_failure(BEST, "measure: launch failed")
+    TuningRecords(tmp_path / "fails").save(failing)
+    here.merge(tmp_path / "fails")
+    assert here.entry(spec, GPU).measured_us[space.config_key(BEST)] == 10.0 and here.config_for(spec, GPU) == BEST
+    assert not here.entry(spec, GPU).failed
+    # a damaged destination file stops the merge before any file is written
+    for fmt in ("e8p-2", FORMAT):  # e8p-2's file comes first
+        TuningRecords(tmp_path / "two").save(make_entry(KernelSpec(fmt, N, K, 1), times={}))
+    dest = TuningRecords(tmp_path / "dest")
+    (tmp_path / "dest" / GPU).mkdir(parents=True)
+    (tmp_path / "dest" / GPU / f"{FORMAT}.json").write_text("{not json")
+    with pytest.raises(RecordsError):
+        dest.merge(tmp_path / "two")
+    assert not (tmp_path / "dest" / GPU / "e8p-2.json").exists()
 
 
 def test_records_apply_only_to_their_own_key(tmp_path):

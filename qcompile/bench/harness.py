@@ -268,9 +268,9 @@ class BenchPlan:
         launches) or "decode_cublas"."""
         from ..kernels.library import GEMV_MAX_M
 
-        if m <= GEMV_MAX_M:
-            return "fused"
-        return "decode_cublas" if self.decode_from and m >= self.decode_from else "split"
+        if self.decode_from and m >= self.decode_from:  # (the runtime's test, whatever the threshold)
+            return "decode_cublas"
+        return "fused" if m <= GEMV_MAX_M else "split"
 
 
 def bench_plan(fmt, ms: Sequence[int], decode_min_m: Optional[int] = None) -> BenchPlan:
@@ -478,7 +478,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     specs = [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in bucket_ms]
     if fused_gemm:
         specs += [KernelSpec(fmt.name, n, k, m) for n, k in shapes for m in gemm_ms if m not in bucket_ms]
-    if large:
+    if large or any(plan.route(m) == "decode_cublas" for m in ms):
         specs += [DecodeSpec(fmt.name, n, k) for n, k in shapes]
     t0 = time.perf_counter()
     config_for, tuned = None, {}
@@ -554,9 +554,9 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                             xb[:used].copy_(X[start:start + used])
                             launches.append((kernel_of(b), xb, torch.empty((b, n), device=device, dtype=torch.float16)))
                     methods["split"] = (split_method(launches, q_weights), Y, list(zip(launches, rows)))
-                if has_decode:
-                    methods["decode_cublas"] = (decode_cublas_method(executable[decode_name], X, q_weights, W_scratch),
-                                                None, ())
+            if has_decode and (m > GEMV_MAX_M or plan.route(m) == "decode_cublas"):  # (a --decode-min-m <= 16)
+                methods["decode_cublas"] = (decode_cublas_method(executable[decode_name], X, q_weights, W_scratch),
+                                            None, ())
             if not methods:
                 continue
             route = plan.route(m)

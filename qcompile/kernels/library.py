@@ -155,8 +155,8 @@ def tc_min_m(fmt) -> int:
 
 def serves_gemv(fmt, m: int) -> bool:
     """True when bucket ``m`` (<= GEMV_MAX_M) of format ``fmt`` (name or Format) runs the CUDA-core
-    GEMV family: M=1 for every format, and M < ``tc_min_m`` for the formats that do not run on
-    mma.sync (``runs_mma``). (QTIP HYB's GEMV thread holds a 32-row super-tile, whose M accumulators
+    GEMV family: M < ``mma_min_m`` for the formats that run mma.sync (``runs_mma``: M=1 of int4 and
+    E8P, none of QTIP HYB), M < ``tc_min_m`` for the others. (QTIP HYB's GEMV thread holds a 32-row super-tile, whose M accumulators
     spill from M=8 on: qtip-hyb-2 on 28672x8192 at M=16 measured 3005 us on GEMV, 322 us on tensor
     cores; H100, 6b07141.)"""
     if runs_mma(fmt):  # (an unknown name fails here, with the formats listed)

@@ -1,8 +1,8 @@
 """Auto-tuning of the kernel schedules: search spaces, the record database, the tuning loop.
 
-- ``space``: the knob space of a kernel in the family that runs its bucket: the GEMV (M=1; M < 8 of
-  QTIP 1MAD/3INST), the mma.sync kernel (M = 2..64 of int4/E8P, 2..16 of QTIP HYB) or the low-batch
-  WMMA kernel (8 <= M <= 16 of QTIP 1MAD/3INST) (``candidates(spec)``, ``config_key``).
+- ``space``: the knob space of a kernel in the family that runs its bucket: the GEMV (M=1 but QTIP HYB's;
+  M < 8 of QTIP 1MAD, M < 4 of 3INST), the mma.sync kernel (M = 2..64 of int4/E8P, 1..16 of QTIP HYB)
+  or the low-batch WMMA kernel (up to M=16 of QTIP 1MAD/3INST) (``candidates(spec)``, ``config_key``).
 - ``records``: ``TuningRecords`` — measured configs per (format, N, K, M, kernel family, GPU,
   qcompile and TVM version) in ``schedules/<gpu>/<format>.json``; ``qcompile build`` applies the
   best one where its family runs the bucket.

@@ -155,7 +155,7 @@ class TuningEntry:
 
     @property
     def kernel(self) -> str:
-        """The kernel family of the entry's configs ("gemv" or "tensorcore")."""
+        """The kernel family of the entry's configs ("gemv", "tensorcore" or "mma")."""
         return family_of(self.default)
 
     @property
@@ -477,10 +477,11 @@ class TuningRecords:
         """Add every entry of the records under ``other_root`` (``<gpu>/<format>.json`` files, e.g.
         what ``qcompile tune --records`` wrote on another machine) to these: an entry of a new key is
         copied; one of a key present on both sides gets the union of the measurements (``other_root``'s
-        time where both measured a config, its default config). Every source file is read (and a
-        damaged one refused, RecordsError) before anything is written; each destination file is
-        written once, atomically, under the directory lock. Returns [(destination file, entries
-        added or updated)]."""
+        time where both measured a config, its default config; a config measured on either side is
+        not a failure, as in ``TuningEntry.add_measurement``). Every source file and every destination
+        file it touches is read (and a damaged one refused, RecordsError) before anything is written;
+        each destination file is written once, atomically, under the directory lock. Returns
+        [(destination file, entries of the source file)]."""
         other = Path(other_root)
         if not other.is_dir():
             raise QCompileError(f"records to merge: {other} is not a directory (give the directory that holds "
@@ -491,6 +492,8 @@ class TuningRecords:
             sources[(gpu, format_name)] = read_records_file(path, gpu, format_name)
         if not sources:
             raise QCompileError(f"records to merge: no <gpu>/<format>.json files under {other}")
+        for gpu, format_name in sources:  # a damaged destination stops the merge before any write
+            read_records_file(self.path(gpu, format_name), gpu, format_name)
         done = []
         for (gpu, format_name), incoming in sources.items():
             path = self.path(gpu, format_name)
@@ -499,10 +502,9 @@ class TuningRecords:
                 for key, entry in incoming.items():
                     here = entries.get(key)
                     if here is not None:
-                        entry.measured_us = {**{c: us for c, us in here.measured_us.items()
-                                                if c not in entry.failed}, **entry.measured_us}
-                        entry.failed = {**{c: e for c, e in here.failed.items() if c not in entry.measured_us},
-                                        **entry.failed}
+                        measured = {**here.measured_us, **entry.measured_us}
+                        failed = {c: e for c, e in {**here.failed, **entry.failed}.items() if c not in measured}
+                        entry.measured_us, entry.failed = measured, failed
                     entries[key] = entry
                 write_records_file(path, gpu, format_name, entries.values())
             self._lenient.pop((gpu, format_name), None)

@@ -1,8 +1,8 @@
 """The search spaces of the tunable kernel families: every config worth measuring for one kernel
 (format, N, K, M). The family is the one that serves the bucket (``library.kernel_family``):
 ``GemvConfig`` for the CUDA-core GEMV, ``MmaConfig`` for the mma.sync kernel (M = 2..64 of the
-row-packed formats, 2..16 of QTIP HYB on its fragment-native variant), ``TensorCoreConfig`` for the
-WMMA kernel (M = 8..16 of QTIP 1MAD/3INST); the GEMM above those has no space yet.
+row-packed formats, 1..16 of QTIP HYB on its fragment-native variant), ``TensorCoreConfig`` for the
+WMMA kernel (M = 8..16 of QTIP 1MAD, 4..16 of 3INST); the GEMM above those has no space yet.
 Each family has one key scheme (``config_key``: ``knob=value`` pairs in the field order of its
 config class, which ``config_from_key(key, family)`` reads back) and its own fit check
 (``fit_error``); a tuning record names its family (the tensor-core and mma.sync families share
