@@ -239,6 +239,23 @@ def test_merge_adds_records_tuned_elsewhere(tmp_path, capsys):
     assert not (tmp_path / "dest" / GPU / "e8p-2.json").exists()
 
 
+def test_a_layout_variant_has_its_own_records_file(tmp_path):
+    """qtip-3inst-2@mma-kernel (an opt-in layout variant) is tuned and built like a registered format:
+    its records live in their own file, and are never another format's."""
+    spec = KernelSpec("qtip-3inst-2@mma-kernel", 256, 512, 4)
+    records = TuningRecords(tmp_path)
+    default = space.default_config(spec)
+    best = next(c for c in space.candidates(spec) if c != default)
+    entry = TuningEntry(spec.format, GPU, spec.n, spec.k, spec.m, *current_versions(), default=default)
+    entry.add_measurement(default, 9.0)
+    entry.add_measurement(best, 7.0)
+    assert records.save(entry) == tmp_path / GPU / "qtip-3inst-2@mma-kernel.json"
+    assert records.config_for(spec, GPU) == best
+    assert records.config_for(KernelSpec("qtip-3inst-2", 256, 512, 4), GPU) is None
+    with pytest.raises(QCompileError, match="cannot name a records file"):
+        records.path(GPU, "../int4")
+
+
 def test_records_apply_only_to_their_own_key(tmp_path):
     qc_version, tvm_version = current_versions()
     spec = KernelSpec(FORMAT, N, K, 1)

@@ -426,7 +426,8 @@ class TuningRecords:
         return self._versions
 
     def path(self, gpu: str, format_name: str) -> Path:
-        if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._-]*", format_name):
+        # ('@': a layout variant, e.g. qtip-3inst-2@mma-kernel, has records of its own)
+        if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._@-]*", format_name):
             raise QCompileError(f"format name {format_name!r} cannot name a records file")
         return self.root / check_gpu_name(gpu) / f"{format_name}.json"
 
