@@ -10,9 +10,6 @@ from typing import TYPE_CHECKING, List, Optional
 
 from .errors import QCompileError
 
-# the buckets qcompile tune measures by default, besides the format's other default build buckets
-DEFAULT_TUNE_MS = (1, 2, 4, 16)
-
 if TYPE_CHECKING:  # the kernel library imports TVM; the command line loads it only where needed
     from .kernels.library import KernelSpec
 
@@ -110,8 +107,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--m", default=None,
                    help=f"batch sizes (M buckets) to tune: the GEMV, mma.sync and WMMA buckets (up to M={GEMV_MAX_M}; int4 and E8P "
                         f"up to {MMA_MAX_M} on mma.sync); the GEMM kernels above have no tuning space yet "
-                        f"(default: {','.join(map(str, DEFAULT_TUNE_MS))} and the format's other default build "
-                        f"buckets: 32,64 for int4 and E8P)")
+                        f"(default: the buckets qcompile build compiles, 1,4,16 and 32,64 for int4 and E8P)")
     t.add_argument("--dry-run", action="store_true", help="print the kernels it would tune and exit (needs no GPU)")
     t.add_argument("--target", "-t", default="auto", help="the local GPU: auto, its sm_XX or its name (default: auto)")
     t.add_argument("--records", default=None, metavar="DIR",
@@ -291,7 +287,7 @@ def tune_kernels(args) -> List[KernelSpec]:
     """The kernels ``qcompile tune`` measures: the (format, N, K) of MODEL_OR_CHECKPOINT as
     ``qcompile build`` compiles them (``model.build.kernel_shapes``), or of --format and --shapes,
     times the tunable M buckets of --m (the GEMV, mma.sync and WMMA buckets: ``kernel_family`` not GEMM;
-    default DEFAULT_TUNE_MS plus the format's other default build buckets).
+    default: the buckets ``qcompile build`` compiles by default, ``library.default_buckets``).
     Validates everything on the way (one-line QCompileError); needs no GPU."""
     from .bench.harness import parse_ms, parse_shapes
     from .formats import get as get_format
@@ -317,9 +313,9 @@ def tune_kernels(args) -> List[KernelSpec]:
         from .model.build import kernel_shapes as model_kernel_shapes
 
         kernel_shapes = model_kernel_shapes(args.model, args.format)
-    if args.m is None:  # the tunable buckets build compiles by default (int4/E8P: also 32, 64), and M=2
-        specs = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes
-                 for m in sorted(set(DEFAULT_TUNE_MS) | set(default_buckets(f)))]
+    if args.m is None:  # the buckets build compiles by default (1, 4, 16; int4/E8P also 32, 64): a
+        # bucket it does not compile (e.g. 2, which runs padded to 4) is tuned only when asked for
+        specs = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in default_buckets(f)]
     else:
         ms = list(dict.fromkeys(parse_ms(args.m)))
         specs = [KernelSpec(f, n, k, m) for f, n, k in kernel_shapes for m in ms]

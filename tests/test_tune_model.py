@@ -100,17 +100,17 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
         assert out[1].startswith(f"{5 * len(shapes)} kernels to tune ({len(shapes)} shapes) from ")
         assert [re.sub(r"=\s+", "=", line).split() for line in out[2:]] == [
             [f, f"N={n}", f"K={k}", "M=1", "gemv+mma", f"M=4,{TC_MIN_M},16,64", "mma"] for f, n, k in shapes]
-    # the default --m: 1, 2, 4, 16 and int4's other default build buckets (32, 64: mma.sync)
+    # the default --m: the buckets build compiles (1, 4, 16 and int4's 32, 64 on mma.sync)
     assert cli_main(["tune", str(checkpoint), "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"{6 * len(shapes)} kernels to tune")
-    assert out[1].split()[-4:] == ["M=1", "gemv+mma", "M=2,4,16,32,64", "mma"]
+    assert out[0].startswith(f"{5 * len(shapes)} kernels to tune")
+    assert out[1].split()[-4:] == ["M=1", "gemv+mma", "M=4,16,32,64", "mma"]
     # QTIP HYB: M=1 on mma.sync too (the GEMV its alternative), up to 16, so M=32 is a GEMM bucket there
     # (noted, not tuned)
     assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--dry-run"]) == 0
-    assert capsys.readouterr().out.splitlines()[1].split()[-4:] == ["M=1", "mma+gemv", "M=2,4,16", "mma"]
+    assert capsys.readouterr().out.splitlines()[1].split()[-4:] == ["M=1", "mma+gemv", "M=4,16", "mma"]
     assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--no-alternatives", "--dry-run"]) == 0
-    assert capsys.readouterr().out.splitlines()[1].split()[-2:] == ["M=1,2,4,16", "mma"]
+    assert capsys.readouterr().out.splitlines()[1].split()[-2:] == ["M=1,4,16", "mma"]
     assert cli_main(["tune", "--format", "qtip-hyb-2", "--shapes", "256x512", "--m", "4,32", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("note: M 32 run GEMM kernels") and out[1].startswith("1 kernels to tune")
@@ -120,7 +120,8 @@ def test_dry_run_lists_the_derived_kernels(default_model, checkpoint, capsys):
     assert out[0].startswith("20 kernels to tune (10 shapes) from --shapes")
     assert [line.split()[0] for line in out[1:]] == ["e8p-2"] * 5 + ["qtip-hyb-2"] * 5
     # the families measured per bucket (--alternatives, the default)
-    assert cli_main(["tune", "--format", "qtip-1mad-2", "--shapes", "256x512", "--alternatives", "--dry-run"]) == 0
+    assert cli_main(["tune", "--format", "qtip-1mad-2", "--shapes", "256x512", "--m", "1,2,4,16", "--alternatives",
+                     "--dry-run"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[-6:] == [
         "M=1", "gemv", "M=2,4", "gemv+tensorcore", "M=16", "tensorcore"]
 
