@@ -8,7 +8,6 @@ import re
 import shutil
 
 import pytest
-import torch
 
 import qcompile as qc
 from qcompile.kernels import library
@@ -18,7 +17,7 @@ from qcompile.kernels.mma import (MmaConfig, a_layout_natural, c_layout_natural,
 from qcompile.kernels.mma_fragment import fragment_mma_func, natural_column
 from qcompile.kernels.target import parse_target
 
-from test_mma_schedule import compile_sm90, ptxas_report
+from test_mma_schedule import compile_sm90, llvm_rel_err, ptxas_report
 
 HYB = ("qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4")
 N, K = 256, 1024
@@ -45,19 +44,10 @@ def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks):
     """The unscheduled compute the GPU schedule starts from (A registers from tir_fragment_decode,
     natural rows and columns) sums to X @ W^T at M=3; with padded K blocks (3 -> 4) the blocks past K
     add nothing."""
-    import tvm
-
     fmt = qc.formats.get(name)
     n, m = 64, 3
     qw = fmt.random_weight(n, k, seed=3)
-    ex = tvm.compile(tvm.IRModule({"main": fragment_mma_func(fmt, n, k, m, span, blocks)}),
-                     target=parse_target("llvm").tvm_target())
-    gen = torch.Generator().manual_seed(1)
-    X = (torch.randn(m, k, generator=gen) / 8).half()
-    Y = torch.full((m, n), float("nan"), dtype=torch.float16)
-    ex["main"](X, *[qw.tensors[t] for t in fmt.tensor_specs(n, k)], Y)
-    ref = X.double() @ fmt.decode_fp16(qw).double().T
-    err = ((Y.double() - ref).norm() / ref.norm()).item()
+    err = llvm_rel_err(fragment_mma_func(fmt, n, k, m, span, blocks), fmt, qw, n, k, m)
     assert err < 1e-3, err
 
 

@@ -100,20 +100,24 @@ def test_mma_order_compute_matches_float64_on_llvm(name, span, k, blocks):
     """The products in mma order (the same TE compute the GPU schedule starts from, unscheduled) sum to
     X @ W^T: the permutation of K loses and repeats nothing, M=3 (not a multiple of 8); with padded K
     blocks (``blocks`` > K's: 3 -> 4, 12 -> 16) the blocks past K add nothing."""
-    import tvm
-
     fmt = qc.formats.get(name)
     n, m = 32, 3
     qw = random_quantized(fmt, n, k, seed=7)
-    func = inline_derived(mma_func(fmt, n, k, m, span, blocks))
+    err = llvm_rel_err(inline_derived(mma_func(fmt, n, k, m, span, blocks)), fmt, qw, n, k, m)
+    assert err < 1e-3, err  # fp32 sums, one fp16 rounding of the output
+
+
+def llvm_rel_err(func, fmt, qw, n, k, m) -> float:
+    """Relative error against float64 of an (unscheduled) matmul PrimFunc of ``fmt`` run on llvm with
+    weight ``qw`` and a seeded X of M rows (the output poisoned with NaN first)."""
+    import tvm
+
     ex = tvm.compile(tvm.IRModule({"main": func}), target=parse_target("llvm").tvm_target())
-    gen = torch.Generator().manual_seed(1)
-    X = (torch.randn(m, k, generator=gen) / 8).half()
+    X = (torch.randn(m, k, generator=torch.Generator().manual_seed(1)) / 8).half()
     Y = torch.full((m, n), float("nan"), dtype=torch.float16)
     ex["main"](X, *[qw.tensors[t] for t in fmt.tensor_specs(n, k)], Y)
     ref = X.double() @ fmt.decode_fp16(qw).double().T
-    err = ((Y.double() - ref).norm() / ref.norm()).item()
-    assert err < 1e-3, err  # fp32 sums, one fp16 rounding of the output
+    return ((Y.double() - ref).norm() / ref.norm()).item()
 
 
 # --- CUDA code generation ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from qcompile.kernels.mma_fragment import fragment_mma_func
 from qcompile.kernels.target import parse_target
 
 from test_mma_fragment import WORD_LOAD, kernel_body
-from test_mma_schedule import compile_sm90, ptxas_report
+from test_mma_schedule import compile_sm90, llvm_rel_err, ptxas_report
 from test_trellis import f16_bits, ptx_a_fragment
 
 V1 = [f"qtip-{code}-{K}@mma-kernel" for code in ("1mad", "3inst") for K in (2, 3, 4)]
@@ -75,18 +75,10 @@ def test_v1_fragment_decode_is_the_ptx_a_fragment_on_llvm(name, staged):
 
 @pytest.mark.parametrize("name", ["qtip-3inst-2@mma-kernel", "qtip-1mad-3@mma-kernel"])
 def test_v1_fragment_compute_matches_float64_on_llvm(name):
-    import tvm
-
     fmt = qc.formats.get(name)
     n, k, m, span = 64, 256, 3, 16
     qw = fmt.random_weight(n, k, seed=3)
-    ex = tvm.compile(tvm.IRModule({"main": fragment_mma_func(fmt, n, k, m, span)}),
-                     target=parse_target("llvm").tvm_target())
-    X = (torch.randn(m, k, generator=torch.Generator().manual_seed(1)) / 8).half()
-    Y = torch.full((m, n), float("nan"), dtype=torch.float16)
-    ex["main"](X, *[qw.tensors[t] for t in fmt.tensor_specs(n, k)], Y)
-    ref = X.double() @ fmt.decode_fp16(qw).double().T
-    assert ((Y.double() - ref).norm() / ref.norm()).item() < 1e-3
+    assert llvm_rel_err(fragment_mma_func(fmt, n, k, m, span), fmt, qw, n, k, m) < 1e-3
 
 
 PTXAS_CASES = [(name, 28672, 8192, m) for name in ("qtip-3inst-2@mma-kernel", "qtip-1mad-2@mma-kernel")
