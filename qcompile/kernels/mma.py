@@ -183,14 +183,22 @@ def c_layout(r, a):
     return 4 * (r // 2) + a // 2, 2 * (r % 2) + a % 2
 
 
-def padded_x_frag(X, m: int, k: int, frag, nkb: int, column):
-    """(X_frag, clamp) of a kernel whose loop runs ``frag[0]`` K blocks over the ``nkb`` of K
-    (``k_blocks``): X_frag[a, kb, s, hi, t, lo] = X[a, column(clamp(kb), s, hi, t, lo)], zero in the
-    padded blocks past K; ``clamp`` maps a padded block to K's last one, so its weight reads stay in
-    bounds (the products are zero anyway)."""
+def x_fragments(m: int, k: int, span: int, blocks: int, column):
+    """(X, X_frag, clamp, frag) of a kernel whose K blocks are 4 x ``span`` columns: X the fp16[m, k]
+    input; frag = (loop K blocks: ``blocks``, or 0 for K's, steps span / 4, hi 2, t 4, lo 2);
+    X_frag[a, kb, s, hi, t, lo] = X[a, column(clamp(kb), s, hi, t, lo)], zero in the padded blocks past
+    K (``k_blocks``); ``clamp`` maps a padded block to K's last one, so its weight reads stay in bounds
+    (the products are zero anyway). ValueError (one line) when K is not whole K blocks or the loop's
+    blocks cannot cover K's."""
     import tvm
     from tvm import te
 
+    block = 4 * span
+    if k % block:
+        raise ValueError(f"in_features {k} must be a multiple of the K block {block}")
+    X = te.placeholder((m, k), "float16", name="X")
+    nkb = k // block
+    frag = (blocks or nkb, span // 4, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
     loop_blocks = frag[0]
     if loop_blocks < nkb:
         raise ValueError(f"{loop_blocks} K blocks cannot cover the {nkb} of in_features {k}")
@@ -204,7 +212,18 @@ def padded_x_frag(X, m: int, k: int, frag, nkb: int, column):
             return x
         return tvm.tirx.if_then_else(kb < nkb, x, tvm.tirx.const(0, "float16"))
 
-    return te.compute((m, *frag), x_value, name="X_frag"), clamp
+    return X, te.compute((m, *frag), x_value, name="X_frag"), clamp, frag
+
+
+def fragment_products(XF, frag, m: int, n: int, w_at):
+    """Y fp16[m, n] = acc in fp32: acc[a, i] = sum over the fragment axes of X_frag[a, axes] *
+    ``w_at(i, axes)`` (the weight fragment's element of row i)."""
+    from tvm import te
+
+    axes = [te.reduce_axis((0, e), name=nm) for e, nm in zip(frag, ("kb", "s", "hi", "t", "lo"))]
+    acc = te.compute((m, n), lambda a, i: te.sum(XF[(a, *axes)].astype("float32") * w_at(i, axes).astype("float32"),
+                                                 axis=axes), name="acc")
+    return te.compute((m, n), lambda a, i: acc[a, i].astype("float16"), name="Y")
 
 
 def mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
@@ -218,24 +237,15 @@ def mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     unit = fmt.decode_unit
     if span % unit or span % 4:
         raise ValueError(f"span {span} must be a multiple of the decode unit {unit} and of 4")
-    block, steps = 4 * span, span // 4
-    if k % block:
-        raise ValueError(f"in_features {k} must be a multiple of the K block {block}")
+    X, XF, clamp, frag = x_fragments(m, k, span, blocks, lambda kb, *c: fragment_column(kb, *c, span))
     params, bufs = format_stages(fmt, n, k)
-    X = te.placeholder((m, k), "float16", name="X")
     W = te.compute((n, k // unit, unit), lambda i, c, j: fmt.tir_decode_unit(bufs, i, c, j), name="W_decode")
-    nkb = k // block
-    frag = (blocks or nkb, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
-    XF, clamp = padded_x_frag(X, m, k, frag, nkb, lambda kb, *c: fragment_column(kb, *c, span))
 
     def col(kb, *c):
         return fragment_column(clamp(kb), *c, span)
 
     WF = te.compute((n, *frag), lambda i, *kc: W[i, col(*kc) // unit, col(*kc) % unit], name="W_frag")
-    axes = [te.reduce_axis((0, e), name=nm) for e, nm in zip(frag, ("kb", "s", "hi", "t", "lo"))]
-    acc = te.compute((m, n), lambda a, i: te.sum(XF[(a, *axes)].astype("float32") * WF[(i, *axes)].astype("float32"),
-                                                 axis=axes), name="acc")
-    Y = te.compute((m, n), lambda a, i: acc[a, i].astype("float16"), name="Y")
+    Y = fragment_products(XF, frag, m, n, lambda i, axes: WF[(i, *axes)])
     return te.create_prim_func([X, *params, Y]).with_attr("global_symbol", "main")
 
 

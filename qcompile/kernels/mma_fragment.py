@@ -33,7 +33,7 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 from __future__ import annotations
 
 from .mma import (MMA_M, NATURAL_ROWS, MmaConfig, _loops_below, check_mma_config, format_default_mma_config,
-                  fill_per_block, k_blocks, padded_x_frag, schedule_mma_rows, span_of)
+                  fill_per_block, fragment_products, k_blocks, schedule_mma_rows, span_of, x_fragments)
 from .schedules import _get_sblock, vectorize_copy
 
 
@@ -60,14 +60,9 @@ def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     fmt.check_shape(n, k)
     if span % 8:
         raise ValueError(f"span {span} must be a multiple of 8 (K blocks of whole 32-column super-tiles)")
-    block, steps = 4 * span, span // 4
-    if k % block:
-        raise ValueError(f"in_features {k} must be a multiple of the K block {block}")
+    X, XF, clamp, frag = x_fragments(m, k, span, blocks, lambda kb, *c: natural_column(kb, *c, span))
     params, bufs = fragment_stages(fmt, n, k)
-    X = te.placeholder((m, k), "float16", name="X")
-    nkb = k // block
-    frag = (blocks or nkb, steps, 2, 4, 2)  # K block, mma step, fragment column c = 8 * hi + 2 * t + lo
-    XF, clamp = padded_x_frag(X, m, k, frag, nkb, lambda kb, *c: natural_column(kb, *c, span))
+    steps = frag[1]
 
     def w_value(tile, h, g, kb, s, hi, t, lo):  # weight row 16 * tile + 8h + g = A row g + 8h
         return fmt.tir_fragment_decode(bufs, tile, clamp(kb) * steps + s, 4 * g + t, 4 * hi + 2 * h + lo)
@@ -76,11 +71,7 @@ def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     # index (with i % 8, compute_at's region analysis relaxed the lane over the tile loops); its
     # buffer is [n, ...] like mma_func's (transform_layout below), which acc reads as an einsum
     WF = te.compute((n // MMA_M, 2, MMA_M // 2, *frag), w_value, name="W_frag")
-    axes = [te.reduce_axis((0, e), name=nm) for e, nm in zip(frag, ("kb", "s", "hi", "t", "lo"))]
-    acc = te.compute((m, n), lambda a, i: te.sum(
-        XF[(a, *axes)].astype("float32") * WF[(i // MMA_M, i % MMA_M // 8, i % 8, *axes)].astype("float32"),
-        axis=axes), name="acc")
-    Y = te.compute((m, n), lambda a, i: acc[a, i].astype("float16"), name="Y")
+    Y = fragment_products(XF, frag, m, n, lambda i, axes: WF[(i // MMA_M, i % MMA_M // 8, i % 8, *axes)])
     func = te.create_prim_func([X, *params, Y]).with_attr("global_symbol", "main")
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
     sch.transform_layout(sch.get_sblock("W_frag"), ("write", 0),
