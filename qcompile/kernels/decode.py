@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-from .schedules import _func_mod, _gather_block, _get_sblock, inline_derived, inline_gather, vectorize_copy
+from .schedules import _func_mod, inline_derived, inline_gather, vectorize_copy
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, packed
     are the weight, not a table) and which ``stream`` loads into registers."""
     import tvm
 
-    from .mma import _loops_below, stage_packed_words
+    from .mma import _loops_below, decode_in_registers, stage_packed_words
 
     sch = tvm.s_tir.Schedule(_func_mod(func))
     out = sch.get_sblock("W")
@@ -154,30 +154,13 @@ def schedule_decode_cuda(func, cfg: DecodeConfig, unit: int, intrin=None, packed
         sch.bind(s_tx, "threadIdx.x")
         sch.vectorize(vec)
 
-    dec = sch.get_sblock("W_decode")
-    sch.compute_at(dec, own)
-    sch.set_scope(dec, 0, "local")
-    consumers = [dec]
-    gather = _gather_block(sch)
-    if gather is not None:
-        sch.compute_at(gather, own)
-        sch.set_scope(gather, 0, "local")
-        for loop in _loops_below(sch, gather, own):
-            sch.unroll(loop)
-        consumers.append(gather)
-        if cfg.lut_shared:  # its tables (what it reads besides the packed words) to shared memory
-            skip = set(packed) | {"W_slice"}
-            for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
-                table = sch.cache_read(gather, idx, "shared")
-                sch.compute_at(table, bx)
-                copy = sch.fuse(*sch.get_loops(table)[1:])
-                _, t_x = sch.split(copy, [None, threads])
-                sch.bind(t_x, "threadIdx.x")
-        slices = _get_sblock(sch, "W_slice")
-        if slices is not None:
-            sch.compute_at(slices, own)
-            sch.set_scope(slices, 0, "local")
-            consumers.append(slices)
+    def place_table(table):  # copied once per block by all its threads
+        sch.compute_at(table, bx)
+        copy = sch.fuse(*sch.get_loops(table)[1:])
+        _, t_x = sch.split(copy, [None, threads])
+        sch.bind(t_x, "threadIdx.x")
+
+    dec, consumers = decode_in_registers(sch, own, packed, cfg.lut_shared, place_table)
     if stream:
         stage_packed_words(sch, consumers, packed, tx)
     for loop in _loops_below(sch, dec, own)[:-1]:

@@ -494,26 +494,8 @@ class _UnitDecode:
     def decode(self, sch, w_lane, bn):
         """The decode of the lane's units (two rows x cfg.units units), in registers."""
         cfg, intrin, streamed = self.cfg, self.intrin, self.streamed
-        dec = sch.get_sblock("W_decode")
-        sch.compute_at(dec, w_lane)
-        sch.set_scope(dec, 0, "local")
-        gather = _gather_block(sch)
-        consumers = [dec]
-        if gather is not None:
-            sch.compute_at(gather, w_lane)
-            sch.set_scope(gather, 0, "local")
-            for loop in _loops_below(sch, gather, w_lane):
-                sch.unroll(loop)
-            consumers.append(gather)
-            if cfg.lut_shared:  # its tables (what it reads besides the packed words) to shared memory
-                skip = set(streamed) | {"W_slice"}
-                for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
-                    fill_per_block(sch, sch.cache_read(gather, idx, "shared"), bn, cfg)
-            slices = _get_sblock(sch, "W_slice")
-            if slices is not None:
-                sch.compute_at(slices, w_lane)
-                sch.set_scope(slices, 0, "local")
-                consumers.append(slices)
+        dec, consumers = decode_in_registers(sch, w_lane, streamed, cfg.lut_shared,
+                                             lambda table: fill_per_block(sch, table, bn, cfg))
         stage_packed_words(sch, consumers, streamed, w_lane)
         sources = []
         for loop in _loops_below(sch, dec, w_lane)[:-1]:  # the lane's rows and units
@@ -546,6 +528,35 @@ def _read_index(sch, block, prefix):
     """Index of the read of ``block`` whose buffer name starts with ``prefix``."""
     names = [r.source.name for r in sch.get(block).reads]
     return next(i for i, nm in enumerate(names) if nm.startswith(prefix))
+
+
+def decode_in_registers(sch, at, packed, lut_shared, place_table):
+    """The format's decode stages in registers at loop ``at``: W_decode, its table gather (the loops
+    below ``at`` unrolled) and the gather's slices. With ``lut_shared`` the gather's tables (what it
+    reads besides the ``packed`` words and the slices) are cached in shared memory, each copy placed
+    by ``place_table(block)`` (the rule's thread binding). Returns (W_decode, the blocks that read
+    the packed words: the consumers ``stage_packed_words`` serves)."""
+    dec = sch.get_sblock("W_decode")
+    sch.compute_at(dec, at)
+    sch.set_scope(dec, 0, "local")
+    consumers = [dec]
+    gather = _gather_block(sch)
+    if gather is not None:
+        sch.compute_at(gather, at)
+        sch.set_scope(gather, 0, "local")
+        for loop in _loops_below(sch, gather, at):
+            sch.unroll(loop)
+        consumers.append(gather)
+        if lut_shared:
+            skip = set(packed) | {"W_slice"}
+            for idx in [i for i, r in enumerate(sch.get(gather).reads) if r.source.name not in skip]:
+                place_table(sch.cache_read(gather, idx, "shared"))
+        slices = _get_sblock(sch, "W_slice")
+        if slices is not None:
+            sch.compute_at(slices, at)
+            sch.set_scope(slices, 0, "local")
+            consumers.append(slices)
+    return dec, consumers
 
 
 def _loops_below(sch, block, anchor):
