@@ -98,14 +98,17 @@ def mma_variants(cfg, fragment: bool = False) -> list:
 
 
 def family_api(family: str):
-    """(default config, variants, check, scheduled func builder) of a kernel family."""
+    """(default config of (fmt, n, k, m), variants, check, scheduled func builder) of a kernel family."""
     if family == "mma":
-        from ..kernels.mma import check_mma_config, default_mma_config, mma_scheduled_func
+        from ..kernels.mma import check_mma_config, format_default_mma_config, mma_scheduled_func
 
-        return default_mma_config, mma_variants, check_mma_config, mma_scheduled_func
+        return format_default_mma_config, mma_variants, check_mma_config, mma_scheduled_func
     from ..kernels.tensorcore import check_tc_config, default_tc_config, tc_scheduled_func
 
-    return default_tc_config, variants, check_tc_config, tc_scheduled_func
+    def default(fmt, n, k, m):
+        return default_tc_config(n, k, m, fmt.decode_unit)
+
+    return default, variants, check_tc_config, tc_scheduled_func
 
 
 def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants: bool, plain: bool,
@@ -113,12 +116,7 @@ def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants:
     """[(label, cfg, use_intrin)] that tile the shape: default first, no duplicates."""
     default, near, check, _ = family_api(family)
     fragment = family == "mma" and fmt.fragment_native  # QTIP HYB: qcompile.kernels.mma_fragment
-    if family == "mma":
-        from ..kernels.mma import format_default_mma_config
-
-        base = format_default_mma_config(fmt, n, k, m)
-    else:
-        base = default(n, k, m, fmt.decode_unit)
+    base = default(fmt, n, k, m)
     cfgs = [base] + [parse_config(t, base) for t in extra] + ((near(base, fragment) if fragment else near(base))
                                                               if with_variants else [])
     out, seen = [], set()
