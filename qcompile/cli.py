@@ -358,6 +358,7 @@ def cmd_tune(args) -> int:
     from .tune.measure import CudaMeasure, require_cuda
     from .tune.records import default_records_dir, local_gpu_name
 
+    records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
     if args.merge is not None:  # no kernels, no GPU: records measured elsewhere join these
         from .tune.records import TuningRecords
 
@@ -367,7 +368,6 @@ def cmd_tune(args) -> int:
         if others:
             raise QCompileError(f"--merge only merges records and takes no {', '.join(others)}; run the merge "
                                 f"alone (with --records for the destination)")
-        records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
         for path, count in TuningRecords(records_dir).merge(args.merge):
             print(f"{path}: {count} entries merged from {args.merge}")
         return 0
@@ -386,7 +386,6 @@ def cmd_tune(args) -> int:
     gpu = local_gpu_name()
     if target.name not in (target.arch, gpu):  # e.g. --target h200 on an H100
         raise QCompileError(f"--target {args.target} names another GPU than this one ({gpu})")
-    records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
     jobs = default_jobs() if args.jobs is None else args.jobs
     print(describe_kernels(specs, source, args.alternatives), flush=True)
     measure = CudaMeasure()
