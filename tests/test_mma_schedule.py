@@ -267,12 +267,25 @@ def test_default_config_tiles_real_shapes():
         assert default_mma_config(28672, 8192, 8, unit).tiles == 2
         assert default_mma_config(8192, 28672, 16, unit) == MmaConfig(units=32 // unit, tiles=2, warps_k=8)
         # K = 11008: 86 K blocks of 128 columns = 2 x 43, padded to 88 for 8 K warps (not 2 warps)
-        cfg = default_mma_config(4096, 11008, 4, unit)
+        cfg = default_mma_config(11008, 11008, 4, unit)
         assert cfg.warps_k == 8 and k_blocks(cfg, 11008, unit) == 88
+        # a narrow N (4096 rows: 128 blocks of 32) splits K over 16 warps, two K blocks a step, one
+        # tile at M <= 4 (up to 8191 rows), two at M = 5..16 (up to 4223 rows); 86 -> 96 K blocks
+        narrow4, narrow16 = default_mma_config(4096, 11008, 4, unit), default_mma_config(4096, 11008, 16, unit)
+        assert narrow4 == MmaConfig(units=32 // unit, tiles=1, warps_k=16, unroll=2)
+        assert narrow16 == MmaConfig(units=32 // unit, tiles=2, warps_k=16, unroll=2)
+        assert k_blocks(narrow4, 11008, unit) == 96
+        assert default_mma_config(8192, 28672, 4, unit) == narrow4
+        assert default_mma_config(8192, 28672, 16, unit).warps_k == 8
+        assert default_mma_config(12288, 4096, 4, unit) == MmaConfig(units=32 // unit, tiles=2, warps_k=8)
+        assert default_mma_config(4096, 11008, 1, unit).warps_k == 8  # M=1 (the GEMV's bucket): as before
+        # a K that 16 warps x unroll 2 do not split (13824: 108 blocks -> 128, 16 % idle): as before
+        assert default_mma_config(4096, 13824, 4, unit).warps_k == 8
     # not for a two-stage decode (e8p-4: 183 registers a lane with four tiles, slower on the H100)
     e8p4 = qc.formats.get("e8p-4")
     assert e8p4.decode_stages == 2 and qc.formats.get("e8p-2").decode_stages == 1
     assert default_mma_config(28672, 8192, 16, 32, e8p4.decode_stages) == MmaConfig(units=1, tiles=2, warps_k=8)
+    assert default_mma_config(4096, 11008, 4, 32, e8p4.decode_stages) == MmaConfig(units=1, tiles=2, warps_k=8)
 
 
 def test_padded_k_blocks_need_a_padded_func():
