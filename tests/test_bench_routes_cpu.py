@@ -90,3 +90,31 @@ def test_a_low_decode_threshold_routes_small_batches_to_the_decode(cpu_bench):
                             log=lambda text: None)
     assert [r["route"] for r in doc["records"]] == ["fused", "decode_cublas"]
     assert all(r["rel_err"] < 1e-2 for r in doc["records"])
+
+
+def test_with_records_the_tuned_rows_also_time_their_default_config_twins(cpu_bench, monkeypatch, tmp_path):
+    # a record "applies" to the M=16 bucket (the fused route) and to the 32-row mma bucket a split
+    # route launches; the llvm build ignores the configs, so only the bench's bookkeeping is checked
+    from qcompile.kernels.mma import MmaConfig
+    from qcompile.tune import records
+
+    tuned_ms = {16, 32}
+    monkeypatch.setattr(records.TuningRecords, "lookup", lambda self, gpu: (
+        lambda spec: MmaConfig(units=4, tiles=1, warps_k=4) if spec.m in tuned_ms else None))
+    kw = dict(iters=2, warmup=1, log=lambda text: None, records_dir=tmp_path)
+    doc = harness.run_bench("int4-g128", [(256, 1024)], [1, 16, 24], **kw)
+    harness.check_bench_document(doc)
+    by_m = {r["M"]: r for r in doc["records"]}
+    assert [by_m[m]["route"] for m in (1, 16, 24)] == ["fused", "fused", "split"]
+    assert "untuned_us" not in by_m[1]  # nothing tuned there: one kernel, timed once
+    assert by_m[16]["untuned_us"] == FAKE_US and by_m[16]["tuned_config"] == MmaConfig(units=4, tiles=1, warps_k=4).as_dict()
+    assert by_m[24]["untuned_us"] == FAKE_US  # the split route's tuned 32-row launch, with its default twin
+    assert all(r["rel_err"] < 1e-2 for r in doc["records"])
+    # --no-untuned (untuned=False): the tuned kernels only
+    doc = harness.run_bench("int4-g128", [(256, 1024)], [16], untuned=False, **kw)
+    assert "untuned_us" not in doc["records"][0]
+
+
+def test_no_untuned_needs_records():
+    with pytest.raises(harness.QCompileError, match="--no-untuned only applies with --records"):
+        harness.main(["--no-untuned", "--format", "int4-g128", "--shapes", "256x1024", "--m", "1"])

@@ -308,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--records", default=None, metavar="DIR",
                     help="build with the tuned GEMV and tensor-core configs in DIR (qcompile tune); "
                          "default: untuned defaults")
+    ap.add_argument("--no-untuned", action="store_true",
+                    help="with --records: do not also time the default configs of the kernels a record "
+                         "tunes (by default each such row gets untuned_us, measured in the same process)")
     ap.add_argument("--decode-min-m", type=int, default=None, metavar="M",
                     help="M from which the timed route is decode + cuBLAS (default: the format's default of "
                          "qcompile build; 0: never)")
@@ -432,9 +435,12 @@ def bench_weight(fmt, n: int, k: int, device):
 def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] = None,
               ms: Sequence[int] = None, iters: int = DEFAULT_ITERS, warmup: int = DEFAULT_WARMUP,
               timing_mode: str = "graph", log: Callable[[str], None] = None, records_dir=None,
-              fused_gemm: bool = False, decode_min_m: Optional[int] = None) -> dict:
+              fused_gemm: bool = False, decode_min_m: Optional[int] = None, untuned: bool = True) -> dict:
     """Run the benchmark on the local GPU and return the JSON document (not yet written).
-    ``records_dir``: build the GEMV and tensor-core kernels with the tuned configs found there (qcompile tune).
+    ``records_dir``: build the GEMV and tensor-core kernels with the tuned configs found there (qcompile tune);
+    ``untuned`` (with it): also build those kernels with their default configs and time them on the
+    same rows (``untuned_us``, where the route's kernels include a tuned one), so a record shows what
+    tuning bought in one process.
 
     M <= GEMV_MAX_M: the kernel compiled for that M. Larger M: what the runtime does with the default
     buckets (qcompile.runtime.linear): from ``decode_min_m`` (None: the format's default; 0: never)
@@ -496,6 +502,16 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
     for spec, err in build_failures.items():
         log(f"warning: no kernel {spec.name}: {err}")
         bench.fail("qcompile", spec.n, spec.k, getattr(spec, "m", None), err)
+    # the tuned kernels once more with their default configs (their own module: same names)
+    untuned_specs = [spec for spec, cfg in tuned.items() if cfg is not None and spec in built] if untuned else []
+    untuned_exec, untuned_built = None, set()
+    if untuned_specs:
+        untuned_exec, untuned_failures = build_kernels(untuned_specs, target, log, None)
+        untuned_built = set() if untuned_exec is None else set(untuned_specs) - set(untuned_failures)
+        for spec, err in untuned_failures.items():
+            log(f"warning: no default-config kernel {spec.name}: {err}")
+            bench.fail("qcompile_untuned", spec.n, spec.k, spec.m, err)
+        log(f"compiled {len(untuned_built)} default-config twins of the tuned kernels")
 
     torch.manual_seed(0)
     records = []
@@ -525,19 +541,41 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                 log(f"warning: the decode kernel of N={n} K={k} differs from the format's torch decode")
             t_decode = bench.time(decode_only_method(executable[decode_name], q_weights, W_scratch), n, k, None)
 
-        def kernel_of(m_):
+        def kernel_of(m_, default_config=False):
+            """The kernel of bucket m_: as built (tuned where a record applies), or with
+            ``default_config`` its default-config twin (the same kernel where nothing was tuned)."""
             spec_ = KernelSpec(fmt.name, n, k, m_)
+            if default_config and spec_ in untuned_built:
+                return untuned_exec[spec_.name]
             return executable[spec_.name] if spec_ in built else None
+
+        def split_launches(X, Y, rows, default_config=False):
+            """(kernel, X rows, Y rows) of the bucket plan's launches ``rows``, padded tails as the
+            runtime pads them (their copies left out of the timing)."""
+            launches = []
+            for start, used, b in rows:
+                kern = kernel_of(b, default_config)
+                if used == b:
+                    launches.append((kern, X[start:start + used], Y[start:start + used]))
+                else:
+                    xb = torch.zeros((b, k), device=device, dtype=torch.float16)
+                    xb[:used].copy_(X[start:start + used])
+                    launches.append((kern, xb, torch.empty((b, n), device=device, dtype=torch.float16)))
+            return launches
 
         for m in ms:
             X = torch.randn(m, k, device=device, dtype=torch.float16)
             ref = X.to(torch.float64) @ w64_t
             # the ways this qcompile build computes the layer at this M: route -> TimedMethod
             methods = {}
+            route = plan.route(m)
             if m <= GEMV_MAX_M:
                 if kernel_of(m) is not None:
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)  # poison
                     methods["fused"] = (qcompile_method(kernel_of(m), X, q_weights, Y), Y, ())
+                    if KernelSpec(fmt.name, n, k, m) in untuned_built and route == "fused":
+                        Yu = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                        methods["untuned"] = (qcompile_method(kernel_of(m, True), X, q_weights, Yu), Yu, ())
             else:
                 if fused_gemm and m in gemm_ms and kernel_of(m) is not None:
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
@@ -545,21 +583,17 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                 rows = plan_rows(m, buckets) if m in split_ms else []
                 if rows and all(kernel_of(b) is not None for _, _, b in rows):
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
-                    launches = []
-                    for start, used, b in rows:
-                        if used == b:
-                            launches.append((kernel_of(b), X[start:start + used], Y[start:start + used]))
-                        else:  # padded tail, as the runtime pads it (its copies left out of the timing)
-                            xb = torch.zeros((b, k), device=device, dtype=torch.float16)
-                            xb[:used].copy_(X[start:start + used])
-                            launches.append((kernel_of(b), xb, torch.empty((b, n), device=device, dtype=torch.float16)))
+                    launches = split_launches(X, Y, rows)
                     methods["split"] = (split_method(launches, q_weights), Y, list(zip(launches, rows)))
+                    if route == "split" and any(KernelSpec(fmt.name, n, k, b) in untuned_built for _, _, b in rows):
+                        Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                        launches = split_launches(X, Y, rows, True)
+                        methods["untuned"] = (split_method(launches, q_weights), Y, list(zip(launches, rows)))
             if has_decode and (m > GEMV_MAX_M or plan.route(m) == "decode_cublas"):  # (a --decode-min-m <= 16)
                 methods["decode_cublas"] = (decode_cublas_method(executable[decode_name], X, q_weights, W_scratch),
                                             None, ())
             if not methods:
                 continue
-            route = plan.route(m)
             if route not in methods:
                 route = next(iter(methods))
             times, errs = {}, {}
@@ -657,6 +691,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for fmt in fmts:
         for n, k in shapes:
             fmt.check_shape(n, k)
+    if args.no_untuned and args.records is None:
+        raise QCompileError("--no-untuned only applies with --records DIR (without records every kernel is untuned)")
     if args.decode_min_m is not None and args.decode_min_m < 0:
         raise QCompileError("--decode-min-m must be >= 1, or 0 for no decode route")
     require_cuda()
@@ -668,7 +704,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(fmts) > 1:
             print(f"\n{fmt.name}:", flush=True)
         doc = run_bench(fmt.name, shapes, ms, args.iters, args.warmup, args.timing, records_dir=args.records,
-                        fused_gemm=args.fused_gemm, decode_min_m=args.decode_min_m)
+                        fused_gemm=args.fused_gemm, decode_min_m=args.decode_min_m, untuned=not args.no_untuned)
         name = args.name or default_name(fmt.name, doc["device"])
         json_path = Path(args.out_dir) / f"{name}.json"
         png_path = Path(args.out_dir) / f"{name}.png"
