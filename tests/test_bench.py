@@ -164,16 +164,16 @@ def test_model_shape_presets_are_every_linear_fused_and_not():
 
 def test_bench_plan_times_the_routes_build_compiles():
     """The bench times what a GPU build of the format runs: int4/E8P compile 32 and 64 (one mma.sync
-    launch each; M=128 then takes the decode route), QTIP HYB splits M=32 into M=16 launches and
-    decodes from 64, 1MAD/3INST decode from 17; --fused-gemm only where the GEMM family serves."""
+    launch each; M=128 then takes the decode route), QTIP HYB splits M=32 and 64 into M=16 launches and
+    decodes from 65, 1MAD/3INST decode from 17; --fused-gemm only where the GEMM family serves."""
     ms = [1, 4, 16, 32, 64, 128, 256, 1024]
     p = harness.bench_plan("e8p-2", ms)
     assert p.buckets == (1, 4, 16, 32, 64) and p.decode_from == 128
     assert p.bucket_ms == (1, 4, 16, 32, 64) and p.gemm_ms == (128, 256, 1024)
     assert [p.route(m) for m in ms] == ["fused"] * 3 + ["split"] * 2 + ["decode_cublas"] * 3
     h = harness.bench_plan("qtip-hyb-2", ms)
-    assert h.buckets == (1, 4, 16) and h.decode_from == 64 and h.bucket_ms == (1, 4, 16)
-    assert [h.route(m) for m in (16, 32, 64)] == ["fused", "split", "decode_cublas"]
+    assert h.buckets == (1, 4, 16) and h.decode_from == 65 and h.bucket_ms == (1, 4, 16)
+    assert [h.route(m) for m in (16, 32, 64, 128)] == ["fused", "split", "split", "decode_cublas"]
     assert harness.bench_plan("qtip-3inst-2", ms).route(32) == "decode_cublas"
     assert harness.bench_plan("int4-g128", ms, decode_min_m=0).route(1024) == "split"
     assert harness.bench_plan("int4-g128", [96], decode_min_m=0).bucket_ms == (32, 64)  # 96 = 64 + 32

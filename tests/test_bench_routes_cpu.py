@@ -70,7 +70,7 @@ def cpu_bench(monkeypatch):
 
 @pytest.mark.parametrize("name, ms, routes", [
     ("int4-g128", (1, 16, 48, 256), ["fused", "fused", "split", "decode_cublas"]),
-    ("qtip-hyb-2", (1, 4, 32, 64), ["fused", "fused", "split", "decode_cublas"]),
+    ("qtip-hyb-2", (1, 4, 64, 80), ["fused", "fused", "split", "decode_cublas"]),
 ])
 def test_every_route_runs_and_is_labelled_as_the_runtime_takes_it(cpu_bench, name, ms, routes):
     doc = harness.run_bench(name, [(256, 1024)], list(ms), iters=2, warmup=1, log=lambda text: None)
@@ -101,14 +101,26 @@ def test_with_records_the_tuned_rows_also_time_their_default_config_twins(cpu_be
     tuned_ms = {16, 32}
     monkeypatch.setattr(records.TuningRecords, "lookup", lambda self, gpu: (
         lambda spec: MmaConfig(units=4, tiles=1, warps_k=4) if spec.m in tuned_ms else None))
+    builds = []  # (specs, with configs?) of every build_kernels call
+    real_build = harness.build_kernels
+
+    def build_kernels(specs, target, log, config_for=None):
+        builds.append((sorted(getattr(s, "m", 0) for s in specs), config_for is not None))
+        return real_build(specs, target, log, config_for)
+
+    monkeypatch.setattr(harness, "build_kernels", build_kernels)
     kw = dict(iters=2, warmup=1, log=lambda text: None, records_dir=tmp_path)
-    doc = harness.run_bench("int4-g128", [(256, 1024)], [1, 16, 24], **kw)
+    doc = harness.run_bench("int4-g128", [(256, 1024)], [1, 16, 24, 32], **kw)
     harness.check_bench_document(doc)
+    assert builds[1] == ([16, 32], False)  # the twins: exactly the tuned kernels, default configs
     by_m = {r["M"]: r for r in doc["records"]}
-    assert [by_m[m]["route"] for m in (1, 16, 24)] == ["fused", "fused", "split"]
+    assert [by_m[m]["route"] for m in (1, 16, 24, 32)] == ["fused", "fused", "split", "split"]
     assert "untuned_us" not in by_m[1]  # nothing tuned there: one kernel, timed once
     assert by_m[16]["untuned_us"] == FAKE_US and by_m[16]["tuned_config"] == MmaConfig(units=4, tiles=1, warps_k=4).as_dict()
     assert by_m[24]["untuned_us"] == FAKE_US  # the split route's tuned 32-row launch, with its default twin
+    # the twins computed the layer too, into their own outputs (M=24: a padded launch, its rows copied
+    # back; M=32: one whole launch writing the output directly)
+    assert all(by_m[m]["untuned_rel_err"] < 1e-2 for m in (16, 24, 32))
     assert all(r["rel_err"] < 1e-2 for r in doc["records"])
     # --no-untuned (untuned=False): the tuned kernels only
     doc = harness.run_bench("int4-g128", [(256, 1024)], [16], untuned=False, **kw)

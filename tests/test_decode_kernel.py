@@ -147,7 +147,7 @@ def test_decode_spec_names_and_defaults():
     assert DecodeSpec("e8p-2", 4096, 11008).name == "decode_e8p_2_n4096_k11008"
     assert default_decode_min_m("int4-g128") == default_decode_min_m("e8p-2") == MMA_DECODE_MIN_M
     assert default_decode_min_m("qtip-3inst-2") == GEMV_MAX_M + 1
-    assert default_decode_min_m("qtip-hyb-2") == 64  # on its fragment-native mma.sync kernel
+    assert default_decode_min_m("qtip-hyb-2") == 65  # on its fragment-native mma.sync kernel
     with pytest.raises(qc.QCompileError):
         default_decode_min_m("int5")
 

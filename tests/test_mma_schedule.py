@@ -237,7 +237,7 @@ def test_default_buckets_and_decode_route_follow_the_mma_buckets():
         assert library.default_decode_min_m(name, (1, 4, 16)) == library.default_decode_min_m(name, (1, 32)) == 96
     for name in ("qtip-hyb-2", "qtip-3inst-2", "qtip-1mad-3"):
         assert library.default_buckets(name) == (1, 4, 16)
-    assert library.default_decode_min_m("qtip-hyb-2") == library.default_decode_min_m("qtip-hyb-2", (1, 4)) == 64
+    assert library.default_decode_min_m("qtip-hyb-2") == library.default_decode_min_m("qtip-hyb-2", (1, 4)) == 65
     assert library.default_decode_min_m("qtip-3inst-2") == 17
 
 
@@ -269,14 +269,16 @@ def test_default_config_tiles_real_shapes():
         # K = 11008: 86 K blocks of 128 columns = 2 x 43, padded to 88 for 8 K warps (not 2 warps)
         cfg = default_mma_config(11008, 11008, 4, unit)
         assert cfg.warps_k == 8 and k_blocks(cfg, 11008, unit) == 88
-        # a narrow N (4096 rows: 128 blocks of 32) splits K over 16 warps, two K blocks a step, one
-        # tile at M <= 4 (up to 8191 rows), two at M = 5..16 (up to 4223 rows); 86 -> 96 K blocks
+        # a narrow N (4096 rows: 128 blocks of 32, under 132) splits K over 16 warps, two K blocks a
+        # step, one tile at M <= 4, two at M = 5..16 (up to 4223 rows); 86 -> 96 K blocks
         narrow4, narrow16 = default_mma_config(4096, 11008, 4, unit), default_mma_config(4096, 11008, 16, unit)
         assert narrow4 == MmaConfig(units=32 // unit, tiles=1, warps_k=16, unroll=2)
         assert narrow16 == MmaConfig(units=32 // unit, tiles=2, warps_k=16, unroll=2)
         assert k_blocks(narrow4, 11008, unit) == 96
-        assert default_mma_config(8192, 28672, 4, unit) == narrow4
-        assert default_mma_config(8192, 28672, 16, unit).warps_k == 8
+        assert default_mma_config(4192, 11008, 4, unit) == narrow4
+        for m in (4, 16):  # 4224 rows = 132 blocks: as before
+            assert default_mma_config(4224, 11008, m, unit).warps_k == 8
+            assert default_mma_config(8192, 28672, m, unit).warps_k == 8
         assert default_mma_config(12288, 4096, 4, unit) == MmaConfig(units=32 // unit, tiles=2, warps_k=8)
         assert default_mma_config(4096, 11008, 1, unit).warps_k == 8  # M=1 (the GEMV's bucket): as before
         # a K that 16 warps x unroll 2 do not split (13824: 108 blocks -> 128, 16 % idle): as before

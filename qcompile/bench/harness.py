@@ -585,7 +585,8 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     launches = split_launches(X, Y, rows)
                     methods["split"] = (split_method(launches, q_weights), Y, list(zip(launches, rows)))
-                    if route == "split" and any(KernelSpec(fmt.name, n, k, b) in untuned_built for _, _, b in rows):
+                    tuned_rows = {KernelSpec(fmt.name, n, k, b) for _, _, b in rows} & set(untuned_specs)
+                    if route == "split" and tuned_rows and tuned_rows <= untuned_built:  # every tuned launch's twin
                         Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                         launches = split_launches(X, Y, rows, True)
                         methods["untuned"] = (split_method(launches, q_weights), Y, list(zip(launches, rows)))
@@ -641,6 +642,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                 torch_int4_same_weights=None if int4 is None else int4.same_weights,
                 us_p10=t_q.p10_us, us_p90=t_q.p90_us, route=route,
                 **{f"{name}_us": t.median_us for name, t in times.items() if name != route},
+                **({"untuned_rel_err": errs.get("untuned")} if "untuned" in times else {}),
                 decode_us=None if m <= GEMV_MAX_M or t_decode is None else t_decode.median_us,
                 decode_exact=None if m <= GEMV_MAX_M else decode_exact,
                 tuned_config=(None if route != "fused" or tuned.get(KernelSpec(fmt.name, n, k, m)) is None

@@ -88,9 +88,12 @@ def default_buckets(fmt, target_kind: str = "cuda") -> Tuple[int, ...]:
 MMA_DECODE_MIN_M = 128
 MMA_DECODE_MIN_M_M16 = 96
 # QTIP HYB on its fragment-native mma.sync kernel: M=16 100 / 111 / 37.6 us (H100, same sweep), so
-# M=32 as two launches (200 us on 28672x8192) beats decode + cuBLAS (263 + 155 us); at M=64 four
-# launches (400 us) and the decode route (~420 us) are even
-FRAGMENT_DECODE_MIN_M = 64
+# M=32 as two launches (200 us on 28672x8192) beats decode + cuBLAS (263 + 155 us). At M=64 the bench
+# at ae4cd4e timed both routes in one process (qtip-hyb-2-h100.json): four M=16 launches 384.1 /
+# 407.0 / 103.1 us against decode + cuBLAS 444.3 / 443.1 / 96.0 us on 28672x8192 / 8192x28672 /
+# 4096x11008, so the decode route starts above 64 (at 80, five launches, it would be ~490 us against
+# ~445 on the large shapes)
+FRAGMENT_DECODE_MIN_M = 65
 
 
 # The fragment-native formats (``Format.fragment_native``: QTIP HYB, stored in the mma A-fragment

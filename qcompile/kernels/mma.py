@@ -594,18 +594,16 @@ def stage_packed_words(sch, consumers, streamed, at) -> None:
 # two), and its M=16 on 28672x8192 went from 90.2 us (2 tiles, 8 K warps) to 107 us (bench records).
 WIDE_TILES_MIN_BLOCKS = 264
 
-# On a narrow N the default's two tiles a warp leave too few blocks of 32 rows to fill the GPU (4096
-# rows: 128 blocks for 132 SMs), so the row-packed one-stage formats split K over 16 warps instead,
-# with two K blocks a step for more loads in flight (where K splits so; else the shapes below): one
-# tile a warp at M = 2..4 below NARROW_SMALL_M_BLOCKS blocks of 32 rows (two per SM), two tiles at
-# M = 5..16 below NARROW_BLOCKS (one per SM). The H100
-# tuning records (schedules/h100, tuned at ae4cd4e and before), this config against the former
-# default (2 tiles, 8 K warps, unroll 1): M=4 int4-g128 4096x4096 6.14 / 8.82 us, 4096x11008 12.01 /
-# 19.72, e8p-2 4096x4096 6.11 / 7.27, 4096x11008 12.59 / 14.45, 8192x28672 44.53 / 48.16 us (the
-# best of 16 candidates on the four 4096-row shapes); M=16 int4-g128 4096x4096 7.79 / 8.53,
-# 4096x11008 15.22 / 17.68, e8p-2 4096x4096 7.66 / 8.07, 4096x11008 16.42 / 16.76 us. At M=16 on
-# 8192x28672 (256 blocks) it lost (e8p-2 64.13 / 61.08 us), hence the lower bound there.
-NARROW_SMALL_M_BLOCKS = 264
+# On a narrow N the default's two tiles a warp leave fewer blocks of 32 rows than the GPU has SMs
+# (4096 rows: 128 blocks for 132 SMs), so there the row-packed one-stage formats split K over 16 warps
+# instead, with two K blocks a step for more loads in flight (where K splits so; else the shapes
+# below): one tile a warp at M = 2..4, two at M = 5..16. The H100 tuning records (schedules/h100,
+# tuned at ae4cd4e and before), this config against the former default (2 tiles, 8 K warps, unroll
+# 1): M=4 int4-g128 4096x4096 6.14 / 8.82 us, 4096x11008 12.01 / 19.72, e8p-2 4096x4096 6.11 / 7.27,
+# 4096x11008 12.59 / 14.45 (the best of 16 candidates on all four); M=16 int4-g128 4096x4096 7.79 /
+# 8.53, 4096x11008 15.22 / 17.68, e8p-2 4096x4096 7.66 / 8.07, 4096x11008 16.42 / 16.76 us. Only
+# below one block per SM of an H100 (132): on 8192 rows it lost at M=16 (e8p-2 8192x28672 64.13 /
+# 61.08 us) and is unmeasured for int4 at M=4 (whose record there, 49.36 us, beat the former default).
 NARROW_BLOCKS = 132
 NARROW_WARPS_K = 16
 NARROW_UNROLL = 2
@@ -630,8 +628,8 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
     mma, e8p-2 / int4-g128 on 28672x8192 and 8192x28672): at M = 2..16 this was the best or within
     10 % of it on both shapes (e8p-2 M=4: 47.0 / 50.9 us against 58.0 / 74.2 us with one tile and 4
     K warps; M=16: 70.8 / 63.9 us), except at M > 8 on a wide N (``WIDE_TILES_MIN_BLOCKS``): four
-    tiles and 4 K warps (one-stage decodes only), and at M = 2..16 on a narrow N (``NARROW_BLOCKS``,
-    ``NARROW_SMALL_M_BLOCKS``): 16 K warps, unroll 2, one tile at M <= 4 and two above. Where the
+    tiles and 4 K warps (one-stage decodes only), and at M = 2..16 on a narrow N (``NARROW_BLOCKS``):
+    16 K warps, unroll 2, one tile at M <= 4 and two above. Where the
     shape refuses it: fewer K warps, then one tile, then one unit per lane.
 
     ``fragment``: for a fragment-native format (qcompile.kernels.mma_fragment; QTIP HYB, whose unit
@@ -648,7 +646,7 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
     units = 1 if fragment else max(1, 32 // unit) if unit < 32 else 1
     if not fragment and decode_stages == 1 and 1 < m <= 16:
         small = m <= FRAGMENT_SMALL_M
-        if n // (2 * MMA_M) < (NARROW_SMALL_M_BLOCKS if small else NARROW_BLOCKS):
+        if n // (2 * MMA_M) < NARROW_BLOCKS:
             cfg = MmaConfig(units=units, tiles=1 if small else 2, warps_n=1, warps_k=NARROW_WARPS_K,
                             unroll=NARROW_UNROLL, lut_shared=1)
             try:  # (a K the 16 K warps do not split: the shapes below)
