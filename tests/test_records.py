@@ -110,3 +110,21 @@ def test_records_tuned_against_another_default_are_not_applied(tmp_path):
     assert TuningRecords(tmp_path).config_for(spec, "h100") == best
     records.save(dataclasses.replace(entry, default=today, measured_us={config_key(today): 9.0, config_key(best): 8.0}))
     assert TuningRecords(tmp_path).config_for(spec, "h100") == best
+
+
+def test_shipped_mma_records_hold_todays_default():
+    """Every shipped mma.sync entry was tuned against today's default config of its bucket or measured
+    it, so build applies it (``applies_today``). A change of ``default_mma_config`` that moves a
+    shipped shape's default to a config its entry never measured silently turns that record off (as
+    the first narrow-N rule did to int4's 8192x28672 M=4): re-tune the entry, or keep the default."""
+    from pathlib import Path
+
+    from qcompile.tune.records import applies_today, read_records_file
+
+    root = Path(__file__).resolve().parents[1] / "schedules"
+    stale = []
+    for path in sorted(root.glob("*/*.json")):
+        for entry in read_records_file(path, path.parent.name, path.stem).values():
+            if entry.kernel == "mma" and not applies_today(entry, entry.spec):
+                stale.append(f"{path.parent.name}/{path.stem} N={entry.n} K={entry.k} M={entry.m}")
+    assert not stale, "shipped mma records no longer applied: " + ", ".join(stale)
