@@ -504,6 +504,7 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
         bench.fail("qcompile", spec.n, spec.k, getattr(spec, "m", None), err)
     # the tuned kernels once more with their default configs (their own module: same names)
     untuned_specs = [spec for spec, cfg in tuned.items() if cfg is not None and spec in built] if untuned else []
+    tuned_specs = set(untuned_specs)
     untuned_exec, untuned_built = None, set()
     if untuned_specs:
         untuned_exec, untuned_failures = build_kernels(untuned_specs, target, log, None)
@@ -585,12 +586,12 @@ def run_bench(fmt_name: str = DEFAULT_FORMAT, shapes: Sequence[Tuple[int, int]] 
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     launches = split_launches(X, Y, rows)
                     methods["split"] = (split_method(launches, q_weights), Y, list(zip(launches, rows)))
-                    tuned_rows = {KernelSpec(fmt.name, n, k, b) for _, _, b in rows} & set(untuned_specs)
+                    tuned_rows = {KernelSpec(fmt.name, n, k, b) for _, _, b in rows} & tuned_specs
                     if route == "split" and tuned_rows and tuned_rows <= untuned_built:  # every tuned launch's twin
                         Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                         launches = split_launches(X, Y, rows, True)
                         methods["untuned"] = (split_method(launches, q_weights), Y, list(zip(launches, rows)))
-            if has_decode and (m > GEMV_MAX_M or plan.route(m) == "decode_cublas"):  # (a --decode-min-m <= 16)
+            if has_decode and (m > GEMV_MAX_M or route == "decode_cublas"):  # (a --decode-min-m <= 16)
                 methods["decode_cublas"] = (decode_cublas_method(executable[decode_name], X, q_weights, W_scratch),
                                             None, ())
             if not methods:

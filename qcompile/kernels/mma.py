@@ -605,6 +605,7 @@ WIDE_TILES_MIN_BLOCKS = 264
 # below one block per SM of an H100 (132): on 8192 rows it lost at M=16 (e8p-2 8192x28672 64.13 /
 # 61.08 us) and is unmeasured for int4 at M=4 (whose record there, 49.36 us, beat the former default).
 NARROW_BLOCKS = 132
+NARROW_SMALL_M = 4  # up to here one tile a warp, above two
 NARROW_WARPS_K = 16
 NARROW_UNROLL = 2
 
@@ -645,7 +646,7 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
     # word pairs of four super-tiles made ptxas spill at M > 8 to stay at 48 registers)
     units = 1 if fragment else max(1, 32 // unit) if unit < 32 else 1
     if not fragment and decode_stages == 1 and 1 < m <= 16:
-        small = m <= FRAGMENT_SMALL_M
+        small = m <= NARROW_SMALL_M
         if n // (2 * MMA_M) < NARROW_BLOCKS:
             cfg = MmaConfig(units=units, tiles=1 if small else 2, warps_n=1, warps_k=NARROW_WARPS_K,
                             unroll=NARROW_UNROLL, lut_shared=1)
