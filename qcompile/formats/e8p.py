@@ -312,7 +312,7 @@ def bit_trick_decode(abs32: np.ndarray, sign32: np.ndarray, table: Optional[np.n
     s ^= s >> 16
     sb = s & 15                       # bit i: parity of code i's sign bits
     s = b ^ sb                        # flip sign bit 0 (coordinate 0) of the odd-parity codes
-    sb = sb | (sb << 16)
+    q = sb * 0x11111111               # nibble k of q: the four parities (bit i: code i)
     out = np.empty(a.shape + (4, 8), dtype=np.float16)
 
     def halves(word):  # uint32 → (low fp16, high fp16)
@@ -323,8 +323,10 @@ def bit_trick_decode(abs32: np.ndarray, sign32: np.ndarray, table: Optional[np.n
     for i in range(4):
         if i == 2:
             s = s >> 2
-        x = tbl[(a >> (8 * i)) & 255] ^ ((s & (0x11111111 << (i & 1))) * (14 >> (i & 1)))
-        o_lo, o_hi = halves(0xD080D080 | ((sb & (0x00010001 << i)) << (4 - i)))
+        # every nibble is odd, so n − p = n ^ p: the parity goes into bit 0 of each nibble, beside
+        # the sign's 0b1110, and the offset is −36 for every code
+        x = tbl[(a >> (8 * i)) & 255] ^ ((s & (0x11111111 << (i & 1))) * (14 >> (i & 1)) + ((q >> i) & 0x11111111))
+        o_lo, o_hi = halves(np.array(0xD080D080, dtype=np.int64))  # half2(−36, −36)
         for j, sh in enumerate((-4, 0, 4, 8)):  # x<<4, x, x>>4, x>>8
             xs = ((x << 4) if sh < 0 else (x >> sh)) & 0xFFFFFFFF
             w_lo, w_hi = halves((xs & 0x00F000F0) | 0x50085008)
@@ -744,7 +746,8 @@ class E8PFormat(Format):
 def _tir_e8p(Q, tword, n, c, j):
     """fp16 value of weight 32c + j of row n from qidxs word pairs Q [N, K/32, 2] and ``tword``, the
     abs-table word of its code (grid_packed_abs[abs byte]), by the §1.6 construction (XOR of the nibble with 0b1110 negates it about 8; fp16
-    0x5008 | n<<4 = 32.25 + n/2; adding −36 / −36.5 gives (n−8)/2 ± ¼; every step exact)."""
+    0x5008 | n<<4 = 32.25 + n/2; the nibbles are odd, so the ∓¼ coset of an odd-parity code is
+    n ^ 1 = n − 1, and adding −36 gives (n−8)/2 ± ¼; every step exact)."""
     from tvm import tirx
 
     band, shr, bor, bxor = tirx.bitwise_and, tirx.shift_right, tirx.bitwise_or, tirx.bitwise_xor
@@ -758,17 +761,18 @@ def _tir_e8p(Q, tword, n, c, j):
     kk = (jj // 2) + (jj % 2) * 4                        # nibble / sign bit of coordinate jj
     flip = band(shr(bxor(B, tirx.shift_left(p, i)), kk * 4 + i), 1)  # sign bit 0 flipped by the parity
     nib = band(shr(tword, kk * 4), 15)
-    nib = bxor(nib, flip * 14)
+    nib = bxor(nib, flip * 14 + p)                       # nibbles are odd: n ^ p = n − p
     w = tirx.reinterpret("float16", tirx.Cast("uint16", bor(tirx.shift_left(nib, 4), 0x5008)))
-    o = tirx.reinterpret("float16", tirx.Cast("uint16", bor(tirx.shift_left(p, 4), 0xD080)))
-    return w + o
+    return w + tirx.const(-36.0, "float16")
 
 
 # The §1.6 decode of one word pair (four codes, 32 weights of one row) in 16 half2, as
 # ``bit_trick_decode`` spells it: parity of each code's sign bits by three XOR-folds; the odd codes
 # get sign bit 0 flipped; per code one table load, one XOR that negates the signed nibbles about 8
-# (x ^ 0b1110), then per coordinate pair a shift, one LOP3 into the mantissas of half2(32.25 + n/2)
-# and one HADD2 of −36 / −36.5 (the ∓¼ coset by the parity). Every step is exact, so the values are
+# (x ^ 0b1110) and takes the odd-parity codes to the −¼ coset (bit 0: every nibble is odd, so
+# n ^ 1 = n − 1), then per coordinate pair a shift, one LOP3 into the mantissas of half2(32.25 + n/2)
+# and one HADD2 of −36. (Parity through the XOR instead of a per-code −36 / −36.5 offset: 8 fewer
+# instructions per 32 weights in the sm_90 SASS.) Every step is exact, so the values are
 # bit-identical to the TIR decode. The RVQ variants add the second stage with one HFMA2 (fp16 fma of
 # exact operands = one rounding of a + b·r, as the TIR decode's fp32 sum rounded once).
 _CUDA_E8P = r"""
@@ -780,15 +784,17 @@ __device__ __forceinline__ void qc_e8p_pairs(unsigned b, const int* __restrict__
   unsigned s = b ^ (b >> 4);
   s ^= s >> 8;
   s ^= s >> 16;
-  unsigned sb = s & 15u;       // bit i: parity of code i's sign bits
-  s = b ^ sb;                  // flip sign bit 0 of the odd codes
-  sb |= sb << 16;
+  const unsigned sb = s & 15u;  // bit i: parity of code i's sign bits
+  s = b ^ sb;                   // flip sign bit 0 of the odd codes
+  const unsigned q = sb * 0x11111111u;  // nibble k: the four parities
+  const unsigned o_bits = 0xD080D080u;  // half2(-36, -36)
+  const half2 o = *reinterpret_cast<const half2*>(&o_bits);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const unsigned si = (i >= 2) ? (s >> 2) : s;
-    const unsigned x = static_cast<unsigned>(t[i]) ^ ((si & (0x11111111u << (i & 1))) * (14u >> (i & 1)));
-    const unsigned o_bits = 0xD080D080u | ((sb & (0x00010001u << i)) << (4 - i));
-    const half2 o = *reinterpret_cast<const half2*>(&o_bits);
+    // sign: 0b1110 into the flipped nibbles (x ^ 14 negates about 8); parity: bit 0 of every nibble
+    // (the nibbles are odd, so n ^ 1 = n - 1, the -1/4 coset); one XOR for both
+    const unsigned x = static_cast<unsigned>(t[i]) ^ ((si & (0x11111111u << (i & 1))) * (14u >> (i & 1)) + ((q >> i) & 0x11111111u));
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const unsigned xs = (j == 0) ? (x << 4) : (x >> (4 * (j - 1)));
