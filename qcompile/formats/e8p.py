@@ -771,8 +771,9 @@ def _tir_e8p(Q, tword, n, c, j):
 # get sign bit 0 flipped; per code one table load, one XOR that negates the signed nibbles about 8
 # (x ^ 0b1110) and takes the odd-parity codes to the −¼ coset (bit 0: every nibble is odd, so
 # n ^ 1 = n − 1), then per coordinate pair a shift, one LOP3 into the mantissas of half2(32.25 + n/2)
-# and one HADD2 of −36. (Parity through the XOR instead of a per-code −36 / −36.5 offset: 8 fewer
-# instructions per 32 weights in the sm_90 SASS.) Every step is exact, so the values are
+# and one HADD2 of −36. (Parity through the XOR instead of a per-code −36 / −36.5 offset: 3 fewer
+# instructions per 32 weights in the sm_90 SASS of a decode + dot loop; the parities spread once per
+# word pair saved 6 but made e8p-2's four-tile M=16 mma kernel spill.) Every step is exact, so the values are
 # bit-identical to the TIR decode. The RVQ variants add the second stage with one HFMA2 (fp16 fma of
 # exact operands = one rounding of a + b·r, as the TIR decode's fp32 sum rounded once).
 _CUDA_E8P = r"""
@@ -786,7 +787,6 @@ __device__ __forceinline__ void qc_e8p_pairs(unsigned b, const int* __restrict__
   s ^= s >> 16;
   const unsigned sb = s & 15u;  // bit i: parity of code i's sign bits
   s = b ^ sb;                   // flip sign bit 0 of the odd codes
-  const unsigned q = sb * 0x11111111u;  // nibble k: the four parities
   const unsigned o_bits = 0xD080D080u;  // half2(-36, -36)
   const half2 o = *reinterpret_cast<const half2*>(&o_bits);
 #pragma unroll
@@ -794,7 +794,7 @@ __device__ __forceinline__ void qc_e8p_pairs(unsigned b, const int* __restrict__
     const unsigned si = (i >= 2) ? (s >> 2) : s;
     // sign: 0b1110 into the flipped nibbles (x ^ 14 negates about 8); parity: bit 0 of every nibble
     // (the nibbles are odd, so n ^ 1 = n - 1, the -1/4 coset); one XOR for both
-    const unsigned x = static_cast<unsigned>(t[i]) ^ ((si & (0x11111111u << (i & 1))) * (14u >> (i & 1)) + ((q >> i) & 0x11111111u));
+    const unsigned x = static_cast<unsigned>(t[i]) ^ ((si & (0x11111111u << (i & 1))) * (14u >> (i & 1)) + ((sb >> i) & 1u) * 0x11111111u);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const unsigned xs = (j == 0) ? (x << 4) : (x >> (4 * (j - 1)));
