@@ -109,6 +109,77 @@ def test_bit_trick_equals_table_decode_for_all_codes():
     assert np.array_equal(out.view(np.uint16), ref.view(np.uint16))
 
 
+# The CUDA intrinsic's integer logic, run on the CPU: its source compiled as host C++ with the one
+# inline-asm LOP3 spelled in C and exact fp16 adds (every sum the decode forms is exact), on the same
+# word pairs as the NumPy bit trick above. The GPU tests check the real kernels; this catches a slip
+# in the mask arithmetic on a machine without a GPU.
+_HOST_SHIM = r"""
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+struct half { uint16_t x; };
+struct half2 { uint16_t x, y; };
+static float h2f(uint16_t h) {
+  const int e = (h >> 10) & 31, m = h & 1023;
+  const float v = e ? std::ldexp(float(m | 1024), e - 25) : std::ldexp(float(m), -24);
+  return (h >> 15) ? -v : v;
+}
+static uint16_t f2h(float f) {  // exact for the values the decode forms (normal fp16 numbers)
+  if (f == 0.0f) return std::signbit(f) ? 0x8000 : 0;
+  int e;
+  const float m = std::frexp(std::fabs(f), &e);
+  return uint16_t((f < 0 ? 0x8000 : 0) | ((e + 14) << 10) | (uint32_t(std::ldexp(m, 11)) & 1023));
+}
+static half2 __hadd2(half2 a, half2 b) { return {f2h(h2f(a.x) + h2f(b.x)), f2h(h2f(a.y) + h2f(b.y))}; }
+"""
+_HOST_MAIN = r"""
+int main() {
+  int tbl[256];
+  unsigned w[2];
+  FILE* f = std::fopen("tbl.bin", "rb"); std::fread(tbl, 4, 256, f); std::fclose(f);
+  FILE* in = std::fopen("words.bin", "rb"); FILE* out = std::fopen("out.bin", "wb");
+  while (std::fread(w, 4, 2, in) == 2) {
+    int t[4];
+    for (int i = 0; i < 4; ++i) t[i] = tbl[(w[0] >> (8 * i)) & 255];
+    const int sign = int(w[1]);
+    half o[32];
+    qc_e8p2_decode32(&sign, t, o);
+    std::fwrite(o, 2, 32, out);
+  }
+  std::fclose(in); std::fclose(out);
+}
+"""
+
+
+def test_cuda_decode_source_matches_bit_trick_on_host(tmp_path):
+    import re
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to run the CUDA decode source on the CPU")
+    src = e8p._CUDA_E8P.split("__device__ __forceinline__ int qc_e8p4_decode32")[0]  # e8p-2's decode
+    src = src.replace("#include <cuda_fp16.h>", "").replace("#ifndef QC_E8P_DECODE32", "")
+    src = src.replace("#define QC_E8P_DECODE32", "")
+    src, n = re.subn(r'asm\("lop3\.b32 %0, %1, %2, %3, 0xea;" : "=r"\(h\) : "r"\(xs\), "n"\(0x00F000F0\), '
+                     r'"n"\(0x50085008\)\);', "h = (xs & 0x00F000F0u) | 0x50085008u;", src)
+    assert n == 1 and "asm" not in src
+    (tmp_path / "chk.cpp").write_text(_HOST_SHIM + src + _HOST_MAIN)
+    e8p.e8p_packed_abs().numpy().astype(np.int32).tofile(tmp_path / "tbl.bin")
+    rng = np.random.default_rng(0)
+    words = rng.integers(0, 2**32, size=(20000, 2), dtype=np.uint64).astype(np.uint32)
+    words.tofile(tmp_path / "words.bin")
+    subprocess.run([cxx, "-O1", "-o", "chk", "chk.cpp"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(["./chk"], cwd=tmp_path, check=True)
+    got = np.fromfile(tmp_path / "out.bin", dtype=np.float16).reshape(-1, 4, 8)
+    ref = e8p.bit_trick_decode(words[:, 0].astype(np.int64), words[:, 1].astype(np.int64))
+    assert np.array_equal(got.view(np.uint16), ref.view(np.uint16))
+
+
 def test_e81b_codebook():
     g = e8p.e81b_grid()
     assert g.shape == (256, 8) and torch.unique(g, dim=0).shape[0] == 256
