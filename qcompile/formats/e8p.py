@@ -312,7 +312,6 @@ def bit_trick_decode(abs32: np.ndarray, sign32: np.ndarray, table: Optional[np.n
     s ^= s >> 16
     sb = s & 15                       # bit i: parity of code i's sign bits
     s = b ^ sb                        # flip sign bit 0 (coordinate 0) of the odd-parity codes
-    q = sb * 0x11111111               # nibble k of q: the four parities (bit i: code i)
     out = np.empty(a.shape + (4, 8), dtype=np.float16)
 
     def halves(word):  # uint32 → (low fp16, high fp16)
@@ -320,13 +319,13 @@ def bit_trick_decode(abs32: np.ndarray, sign32: np.ndarray, table: Optional[np.n
         hi = ((word >> 16) & 0xFFFF).astype(np.uint16).view(np.float16)
         return lo, hi
 
+    o_lo, o_hi = halves(np.array(0xD080D080, dtype=np.int64))  # half2(−36, −36)
     for i in range(4):
         if i == 2:
             s = s >> 2
         # every nibble is odd, so n − p = n ^ p: the parity goes into bit 0 of each nibble, beside
         # the sign's 0b1110, and the offset is −36 for every code
-        x = tbl[(a >> (8 * i)) & 255] ^ ((s & (0x11111111 << (i & 1))) * (14 >> (i & 1)) + ((q >> i) & 0x11111111))
-        o_lo, o_hi = halves(np.array(0xD080D080, dtype=np.int64))  # half2(−36, −36)
+        x = tbl[(a >> (8 * i)) & 255] ^ ((s & (0x11111111 << (i & 1))) * (14 >> (i & 1)) + ((sb >> i) & 1) * 0x11111111)
         for j, sh in enumerate((-4, 0, 4, 8)):  # x<<4, x, x>>4, x>>8
             xs = ((x << 4) if sh < 0 else (x >> sh)) & 0xFFFFFFFF
             w_lo, w_hi = halves((xs & 0x00F000F0) | 0x50085008)
