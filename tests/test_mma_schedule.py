@@ -205,6 +205,36 @@ def test_e8p_fragments_stay_in_registers():
     assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == 6, report
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2"])
+def test_pipeline_stages_copy_the_packed_words_with_cp_async(name):
+    """MmaConfig.stages: the K step's packed words go global -> shared with 16-byte cp.async
+    (qc_cp_async16), stages - 1 steps ahead (the software pipeline's commit / wait groups), and the
+    lanes read them from shared memory; stages=1 has none of it. The M=16 default on 28672 x 8192
+    with two stages (the table in global memory, to fit the stages) keeps its fragments in registers."""
+    fmt = qc.formats.get(name)
+    n, k, m = 28672, 8192, 16
+    from qcompile.kernels.mma import format_default_mma_config
+
+    base = format_default_mma_config(fmt, n, k, m)
+    piped = MmaConfig(**{**base.as_dict(), "lut_shared": 0, "stages": 2})
+    deep = MmaConfig(**{**base.as_dict(), "tiles": 2, "lut_shared": 0, "stages": 3})
+    src = compile_sm90({"piped": mma_scheduled_func(fmt, n, k, m, piped), "plain": mma_scheduled_func(fmt, n, k, m, base),
+                        "deep": mma_scheduled_func(fmt, n, k, m, deep)})
+    words = "qweight" if name == "int4-g128" else "qidxs"
+    for fname, stages in (("piped", 2), ("deep", 3)):
+        body = kernel_body(src, fname)
+        assert body.count("qc_cp_async16(") == stages  # stages - 1 prologue copies, the loop's one step ahead
+        assert re.search(rf"__shared__ alignas\(\d+\) int {words}_shared\w*\[\d+\]", body)
+        assert "commit_group();" in body and f"wait_group_{stages - 1}();" in body
+        assert "mma.sync.aligned.m16n8k16" in body
+    plain = kernel_body(src, "plain")
+    assert "qc_cp_async16(" not in plain and f"{words}_shared" not in plain
+    report = ptxas_report(src)
+    piped_report = report[report.index("Function properties for piped_kernel"):][:200]
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in piped_report, piped_report
+
+
 # --- dispatch and configs --------------------------------------------------------------------------------
 
 def test_library_routes_low_batch_of_row_packed_formats_to_mma():
@@ -311,6 +341,10 @@ def test_padded_k_blocks_need_a_padded_func():
     (MmaConfig(), 256, 512, 65, "M=65 must be 1..64"),
     (MmaConfig(warps_k=8), 256, 1024, 64, "the 8 K warps' partial sums need 64 KiB of shared memory"),
     (MmaConfig(units=0), 256, 512, 4, "units must be a positive int"),
+    (MmaConfig(stages=4), 256, 512, 4, "stages must be 1..3"),
+    (MmaConfig(warps_k=2, unroll=2, stages=2), 256, 1024, 4, "stages=2 needs unroll=1"),
+    (MmaConfig(tiles=4, warps_k=4, stages=3), 256, 4096, 16, "3 pipeline stages of 16 KiB"),
+    (MmaConfig(warps_k=4, stages=2), 256, 11008 - 3 * 128, 4, "split evenly over 4 K warps"),
 ])
 def test_bad_configs_are_refused_in_one_line(cfg, n, k, m, match):
     with pytest.raises(ValueError, match=match) as info:

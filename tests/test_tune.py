@@ -18,7 +18,7 @@ from qcompile.cli import main as cli_main
 from qcompile.errors import QCompileError
 from qcompile.kernels import library
 from qcompile.kernels.library import TC_MIN_M, KernelSpec, default_gemv_config
-from qcompile.kernels.mma import MmaConfig, check_mma_config, default_mma_config
+from qcompile.kernels.mma import MmaConfig, check_mma_config, default_mma_config, streamed_bits
 from qcompile.kernels.schedules import GemvConfig
 from qcompile.kernels.tensorcore import TensorCoreConfig, check_tc_config, default_tc_config
 from qcompile.kernels.target import parse_target
@@ -864,10 +864,12 @@ def test_mma_space_is_valid_bounded_and_starts_with_the_default(name, m):
     assert 20 <= len(cands) <= space.MAX_MMA_CANDIDATES
     keys = [space.config_key(c) for c in cands]
     assert len(set(keys)) == len(keys)
+    bits = streamed_bits(qc_formats.get(name), n, k)
+    assert bits == {"int4-g128": 4, "e8p-2": 2}[name]
     for cfg, key in zip(cands, keys):
         assert type(cfg) is MmaConfig and space.family_of(cfg) == "mma"
-        check_mma_config(cfg, n, k, m, unit)
-        assert space.fit_error(cfg, n, k, m, unit) is None
+        check_mma_config(cfg, n, k, m, unit, staged_bits=bits)
+        assert space.fit_error(cfg, n, k, m, unit, staged_bits=bits) is None
         assert space.config_from_key(key, "mma") == cfg
         assert cfg.units * unit <= space.MMA_MAX_SPAN
         assert space.MMA_MIN_WARPS <= cfg.warps_n * cfg.warps_k <= space.MMA_MAX_WARPS
@@ -880,7 +882,7 @@ def test_mma_space_is_valid_bounded_and_starts_with_the_default(name, m):
 
 def test_mma_config_keys_round_trip_and_reject_nonsense():
     key = space.config_key(MMA_BEST)
-    assert key == "units=4,tiles=4,warps_n=1,warps_k=2,unroll=2,lut_shared=1"
+    assert key == "units=4,tiles=4,warps_n=1,warps_k=2,unroll=2,lut_shared=1,stages=1"
     assert space.config_from_key(key, "mma") == MMA_BEST
     assert space.config_from_dict({"tiles": 1}, "mma") == MmaConfig(tiles=1)
     assert space.config_from_dict({"lut_shared": 0}, "mma") == MmaConfig(lut_shared=0)
@@ -918,7 +920,7 @@ def test_records_round_trip_with_an_mma_entry_and_build_applies_it(tmp_path):
     path = records.save(make_entry(spec1, times={BEST: 9.0}))
     stored = {e["m"]: e for e in json.loads(path.read_text())["entries"]}
     assert stored[16]["kernel"] == "mma" and stored[16]["best"] == {"config": MMA_BEST.as_dict(), "us": 6.0}
-    assert list(stored[16]["failed"]) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1"]
+    assert list(stored[16]["failed"]) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1,stages=1"]
     back = TuningRecords(tmp_path)
     assert back.entry(MMA_SPEC, GPU) == mma and back.config_for(MMA_SPEC, GPU) == MMA_BEST
     for other in (KernelSpec(FORMAT, TC_N, TC_K, 8), KernelSpec("e8p-2", TC_N, TC_K, 16),

@@ -125,7 +125,12 @@ def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants:
         if cfg in seen:
             continue
         try:
-            check(cfg, n, k, m, fmt.decode_unit, *((True,) if fragment else ()))
+            if family == "mma" and not fragment:
+                from ..kernels.mma import streamed_bits
+
+                check(cfg, n, k, m, fmt.decode_unit, staged_bits=streamed_bits(fmt, n, k))
+            else:
+                check(cfg, n, k, m, fmt.decode_unit, *((True,) if fragment else ()))
         except ValueError:
             continue
         seen.add(cfg)

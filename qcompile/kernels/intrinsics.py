@@ -233,3 +233,64 @@ def tvm_cuda_tensor_intrin():
 
     with cheap_stack():
         return importlib.import_module(name)
+
+
+# One 16-byte global -> shared copy issued as cp.async (L2 only: the packed words are read once), for
+# the mma kernel's pipeline stages (``MmaConfig.stages``); the software pipeline that runs these
+# copies ahead adds the commit / wait groups around them.
+_CP_ASYNC16_SOURCE = r"""
+#ifndef QC_CP_ASYNC16
+#define QC_CP_ASYNC16
+__device__ __forceinline__ int qc_cp_async16(void* dst, const void* src) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(src) : "memory");
+  return 0;
+}
+#endif
+"""
+_CP_SCRIPT = '''
+@T.prim_func(s_tir=True)
+def {fname}(g: T.handle, s: T.handle):
+    G = T.match_buffer(g, {shape}, "{dtype}", offset_factor=1)
+    S = T.match_buffer(s, {shape}, "{dtype}", scope="shared", offset_factor=1)
+    with T.sblock("root"):
+        T.reads(G[{region}])
+        T.writes(S[{region}])
+{body}
+'''
+_CP_DESC_BODY = '''{loops}
+{pad}with T.sblock("copy"):
+{pad}    {binding}
+{pad}    S[{index}] = G[{index}]'''
+_CP_IMPL_BODY = '''        T.evaluate(T.call_extern("int32", "qc_cp_async16", S.access_ptr("w"), G.access_ptr("r")))'''
+
+
+def register_cp_async16(dtype: str, shape) -> tuple:
+    """Register (once) the TensorIntrin that copies one 16-byte region of ``shape`` (its extents: ones,
+    then the innermost dimensions, row-major contiguous, e.g. (1, 4) int32 or (1, 2, 2) int32) from
+    global to shared memory with one cp.async; returns (name, CUDA source)."""
+    import tvm
+    from tvm.script import tirx as T
+
+    shape = tuple(int(e) for e in shape)
+    lanes = 1
+    for e in shape:
+        lanes *= e
+    if lanes * tvm.DataType(dtype).bits != 128:
+        raise ValueError(f"a cp.async copy is 16 bytes, not {lanes} x {dtype}")
+    name = f"qcompile.cp_async16.{dtype}.{'x'.join(map(str, shape))}"
+    if name in _REGISTERED:
+        return name, _REGISTERED[name]
+    dims = [d for d, e in enumerate(shape) if e > 1]  # one loop per dimension of the region, as blockize left them
+    loops = "\n".join(" " * (8 + 4 * i) + f"for i{d} in range({shape[d]}):" for i, d in enumerate(dims))
+    pad = " " * (8 + 4 * len(dims))
+    index = ", ".join(f"v{d}" if e > 1 else "0" for d, e in enumerate(shape))
+    binding = (f"v{dims[0]} = T.axis.spatial({shape[dims[0]]}, i{dims[0]})" if len(dims) == 1 else
+               f"{', '.join(f'v{d}' for d in dims)} = T.axis.remap(\"{'S' * len(dims)}\", [{', '.join(f'i{d}' for d in dims)}])")
+    body = _CP_DESC_BODY.format(loops=loops, pad=pad, binding=binding, index=index)
+    fill = dict(shape=repr(shape), dtype=dtype, region=", ".join(f"0:{e}" for e in shape))
+    desc = tvm.script.from_source(_CP_SCRIPT.format(fname="desc", body=body, **fill), extra_vars={"T": T})
+    impl = tvm.script.from_source(_CP_SCRIPT.format(fname="impl", body=_CP_IMPL_BODY, **fill), extra_vars={"T": T})
+    tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
+    _REGISTERED[name] = _CP_ASYNC16_SOURCE
+    return name, _CP_ASYNC16_SOURCE

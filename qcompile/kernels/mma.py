@@ -48,6 +48,11 @@ class MmaConfig:
     block, 0 = read from global memory (through L1); for the fragment-native formats (QTIP HYB,
     qcompile.kernels.mma_fragment) also 2 = LUT_COPIES copies of the table, a lane reading its own
     (32 KiB of shared memory a block, bank conflicts at most two-way).
+    stages: 1 = each lane loads its packed words from global memory into registers where it decodes
+    them; 2 or 3 = a software pipeline: the whole thread block copies the packed words of a K step
+    (the warps_k warps take interleaved K blocks, so one step is one contiguous column range) into
+    shared memory with 16-byte cp.async, stages - 1 steps ahead of the step it decodes, and the
+    lanes read their words from there (row-packed formats, unroll 1; ``stage_bytes``).
     """
 
     units: int = 1
@@ -56,6 +61,7 @@ class MmaConfig:
     warps_k: int = 8
     unroll: int = 1
     lut_shared: int = 1
+    stages: int = 1
 
     def as_dict(self):
         return asdict(self)
@@ -102,14 +108,45 @@ def partial_bytes(cfg: MmaConfig, m: int) -> int:
     return cfg.warps_k * (-(-m // MMA_N) * MMA_N) * (MMA_M * cfg.tiles * cfg.warps_n) * 4
 
 
-def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment: bool = False) -> None:
+MAX_STAGES = 3
+# bits per weight of the packed words a pipeline stage holds where the format is not known, the most
+# of the row-packed formats (int4's words; e8p-4's two word pairs; scales are not staged)
+STAGED_BITS = 4
+CP_ASYNC_BYTES = 16
+
+
+def streamed_bits(fmt, n: int, k: int) -> int:
+    """Bits per weight of ``fmt``'s packed words that the kernels stream (``Format.streamed``), for a
+    weight of shape [n, k]: what a pipeline stage holds of each weight (int4 4, e8p-2 2, e8p-3 3)."""
+    specs = fmt.tensor_specs(n, k)
+    bits = 0
+    for name in fmt.streamed:
+        spec = specs[name]
+        count = 1
+        for e in spec.shape:
+            count *= int(e)
+        bits += count * {"int32": 32, "int16": 16, "int8": 8, "uint8": 8}[str(spec.dtype)]
+    return -(-bits // (n * k))
+
+
+def stage_bytes(cfg: MmaConfig, unit: int, staged_bits: int = STAGED_BITS) -> int:
+    """Shared memory of one pipeline stage (``MmaConfig.stages`` > 1): the packed words of one K step
+    of the block's rows (16 x tiles x warps_n rows, warps_k K blocks of 4 x span columns) at
+    ``staged_bits`` per weight (``streamed_bits``)."""
+    return MMA_M * cfg.tiles * cfg.warps_n * cfg.warps_k * 4 * span_of(cfg, unit) * staged_bits // 8
+
+
+def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment: bool = False,
+                     staged_bits: int = STAGED_BITS) -> None:
     """Raise ValueError (one line) when ``cfg`` cannot schedule an [n, k] weight at batch m.
     ``fragment``: for a fragment-native format (``Format.fragment_native``: qcompile.kernels.mma_fragment),
     whose lut_shared may also be 2 (per-lane table copies, which must fit in shared memory)."""
     problems = []
-    for name in ("units", "tiles", "warps_n", "warps_k", "unroll"):
+    for name in ("units", "tiles", "warps_n", "warps_k", "unroll", "stages"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
             problems.append(f"{name} must be a positive int")
+    if isinstance(cfg.stages, int) and cfg.stages > MAX_STAGES:
+        problems.append(f"stages must be 1..{MAX_STAGES}")
     if cfg.lut_shared not in ((0, 1, 2) if fragment else (0, 1)):
         problems.append("lut_shared must be 0, 1 or 2" if fragment else "lut_shared must be 0 or 1")
     if problems:
@@ -140,7 +177,23 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             from ..formats.trellis import LUT_COPIES, Q_BITS
 
             table = {0: 0, 1: 4 << Q_BITS, 2: (4 << Q_BITS) * LUT_COPIES}.get(cfg.lut_shared, 0)
-        if partial_bytes(cfg, m) + table > SHARED_BYTES:
+        staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
+        if cfg.stages > 1:
+            copies = stage_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES
+            if copies % cfg.threads:
+                problems.append(f"stages={cfg.stages}: a K step's {copies} 16-byte copies do not split over the "
+                                f"block's {cfg.threads} threads")
+            if fragment:
+                problems.append("stages > 1 is for row-packed formats (a fragment-native format's lanes read their own words)")
+            if cfg.unroll != 1:
+                problems.append(f"stages={cfg.stages} needs unroll=1 (the pipeline keeps the next K steps in flight)")
+            if k % (4 * span_of(cfg, unit)) == 0 and (k // (4 * span_of(cfg, unit))) % cfg.warps_k:
+                problems.append(f"stages={cfg.stages} needs the K blocks to split evenly over {cfg.warps_k} K warps "
+                                f"(a padded step would copy words past K)")
+        if staged and partial_bytes(cfg, m) + table + staged > SHARED_BYTES:
+            problems.append(f"{cfg.stages} pipeline stages of {stage_bytes(cfg, unit, staged_bits) // 1024} KiB beside the partial sums "
+                            f"({partial_bytes(cfg, m) // 1024} KiB) and tables exceed {SHARED_BYTES // 1024} KiB of shared memory")
+        elif partial_bytes(cfg, m) + table > SHARED_BYTES:
             problems.append(f"the {cfg.warps_k} K warps' partial sums need {partial_bytes(cfg, m) // 1024} KiB of "
                             f"shared memory" + (f" beside {table // 1024} KiB of tables" if table else "")
                             + f" (over {SHARED_BYTES // 1024})")
@@ -305,12 +358,12 @@ def register_mma(rows=None):
     return name
 
 
-def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=()):
+def schedule_mma_cuda(func, cfg: MmaConfig, unit: int, intrin=None, streamed=(), staged_bits: int = STAGED_BITS):
     """Schedule ``mma_func(fmt, n, k, m, span_of(cfg, unit))`` (with the format's derived stages
     inlined, ``inline_derived``) for mma.sync; returns an IRModule. ``intrin``: the format's
     (TensorIntrin name, CUDA source) decode of one unit, or None for the plain TIR decode;
     ``streamed``: the packed-word tensors to load into registers (``fmt.streamed``)."""
-    return schedule_mma_rows(func, cfg, unit, PAIRED_ROWS, _UnitDecode(cfg, intrin, streamed))
+    return schedule_mma_rows(func, cfg, unit, PAIRED_ROWS, _UnitDecode(cfg, intrin, streamed, staged_bits))
 
 
 @dataclass(frozen=True)
@@ -353,7 +406,8 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     acc = sch.get_sblock("acc")
     m, n = (int(sch.get(loop).extent) for loop in sch.get_loops(acc)[:2])
     k = int(sch.get(sch.get_sblock("X_frag")).reads[0].source.shape[1])
-    check_mma_config(cfg, n, k, m, unit, fragment=not rows.paired)
+    check_mma_config(cfg, n, k, m, unit, fragment=not rows.paired,
+                     staged_bits=getattr(weights, "staged_bits", STAGED_BITS))
     a_lay, b_lay, c_lay = rows.layouts()
 
     # 1. M padded to whole n8 tiles of tokens: X_frag_pad holds zeros past M, acc_pad the padded result
@@ -370,7 +424,10 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     if int(sch.get(kb_loop).extent) % (cfg.warps_k * cfg.unroll):
         raise ValueError(f"the PrimFunc's {int(sch.get(kb_loop).extent)} K blocks do not split over "
                          f"{cfg.warps_k} warps x unroll {cfg.unroll}; make it with mma_func(..., k_blocks(cfg, k, unit))")
-    wk, ko = sch.split(kb_loop, [cfg.warps_k, None])
+    if cfg.stages > 1:  # K block ko * warps_k + wk: a pipeline step is one contiguous column range
+        ko, wk = sch.split(kb_loop, [None, cfg.warps_k])
+    else:
+        wk, ko = sch.split(kb_loop, [cfg.warps_k, None])
     sch.reorder(bn, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo)
     rf = sch.rfactor(wk, factor_axis=0)
     bn, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo = sch.get_loops(rf)
@@ -439,6 +496,8 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
 
     # 4. the decode of the lane's weights, in registers
     sources = weights.decode(sch, w_lane, bn)
+    if cfg.stages > 1:
+        sources += stage_words_async(sch, ko, cfg, getattr(weights, "streamed", ()))
 
     # 5. epilogue: every thread sums the warps_k partials of some outputs and stores fp16
     wb = sch.get_sblock("acc")
@@ -465,6 +524,8 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     if cfg.unroll > 1:
         _, ko_inner = sch.split(ko, [None, cfg.unroll])
         sch.unroll(ko_inner)
+    if cfg.stages > 1:
+        pipeline_k_steps(sch, ko, cfg.stages)
     if sources:  # on the epilogue block: any block of the kernel would do
         sch.annotate(wb, "pragma_import_c", "\n".join(sources))
     from .pipeline import WARP_ATTR
@@ -476,8 +537,8 @@ class _UnitDecode:
     """The weight side of ``mma_func``: lane (g, t) decodes whole units of rows 2g, 2g + 1 (the
     format's ``tir_decode_unit``, its gather and slices, its decode intrinsic) in registers."""
 
-    def __init__(self, cfg: MmaConfig, intrin, streamed):
-        self.cfg, self.intrin, self.streamed = cfg, intrin, streamed
+    def __init__(self, cfg: MmaConfig, intrin, streamed, staged_bits: int = STAGED_BITS):
+        self.cfg, self.intrin, self.streamed, self.staged_bits = cfg, intrin, streamed, staged_bits
 
     def lane_loops(self, sch, wf):
         # (tile rows r = 2g + h, steps, hi, t, lo) -> lane (g, t); each lane's elements are columns
@@ -507,6 +568,72 @@ class _UnitDecode:
         else:
             sch.unroll(sch.get_loops(dec)[-1])
         return sources
+
+
+def stage_words_async(sch, ko, cfg: MmaConfig, streamed):
+    """``MmaConfig.stages`` > 1: every register copy of packed words (``stage_packed_words``' block
+    "<tensor>_local" of each ``streamed`` tensor) reads a shared-memory copy of the K step's words
+    instead, which all threads of the block fill with 16-byte cp.async
+    (``intrinsics.register_cp_async16``); ``pipeline_k_steps`` then runs the copies stages - 1 steps
+    ahead. Returns the CUDA sources to inject."""
+    import tvm
+
+    from .intrinsics import register_cp_async16
+
+    sources = []
+    for name in streamed:
+        words = _get_sblock(sch, name + "_local")
+        if words is None:
+            continue
+        staged = sch.cache_read(words, 0, "shared")
+        sch.compute_at(staged, ko)
+        loops = _loops_below(sch, staged, ko)  # the block's rows x the step's words of a row (row-major)
+        dtype = str(sch.get(staged).writes[0].source.dtype)
+        left = 16 * 8 // tvm.DataType(dtype).bits  # elements of one 16-byte copy, taken from the inside out
+        outer = list(loops)
+        while left > 1 and len(outer) > 1:
+            extent = int(sch.get(outer[-1]).extent)
+            if left % extent == 0:
+                left //= extent
+                inner = outer.pop()
+            elif extent % left == 0:
+                *_, (out, inner) = [None, sch.split(outer.pop(), [None, left])]
+                outer.append(out)
+                left = 1
+            else:
+                break
+        if left > 1:
+            raise ValueError(f"stages={cfg.stages}: a K step's words of a row of {name} are not whole 16-byte "
+                             f"copies; use stages=1")
+        copy16 = sch.blockize(inner)
+        spread_over_block(sch, sch.fuse(*outer) if len(outer) > 1 else outer[0], cfg)
+        intrin, source = register_cp_async16(dtype, [r.extent for r in sch.get(copy16).writes[0].region])
+        sch.tensorize(copy16, intrin)
+        if source not in sources:
+            sources.append(source)
+    return sources
+
+
+def pipeline_k_steps(sch, ko, stages: int) -> None:
+    """Annotate the K-step loop ``ko`` as a software pipeline: its shared-memory copies of packed words
+    (``stage_words_async``; stage 0, async) run stages - 1 steps ahead of everything else of the step
+    (the register copies, decode, X and mma)."""
+    import tvm
+
+    body = sch.get(ko).body
+    children = list(body.seq) if isinstance(body, tvm.tirx.SeqStmt) else [body]
+    copies = []
+    for blk in sch.get_child_blocks(ko):
+        if "_shared" in sch.get(blk).name_hint:
+            loops = sch.get_loops(blk)
+            depth = [sch.get(lp).same_as(sch.get(ko)) for lp in loops].index(True)
+            copies.append(sch.get(loops[depth + 1]) if depth + 1 < len(loops) else None)
+    marks = [any(c is not None and c.same_as(child) for c in copies) for child in children]
+    if not any(marks) or all(marks):
+        raise ValueError(f"stages={stages}: the K loop has no separate shared-memory copy to pipeline")
+    sch.annotate(ko, "software_pipeline_stage", [0 if mark else stages - 1 for mark in marks])
+    sch.annotate(ko, "software_pipeline_order", list(range(len(children))))
+    sch.annotate(ko, "software_pipeline_async_stages", [0])
 
 
 def spread_over_block(sch, loop, cfg: MmaConfig):
@@ -698,7 +825,8 @@ def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_i
         return fragment_mma_scheduled_func(fmt, n, k, m, cfg)
     unit = fmt.decode_unit
     cfg = cfg or format_default_mma_config(fmt, n, k, m)
-    check_mma_config(cfg, n, k, m, unit)
+    bits = streamed_bits(fmt, n, k)
+    check_mma_config(cfg, n, k, m, unit, staged_bits=bits)
     func = inline_derived(mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit)))
     intrin = fmt.decode_intrin("cuda") if use_intrin else None
-    return schedule_mma_cuda(func, cfg, unit, intrin, fmt.streamed)["main"]
+    return schedule_mma_cuda(func, cfg, unit, intrin, fmt.streamed, bits)["main"]

@@ -245,7 +245,8 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
         if unit is not None:
-            problem = fit_error(cfg, obj["n"], obj["k"], obj["m"], unit, _fragment_native(format_name))
+            problem = fit_error(cfg, obj["n"], obj["k"], obj["m"], unit, _fragment_native(format_name),
+                                _staged_bits(format_name, obj["n"], obj["k"]))
             if problem:
                 raise ValueError(f"{where}: {what} {config_key(cfg)} does not fit the shape ({problem})")
         return cfg
@@ -309,6 +310,17 @@ def _format_unit(format_name: str) -> int:
     from ..formats import get as get_format
 
     return get_format(format_name).decode_unit
+
+
+def _staged_bits(format_name: str, n: int, k: int) -> int:
+    """``mma.streamed_bits`` of the format at [n, k] (the most of any format where the shape is not one of its)."""
+    from ..formats import get as get_format
+    from ..kernels.mma import STAGED_BITS, streamed_bits
+
+    try:
+        return streamed_bits(get_format(format_name), n, k)
+    except (ValueError, QCompileError):
+        return STAGED_BITS
 
 
 def _fragment_native(format_name: str) -> bool:

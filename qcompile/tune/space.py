@@ -41,7 +41,7 @@ from ..kernels.mma import MMA_MAX_M
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, TC_FAMILY, KernelSpec, default_gemv_config,
                                family_options, kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
-from ..kernels.mma import MmaConfig, check_mma_config, format_default_mma_config
+from ..kernels.mma import STAGED_BITS, MmaConfig, check_mma_config, format_default_mma_config, streamed_bits
 from ..kernels.tensorcore import TensorCoreConfig, check_tc_config, default_tc_config
 
 FAMILIES = (GEMV_FAMILY, TC_FAMILY, MMA_FAMILY)  # the tunable kernel families (a tuning record's "kernel")
@@ -80,6 +80,7 @@ MMA_KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
     "warps_n": (1, 2),
     "warps_k": (1, 2, 4, 8, 16),
     "unroll": (1, 2),
+    "stages": (1, 2),
 }
 MMA_MIN_WARPS, MMA_MAX_WARPS = 2, 16  # warps per block
 MMA_MAX_SPAN = 64                     # units x decode unit columns per lane (two rows: 16 registers at 64)
@@ -192,24 +193,26 @@ def check_tensorcore_config(cfg: TensorCoreConfig, n: int, k: int, m: int, unit:
     return None
 
 
-def check_mma(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment: bool = False) -> Optional[str]:
+def check_mma(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment: bool = False,
+              staged_bits: int = STAGED_BITS) -> Optional[str]:
     """Why ``cfg`` cannot schedule the mma.sync kernel (``mma.check_mma_config``'s one line; ``fragment``:
-    of a fragment-native format), or None."""
+    of a fragment-native format; ``staged_bits``: ``mma.streamed_bits`` of the format), or None."""
     try:
-        check_mma_config(cfg, n, k, m, unit, fragment)
+        check_mma_config(cfg, n, k, m, unit, fragment, staged_bits)
     except ValueError as err:
         return str(err)
     return None
 
 
-def fit_error(cfg, n: int, k: int, m: int, unit: int, fragment: bool = False) -> Optional[str]:
+def fit_error(cfg, n: int, k: int, m: int, unit: int, fragment: bool = False,
+              staged_bits: int = STAGED_BITS) -> Optional[str]:
     """Why a config of any family cannot schedule the (n, k, m) kernel, or None: the GEMV's
     ``tiling_error``, the tensor-core ``check_tensorcore_config`` or ``check_mma`` (``fragment``: of
     a fragment-native format, QTIP HYB)."""
     if family_of(cfg) == TC_FAMILY:
         return check_tensorcore_config(cfg, n, k, m, unit)
     if family_of(cfg) == MMA_FAMILY:
-        return check_mma(cfg, n, k, m, unit, fragment)
+        return check_mma(cfg, n, k, m, unit, fragment, staged_bits)
     return tiling_error(cfg, n, k, unit)
 
 
@@ -340,6 +343,7 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
     default; at most MAX_MMA_CANDIDATES."""
     unit = fmt.decode_unit
     default = _default_mma(spec, fmt)
+    bits = streamed_bits(fmt, spec.n, spec.k)
     names = knob_names(MMA_FAMILY)
     axes: List[Sequence[int]] = [MMA_KNOB_VALUES.get(name, (getattr(default, name),)) for name in names]
     space = []
@@ -348,7 +352,7 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
         if (cfg == default or not MMA_MIN_WARPS <= cfg.warps_n * cfg.warps_k <= MMA_MAX_WARPS
                 or cfg.units * unit > MMA_MAX_SPAN):
             continue
-        if check_mma(cfg, spec.n, spec.k, spec.m, unit, fmt.fragment_native) is None:
+        if check_mma(cfg, spec.n, spec.k, spec.m, unit, fmt.fragment_native, bits) is None:
             space.append(cfg)
     space.sort(key=lambda c: (_distance(c, default), tuple(getattr(c, name) for name in names)))
     return [default] + space[:MAX_MMA_CANDIDATES - 1]

@@ -52,6 +52,9 @@ CONFIGS = [
     MmaConfig(units=2, tiles=4, warps_n=1, warps_k=4),
     MmaConfig(units=8, tiles=2, warps_n=2, warps_k=1),
     MmaConfig(units=4, tiles=2, warps_n=1, warps_k=16),
+    # the cp.async pipeline: the K step's packed words staged in shared memory one or two steps ahead
+    MmaConfig(units=2, tiles=2, warps_n=1, warps_k=4, stages=2),
+    MmaConfig(units=1, tiles=4, warps_n=2, warps_k=2, stages=3, lut_shared=0),
 ]
 CONFIG_MS = (3, 16)
 
@@ -103,6 +106,19 @@ def test_decode_bit_exact_through_the_kernel(name, use_intrin, check_one_hot_dec
     qw = fmt.random_weight(n, k, seed=11)
     fn = build({"k": mma_scheduled_func(fmt, n, k, m, use_intrin=use_intrin)})["k"]
     check_one_hot_decode(fn, fmt, qw, m, f"{name} intrin={use_intrin}")
+
+
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4", "e8p-3"])
+def test_pipelined_decode_bit_exact_through_the_kernel(name, check_one_hot_decode):
+    """Every weight read back exactly through a kernel whose packed words pass through the cp.async
+    pipeline stages (MmaConfig.stages = 2), so no word is staged into the wrong slot or step."""
+    fmt = qc.formats.get(name)
+    n, k, m = 256, 1024, 16
+    cfg = MmaConfig(units=1, tiles=2, warps_n=1, warps_k=2, stages=2)
+    check_mma_config(cfg, n, k, m, fmt.decode_unit)
+    qw = fmt.random_weight(n, k, seed=13)
+    fn = build({"k": mma_scheduled_func(fmt, n, k, m, cfg)})["k"]
+    check_one_hot_decode(fn, fmt, qw, m, f"{name} stages=2")
 
 
 @pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4", "qtip-hyb-2", "qtip-hyb-3"])
