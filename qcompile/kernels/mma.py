@@ -801,11 +801,34 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
     raise ValueError(f"no mma config tiles N={n}, K={k} in decode units of {unit}")
 
 
+# The cp.async pipeline (MmaConfig.stages = 2) by default for 4-bit row-packed formats without table
+# lookups (int4) at M = 9..16 on the largest layers. H100, M=16, same process
+# (artifacts/bench/mma-sweep-m16-stages-h100.json, commit ed34c93): int4-g128 28672x8192 67.6 -> 57.5 us
+# (tiles=4, 4 K warps), 8192x28672 66.6 -> 59.5 us (tiles=2, 8 K warps); the same tiles with the
+# pipeline lost on e8p-2 (55.4 -> 57.8, 61.7 -> 66.3 us: its 2-bit words are few per decode, and its
+# abs table shares the shared memory) and int4 with half the rows a block (tiles=2 on 28672 rows: 82.5
+# us). Measured on these two shapes only, hence the size bound; smaller layers keep stages=1 until
+# tuned.
+PIPELINE_MIN_M = 9
+PIPELINE_BITS = 4
+PIPELINE_MIN_WEIGHTS = 1 << 27
+
+
 def format_default_mma_config(fmt, n: int, k: int, m: int) -> MmaConfig:
     """``default_mma_config`` with the knobs format ``fmt`` (a Format) sets: its decode unit and stages,
-    whether it is fragment-native, and (fragment-native, i.e. QTIP) its bits per weight."""
-    return default_mma_config(n, k, m, fmt.decode_unit, fmt.decode_stages, fmt.fragment_native,
-                              fmt.K if fmt.fragment_native else 2)
+    whether it is fragment-native, and (fragment-native, i.e. QTIP) its bits per weight; plus the
+    two-stage cp.async pipeline where it was measured faster (PIPELINE_*)."""
+    cfg = default_mma_config(n, k, m, fmt.decode_unit, fmt.decode_stages, fmt.fragment_native,
+                             fmt.K if fmt.fragment_native else 2)
+    if (not fmt.fragment_native and not fmt.gather_count and PIPELINE_MIN_M <= m <= 16
+            and n * k >= PIPELINE_MIN_WEIGHTS and streamed_bits(fmt, n, k) == PIPELINE_BITS):
+        piped = MmaConfig(**{**cfg.as_dict(), "lut_shared": 0, "stages": 2})  # no table to place
+        try:
+            check_mma_config(piped, n, k, m, fmt.decode_unit, staged_bits=PIPELINE_BITS)
+            return piped
+        except ValueError:
+            pass
+    return cfg
 
 
 def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_intrin: bool = True,
