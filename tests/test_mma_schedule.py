@@ -370,3 +370,48 @@ def test_default_takes_the_pipeline_only_where_it_was_measured_faster():
         assert format_default_mma_config(qc.formats.get("qtip-hyb-2"), n, k, 16).stages == 1
     for n, k in ((22016, 4096), (12288, 4096), (4096, 11008)):
         assert format_default_mma_config(int4, n, k, 16).stages == 1, (n, k)
+
+
+@pytest.mark.parametrize("cfg,bits", [
+    (MmaConfig(units=1, tiles=4, warps_k=4, stages=2, stage_pad=1), 2),   # e8p-2: 8-byte lane reads
+    (MmaConfig(units=1, tiles=2, warps_k=8, stages=2, stage_pad=1), 2),
+    (MmaConfig(units=2, tiles=2, warps_k=4, stages=2, stage_pad=1), 2),   # 16-byte lane reads
+    (MmaConfig(units=4, tiles=2, warps_k=4, stages=2, stage_pad=1), 4),   # int4 (8-column units)
+    (MmaConfig(units=2, tiles=2, warps_k=2, stages=2, stage_pad=1), 4),
+])
+def test_stage_pad_spreads_a_wavefront_over_distinct_banks(cfg, bits):
+    """The lanes of one shared-memory wavefront (128 bytes: 8 lanes of 16-byte reads, 16 of 8-byte) read
+    rows 2g of the stage at their column t; with the padded row stride no two of them touch the same
+    bank, and the rows stay 16-byte aligned for cp.async. Unpadded, the same lanes collide."""
+    from qcompile.kernels.mma import stage_lane_bytes, stage_row_bytes, stage_row_pad
+
+    unit = 32 if bits == 2 else 8
+    lane = stage_lane_bytes(cfg, unit, bits)
+    assert lane in (8, 16)
+
+    def max_conflict(stride):
+        banks = {}
+        for lane_id in range(128 // lane):  # one wavefront
+            g, t = lane_id // 4, lane_id % 4
+            start = 2 * g * stride + t * lane
+            for word in range(start // 4, (start + lane) // 4):
+                banks.setdefault(word % 32, set()).add(word)
+        return max(len(words) for words in banks.values())
+
+    row = stage_row_bytes(cfg, unit, bits)
+    stride = row + stage_row_pad(cfg, unit, bits)
+    assert stride % 16 == 0 and max_conflict(stride) == 1
+    assert max_conflict(row) > 1
+    assert stage_row_pad(MmaConfig(**{**cfg.as_dict(), "stage_pad": 0}), unit, bits) == 0
+
+
+def test_stage_pad_pads_the_e8p_stage_rows_in_the_kernel():
+    """e8p-2's M=16 default tiles with two padded stages: 64 rows of 32 words -> a stride of 36 words."""
+    fmt = qc.formats.get("e8p-2")
+    cfg = MmaConfig(units=1, tiles=4, warps_k=4, stages=2, stage_pad=1)
+    body = kernel_body(compile_sm90({"k": mma_scheduled_func(fmt, 28672, 8192, 16, cfg)}), "k")
+    assert re.search(r"__shared__ alignas\(\d+\) int qidxs_shared\w*\[4608\]", body)  # 2 x 64 x 36
+    with pytest.raises(ValueError, match="stage_pad=1 pads pipeline stages"):
+        check_mma_config(MmaConfig(stage_pad=1), 256, 1024, 4, 32)
+    with pytest.raises(ValueError, match="one packed-word tensor"):
+        mma_scheduled_func("e8p-4", 28672, 8192, 16, MmaConfig(units=1, tiles=2, warps_k=4, stages=2, stage_pad=1))

@@ -882,7 +882,7 @@ def test_mma_space_is_valid_bounded_and_starts_with_the_default(name, m):
 
 def test_mma_config_keys_round_trip_and_reject_nonsense():
     key = space.config_key(MMA_BEST)
-    assert key == "units=4,tiles=4,warps_n=1,warps_k=2,unroll=2,lut_shared=1,stages=1"
+    assert key == "units=4,tiles=4,warps_n=1,warps_k=2,unroll=2,lut_shared=1,stages=1,stage_pad=0"
     assert space.config_from_key(key, "mma") == MMA_BEST
     assert space.config_from_dict({"tiles": 1}, "mma") == MmaConfig(tiles=1)
     assert space.config_from_dict({"lut_shared": 0}, "mma") == MmaConfig(lut_shared=0)
@@ -920,7 +920,7 @@ def test_records_round_trip_with_an_mma_entry_and_build_applies_it(tmp_path):
     path = records.save(make_entry(spec1, times={BEST: 9.0}))
     stored = {e["m"]: e for e in json.loads(path.read_text())["entries"]}
     assert stored[16]["kernel"] == "mma" and stored[16]["best"] == {"config": MMA_BEST.as_dict(), "us": 6.0}
-    assert list(stored[16]["failed"]) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1,stages=1"]
+    assert list(stored[16]["failed"]) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1,stages=1,stage_pad=0"]
     back = TuningRecords(tmp_path)
     assert back.entry(MMA_SPEC, GPU) == mma and back.config_for(MMA_SPEC, GPU) == MMA_BEST
     for other in (KernelSpec(FORMAT, TC_N, TC_K, 8), KernelSpec("e8p-2", TC_N, TC_K, 16),

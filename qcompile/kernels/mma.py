@@ -53,6 +53,9 @@ class MmaConfig:
     (the warps_k warps take interleaved K blocks, so one step is one contiguous column range) into
     shared memory with 16-byte cp.async, stages - 1 steps ahead of the step it decodes, and the
     lanes read their words from there (row-packed formats, unroll 1; ``stage_bytes``).
+    stage_pad (with stages > 1): 1 = pad the rows of the stage buffer so that the rows a warp's lanes
+    read at once (2g + h for lanes g = 0..) fall in different shared-memory banks (``stage_row_pad``;
+    unpadded, 16-byte lane reads replay twice and 8-byte ones four times); 0 = rows back to back.
     """
 
     units: int = 1
@@ -62,6 +65,7 @@ class MmaConfig:
     unroll: int = 1
     lut_shared: int = 1
     stages: int = 1
+    stage_pad: int = 0
 
     def as_dict(self):
         return asdict(self)
@@ -129,11 +133,32 @@ def streamed_bits(fmt, n: int, k: int) -> int:
     return -(-bits // (n * k))
 
 
+def stage_row_bytes(cfg: MmaConfig, unit: int, staged_bits: int = STAGED_BITS) -> int:
+    """Bytes of one weight row's packed words in a pipeline stage (warps_k K blocks of 4 x span columns)."""
+    return cfg.warps_k * 4 * span_of(cfg, unit) * staged_bits // 8
+
+
+def stage_lane_bytes(cfg: MmaConfig, unit: int, staged_bits: int = STAGED_BITS) -> int:
+    """Bytes a lane reads of one row at once from a stage (its span's words, at most one 16-byte load)."""
+    return min(CP_ASYNC_BYTES, span_of(cfg, unit) * staged_bits // 8)
+
+
+def stage_row_pad(cfg: MmaConfig, unit: int, staged_bits: int = STAGED_BITS) -> int:
+    """Padding bytes after each stage row with ``stage_pad``: the lanes of one shared-memory wavefront
+    (8 lanes of 16-byte reads, 16 of 8-byte) read rows 0, 2, 4, 6 at the same column; a row stride of
+    2 x lane bytes modulo 64 puts those rows 4 x lane bytes apart in the 128-byte bank space, so they
+    take distinct banks (and the rows stay 16-byte aligned for cp.async)."""
+    if not cfg.stage_pad:
+        return 0
+    return (2 * stage_lane_bytes(cfg, unit, staged_bits) - stage_row_bytes(cfg, unit, staged_bits)) % 64
+
+
 def stage_bytes(cfg: MmaConfig, unit: int, staged_bits: int = STAGED_BITS) -> int:
     """Shared memory of one pipeline stage (``MmaConfig.stages`` > 1): the packed words of one K step
     of the block's rows (16 x tiles x warps_n rows, warps_k K blocks of 4 x span columns) at
-    ``staged_bits`` per weight (``streamed_bits``)."""
-    return MMA_M * cfg.tiles * cfg.warps_n * cfg.warps_k * 4 * span_of(cfg, unit) * staged_bits // 8
+    ``staged_bits`` per weight (``streamed_bits``), plus the row padding of ``stage_pad``."""
+    rows = MMA_M * cfg.tiles * cfg.warps_n
+    return rows * (stage_row_bytes(cfg, unit, staged_bits) + stage_row_pad(cfg, unit, staged_bits))
 
 
 def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment: bool = False,
@@ -147,6 +172,10 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             problems.append(f"{name} must be a positive int")
     if isinstance(cfg.stages, int) and cfg.stages > MAX_STAGES:
         problems.append(f"stages must be 1..{MAX_STAGES}")
+    if cfg.stage_pad not in (0, 1):
+        problems.append("stage_pad must be 0 or 1")
+    elif cfg.stage_pad and cfg.stages == 1:
+        problems.append("stage_pad=1 pads pipeline stages: it needs stages > 1")
     if cfg.lut_shared not in ((0, 1, 2) if fragment else (0, 1)):
         problems.append("lut_shared must be 0, 1 or 2" if fragment else "lut_shared must be 0 or 1")
     if problems:
@@ -179,7 +208,11 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             table = {0: 0, 1: 4 << Q_BITS, 2: (4 << Q_BITS) * LUT_COPIES}.get(cfg.lut_shared, 0)
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
         if cfg.stages > 1:
-            copies = stage_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES
+            copies = (stage_bytes(cfg, unit, staged_bits) - MMA_M * cfg.tiles * cfg.warps_n
+                      * stage_row_pad(cfg, unit, staged_bits)) // CP_ASYNC_BYTES
+            if cfg.stage_pad and stage_lane_bytes(cfg, unit, staged_bits) < 8:
+                problems.append(f"stage_pad=1 needs lane reads of 8 or 16 bytes, not "
+                                f"{stage_lane_bytes(cfg, unit, staged_bits)}")
             if copies % cfg.threads:
                 problems.append(f"stages={cfg.stages}: a K step's {copies} 16-byte copies do not split over the "
                                 f"block's {cfg.threads} threads")
@@ -497,7 +530,8 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     # 4. the decode of the lane's weights, in registers
     sources = weights.decode(sch, w_lane, bn)
     if cfg.stages > 1:
-        sources += stage_words_async(sch, ko, cfg, getattr(weights, "streamed", ()))
+        sources += stage_words_async(sch, ko, cfg, getattr(weights, "streamed", ()), unit,
+                                     getattr(weights, "staged_bits", STAGED_BITS))
 
     # 5. epilogue: every thread sums the warps_k partials of some outputs and stores fp16
     wb = sch.get_sblock("acc")
@@ -570,7 +604,7 @@ class _UnitDecode:
         return sources
 
 
-def stage_words_async(sch, ko, cfg: MmaConfig, streamed):
+def stage_words_async(sch, ko, cfg: MmaConfig, streamed, unit: int, staged_bits: int):
     """``MmaConfig.stages`` > 1: every register copy of packed words (``stage_packed_words``' block
     "<tensor>_local" of each ``streamed`` tensor) reads a shared-memory copy of the K step's words
     instead, which all threads of the block fill with 16-byte cp.async
@@ -609,6 +643,11 @@ def stage_words_async(sch, ko, cfg: MmaConfig, streamed):
         spread_over_block(sch, sch.fuse(*outer) if len(outer) > 1 else outer[0], cfg)
         intrin, source = register_cp_async16(dtype, [r.extent for r in sch.get(copy16).writes[0].region])
         sch.tensorize(copy16, intrin)
+        pad = stage_row_pad(cfg, unit, staged_bits)
+        if pad:  # row stride = row bytes + pad (mod 64), on the block that now writes the stage buffer
+            elem = tvm.DataType(dtype).bits // 8
+            row = stage_row_bytes(cfg, unit, staged_bits)
+            sch.storage_align(copy16, 0, axis=0, factor=64 // elem, offset=((row + pad) % 64) // elem)
         if source not in sources:
             sources.append(source)
     return sources
@@ -851,6 +890,9 @@ def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_i
     cfg = cfg or format_default_mma_config(fmt, n, k, m)
     bits = streamed_bits(fmt, n, k)
     check_mma_config(cfg, n, k, m, unit, staged_bits=bits)
+    if cfg.stage_pad and len(fmt.streamed) > 1:
+        raise ValueError(f"stage_pad=1 is for formats with one packed-word tensor; {fmt.name} streams "
+                         f"{len(fmt.streamed)} ({', '.join(fmt.streamed)}): use stage_pad=0")
     func = inline_derived(mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit)))
     intrin = fmt.decode_intrin("cuda") if use_intrin else None
     return schedule_mma_cuda(func, cfg, unit, intrin, fmt.streamed, bits)["main"]
