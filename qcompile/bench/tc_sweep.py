@@ -121,16 +121,17 @@ def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants:
                                                               if with_variants else [])
     out, seen = [], set()
     prefix = "tc" if family == "tensorcore" else family
+    if family == "mma":  # the pipeline stages' shared memory at the format's own bits per weight
+        from ..kernels.mma import streamed_bits
+
+        check_args = {"staged_bits": streamed_bits(fmt, n, k)}
+    else:
+        check_args = {}
     for i, cfg in enumerate(cfgs):
         if cfg in seen:
             continue
         try:
-            if family == "mma" and not fragment:
-                from ..kernels.mma import streamed_bits
-
-                check(cfg, n, k, m, fmt.decode_unit, staged_bits=streamed_bits(fmt, n, k))
-            else:
-                check(cfg, n, k, m, fmt.decode_unit, *((True,) if fragment else ()))
+            check(cfg, n, k, m, fmt.decode_unit, *((True,) if fragment else ()), **check_args)
         except ValueError:
             continue
         seen.add(cfg)

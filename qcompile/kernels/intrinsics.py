@@ -9,6 +9,7 @@ tensorize pattern is the format's decode by construction; only the implementatio
 """
 from __future__ import annotations
 
+import math
 from typing import Dict
 
 _REGISTERED: Dict[str, str] = {}
@@ -273,9 +274,7 @@ def register_cp_async16(dtype: str, shape) -> tuple:
     from tvm.script import tirx as T
 
     shape = tuple(int(e) for e in shape)
-    lanes = 1
-    for e in shape:
-        lanes *= e
+    lanes = math.prod(shape)
     if lanes * tvm.DataType(dtype).bits != 128:
         raise ValueError(f"a cp.async copy is 16 bytes, not {lanes} x {dtype}")
     name = f"qcompile.cp_async16.{dtype}.{'x'.join(map(str, shape))}"

@@ -26,6 +26,7 @@ dlight-style rule; the knobs are ``MmaConfig`` (the tuner's space).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 
 from .compute import format_stages
@@ -123,13 +124,7 @@ def streamed_bits(fmt, n: int, k: int) -> int:
     """Bits per weight of ``fmt``'s packed words that the kernels stream (``Format.streamed``), for a
     weight of shape [n, k]: what a pipeline stage holds of each weight (int4 4, e8p-2 2, e8p-3 3)."""
     specs = fmt.tensor_specs(n, k)
-    bits = 0
-    for name in fmt.streamed:
-        spec = specs[name]
-        count = 1
-        for e in spec.shape:
-            count *= int(e)
-        bits += count * {"int32": 32, "int16": 16, "int8": 8, "uint8": 8}[str(spec.dtype)]
+    bits = sum(math.prod(specs[name].shape) * specs[name].torch_dtype.itemsize * 8 for name in fmt.streamed)
     return -(-bits // (n * k))
 
 
@@ -208,8 +203,7 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             table = {0: 0, 1: 4 << Q_BITS, 2: (4 << Q_BITS) * LUT_COPIES}.get(cfg.lut_shared, 0)
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
         if cfg.stages > 1:
-            copies = (stage_bytes(cfg, unit, staged_bits) - MMA_M * cfg.tiles * cfg.warps_n
-                      * stage_row_pad(cfg, unit, staged_bits)) // CP_ASYNC_BYTES
+            copies = MMA_M * cfg.tiles * cfg.warps_n * stage_row_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES
             if cfg.stage_pad and stage_lane_bytes(cfg, unit, staged_bits) < 8:
                 problems.append(f"stage_pad=1 needs lane reads of 8 or 16 bytes, not "
                                 f"{stage_lane_bytes(cfg, unit, staged_bits)}")
@@ -631,7 +625,7 @@ def stage_words_async(sch, ko, cfg: MmaConfig, streamed, unit: int, staged_bits:
                 left //= extent
                 inner = outer.pop()
             elif extent % left == 0:
-                *_, (out, inner) = [None, sch.split(outer.pop(), [None, left])]
+                out, inner = sch.split(outer.pop(), [None, left])
                 outer.append(out)
                 left = 1
             else:
@@ -664,9 +658,8 @@ def pipeline_k_steps(sch, ko, stages: int) -> None:
     copies = []
     for blk in sch.get_child_blocks(ko):
         if "_shared" in sch.get(blk).name_hint:
-            loops = sch.get_loops(blk)
-            depth = [sch.get(lp).same_as(sch.get(ko)) for lp in loops].index(True)
-            copies.append(sch.get(loops[depth + 1]) if depth + 1 < len(loops) else None)
+            below = _loops_below(sch, blk, ko)
+            copies.append(sch.get(below[0]) if below else None)
     marks = [any(c is not None and c.same_as(child) for c in copies) for child in children]
     if not any(marks) or all(marks):
         raise ValueError(f"stages={stages}: the K loop has no separate shared-memory copy to pipeline")
