@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qcompile as qc
-from qcompile.kernels.mma import MmaConfig, check_mma_config, mma_scheduled_func
+from qcompile.kernels.mma import MmaConfig, check_mma_config, mma_scheduled_func, streamed_bits
 from qcompile.kernels.pipeline import compile_module
 
 pytestmark = pytest.mark.gpu
@@ -55,6 +55,9 @@ CONFIGS = [
     # the cp.async pipeline: the K step's packed words staged in shared memory one or two steps ahead
     MmaConfig(units=2, tiles=2, warps_n=1, warps_k=4, stages=2),
     MmaConfig(units=1, tiles=4, warps_n=2, warps_k=2, stages=3, lut_shared=0),
+    # padded stage rows (conflict-free shared reads); refused for two-tensor formats (e8p-4)
+    MmaConfig(units=2, tiles=2, warps_n=1, warps_k=4, stages=2, stage_pad=1),
+    MmaConfig(units=1, tiles=4, warps_n=2, warps_k=2, stages=3, stage_pad=1, lut_shared=0),
 ]
 CONFIG_MS = (3, 16)
 
@@ -71,9 +74,12 @@ FRAGMENT_CONFIGS = [
 
 def _fits(name, cfg):
     fmt = qc.formats.get(name)
+    if cfg.stage_pad and len(fmt.streamed) > 1:
+        return False
     try:
         for m in CONFIG_MS:
-            check_mma_config(cfg, N, K, m, fmt.decode_unit, fragment=fmt.fragment_native)
+            check_mma_config(cfg, N, K, m, fmt.decode_unit, fragment=fmt.fragment_native,
+                             staged_bits=streamed_bits(fmt, N, K))
         return True
     except ValueError:
         return False
@@ -108,17 +114,19 @@ def test_decode_bit_exact_through_the_kernel(name, use_intrin, check_one_hot_dec
     check_one_hot_decode(fn, fmt, qw, m, f"{name} intrin={use_intrin}")
 
 
-@pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4", "e8p-3"])
-def test_pipelined_decode_bit_exact_through_the_kernel(name, check_one_hot_decode):
+@pytest.mark.parametrize("name, stage_pad", [("int4-g128", 0), ("e8p-2", 0), ("e8p-4", 0), ("e8p-3", 0),
+                                             ("int4-g128", 1), ("e8p-2", 1), ("e8p-3", 1)])
+def test_pipelined_decode_bit_exact_through_the_kernel(name, stage_pad, check_one_hot_decode):
     """Every weight read back exactly through a kernel whose packed words pass through the cp.async
-    pipeline stages (MmaConfig.stages = 2), so no word is staged into the wrong slot or step."""
+    pipeline stages (MmaConfig.stages = 2; padded rows with stage_pad), so no word is staged into the
+    wrong slot, step or padded column."""
     fmt = qc.formats.get(name)
     n, k, m = 256, 1024, 16
-    cfg = MmaConfig(units=1, tiles=2, warps_n=1, warps_k=2, stages=2)
-    check_mma_config(cfg, n, k, m, fmt.decode_unit)
+    cfg = MmaConfig(units=1, tiles=2, warps_n=1, warps_k=2, stages=2, stage_pad=stage_pad)
+    check_mma_config(cfg, n, k, m, fmt.decode_unit, staged_bits=streamed_bits(fmt, n, k))
     qw = fmt.random_weight(n, k, seed=13)
     fn = build({"k": mma_scheduled_func(fmt, n, k, m, cfg)})["k"]
-    check_one_hot_decode(fn, fmt, qw, m, f"{name} stages=2")
+    check_one_hot_decode(fn, fmt, qw, m, f"{name} stages=2 stage_pad={stage_pad}")
 
 
 @pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4", "qtip-hyb-2", "qtip-hyb-3"])
