@@ -834,15 +834,16 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
 
 
 # The cp.async pipeline (MmaConfig.stages = 2) by default for 4-bit row-packed formats without table
-# lookups (int4) at M = 9..16 on the largest layers. H100, M=16, same process
+# lookups (int4) at M = 5..16 on the largest layers. H100, M=16, same process
 # (artifacts/bench/mma-sweep-m16-stages-h100.json, commit ed34c93): int4-g128 28672x8192 67.6 -> 57.5 us
 # (tiles=4, 4 K warps), 8192x28672 66.6 -> 59.5 us (tiles=2, 8 K warps); the same tiles with the
 # pipeline lost on e8p-2 (55.4 -> 57.8, 61.7 -> 66.3 us: its 2-bit words are few per decode, and its
 # abs table shares the shared memory), int4 with half the rows a block (tiles=2 on 28672 rows: 82.5
 # us) and int4 on smaller layers (22016x4096 25.4 -> 27.4 us, 12288x4096 15.4 -> 16.9 us), hence the
 # size bound. The tuner, re-measuring the two shipped entries with this default: 61.5 / 62.5 us
-# against their former best 67.5 / 66.3 us (2923f29).
-PIPELINE_MIN_M = 9
+# against their former best 67.5 / 66.3 us (2923f29). At M=8 (bucket 5..8; same tiles, 9848f22,
+# artifacts/bench/mma-sweep-m8-stages-h100.json): 28672x8192 59.0 -> 57.1 us, 8192x28672 70.7 -> 54.5 us.
+PIPELINE_MIN_M = 5
 PIPELINE_BITS = 4
 PIPELINE_MIN_WEIGHTS = 1 << 27
 
