@@ -89,6 +89,33 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     assert "W_table" not in glob and "tlut_ptr[" in glob
 
 
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
+@pytest.mark.parametrize("name", HYB)
+def test_pipeline_stages_stage_the_trellis_with_cp_async(name):
+    """MmaConfig.stages on the fragment kernel: the block's trellis words of a K step go global ->
+    shared with 16-byte cp.async (qc_cp_async16) stages - 1 steps ahead, and the lanes' staged words
+    (own and lane + 1's) are vector loads from that shared copy, never from global memory; no spill."""
+    fmt = qc.formats.get(name)
+    n, k = 28672, 8192
+    # K=3: a K step's copies split over the block's threads with two units a lane and 4 K warps
+    units, warps_k = (2, 4) if fmt.K == 3 else (1, 8)
+    cfgs = {"piped": (1, MmaConfig(units=units, tiles=2, warps_k=warps_k, lut_shared=1, stages=2)),
+            "deep": (16, MmaConfig(units=units, tiles=2, warps_k=warps_k, lut_shared=1, stages=3))}
+    if fmt.K == 2:  # the per-lane tables (32 KiB) beside two 4 KiB stages
+        cfgs["lanes"] = (1, MmaConfig(units=1, tiles=2, warps_k=8, lut_shared=2, stages=2))
+    src = compile_sm90({fname: mma_scheduled_func(fmt, n, k, m, cfg) for fname, (m, cfg) in cfgs.items()})
+    for fname, (m, cfg) in cfgs.items():
+        body = kernel_body(src, fname)
+        assert body.count("qc_cp_async16(") == cfg.stages, fname
+        assert re.search(r"__shared__ alignas\(\d+\) short trellis_shared\w*\[\d+\]", body), fname
+        assert "commit_group();" in body and f"wait_group_{cfg.stages - 1}();" in body, fname
+        assert re.search(WORD_LOAD[fmt.K].replace("trellis_ptr", "trellis_shared_ptr"), body), fname
+        assert not re.search(WORD_LOAD[fmt.K], body) and "trellis_ptr[" not in body.replace("(&(trellis_ptr[", ""), fname
+        assert "mma.sync.aligned.m16n8k16" in body, fname
+    report = ptxas_report(src)
+    assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == len(cfgs), report
+
+
 def test_default_config_per_m():
     """The fragment defaults the H100 records chose (FRAGMENT_SMALL_M_WARPS_K, FRAGMENT_UNROLL): 16 K
     warps up to M=4, two K blocks a step for two tiles above; the wide-N M > 8 keeps four tiles."""
@@ -146,6 +173,8 @@ def test_default_configs():
     (MmaConfig(tiles=1), 4, "tiles=1 must be even"),
     (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "KiB of shared memory beside 32 KiB of tables"),
     (MmaConfig(lut_shared=3), 4, "lut_shared must be 0, 1 or 2"),
+    (MmaConfig(tiles=2, warps_k=4, stages=2, stage_pad=1), 4, "stage_pad=1 is for row-packed formats"),
+    (MmaConfig(tiles=2, warps_k=8, lut_shared=2, stages=2), 16, r"2 pipeline stages of \d KiB beside"),
 ])
 def test_bad_fragment_configs_are_refused_in_one_line(cfg, m, match):
     with pytest.raises(ValueError, match=match) as info:
@@ -185,7 +214,8 @@ def test_tuner_space_and_sweep_candidates(monkeypatch):
     cands = space.candidates(spec)
     assert cands[0] == space.default_config(spec) == default_mma_config(28672, 8192, 16, 16, fragment=True)
     for cfg in cands:
-        check_mma_config(cfg, 28672, 8192, 16, 16, fragment=True)
+        check_mma_config(cfg, 28672, 8192, 16, 16, fragment=True, staged_bits=2)
+    assert any(cfg.stages == 2 for cfg in cands)  # the cp.async pipeline is in the fragment space too
     fmt = qc.formats.get("qtip-hyb-2")
     sweep = tc_sweep.candidates(fmt, 28672, 8192, 4, [], True, True, "mma")
     assert sweep[0][0] == "mma-default" and sweep[0][1].lut_shared == 2

@@ -210,8 +210,9 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             if copies % cfg.threads:
                 problems.append(f"stages={cfg.stages}: a K step's {copies} 16-byte copies do not split over the "
                                 f"block's {cfg.threads} threads")
-            if fragment:
-                problems.append("stages > 1 is for row-packed formats (a fragment-native format's lanes read their own words)")
+            if fragment and cfg.stage_pad:
+                problems.append("stage_pad=1 is for row-packed formats (a fragment-native lane reads 2K consecutive "
+                                "bytes of its own and of the next lane: no bank conflict to pad away)")
             if cfg.unroll != 1:
                 problems.append(f"stages={cfg.stages} needs unroll=1 (the pipeline keeps the next K steps in flight)")
             if k % (4 * span_of(cfg, unit)) == 0 and (k // (4 * span_of(cfg, unit))) % cfg.warps_k:
@@ -523,9 +524,6 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
 
     # 4. the decode of the lane's weights, in registers
     sources = weights.decode(sch, w_lane, bn)
-    if cfg.stages > 1:
-        sources += stage_words_async(sch, ko, cfg, getattr(weights, "streamed", ()), unit,
-                                     getattr(weights, "staged_bits", STAGED_BITS))
 
     # 5. epilogue: every thread sums the warps_k partials of some outputs and stores fp16
     wb = sch.get_sblock("acc")
@@ -545,7 +543,11 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     else:
         sch.reverse_compute_at(sch.get_sblock("Y"), t_x)
 
-    # 6. one mma.sync per (step, tile, token tile); the K loop unrolled by cfg.unroll
+    # 6. the K step's packed words staged in shared memory (a pipeline stage) with stages > 1; one
+    #    mma.sync per (step, tile, token tile); the K loop unrolled by cfg.unroll
+    if cfg.stages > 1:
+        sources += stage_words_async(sch, ko, cfg, weights.staged_reads(sch), unit,
+                                     getattr(weights, "staged_bits", STAGED_BITS))
     sch.tensorize(sch.get_loops(sch.get_sblock("acc_rf"))[-5], rows.intrin())
     for loop in (s_loop, tl, mo):
         sch.unroll(loop)
@@ -580,6 +582,11 @@ class _UnitDecode:
             sch.unroll(loop)
         return w_lane
 
+    def staged_reads(self, sch):
+        """(block, read index) of each register copy of packed words (``stage_packed_words``' block
+        "<tensor>_local"): what a pipeline stage serves instead of global memory."""
+        return [(blk, 0) for blk in (_get_sblock(sch, name + "_local") for name in self.streamed) if blk is not None]
+
     def decode(self, sch, w_lane, bn):
         """The decode of the lane's units (two rows x cfg.units units), in registers."""
         cfg, intrin, streamed = self.cfg, self.intrin, self.streamed
@@ -598,22 +605,20 @@ class _UnitDecode:
         return sources
 
 
-def stage_words_async(sch, ko, cfg: MmaConfig, streamed, unit: int, staged_bits: int):
-    """``MmaConfig.stages`` > 1: every register copy of packed words (``stage_packed_words``' block
-    "<tensor>_local" of each ``streamed`` tensor) reads a shared-memory copy of the K step's words
-    instead, which all threads of the block fill with 16-byte cp.async
-    (``intrinsics.register_cp_async16``); ``pipeline_k_steps`` then runs the copies stages - 1 steps
-    ahead. Returns the CUDA sources to inject."""
+def stage_words_async(sch, ko, cfg: MmaConfig, reads, unit: int, staged_bits: int):
+    """``MmaConfig.stages`` > 1: every register copy of packed words (``reads``: (block, read index)
+    pairs, the weights' ``staged_reads``) reads a shared-memory copy of the K step's words instead,
+    which all threads of the block fill with 16-byte cp.async (``intrinsics.register_cp_async16``);
+    ``pipeline_k_steps`` then runs the copies stages - 1 steps ahead. Returns the CUDA sources to
+    inject."""
     import tvm
 
     from .intrinsics import register_cp_async16
 
     sources = []
-    for name in streamed:
-        words = _get_sblock(sch, name + "_local")
-        if words is None:
-            continue
-        staged = sch.cache_read(words, 0, "shared")
+    for words, index in reads:
+        name = sch.get(words).reads[index].source.name
+        staged = sch.cache_read(words, index, "shared")
         sch.compute_at(staged, ko)
         loops = _loops_below(sch, staged, ko)  # the block's rows x the step's words of a row (row-major)
         dtype = str(sch.get(staged).writes[0].source.dtype)

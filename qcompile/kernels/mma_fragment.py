@@ -33,7 +33,8 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 from __future__ import annotations
 
 from .mma import (MMA_M, NATURAL_ROWS, MmaConfig, _loops_below, check_mma_config, format_default_mma_config,
-                  fill_per_block, fragment_products, k_blocks, schedule_mma_rows, span_of, x_fragments)
+                  fill_per_block, fragment_products, k_blocks, schedule_mma_rows, span_of, streamed_bits,
+                  x_fragments)
 from .schedules import _get_sblock, vectorize_copy
 
 
@@ -84,8 +85,13 @@ class _FragmentDecode:
     4g + t computes its A registers of the warp's tiles; its staged words, slices and table words in
     registers; the table where ``cfg.lut_shared`` says."""
 
-    def __init__(self, cfg: MmaConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: MmaConfig, staged_bits: int):
+        self.cfg, self.staged_bits = cfg, staged_bits
+
+    def staged_reads(self, sch):
+        """The lane's staged words (W_lane_words: its own and lane + 1's bytes of each super-tile) read
+        the packed trellis; with stages > 1 they read the block's shared-memory copy of the K step."""
+        return [(sch.get_sblock("W_lane_words"), 0)]
 
     def lane_loops(self, sch, wf):
         # (tiles, h, g, steps, hi, t, lo) -> lane (g, t); the lane loop outermost, so that the stages
@@ -94,7 +100,9 @@ class _FragmentDecode:
         g, s, hi, t, lo = loops[-5:]
         tile_h = loops[-7:-5]
         sch.reorder(g, t, *tile_h, s, hi, lo)
-        w_lane = sch.fuse(g, t)
+        # under a serial loop of extent 1: a thread loop straight under the K-step loop would be
+        # flattened into it before InjectSoftwarePipeline counts its stages (MmaConfig.stages > 1)
+        _, w_lane = sch.split(sch.fuse(g, t), [1, None])
         sch.bind(w_lane, "threadIdx.x")
         for loop in (*tile_h, s, hi, lo):
             sch.unroll(loop)
@@ -146,10 +154,11 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
     sch.set_scope(keep, 0, "shared")
 
 
-def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16):
+def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16, staged_bits: int = 4):
     """Schedule ``fragment_mma_func(fmt, n, k, m, span_of(cfg, unit))`` for mma.sync (``unit``: the
-    format's decode unit, which sets the K block as in the generic kernel); returns an IRModule."""
-    return schedule_mma_rows(func, cfg, unit, NATURAL_ROWS, _FragmentDecode(cfg))
+    format's decode unit, which sets the K block as in the generic kernel; ``staged_bits``: the
+    format's bits per weight, what a pipeline stage holds with ``cfg.stages`` > 1); returns an IRModule."""
+    return schedule_mma_rows(func, cfg, unit, NATURAL_ROWS, _FragmentDecode(cfg, staged_bits))
 
 
 def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None):
@@ -161,6 +170,7 @@ def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = No
         raise ValueError(f"{fmt.name} is not fragment-native (its stored order is not the mma A-fragment order)")
     unit = fmt.decode_unit
     cfg = cfg or format_default_mma_config(fmt, n, k, m)
-    check_mma_config(cfg, n, k, m, unit, fragment=True)
+    bits = streamed_bits(fmt, n, k)
+    check_mma_config(cfg, n, k, m, unit, fragment=True, staged_bits=bits)
     func = fragment_mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit))
-    return schedule_fragment_mma_cuda(func, cfg, unit)["main"]
+    return schedule_fragment_mma_cuda(func, cfg, unit, bits)["main"]

@@ -69,6 +69,10 @@ FRAGMENT_CONFIGS = [
     MmaConfig(units=1, tiles=2, warps_n=2, warps_k=2, unroll=2, lut_shared=1),
     MmaConfig(units=2, tiles=4, warps_n=1, warps_k=2, lut_shared=2),
     MmaConfig(units=4, tiles=2, warps_n=1, warps_k=4, unroll=2, lut_shared=2),
+    # the cp.async pipeline of the trellis words (CONFIGS' stages=2 config: beside the single table),
+    # with the table in global memory and beside the lane copies
+    MmaConfig(units=2, tiles=2, warps_n=1, warps_k=4, lut_shared=0, stages=2),
+    MmaConfig(units=1, tiles=2, warps_n=1, warps_k=4, lut_shared=2, stages=3),
 ]
 
 
@@ -115,6 +119,7 @@ def test_decode_bit_exact_through_the_kernel(name, use_intrin, check_one_hot_dec
 
 
 @pytest.mark.parametrize("name, stage_pad", [("int4-g128", 0), ("e8p-2", 0), ("e8p-4", 0), ("e8p-3", 0),
+                                             ("qtip-hyb-2", 0), ("qtip-hyb-3", 0), ("qtip-hyb-4", 0),
                                              ("int4-g128", 1), ("e8p-2", 1), ("qtip-1mad-2", 1)])
 def test_pipelined_decode_bit_exact_through_the_kernel(name, stage_pad, check_one_hot_decode):
     """Every weight read back exactly through a kernel whose packed words pass through the cp.async
@@ -124,14 +129,15 @@ def test_pipelined_decode_bit_exact_through_the_kernel(name, stage_pad, check_on
     fmt = qc.formats.get(name)
     n, k, m = 256, 1024, 16
     bits = streamed_bits(fmt, n, k)
+    frag = fmt.fragment_native  # QTIP HYB: its own kernel (mma_fragment), whose lanes stage their words
     for units in (1, 2, 4):
         cfg = MmaConfig(units=units, tiles=2, warps_n=1, warps_k=2, stages=2, stage_pad=stage_pad)
         try:
-            check_mma_config(cfg, n, k, m, fmt.decode_unit, staged_bits=bits)
+            check_mma_config(cfg, n, k, m, fmt.decode_unit, fragment=frag, staged_bits=bits)
             break
         except ValueError:
             continue
-    check_mma_config(cfg, n, k, m, fmt.decode_unit, staged_bits=bits)
+    check_mma_config(cfg, n, k, m, fmt.decode_unit, fragment=frag, staged_bits=bits)
     qw = fmt.random_weight(n, k, seed=13)
     fn = build({"k": mma_scheduled_func(fmt, n, k, m, cfg)})["k"]
     check_one_hot_decode(fn, fmt, qw, m, f"{name} {cfg}")
