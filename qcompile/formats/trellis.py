@@ -745,6 +745,15 @@ class TrellisFormat(Format):
         c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
         h = s * (s + c32(1))
         mask = c32(((1 << Q_BITS) - 1) << (15 - Q_BITS))
+        if mask_first and copy is not None and "tlut32_lanes" in bufs:
+            # the lane copies' flat index (h & 0x7FC0) >> 2 | copy (entries of LUT_COPIES = 16 words:
+            # idx·16 = (h & 0x7FC0) >> 2, and the copy fills the low 4 bits), so that the byte
+            # address is (h & 0x7FC0) | 4·copy: one LOP3, where idx·16 + copy took two LEAs more
+            shift = 15 - Q_BITS - (LUT_COPIES.bit_length() - 1)  # idx·LUT_COPIES = (h & mask) >> shift
+            flat = tirx.Cast("int32", tirx.shift_right(
+                tirx.bitwise_or(tirx.bitwise_and(h, mask), tirx.shift_left(tirx.Cast("uint32", copy), c32(shift))), c32(shift)))
+            word = bufs["tlut32_lanes"][tirx.floordiv(flat, LUT_COPIES), tirx.floormod(flat, LUT_COPIES)]
+            return tirx.bitwise_xor(word, tirx.bitwise_and(h, c32(0x8000)))
         if mask_first:
             idx = tirx.Cast("int32", tirx.shift_right(tirx.bitwise_and(h, mask), c32(15 - Q_BITS)))
         else:
