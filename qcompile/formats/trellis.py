@@ -748,7 +748,8 @@ class TrellisFormat(Format):
         if mask_first and copy is not None and "tlut32_lanes" in bufs:
             # the lane copies' flat index (h & 0x7FC0) >> 2 | copy (entries of LUT_COPIES = 16 words:
             # idx·16 = (h & 0x7FC0) >> 2, and the copy fills the low 4 bits), so that the byte
-            # address is (h & 0x7FC0) | 4·copy: one LOP3, where idx·16 + copy took two LEAs more
+            # address is (h & 0x7FC0) | 4·copy and LDS takes it plus the table base (nvcc: two LOP3,
+            # where idx·16 + copy took LOP3, LEA.HI and LEA)
             shift = 15 - Q_BITS - (LUT_COPIES.bit_length() - 1)  # idx·LUT_COPIES = (h & mask) >> shift
             flat = tirx.Cast("int32", tirx.shift_right(
                 tirx.bitwise_or(tirx.bitwise_and(h, mask), tirx.shift_left(tirx.Cast("uint32", copy), c32(shift))), c32(shift)))
