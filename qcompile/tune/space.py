@@ -83,6 +83,10 @@ MMA_KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
     "stages": (1, 2),
 }
 MMA_MIN_WARPS, MMA_MAX_WARPS = 2, 16  # warps per block
+# the fragment kernel's cp.async pipeline (MmaConfig.stages > 1 for QTIP HYB) compiles and is checked
+# in the generated code, but has not yet run on a GPU: the tuner leaves it out until it has (a faulting
+# candidate would end the tuning process); tc_sweep --config and explicit configs can run it
+FRAGMENT_MAX_TUNED_STAGES = 1
 MMA_MAX_SPAN = 64                     # units x decode unit columns per lane (two rows: 16 registers at 64)
 MAX_MMA_CANDIDATES = 96
 
@@ -351,6 +355,8 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
         cfg = MmaConfig(**dict(zip(names, values)))
         if (cfg == default or not MMA_MIN_WARPS <= cfg.warps_n * cfg.warps_k <= MMA_MAX_WARPS
                 or cfg.units * unit > MMA_MAX_SPAN):
+            continue
+        if fmt.fragment_native and cfg.stages > FRAGMENT_MAX_TUNED_STAGES:
             continue
         if check_mma(cfg, spec.n, spec.k, spec.m, unit, fmt.fragment_native, bits) is None:
             space.append(cfg)
