@@ -739,7 +739,8 @@ class TrellisFormat(Format):
         tlut32[idx] ^ (h & 0x8000) with h = s·(s+1), idx = bits 6..14 of h (low half: value 0, its
         sign flipped by bit 15 of h; high half: value 1). ``c`` / ``copy``: which table copy
         (``_hyb_lut_word``). ``mask_first``: idx as (h & 0x7FC0) >> 6, the same value, which lets nvcc
-        fold the shift into the lane copies' 64-byte entry stride (address = h & 0x7FC0 + copy)."""
+        fold the shift into the lane copies' 64-byte entry stride; with a ``copy`` of the lane copies,
+        their flat index ((h & 0x7FC0) | copy << 2) >> 2 itself (below)."""
         from tvm import tirx
 
         c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
@@ -754,12 +755,13 @@ class TrellisFormat(Format):
             flat = tirx.Cast("int32", tirx.shift_right(
                 tirx.bitwise_or(tirx.bitwise_and(h, mask), tirx.shift_left(tirx.Cast("uint32", copy), c32(shift))), c32(shift)))
             word = bufs["tlut32_lanes"][tirx.floordiv(flat, LUT_COPIES), tirx.floormod(flat, LUT_COPIES)]
-            return tirx.bitwise_xor(word, tirx.bitwise_and(h, c32(0x8000)))
-        if mask_first:
-            idx = tirx.Cast("int32", tirx.shift_right(tirx.bitwise_and(h, mask), c32(15 - Q_BITS)))
         else:
-            idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << Q_BITS) - 1)))
-        return tirx.bitwise_xor(self._hyb_lut_word(bufs, idx, c, copy), tirx.bitwise_and(h, c32(0x8000)))
+            if mask_first:
+                idx = tirx.Cast("int32", tirx.shift_right(tirx.bitwise_and(h, mask), c32(15 - Q_BITS)))
+            else:
+                idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << Q_BITS) - 1)))
+            word = self._hyb_lut_word(bufs, idx, c, copy)
+        return tirx.bitwise_xor(word, tirx.bitwise_and(h, c32(0x8000)))
 
     def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
         """fp16 value of weight (n, 16c + j): window → code, from the packed words (and the tlut)."""

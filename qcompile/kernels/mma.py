@@ -203,7 +203,7 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             table = {0: 0, 1: 4 << Q_BITS, 2: (4 << Q_BITS) * LUT_COPIES}.get(cfg.lut_shared, 0)
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
         if cfg.stages > 1:
-            copies = MMA_M * cfg.tiles * cfg.warps_n * stage_row_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES
+            copies = rows * stage_row_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES
             if cfg.stage_pad and stage_lane_bytes(cfg, unit, staged_bits) < 8:
                 problems.append(f"stage_pad=1 needs lane reads of 8 or 16 bytes, not "
                                 f"{stage_lane_bytes(cfg, unit, staged_bits)}")
@@ -215,7 +215,7 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
                                 "bytes of its own and of the next lane: no bank conflict to pad away)")
             if cfg.unroll != 1:
                 problems.append(f"stages={cfg.stages} needs unroll=1 (the pipeline keeps the next K steps in flight)")
-            if k % (4 * span_of(cfg, unit)) == 0 and (k // (4 * span_of(cfg, unit))) % cfg.warps_k:
+            if k % block == 0 and (k // block) % cfg.warps_k:
                 problems.append(f"stages={cfg.stages} needs the K blocks to split evenly over {cfg.warps_k} K warps "
                                 f"(a padded step would copy words past K)")
         if staged and partial_bytes(cfg, m) + table + staged > SHARED_BYTES:
@@ -435,7 +435,7 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     m, n = (int(sch.get(loop).extent) for loop in sch.get_loops(acc)[:2])
     k = int(sch.get(sch.get_sblock("X_frag")).reads[0].source.shape[1])
     check_mma_config(cfg, n, k, m, unit, fragment=not rows.paired,
-                     staged_bits=getattr(weights, "staged_bits", STAGED_BITS))
+                     staged_bits=weights.staged_bits)
     a_lay, b_lay, c_lay = rows.layouts()
 
     # 1. M padded to whole n8 tiles of tokens: X_frag_pad holds zeros past M, acc_pad the padded result
@@ -547,7 +547,7 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     #    mma.sync per (step, tile, token tile); the K loop unrolled by cfg.unroll
     if cfg.stages > 1:
         sources += stage_words_async(sch, ko, cfg, weights.staged_reads(sch), unit,
-                                     getattr(weights, "staged_bits", STAGED_BITS))
+                                     weights.staged_bits)
     sch.tensorize(sch.get_loops(sch.get_sblock("acc_rf"))[-5], rows.intrin())
     for loop in (s_loop, tl, mo):
         sch.unroll(loop)

@@ -32,9 +32,9 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 """
 from __future__ import annotations
 
-from .mma import (MMA_M, NATURAL_ROWS, MmaConfig, _loops_below, check_mma_config, format_default_mma_config,
-                  fill_per_block, fragment_products, k_blocks, schedule_mma_rows, span_of, streamed_bits,
-                  x_fragments)
+from .mma import (MMA_M, NATURAL_ROWS, STAGED_BITS, MmaConfig, _loops_below, check_mma_config,
+                  format_default_mma_config, fill_per_block, fragment_products, k_blocks, schedule_mma_rows,
+                  span_of, streamed_bits, x_fragments)
 from .schedules import _get_sblock, vectorize_copy
 
 
@@ -154,7 +154,7 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
     sch.set_scope(keep, 0, "shared")
 
 
-def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16, staged_bits: int = 4):
+def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16, staged_bits: int = STAGED_BITS):
     """Schedule ``fragment_mma_func(fmt, n, k, m, span_of(cfg, unit))`` for mma.sync (``unit``: the
     format's decode unit, which sets the K block as in the generic kernel; ``staged_bits``: the
     format's bits per weight, what a pipeline stage holds with ``cfg.stages`` > 1); returns an IRModule."""
