@@ -38,16 +38,16 @@ def test_natural_layouts_are_ptx_and_columns_cover_k_once():
     assert cols == list(range(3 * 4 * span))
 
 
-@pytest.mark.parametrize("name,span,k,blocks", [("qtip-hyb-2", 32, 512, 0), ("qtip-hyb-3", 16, 256, 0),
-                                                ("qtip-hyb-4", 32, 384, 4)])
-def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks):
+@pytest.mark.parametrize("name,span,k,blocks,copies", [("qtip-hyb-2", 32, 512, 0, 0), ("qtip-hyb-3", 16, 256, 0, 0),
+                                                       ("qtip-hyb-4", 32, 384, 4, 0), ("qtip-hyb-2", 16, 256, 0, 32)])
+def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks, copies):
     """The unscheduled compute the GPU schedule starts from (A registers from tir_fragment_decode,
     natural rows and columns) sums to X @ W^T at M=3; with padded K blocks (3 -> 4) the blocks past K
-    add nothing."""
+    add nothing; with 32 table copies (lut_shared=3) each lane reads its own copy's flat index."""
     fmt = qc.formats.get(name)
     n, m = 64, 3
     qw = fmt.random_weight(n, k, seed=3)
-    err = llvm_rel_err(fragment_mma_func(fmt, n, k, m, span, blocks), fmt, qw, n, k, m)
+    err = llvm_rel_err(fragment_mma_func(fmt, n, k, m, span, blocks, lane_copies=copies), fmt, qw, n, k, m)
     assert err < 1e-3, err
 
 
@@ -70,6 +70,7 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     cfgs = {f"k_m{m}": (m, default_mma_config(N, K, m, 16, fragment=True)) for m in (2, 9, 16)}
     cfgs["k_cfg"] = (4, MmaConfig(units=1, tiles=2, warps_n=2, warps_k=2, unroll=2, lut_shared=1))
     cfgs["k_global"] = (5, MmaConfig(units=2, tiles=4, warps_k=2, lut_shared=0))
+    cfgs["k_lanes32"] = (1, MmaConfig(units=1, tiles=2, warps_k=8, unroll=2, lut_shared=3))
     src = compile_sm90({fname: mma_scheduled_func(fmt, N, K, m, cfg) for fname, (m, cfg) in cfgs.items()})
     for fname, (m, cfg) in cfgs.items():
         body = kernel_body(src, fname)
@@ -85,6 +86,12 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
         assert "qc_qtip_hyb" not in body, fname  # no unit decode: the lanes decode their own registers
     assert re.search(r"__shared__ \S+ uint W_table_lanes_shared\w*\[8192\]", kernel_body(src, "k_m2"))
     assert re.search(r"__shared__ \S+ uint W_table_shared\w*\[512\]", kernel_body(src, "k_cfg"))
+    # lut_shared=3: 32 copies (64 KiB) in dynamic shared memory, a lane reading copy threadIdx.x of the
+    # entry: flat index ((h & 0x7FC0) | lane << 1) >> 1 = entry * 32 + lane (no bank conflicts)
+    lanes32 = kernel_body(src, "k_lanes32")
+    assert re.search(r"extern __shared__ \S+ uint W_table_lanes_shared_dyn\w*\[\];", lanes32)
+    # (a lane's table words of a K block: 2 tiles x 4 mma steps x 4 words; the K loop unrolled twice)
+    assert lanes32.count("(uint)32704) | (((uint)((int)threadIdx.x)) << (uint)1)) >> (uint)1))]") == 2 * 32
     glob = kernel_body(src, "k_global")  # lut_shared=0: the table words read from tlut in global memory
     assert "W_table" not in glob and "tlut_ptr[" in glob
 
@@ -172,7 +179,8 @@ def test_default_configs():
 @pytest.mark.parametrize("cfg,m,match", [
     (MmaConfig(tiles=1), 4, "tiles=1 must be even"),
     (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "KiB of shared memory beside 32 KiB of tables"),
-    (MmaConfig(lut_shared=3), 4, "lut_shared must be 0, 1 or 2"),
+    (MmaConfig(lut_shared=4), 4, "lut_shared must be 0, 1, 2 or 3"),
+    (MmaConfig(tiles=4, warps_k=16, lut_shared=3), 16, "beside 64 KiB of tables \\(over 99\\)"),
     (MmaConfig(tiles=2, warps_k=4, stages=2, stage_pad=1), 4, "stage_pad=1 is for row-packed formats"),
     (MmaConfig(tiles=2, warps_k=8, lut_shared=2, stages=2), 16, r"2 pipeline stages of \d KiB beside"),
 ])

@@ -629,20 +629,24 @@ class TrellisFormat(Format):
 
     # HYB in the kernel layout: the table lookups live in the gather stage, one 32-bit word per state
     # from a uint32 copy of the table (tir_tables), so the decode only splits words into fp16 halves.
-    def tir_tables(self, bufs: Mapping[str, object]) -> Dict[str, object]:
+    def tir_tables(self, bufs: Mapping[str, object], lane_copies: int = 0) -> Dict[str, object]:
         """HYB (stored layout): "tlut32" uint32 [512] (stage W_table: tlut[e, 1] in the high half,
-        tlut[e, 0] in the low half, the bits unchanged) and "tlut32_lanes" uint32 [512, LUT_COPIES]
-        (stage W_table_lanes: LUT_COPIES copies of tlut32, entry-major, so that copy r of entry e
-        sits in bank (e·LUT_COPIES + r) % 32). The gather reads copy lut_copy(c) of tlut32_lanes;
-        a schedule that inlines W_table_lanes reads tlut32 (one table), one that inlines both reads
-        tlut (two 16-bit loads per state, the old form)."""
+        tlut[e, 0] in the low half, the bits unchanged) and "tlut32_lanes" uint32 [512, copies]
+        (stage W_table_lanes: ``lane_copies`` copies of tlut32, default LUT_COPIES; entry-major, so
+        that copy r of entry e sits in bank (e·copies + r) % 32: with 32 copies a warp's lookups never
+        meet in a bank, with 16 lanes l and l + 16 share one). The gather reads copy lut_copy(c) of
+        tlut32_lanes; a schedule that inlines W_table_lanes reads tlut32 (one table), one that
+        inlines both reads tlut (two 16-bit loads per state, the old form)."""
         if self.code != "hyb" or not self.gather_count:
             return {}
         from tvm import te
 
+        copies = lane_copies or LUT_COPIES
+        if copies not in (16, 32):
+            raise ValueError(f"{self.name}: {copies} table copies; use 16 (32 KiB) or 32 (64 KiB, bank-conflict free)")
         tlut = bufs["tlut"]
         t32 = te.compute((1 << Q_BITS,), lambda e: _tir_tlut32(tlut, e), name="W_table")
-        lanes = te.compute((1 << Q_BITS, LUT_COPIES), lambda e, r: t32[e], name="W_table_lanes")
+        lanes = te.compute((1 << Q_BITS, copies), lambda e, r: t32[e], name="W_table_lanes")
         return {"tlut32": t32, "tlut32_lanes": lanes}
 
     @property
@@ -654,7 +658,12 @@ class TrellisFormat(Format):
     def tir_slice(self, bufs: Mapping[str, object], n, c, g):
         return self._hyb_slice(bufs, n, c, g)
 
-    def _hyb_lut_copy(self, c):
+    @staticmethod
+    def _lane_copies(bufs: Mapping[str, object]) -> int:
+        """How many table copies the W_table_lanes stage in ``bufs`` holds (its second axis)."""
+        return int(bufs["tlut32_lanes"].shape[1]) if "tlut32_lanes" in bufs else LUT_COPIES
+
+    def _hyb_lut_copy(self, c, copies: int = LUT_COPIES):
         """The table copy unit column c reads: in the GEMV schedule units c = (step, threadIdx.x,
         chunk) with chunks = gemv_tile[1] per thread, so with threads_k >= 32 the copy is the lane
         (threadIdx.x % LUT_COPIES): with 16 copies a warp's lookups meet at most two to a bank (32
@@ -662,13 +671,14 @@ class TrellisFormat(Format):
         same words, so another config only gets more bank conflicts, never other values.)"""
         from tvm import tirx
 
-        return tirx.floormod(tirx.floordiv(c, self.gemv_tile[1]), LUT_COPIES)
+        return tirx.floormod(tirx.floordiv(c, self.gemv_tile[1]), copies)
 
     def _hyb_lut_word(self, bufs: Mapping[str, object], idx, c, copy=None):
         """uint32 table word of entry idx: from the lane copies (copy ``copy``, default the GEMV's
         ``_hyb_lut_copy(c)``), the uint32 table, or tlut itself."""
         if "tlut32_lanes" in bufs:
-            return bufs["tlut32_lanes"][idx, self._hyb_lut_copy(c) if copy is None else copy]
+            lanes = bufs["tlut32_lanes"]
+            return lanes[idx, self._hyb_lut_copy(c, self._lane_copies(bufs)) if copy is None else copy]
         if "tlut32" in bufs:
             return bufs["tlut32"][idx]
         return _tir_tlut32(bufs["tlut"], idx)
@@ -747,14 +757,16 @@ class TrellisFormat(Format):
         h = s * (s + c32(1))
         mask = c32(((1 << Q_BITS) - 1) << (15 - Q_BITS))
         if mask_first and copy is not None and "tlut32_lanes" in bufs:
-            # the lane copies' flat index (h & 0x7FC0) >> 2 | copy (entries of LUT_COPIES = 16 words:
-            # idx·16 = (h & 0x7FC0) >> 2, and the copy fills the low 4 bits), so that the byte
-            # address is (h & 0x7FC0) | 4·copy and LDS takes it plus the table base (nvcc: two LOP3,
-            # where idx·16 + copy took LOP3, LEA.HI and LEA)
-            shift = 15 - Q_BITS - (LUT_COPIES.bit_length() - 1)  # idx·LUT_COPIES = (h & mask) >> shift
+            # the lane copies' flat index (h & 0x7FC0) >> (6 - log2 copies) | copy (entries of
+            # `copies` words: idx·copies = (h & 0x7FC0) >> 2 with 16 copies, >> 1 with 32, and the copy
+            # fills the low bits), so that the byte address is (h & 0x7FC0) << (log2 copies - 4) |
+            # 4·copy and LDS takes it plus the table base (nvcc, 16 copies: two LOP3, where
+            # idx·16 + copy took LOP3, LEA.HI and LEA)
+            copies = self._lane_copies(bufs)
+            shift = 15 - Q_BITS - (copies.bit_length() - 1)  # idx·copies = (h & mask) >> shift
             flat = tirx.Cast("int32", tirx.shift_right(
                 tirx.bitwise_or(tirx.bitwise_and(h, mask), tirx.shift_left(tirx.Cast("uint32", copy), c32(shift))), c32(shift)))
-            word = bufs["tlut32_lanes"][tirx.floordiv(flat, LUT_COPIES), tirx.floormod(flat, LUT_COPIES)]
+            word = bufs["tlut32_lanes"][tirx.floordiv(flat, copies), tirx.floormod(flat, copies)]
         else:
             if mask_first:
                 idx = tirx.Cast("int32", tirx.shift_right(tirx.bitwise_and(h, mask), c32(15 - Q_BITS)))
@@ -885,7 +897,7 @@ class TrellisFormat(Format):
         half = register 2g, high half = 2g + 1). Reads bufs["fragment_slices"] ([N/16, k/16, 32]) when
         present.
         HYB (V=2): the table word of state 4·lane + g (``_hyb_state_word``), the window at bit 2K·g of
-          the slice, from table copy lane % LUT_COPIES when the lane copies are a stage.
+          the slice, from table copy lane % copies when the lane copies are a stage.
         1MAD / 3INST (V=1, mma order): registers 2g, 2g + 1 are states 8·lane + 2g, 8·lane + 2g + 1,
           the windows at bits 2g·K and (2g + 1)·K of the slice (register 7's ends at bit 7K + 16 <=
           16K: inside lane + 1's chunk for every K >= 2), each decoded by the code (``_tir_code``)."""
@@ -911,7 +923,7 @@ class TrellisFormat(Format):
         # the window without its & 0xFFFF: bits above 16 change neither h's bits 6..15 (h mod 2^16
         # depends only on s mod 2^16) nor so the word; one instruction less per state
         s = tirx.Cast("uint32", tirx.shift_right(z, tirx.Cast(dtype, shift)))
-        return self._hyb_state_word(bufs, s, None, tirx.floormod(lane, LUT_COPIES), mask_first=True)
+        return self._hyb_state_word(bufs, s, None, tirx.floormod(lane, self._lane_copies(bufs)), mask_first=True)
 
     def tir_fragment_decode(self, bufs: Mapping[str, object], I, J, lane, e):
         """fp16 A-fragment register e (0..7) of lane ``lane`` for tile (I, J): the weight at tile row

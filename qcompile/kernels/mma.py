@@ -47,8 +47,10 @@ class MmaConfig:
     memory); unroll: K blocks per step of a warp's K loop (their loads in flight together);
     lut_shared: 1 = a format's lookup tables (E8P's abs table) copied to shared memory once per thread
     block, 0 = read from global memory (through L1); for the fragment-native formats (QTIP HYB,
-    qcompile.kernels.mma_fragment) also 2 = LUT_COPIES copies of the table, a lane reading its own
-    (32 KiB of shared memory a block, bank conflicts at most two-way).
+    qcompile.kernels.mma_fragment) also 2 = LUT_COPIES (16) copies of the table, a lane reading its own
+    (32 KiB of shared memory a block, bank conflicts at most two-way), and 3 = 32 copies, one a lane
+    (64 KiB of dynamic shared memory, over the 48 KiB a launch gets without opting in: no bank
+    conflicts; ``SHARED_BYTES_OPT_IN``).
     stages: 1 = each lane loads its packed words from global memory into registers where it decodes
     them; 2 or 3 = a software pipeline: the whole thread block copies the packed words of a K step
     (the warps_k warps take interleaved K blocks, so one step is one contiguous column range) into
@@ -103,6 +105,12 @@ def k_blocks(cfg: MmaConfig, k: int, unit: int) -> int:
 # shared memory a thread block may take without opting in (static + dynamic): the split-K partial
 # tiles (dynamic) and a format's tables
 SHARED_BYTES = 48 * 1024
+# the most a thread block may opt in to (dynamic shared memory past 48 KiB; the TVM runtime sets the
+# kernel's attribute at launch): 99 KiB, what sm_86 / sm_89 allow (sm_80 163, sm_90 227), so that a
+# config that fits runs on every mma.sync GPU; only the fragment kernel's 32 table copies use it
+SHARED_BYTES_OPT_IN = 99 * 1024
+# the fragment kernel's lut_shared -> HYB table copies in shared memory (0: none, 1: the single table)
+FRAGMENT_LUT_COPIES = {2: 16, 3: 32}
 # what a row-packed format's tables take in shared memory with lut_shared=1, at most (E8P's abs table
 # 1 KiB, e8p-3's E81B table beside it): reserved beside the partial tiles
 ROW_TABLE_RESERVE = 4 * 1024
@@ -171,8 +179,8 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
         problems.append("stage_pad must be 0 or 1")
     elif cfg.stage_pad and cfg.stages == 1:
         problems.append("stage_pad=1 pads pipeline stages: it needs stages > 1")
-    if cfg.lut_shared not in ((0, 1, 2) if fragment else (0, 1)):
-        problems.append("lut_shared must be 0, 1 or 2" if fragment else "lut_shared must be 0 or 1")
+    if cfg.lut_shared not in ((0, 1, 2, 3) if fragment else (0, 1)):
+        problems.append("lut_shared must be 0, 1, 2 or 3" if fragment else "lut_shared must be 0 or 1")
     if problems:
         raise ValueError(f"bad MmaConfig {cfg.as_dict()}: {'; '.join(problems)}")
     span = span_of(cfg, unit)
@@ -197,10 +205,13 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
         problems.append(f"M={m} must be 1..{MMA_MAX_M}")
     else:
         table = ROW_TABLE_RESERVE if cfg.lut_shared == 1 else 0
+        limit = SHARED_BYTES
         if fragment:
-            from ..formats.trellis import LUT_COPIES, Q_BITS
+            from ..formats.trellis import Q_BITS
 
-            table = {0: 0, 1: 4 << Q_BITS, 2: (4 << Q_BITS) * LUT_COPIES}.get(cfg.lut_shared, 0)
+            table = (4 << Q_BITS) * FRAGMENT_LUT_COPIES.get(cfg.lut_shared, cfg.lut_shared)
+            if cfg.lut_shared == 3:
+                limit = SHARED_BYTES_OPT_IN
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
         if cfg.stages > 1:
             copies = rows * stage_row_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES
@@ -218,13 +229,13 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             if k % block == 0 and (k // block) % cfg.warps_k:
                 problems.append(f"stages={cfg.stages} needs the K blocks to split evenly over {cfg.warps_k} K warps "
                                 f"(a padded step would copy words past K)")
-        if staged and partial_bytes(cfg, m) + table + staged > SHARED_BYTES:
+        if staged and partial_bytes(cfg, m) + table + staged > limit:
             problems.append(f"{cfg.stages} pipeline stages of {stage_bytes(cfg, unit, staged_bits) // 1024} KiB beside the partial sums "
-                            f"({partial_bytes(cfg, m) // 1024} KiB) and tables exceed {SHARED_BYTES // 1024} KiB of shared memory")
-        elif partial_bytes(cfg, m) + table > SHARED_BYTES:
+                            f"({partial_bytes(cfg, m) // 1024} KiB) and tables exceed {limit // 1024} KiB of shared memory")
+        elif partial_bytes(cfg, m) + table > limit:
             problems.append(f"the {cfg.warps_k} K warps' partial sums need {partial_bytes(cfg, m) // 1024} KiB of "
                             f"shared memory" + (f" beside {table // 1024} KiB of tables" if table else "")
-                            + f" (over {SHARED_BYTES // 1024})")
+                            + f" (over {limit // 1024})")
     if problems:
         raise ValueError(f"MmaConfig {cfg.as_dict()} cannot schedule N={n} K={k} M={m}: " + "; ".join(problems))
 

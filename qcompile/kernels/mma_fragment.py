@@ -32,7 +32,7 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 """
 from __future__ import annotations
 
-from .mma import (MMA_M, NATURAL_ROWS, STAGED_BITS, MmaConfig, _loops_below, check_mma_config,
+from .mma import (FRAGMENT_LUT_COPIES, MMA_M, NATURAL_ROWS, STAGED_BITS, MmaConfig, _loops_below, check_mma_config,
                   format_default_mma_config, fill_per_block, fragment_products, k_blocks, schedule_mma_rows,
                   span_of, streamed_bits, x_fragments)
 from .schedules import _get_sblock, vectorize_copy
@@ -44,13 +44,14 @@ def natural_column(kb, s, hi, t, lo, span):
     return kb * (4 * span) + 16 * s + 8 * hi + 2 * t + lo
 
 
-def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
+def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0, lane_copies: int = 0):
     """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]) of a fragment-native format:
     acc[a, i] = sum over K blocks kb, steps s, fragment columns c of X_frag[a, kb, s, c] *
     W_frag[i, kb, s, c], W_frag[i, kb, s, (hi, t, lo)] = A register 4hi + 2h + lo of lane
     4 * (i % 8) + t of tile (i // 16, kb * span / 4 + s), h = i % 16 // 8 (``tir_fragment_decode``),
     i.e. the weight at row i, column ``natural_column``. ``blocks``: K blocks of the loop (0: those of
-    K); past K's, X_frag is zero and W_frag repeats K's last block (as ``mma.mma_func``)."""
+    K); past K's, X_frag is zero and W_frag repeats K's last block (as ``mma.mma_func``).
+    ``lane_copies``: copies of the format's lane table stage (W_table_lanes; 0: its default)."""
     import tvm
     from tvm import te
 
@@ -62,7 +63,7 @@ def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0):
     if span % 8:
         raise ValueError(f"span {span} must be a multiple of 8 (K blocks of whole 32-column super-tiles)")
     X, XF, clamp, frag = x_fragments(m, k, span, blocks, lambda kb, *c: natural_column(kb, *c, span))
-    params, bufs = fragment_stages(fmt, n, k)
+    params, bufs = fragment_stages(fmt, n, k, lane_copies)
     steps = frag[1]
 
     def w_value(tile, h, g, kb, s, hi, t, lo):  # weight row 16 * tile + 8h + g = A row g + 8h
@@ -131,9 +132,9 @@ class _FragmentDecode:
 
 def _place_tables(sch, bn, cfg: MmaConfig) -> None:
     """The format's derived tables (Format.tir_tables: W_table, its lane copies W_table_lanes):
-    lut_shared 2: the lane copies in shared memory, 1: the single table, 0: both inlined (the table
-    words read from the format's tensors in global memory). Filled once per thread block by all its
-    threads."""
+    lut_shared 2: the lane copies (16) in shared memory, 3: the lane copies (32, 64 KiB) in dynamic
+    shared memory, 1: the single table, 0: both inlined (the table words read from the format's
+    tensors in global memory). Filled once per thread block by all its threads."""
     lanes, single = _get_sblock(sch, "W_table_lanes"), _get_sblock(sch, "W_table")
     if lanes is None and single is None:
         return
@@ -142,7 +143,7 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
             if blk is not None:
                 sch.compute_inline(blk)
         return
-    if cfg.lut_shared == 2 and lanes is not None:
+    if cfg.lut_shared in FRAGMENT_LUT_COPIES and lanes is not None:
         if single is not None:
             sch.compute_inline(single)
         keep = lanes
@@ -151,7 +152,7 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
             sch.compute_inline(lanes)
         keep = sch.get_sblock("W_table")
     fill_per_block(sch, keep, bn, cfg)
-    sch.set_scope(keep, 0, "shared")
+    sch.set_scope(keep, 0, "shared.dyn" if cfg.lut_shared == 3 else "shared")
 
 
 def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16, staged_bits: int = STAGED_BITS):
@@ -172,5 +173,6 @@ def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = No
     cfg = cfg or format_default_mma_config(fmt, n, k, m)
     bits = streamed_bits(fmt, n, k)
     check_mma_config(cfg, n, k, m, unit, fragment=True, staged_bits=bits)
-    func = fragment_mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit))
+    func = fragment_mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit),
+                             FRAGMENT_LUT_COPIES.get(cfg.lut_shared, 0))
     return schedule_fragment_mma_cuda(func, cfg, unit, bits)["main"]
