@@ -92,6 +92,9 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     assert re.search(r"extern __shared__ \S+ uint W_table_lanes_shared_dyn\w*\[\];", lanes32)
     # (a lane's table words of a K block: 2 tiles x 4 mma steps x 4 words; the K loop unrolled twice)
     assert lanes32.count("(uint)32704) | (((uint)((int)threadIdx.x)) << (uint)1)) >> (uint)1))]") == 2 * 32
+    # ... filled from the single table in shared memory, not from tlut in global memory
+    assert re.search(r"W_table_lanes_shared_dyn\w*\[[^\]]+\] = W_table_shared\w*\[", lanes32)
+    assert not re.search(r"W_table_lanes_shared_dyn\w*\[[^\]]+\] = [^;]*tlut_ptr", lanes32)
     glob = kernel_body(src, "k_global")  # lut_shared=0: the table words read from tlut in global memory
     assert "W_table" not in glob and "tlut_ptr[" in glob
 
@@ -121,6 +124,18 @@ def test_pipeline_stages_stage_the_trellis_with_cp_async(name):
         assert "mma.sync.aligned.m16n8k16" in body, fname
     report = ptxas_report(src)
     assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == len(cfgs), report
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
+def test_32_table_copies_cost_no_registers_over_16():
+    """lut_shared=3 fills 64 words a thread (twice lut_shared=2's): through the single shared table, so
+    that nvcc does not keep a thread's whole fill in flight (filled from global memory it took 70
+    registers against 40 on the M=1 HYB-2 kernel: fewer blocks of 16 K warps fit an SM)."""
+    fmt = qc.formats.get("qtip-hyb-2")
+    cfgs = {f"k_ls{ls}": MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=ls) for ls in (2, 3)}
+    src = compile_sm90({fname: mma_scheduled_func(fmt, 28672, 8192, 1, cfg) for fname, cfg in cfgs.items()})
+    regs = dict(re.findall(r"Function properties for (k_ls\d)_kernel.*?Used (\d+) registers", ptxas_report(src), re.S))
+    assert set(regs) == set(cfgs) and int(regs["k_ls3"]) <= int(regs["k_ls2"]), regs
 
 
 def test_default_config_per_m():
@@ -180,7 +195,7 @@ def test_default_configs():
     (MmaConfig(tiles=1), 4, "tiles=1 must be even"),
     (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "KiB of shared memory beside 32 KiB of tables"),
     (MmaConfig(lut_shared=4), 4, "lut_shared must be 0, 1, 2 or 3"),
-    (MmaConfig(tiles=4, warps_k=16, lut_shared=3), 16, "beside 64 KiB of tables \\(over 99\\)"),
+    (MmaConfig(tiles=4, warps_k=16, lut_shared=3), 16, "beside 66 KiB of tables \\(over 99\\)"),
     (MmaConfig(tiles=2, warps_k=4, stages=2, stage_pad=1), 4, "stage_pad=1 is for row-packed formats"),
     (MmaConfig(tiles=2, warps_k=8, lut_shared=2, stages=2), 16, r"2 pipeline stages of \d KiB beside"),
 ])

@@ -210,7 +210,8 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             from ..formats.trellis import Q_BITS
 
             table = (4 << Q_BITS) * FRAGMENT_LUT_COPIES.get(cfg.lut_shared, cfg.lut_shared)
-            if cfg.lut_shared == 3:
+            if cfg.lut_shared == 3:  # (and the single table the copies are filled from)
+                table += 4 << Q_BITS
                 limit = SHARED_BYTES_OPT_IN
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
         if cfg.stages > 1:

@@ -143,8 +143,13 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
             if blk is not None:
                 sch.compute_inline(blk)
         return
+    staged_single = False
     if cfg.lut_shared in FRAGMENT_LUT_COPIES and lanes is not None:
-        if single is not None:
+        # 32 copies: the copies are filled from the single table in shared memory (a broadcast read
+        # a word), itself filled first (two words a thread): filled from global memory directly, a
+        # thread's 64 words were 128 16-bit loads that nvcc kept in flight at once (70 registers, not 40)
+        staged_single = single is not None and cfg.lut_shared == 3
+        if single is not None and not staged_single:
             sch.compute_inline(single)
         keep = lanes
     else:
@@ -152,6 +157,9 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
             sch.compute_inline(lanes)
         keep = sch.get_sblock("W_table")
     fill_per_block(sch, keep, bn, cfg)
+    if staged_single:
+        fill_per_block(sch, single, bn, cfg)
+        sch.set_scope(single, 0, "shared")
     sch.set_scope(keep, 0, "shared.dyn" if cfg.lut_shared == 3 else "shared")
 
 
