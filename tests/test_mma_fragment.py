@@ -238,8 +238,12 @@ def test_tuner_space_and_sweep_candidates(monkeypatch):
     assert cands[0] == space.default_config(spec) == default_mma_config(28672, 8192, 16, 16, fragment=True)
     for cfg in cands:
         check_mma_config(cfg, 28672, 8192, 16, 16, fragment=True, staged_bits=2)
-    # the fragment kernel's pipeline stays out of the space until it has run on a GPU
-    assert {cfg.stages for cfg in cands} == {1}
+    # the fragment kernel's pipeline is in the space (it passed the GPU suite), up to
+    # FRAGMENT_MAX_TUNED_STAGES; lut_shared stays the default's (the 32 copies measured slower)
+    assert {cfg.stages for cfg in cands} == {1, 2} == set(range(1, space.FRAGMENT_MAX_TUNED_STAGES + 1))
+    assert {cfg.lut_shared for cfg in cands} == {cands[0].lut_shared}
+    monkeypatch.setattr(space, "FRAGMENT_MAX_TUNED_STAGES", 1)
+    assert {cfg.stages for cfg in space.candidates(spec)} == {1}
     row = space.candidates(KernelSpec("int4-g128", 28672, 8192, 16))
     assert any(cfg.stages == 2 for cfg in row)
     fmt = qc.formats.get("qtip-hyb-2")

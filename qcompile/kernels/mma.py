@@ -50,7 +50,9 @@ class MmaConfig:
     qcompile.kernels.mma_fragment) also 2 = LUT_COPIES (16) copies of the table, a lane reading its own
     (32 KiB of shared memory a block, bank conflicts at most two-way), and 3 = 32 copies, one a lane
     (64 KiB of dynamic shared memory, over the 48 KiB a launch gets without opting in: no bank
-    conflicts; ``SHARED_BYTES_OPT_IN``).
+    conflicts; ``SHARED_BYTES_OPT_IN``). Measured slower than 2 on the H100 (qtip-hyb-2 M=1, 70ea965:
+    74.2-115 against 63.4-80.6 us over the same shapes and warps; three 66 KiB blocks fit an SM where
+    seven 32 KiB ones did), so the tuner keeps the default's placement.
     stages: 1 = each lane loads its packed words from global memory into registers where it decodes
     them; 2 or 3 = a software pipeline: the whole thread block copies the packed words of a K step
     (the warps_k warps take interleaved K blocks, so one step is one contiguous column range) into

@@ -83,10 +83,14 @@ MMA_KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
     "stages": (1, 2),
 }
 MMA_MIN_WARPS, MMA_MAX_WARPS = 2, 16  # warps per block
-# the fragment kernel's cp.async pipeline (MmaConfig.stages > 1 for QTIP HYB) compiles and is checked
-# in the generated code, but has not yet run on a GPU: the tuner leaves it out until it has (a faulting
-# candidate would end the tuning process); tc_sweep --config and explicit configs can run it
-FRAGMENT_MAX_TUNED_STAGES = 1
+# the fragment kernel's cp.async pipeline (MmaConfig.stages > 1 for QTIP HYB): in the space since it
+# passed the GPU suite (H100, 70ea965: bit-exact one-hot reads through the stages of HYB-2/3/4, the
+# float64 checks of its configs); at M=1, 8 K warps, unroll 1, two stages took qtip-hyb-2 from 70.3 to
+# 66.7 us on 28672x8192 and from 80.4 to 70.1 us on 8192x28672 (same process,
+# artifacts/bench/mma-sweep-qtip-hyb-2-m1-lut-stages-h100.json), while the best one-stage configs
+# (63.4 / 67.3 us) stayed ahead: a candidate, not a default. Three stages fit beside the 16 lane
+# copies only where the partials are small; MMA_KNOB_VALUES stops at two.
+FRAGMENT_MAX_TUNED_STAGES = 2
 MMA_MAX_SPAN = 64                     # units x decode unit columns per lane (two rows: 16 registers at 64)
 MAX_MMA_CANDIDATES = 96
 
