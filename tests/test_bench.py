@@ -119,6 +119,11 @@ def test_plot_writes_png(tmp_path):
     path = plot_bench(synthetic_doc(), tmp_path / "sub" / "b.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    from PIL import Image
+
+    with Image.open(path) as img:  # a palette image (a third of the RGBA bytes), no temp file left
+        assert img.mode == "P" and img.size[0] > 500
+    assert [p.name for p in path.parent.iterdir()] == ["b.png"]
     empty = bench_document("NVIDIA H100", "unknown", COPY_BW, [])
     assert plot_bench(empty, tmp_path / "empty.png").exists()
 
