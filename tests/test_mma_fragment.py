@@ -38,16 +38,20 @@ def test_natural_layouts_are_ptx_and_columns_cover_k_once():
     assert cols == list(range(3 * 4 * span))
 
 
-@pytest.mark.parametrize("name,span,k,blocks,copies", [("qtip-hyb-2", 32, 512, 0, 0), ("qtip-hyb-3", 16, 256, 0, 0),
-                                                       ("qtip-hyb-4", 32, 384, 4, 0), ("qtip-hyb-2", 16, 256, 0, 32)])
-def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks, copies):
+@pytest.mark.parametrize("name,span,k,blocks,copies,packed", [
+    ("qtip-hyb-2", 32, 512, 0, 0, False), ("qtip-hyb-3", 16, 256, 0, 0, False), ("qtip-hyb-4", 32, 384, 4, 0, False),
+    ("qtip-hyb-2", 16, 256, 0, 32, False), ("qtip-hyb-2", 32, 512, 0, 0, True), ("qtip-hyb-4", 32, 384, 4, 0, True),
+    ("qtip-3inst-3@mma-kernel", 16, 256, 0, 0, True)])
+def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks, copies, packed):
     """The unscheduled compute the GPU schedule starts from (A registers from tir_fragment_decode,
     natural rows and columns) sums to X @ W^T at M=3; with padded K blocks (3 -> 4) the blocks past K
-    add nothing; with 32 table copies (lut_shared=3) each lane reads its own copy's flat index."""
+    add nothing; with 32 table copies (lut_shared=3) each lane reads its own copy's flat index; with
+    packed A registers (W_frag uint32) each product takes the right half of the right register."""
     fmt = qc.formats.get(name)
     n, m = 64, 3
     qw = fmt.random_weight(n, k, seed=3)
-    err = llvm_rel_err(fragment_mma_func(fmt, n, k, m, span, blocks, lane_copies=copies), fmt, qw, n, k, m)
+    func = fragment_mma_func(fmt, n, k, m, span, blocks, lane_copies=copies, packed_a=packed)
+    err = llvm_rel_err(func, fmt, qw, n, k, m)
     assert err < 1e-3, err
 
 
@@ -124,6 +128,35 @@ def test_pipeline_stages_stage_the_trellis_with_cp_async(name):
         assert "mma.sync.aligned.m16n8k16" in body, fname
     report = ptxas_report(src)
     assert report.count("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == len(cfgs), report
+
+
+# a fp16 A entry written from half `shift` of a 32-bit expression, and a whole register written
+_HALF_STORE = re.compile(r"ushort (v\w*) = \(ushort\)\(\((.+?) >> \(uint\)(0|16)\) & \(uint\)65535\);\s*"
+                         r"W_frag_warp_ptr\[(\d+)\] = \(\*\(half \*\)\(&\(\1\)\)\);")
+_WORD_STORE = re.compile(r"W_frag_warp_ptr\[(\d+)\] = ([^;]+);")
+_A_OPERAND = re.compile(r'"r"\(\(\(unsigned \*\)\(W_frag_warp_ptr \+ (\d+)\)\)\[0\]\)')
+
+
+@pytest.mark.parametrize("name,m,cfg", [
+    ("qtip-hyb-2", 1, MmaConfig(units=1, tiles=2, warps_k=8, unroll=2, lut_shared=2)),
+    ("qtip-hyb-2", 16, MmaConfig(units=2, tiles=4, warps_n=2, warps_k=2, lut_shared=0)),
+    ("qtip-hyb-3", 9, MmaConfig(units=2, tiles=2, warps_k=4, lut_shared=1, stages=2)),
+    ("qtip-1mad-4@mma-kernel", 4, None)])
+def test_packed_a_registers_are_the_half_kernels_registers(name, m, cfg):
+    """mma_fragment.PACKED_A changes how the A registers are written, not what they hold: in the CUDA
+    of the same config, each packed register w is stored from the expression whose low and high halves
+    the fp16 kernel stores as entries 2w and 2w + 1, in the same order, and every mma.sync reads
+    registers w..w+3 where the fp16 kernel reads entries 2w..2w+7 (the GPU suite checks the values)."""
+    fmt = qc.formats.get(name)
+    src = compile_sm90({"k_half": mma_scheduled_func(fmt, 28672, 8192, m, cfg, packed_a=False),
+                        "k_packed": mma_scheduled_func(fmt, 28672, 8192, m, cfg, packed_a=True)})
+    half, packed = kernel_body(src, "k_half"), kernel_body(src, "k_packed")
+    assert re.search(r"half W_frag_warp_ptr\[\d+\];", half) and re.search(r"uint W_frag_warp_ptr\[\d+\];", packed)
+    words = [(int(i), expr) for i, expr in _WORD_STORE.findall(packed)]
+    halves = [(int(i), expr, int(shift)) for _, expr, shift, i in _HALF_STORE.findall(half)]
+    assert words and halves == [e for i, expr in words for e in ((2 * i, expr, 0), (2 * i + 1, expr, 16))]
+    a_half, a_packed = ([int(o) for o in _A_OPERAND.findall(body)] for body in (half, packed))
+    assert a_packed and a_half == [2 * o for o in a_packed]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")

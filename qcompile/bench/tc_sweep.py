@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import List, Optional, Sequence
 
 REL_ERR_MAX = 1e-2
+PACKED = "packed-a"  # a candidate's "intrin" field: the fragment kernel with 32-bit A registers
 FAMILIES = ("tensorcore", "mma")
 
 
@@ -41,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-variants", action="store_true", help="time only the default and --config configs")
     ap.add_argument("--plain-decode", action="store_true",
                     help="also time the default config with the plain TIR decode instead of the format's intrinsic")
+    ap.add_argument("--packed-a", action="store_true",
+                    help="fragment-native formats (QTIP HYB): also time every config with the A fragments as "
+                         "32-bit registers (mma_fragment.PACKED_A), labelled -packed")
     ap.add_argument("--iters", type=int, default=200, help="timed launches per measurement (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
@@ -210,6 +214,8 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                                       args.family)
             except ValueError as err:
                 log(f"warning: N={n} K={k} M={m}: {one_line(err)}")
+            if args.packed_a and args.family == "mma" and fmt.fragment_native:
+                kernels += [(f"{label}-packed", cfg, PACKED) for label, cfg, _ in kernels if cfg is not None]
             for label, cfg, use_intrin in kernels:
                 row = {"format": fmt.name, "N": n, "K": k, "M": m, "kernel": label,
                        "cfg": None if cfg is None else cfg.as_dict(), "intrin": use_intrin, "us": None,
@@ -218,6 +224,10 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                 try:
                     if cfg is None:
                         func = scheduled_func(KernelSpec(fmt.name, n, k, m), target)
+                    elif use_intrin == PACKED:
+                        from ..kernels.mma import mma_scheduled_func
+
+                        func = mma_scheduled_func(fmt, n, k, m, cfg, packed_a=True)
                     else:
                         func = family_api(args.family)[3](fmt, n, k, m, cfg, use_intrin)
                     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")
@@ -245,7 +255,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                 log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} {t.median_us:9.2f} us  cublas "
                     f"{cublas_us if cublas_us is None else round(cublas_us, 2)} us  speedup "
                     f"{row['speedup_vs_fp16'] or float('nan'):.2f}x  {'' if cfg is None else _short(cfg)}"
-                    f"{'' if use_intrin in (None, True) else ' (TIR decode)'}")
+                    f"{'' if use_intrin in (None, True) else ' (packed A)' if use_intrin == PACKED else ' (TIR decode)'}")
         del q_weights, fp16_weights, qw, w16, w64_t
         torch.cuda.empty_cache()
     print_table(rows, args.family)

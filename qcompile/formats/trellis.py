@@ -931,13 +931,18 @@ class TrellisFormat(Format):
         e % 2 of gathered word e // 2 (bufs["fragment_gathered"], [N/16, k/16, 32, 4], when present)."""
         from tvm import tirx
 
-        self._check_fragment()
         fd, fm = tirx.floordiv, tirx.floormod
-        gathered = bufs.get("fragment_gathered")
-        word = (gathered[I, J, lane, fd(e, 2)] if gathered is not None
-                else self.tir_fragment_gather(bufs, I, J, lane, fd(e, 2)))
+        word = self.tir_fragment_register(bufs, I, J, lane, fd(e, 2))
         half = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 16 * fm(e, 2))), tirx.const(0xFFFF, "uint32"))
         return tirx.reinterpret("float16", tirx.Cast("uint16", half))
+
+    def tir_fragment_register(self, bufs: Mapping[str, object], I, J, lane, w):
+        """uint32 A-fragment register w (0..3) of lane ``lane`` for tile (I, J): registers 2w (low half)
+        and 2w + 1 (high half) of ``tir_fragment_decode``, as the mma operand holds them. Gathered word
+        w (bufs["fragment_gathered"] when present)."""
+        self._check_fragment()
+        gathered = bufs.get("fragment_gathered")
+        return gathered[I, J, lane, w] if gathered is not None else self.tir_fragment_gather(bufs, I, J, lane, w)
 
 
 def _tir_tlut32(tlut, e):

@@ -263,6 +263,21 @@ def a_layout_natural(r, hi, t, lo):
     return 4 * (r % 8) + t, 4 * hi + 2 * (r // 8) + lo
 
 
+def a_layout_packed(r, hi, t):
+    """(lane, register) of the 32-bit A register holding fragment entries (tile row r = g + 8h, columns
+    (hi, t, lo = 0, 1)): ``a_layout_natural``'s element // 2, the pair's low half at lo = 0."""
+    return 4 * (r % 8) + t, 2 * hi + r // 8
+
+
+def register_half(word, lo):
+    """fp16 half ``lo`` (0: bits 0-15, 1: bits 16-31) of uint32 TIR expression ``word`` (an A register
+    holds two fp16 entries, the lower column in the low half)."""
+    from tvm import tirx
+
+    half = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 16 * lo)), tirx.const(0xFFFF, "uint32"))
+    return tirx.reinterpret("float16", tirx.Cast("uint16", half))
+
+
 def c_layout_natural(r, a):
     """``c_layout`` with tile row r = g + 8h."""
     return 4 * (r % 8) + a // 2, 2 * (r // 8) + a % 2
@@ -375,6 +390,21 @@ _MMA_IMPL = '''        for tx in T.thread_binding(0, 32, "threadIdx.x"):
                                         A.data, A.elem_offset + tx * sa0, B.data, B.elem_offset + tx * sb0,
                                         C.data, C.elem_offset + tx * sc0, False, dtype="float32"))'''
 
+# the packed variant (RowMap.packed_a): A is the lane's four 32-bit registers themselves (uint32
+# [lane, 4]), each product taking its fp16 half (``register_half``)
+_MMA_SCRIPT_PACKED = _MMA_SCRIPT.replace('A = T.match_buffer(a, (32, 1, 1, 8), "float16"',
+                                         'A = T.match_buffer(a, (32, 1, 1, 4), "uint32"').replace(
+                                             "A[0:32, 0, 0, 0:8]", "A[0:32, 0, 0, 0:4]")
+_MMA_DESC_PACKED = '''        for i, j, hi, t, lo in T.grid(16, 8, 2, 4, 2):
+            with T.sblock("C"):
+                vj, vi, vhi, vt, vlo = T.axis.remap("SSRRR", [j, i, hi, t, lo])
+                lc, ec = T.meta_var(c_layout(vi, vj))
+                lb, eb = T.meta_var(b_layout(vj, vhi, vt, vlo))
+                la, ea = T.meta_var(a_layout(vi, vhi, vt))
+                C[lc, 0, 0, ec] = C[lc, 0, 0, ec] + T.Cast("float32", B[lb, 0, 0, eb]) * T.Cast("float32", T.reinterpret(
+                    "float16", T.Cast("uint16", T.bitwise_and(T.shift_right(A[la, 0, 0, ea], T.Cast("uint32", 16 * vlo)),
+                                                              T.uint32(65535)))))'''
+
 MMA_INTRIN = "qcompile.mma_m16n8k16_f16f32"
 
 
@@ -387,14 +417,15 @@ def register_mma(rows=None):
 
     from .intrinsics import _REGISTERED
 
-    natural = rows is not None and not rows.paired
-    name = MMA_INTRIN + ("_natural_rows" if natural else "")
+    rows = rows or PAIRED_ROWS
+    name = MMA_INTRIN + ("" if rows.paired else "_natural_rows") + ("_packed_a" if rows.packed_a else "")
     if name in _REGISTERED:
         return name
-    a_lay, b_lay, c_lay = (a_layout_natural, b_layout, c_layout_natural) if natural else (a_layout, b_layout, c_layout)
+    a_lay, b_lay, c_lay = rows.layouts()
     env = {"T": T, "a_layout": a_lay, "b_layout": b_lay, "c_layout": c_lay}
-    desc = tvm.script.from_source(_MMA_SCRIPT.format(fname="desc", body=_MMA_DESC), extra_vars=env)
-    impl = tvm.script.from_source(_MMA_SCRIPT.format(fname="impl", body=_MMA_IMPL), extra_vars=env)
+    script, body = (_MMA_SCRIPT_PACKED, _MMA_DESC_PACKED) if rows.packed_a else (_MMA_SCRIPT, _MMA_DESC)
+    desc = tvm.script.from_source(script.format(fname="desc", body=body), extra_vars=env)
+    impl = tvm.script.from_source(script.format(fname="impl", body=_MMA_IMPL), extra_vars=env)
     tvm.s_tir.TensorIntrin.register(name, desc, impl, override=True)
     _REGISTERED[name] = ""
     return name
@@ -414,13 +445,18 @@ class RowMap:
     ``paired``: tile row r = 2g + h is mma row g + 8h (this module's kernel: lane (g, t) owns weight
     rows 2g, 2g + 1); else r = g + 8h, the PTX order itself (qcompile.kernels.mma_fragment: the
     stored A-fragment order). ``x_contiguous``: a lane's columns of a K block are contiguous
-    (``fragment_column``: 16-byte activation loads), else only column pairs (4-byte loads)."""
+    (``fragment_column``: 16-byte activation loads), else only column pairs (4-byte loads).
+    ``packed_a`` (natural rows): the A fragments are the lane's four 32-bit registers (W_frag uint32,
+    ``a_layout_packed``), whose halves the products take (``register_half``)."""
 
     paired: bool
     x_contiguous: bool
+    packed_a: bool = False
 
     def layouts(self):
-        return (a_layout, b_layout, c_layout) if self.paired else (a_layout_natural, b_layout, c_layout_natural)
+        if self.paired:
+            return a_layout, b_layout, c_layout
+        return (a_layout_packed if self.packed_a else a_layout_natural), b_layout, c_layout_natural
 
     def intrin(self) -> str:
         return register_mma(self)
@@ -435,6 +471,9 @@ class RowMap:
 
 PAIRED_ROWS = RowMap(paired=True, x_contiguous=True)
 NATURAL_ROWS = RowMap(paired=False, x_contiguous=False)
+# natural rows with the A fragments as 32-bit registers (W_frag uint32 [.., lane, 4]): a decode whose
+# words are already registers stores them whole, where fp16 halves came back through SHF + PRMT
+NATURAL_ROWS_PACKED_A = RowMap(paired=False, x_contiguous=False, packed_a=True)
 
 
 def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
@@ -496,8 +535,12 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     def fragments(outer, lane_elem, *tiles):  # (K block or warp, lane, tile indices, element)
         return (outer, lane_elem[0], *tiles, lane_elem[1])
 
-    sch.transform_layout(wf, ("write", 0), lambda i, kb, s, hi, t, lo: fragments(
-        kb, a_lay(i % MMA_M, hi, t, lo), i // MMA_M, s))
+    if rows.packed_a:  # W_frag [n, kb, s, hi, t]: one 32-bit register per (hi, t), both lo halves
+        sch.transform_layout(wf, ("write", 0), lambda i, kb, s, hi, t: fragments(
+            kb, a_lay(i % MMA_M, hi, t), i // MMA_M, s))
+    else:
+        sch.transform_layout(wf, ("write", 0), lambda i, kb, s, hi, t, lo: fragments(
+            kb, a_lay(i % MMA_M, hi, t, lo), i // MMA_M, s))
     sch.transform_layout(xw, ("write", 0), lambda a, kb, s, hi, t, lo: fragments(
         kb, b_lay(a % MMA_N, hi, t, lo), a // MMA_N, s))
     sch.transform_layout(store, ("read", 0), lambda w, a, i: fragments(
@@ -885,10 +928,11 @@ def format_default_mma_config(fmt, n: int, k: int, m: int) -> MmaConfig:
 
 
 def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_intrin: bool = True,
-                       fragment=None):
+                       fragment=None, packed_a=None):
     """The scheduled PrimFunc ("main") of ``fmt``'s fused decode + matmul on mma.sync. ``fragment``:
-    True = the fragment-native kernel (qcompile.kernels.mma_fragment; ``use_intrin`` does not apply),
-    False = this module's unit-decode kernel, None = the fragment-native one for the formats that are
+    True = the fragment-native kernel (qcompile.kernels.mma_fragment; ``use_intrin`` does not apply,
+    ``packed_a``: its A fragments as 32-bit registers, None = ``mma_fragment.PACKED_A``), False = this
+    module's unit-decode kernel, None = the fragment-native one for the formats that are
     (``Format.fragment_native``: QTIP HYB)."""
     from ..formats import get as get_format
 
@@ -898,7 +942,7 @@ def mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, use_i
     if fragment:
         from .mma_fragment import fragment_mma_scheduled_func
 
-        return fragment_mma_scheduled_func(fmt, n, k, m, cfg)
+        return fragment_mma_scheduled_func(fmt, n, k, m, cfg, packed_a)
     unit = fmt.decode_unit
     cfg = cfg or format_default_mma_config(fmt, n, k, m)
     bits = streamed_bits(fmt, n, k)

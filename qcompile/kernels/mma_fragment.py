@@ -32,9 +32,14 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 """
 from __future__ import annotations
 
-from .mma import (FRAGMENT_LUT_COPIES, MMA_M, NATURAL_ROWS, STAGED_BITS, MmaConfig, _loops_below, check_mma_config,
-                  format_default_mma_config, fill_per_block, fragment_products, k_blocks, schedule_mma_rows,
-                  span_of, streamed_bits, x_fragments)
+from .mma import (FRAGMENT_LUT_COPIES, MMA_M, NATURAL_ROWS, NATURAL_ROWS_PACKED_A, STAGED_BITS, MmaConfig,
+                  _loops_below, check_mma_config, format_default_mma_config, fill_per_block, fragment_products,
+                  k_blocks, register_half, schedule_mma_rows, span_of, streamed_bits, x_fragments)
+
+# the A fragments as the lane's 32-bit registers (mma.NATURAL_ROWS_PACKED_A: W_frag holds the gathered
+# words whole) rather than fp16 halves: nvcc rebuilt each register from its two halves (SHF + PRMT, 2
+# of 9 instructions a table word); off until it has run on a GPU
+PACKED_A = False
 from .schedules import _get_sblock, vectorize_copy
 
 
@@ -44,7 +49,8 @@ def natural_column(kb, s, hi, t, lo, span):
     return kb * (4 * span) + 16 * s + 8 * hi + 2 * t + lo
 
 
-def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0, lane_copies: int = 0):
+def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0, lane_copies: int = 0,
+                      packed_a: bool = False):
     """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]) of a fragment-native format:
     acc[a, i] = sum over K blocks kb, steps s, fragment columns c of X_frag[a, kb, s, c] *
     W_frag[i, kb, s, c], W_frag[i, kb, s, (hi, t, lo)] = A register 4hi + 2h + lo of lane
@@ -69,11 +75,19 @@ def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0, l
     def w_value(tile, h, g, kb, s, hi, t, lo):  # weight row 16 * tile + 8h + g = A row g + 8h
         return fmt.tir_fragment_decode(bufs, tile, clamp(kb) * steps + s, 4 * g + t, 4 * hi + 2 * h + lo)
 
+    def w_register(tile, h, g, kb, s, hi, t):  # the register of both lo halves
+        return fmt.tir_fragment_register(bufs, tile, clamp(kb) * steps + s, 4 * g + t, 2 * hi + h)
+
     # the block iterates rows as (tile, h, g), so that the lane 4g + t of a register is plain in every
     # index (with i % 8, compute_at's region analysis relaxed the lane over the tile loops); its
     # buffer is [n, ...] like mma_func's (transform_layout below), which acc reads as an einsum
-    WF = te.compute((n // MMA_M, 2, MMA_M // 2, *frag), w_value, name="W_frag")
-    Y = fragment_products(XF, frag, m, n, lambda i, axes: WF[(i // MMA_M, i % MMA_M // 8, i % 8, *axes)])
+    if packed_a:
+        WF = te.compute((n // MMA_M, 2, MMA_M // 2, *frag[:-1]), w_register, name="W_frag")
+        Y = fragment_products(XF, frag, m, n, lambda i, axes: register_half(
+            WF[(i // MMA_M, i % MMA_M // 8, i % 8, *axes[:-1])], axes[-1]))
+    else:
+        WF = te.compute((n // MMA_M, 2, MMA_M // 2, *frag), w_value, name="W_frag")
+        Y = fragment_products(XF, frag, m, n, lambda i, axes: WF[(i // MMA_M, i % MMA_M // 8, i % 8, *axes)])
     func = te.create_prim_func([X, *params, Y]).with_attr("global_symbol", "main")
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": func}))
     sch.transform_layout(sch.get_sblock("W_frag"), ("write", 0),
@@ -86,8 +100,8 @@ class _FragmentDecode:
     4g + t computes its A registers of the warp's tiles; its staged words, slices and table words in
     registers; the table where ``cfg.lut_shared`` says."""
 
-    def __init__(self, cfg: MmaConfig, staged_bits: int):
-        self.cfg, self.staged_bits = cfg, staged_bits
+    def __init__(self, cfg: MmaConfig, staged_bits: int, packed_a: bool = False):
+        self.cfg, self.staged_bits, self.packed_a = cfg, staged_bits, packed_a
 
     def staged_reads(self, sch):
         """The lane's staged words (W_lane_words: its own and lane + 1's bytes of each super-tile) read
@@ -98,14 +112,16 @@ class _FragmentDecode:
         # (tiles, h, g, steps, hi, t, lo) -> lane (g, t); the lane loop outermost, so that the stages
         # computed at it cover all the warp's tiles (both row-subtiles of a super-tile)
         loops = sch.get_loops(wf)
-        g, s, hi, t, lo = loops[-5:]
-        tile_h = loops[-7:-5]
-        sch.reorder(g, t, *tile_h, s, hi, lo)
+        lo = [] if self.packed_a else [loops[-1]]  # packed A: a register holds both lo halves
+        loops = loops if self.packed_a else loops[:-1]
+        g, s, hi, t = loops[-4:]
+        tile_h = loops[-6:-4]
+        sch.reorder(g, t, *tile_h, s, hi, *lo)
         # under a serial loop of extent 1: a thread loop straight under the K-step loop would be
         # flattened into it before InjectSoftwarePipeline counts its stages (MmaConfig.stages > 1)
         _, w_lane = sch.split(sch.fuse(g, t), [1, None])
         sch.bind(w_lane, "threadIdx.x")
-        for loop in (*tile_h, s, hi, lo):
+        for loop in (*tile_h, s, hi, *lo):
             sch.unroll(loop)
         return w_lane
 
@@ -163,15 +179,20 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
     sch.set_scope(keep, 0, "shared.dyn" if cfg.lut_shared == 3 else "shared")
 
 
-def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16, staged_bits: int = STAGED_BITS):
-    """Schedule ``fragment_mma_func(fmt, n, k, m, span_of(cfg, unit))`` for mma.sync (``unit``: the
-    format's decode unit, which sets the K block as in the generic kernel; ``staged_bits``: the
-    format's bits per weight, what a pipeline stage holds with ``cfg.stages`` > 1); returns an IRModule."""
-    return schedule_mma_rows(func, cfg, unit, NATURAL_ROWS, _FragmentDecode(cfg, staged_bits))
+def schedule_fragment_mma_cuda(func, cfg: MmaConfig, unit: int = 16, staged_bits: int = STAGED_BITS,
+                               packed_a: bool = False):
+    """Schedule ``fragment_mma_func(fmt, n, k, m, span_of(cfg, unit), ..., packed_a=packed_a)`` for
+    mma.sync (``unit``: the format's decode unit, which sets the K block as in the generic kernel;
+    ``staged_bits``: the format's bits per weight, what a pipeline stage holds with ``cfg.stages`` > 1);
+    returns an IRModule."""
+    rows = NATURAL_ROWS_PACKED_A if packed_a else NATURAL_ROWS
+    return schedule_mma_rows(func, cfg, unit, rows, _FragmentDecode(cfg, staged_bits, packed_a))
 
 
-def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None):
-    """The scheduled PrimFunc ("main") of a fragment-native format's fused decode + matmul on mma.sync."""
+def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = None, packed_a: bool = None):
+    """The scheduled PrimFunc ("main") of a fragment-native format's fused decode + matmul on mma.sync
+    (``packed_a``: A fragments as 32-bit registers; None: ``PACKED_A``)."""
+    packed_a = PACKED_A if packed_a is None else packed_a
     from ..formats import get as get_format
 
     fmt = get_format(fmt)
@@ -182,5 +203,5 @@ def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = No
     bits = streamed_bits(fmt, n, k)
     check_mma_config(cfg, n, k, m, unit, fragment=True, staged_bits=bits)
     func = fragment_mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit),
-                             FRAGMENT_LUT_COPIES.get(cfg.lut_shared, 0))
-    return schedule_fragment_mma_cuda(func, cfg, unit, bits)["main"]
+                             FRAGMENT_LUT_COPIES.get(cfg.lut_shared, 0), packed_a)
+    return schedule_fragment_mma_cuda(func, cfg, unit, bits, packed_a)["main"]

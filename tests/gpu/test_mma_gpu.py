@@ -93,10 +93,9 @@ def _fits(name, cfg):
         return False
 
 
+CONFIG_NAMES = ["int4-g128", "e8p-2", "e8p-4", "qtip-1mad-2", "qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4"]
 CONFIG_CASES = [pytest.param(name, cfg, id=f"{name}-" + "-".join(f"{v}" for v in cfg.as_dict().values()))
-                for cfg in CONFIGS + FRAGMENT_CONFIGS
-                for name in ["int4-g128", "e8p-2", "e8p-4", "qtip-1mad-2", "qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4"]
-                if _fits(name, cfg)]
+                for cfg in CONFIGS + FRAGMENT_CONFIGS for name in CONFIG_NAMES if _fits(name, cfg)]
 
 
 @pytest.mark.parametrize("name, cfg", CONFIG_CASES)
@@ -191,3 +190,38 @@ def test_v1_fragment_variants_match_float64(name, check_one_hot_decode):
     qw = fmt.random_weight(n, k, seed=11)
     fn = build({"k": mma_scheduled_func(fmt, n, k, 16)})["k"]
     check_one_hot_decode(fn, fmt, qw, 16, name)
+
+
+# the fragment kernel with its A fragments as 32-bit registers (mma_fragment.PACKED_A: W_frag holds the
+# gathered words whole): every weight read back bit for bit, and the FRAGMENT_CONFIGS against float64
+PACKED = ["qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4", "qtip-3inst-2@mma-kernel", "qtip-1mad-3@mma-kernel"]
+
+
+def _check_ok(cfg, n, k, m, unit, bits):
+    try:
+        check_mma_config(cfg, n, k, m, unit, fragment=True, staged_bits=bits)
+        return True
+    except ValueError:
+        return False
+
+
+@pytest.mark.parametrize("name", PACKED)
+def test_packed_a_fragments_match(name, check_one_hot_decode):
+    fmt = qc.formats.get(name)
+    n, k = 256, 1024
+    qw = fmt.random_weight(n, k, seed=11)
+    bits = streamed_bits(fmt, n, k)
+    piped = next(cfg for units in (1, 2, 4) for cfg in [MmaConfig(units=units, tiles=2, warps_k=2, stages=2)]
+                 if _check_ok(cfg, n, k, 16, fmt.decode_unit, bits))
+    fns = build({"k": mma_scheduled_func(fmt, n, k, 16, packed_a=True),
+                 "piped": mma_scheduled_func(fmt, n, k, 16, piped, packed_a=True)})
+    check_one_hot_decode(fns["k"], fmt, qw, 16, f"{name} packed A")
+    check_one_hot_decode(fns["piped"], fmt, qw, 16, f"{name} packed A, 2 stages")
+    qw = fmt.random_weight(N, K, seed=7).to("cuda")
+    cfgs = [cfg for cfg in FRAGMENT_CONFIGS if _fits(name, cfg)] if name in CONFIG_NAMES else [None]
+    ex = build({f"c{i}_m{m}": mma_scheduled_func(fmt, N, K, m, cfg, packed_a=True)
+                for i, cfg in enumerate(cfgs) for m in CONFIG_MS})
+    for i, cfg in enumerate(cfgs):
+        for m in CONFIG_MS:
+            err = rel_err(ex[f"c{i}_m{m}"], fmt, qw, m, seed=m)
+            assert err < 2e-3, (name, cfg, m, err)
