@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# What a device call runs (the GPU machine: see ../shared/device/README.md; carry .device, start with
+# `source .device/setup.sh >/dev/null &&`). Results go under $OUT (the device tool brings them back).
+#   bash tests/gpu/device_run.sh suite [PYTEST ARGS...]   the gpu-marked tests in 15 processes (~4 min)
+#   bash tests/gpu/device_run.sh tune LIMIT_S JOB... -- TUNE ARGS...
+#        JOB = formats:shapes (e.g. qtip-hyb-2:llama-2-13b); tunes into a copy of schedules/ until LIMIT_S
+#        seconds have passed and writes it to $OUT/sched.tgz (here: qcompile tune --merge DIR)
+#   bash tests/gpu/device_run.sh sweep NAME TC_SWEEP ARGS...   tc_sweep rows to $OUT/NAME.json
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+out=${OUT:-/tmp/qc-out}
+mkdir -p "$out"
+case "${1:-}" in
+  suite)
+    shift
+    if [ $# -gt 0 ]; then python3 tests/gpu/parallel.py 15 tests/gpu "$@"; else python3 tests/gpu/parallel.py 15; fi ;;
+  tune)
+    limit=$2; shift 2
+    jobs=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do jobs+=("$1"); shift; done
+    [ "${1:-}" = "--" ] && shift
+    start=$(date +%s); rm -rf /tmp/qc-sched && cp -r schedules /tmp/qc-sched
+    for job in "${jobs[@]}"; do
+      left=$(( limit - ($(date +%s) - start) ))
+      if [ $left -lt 30 ]; then echo "skipped $job: time"; continue; fi
+      echo "== ${job%%:*} ${job#*:} ($left s left)"
+      timeout "$left" python3 -m qcompile tune --format "${job%%:*}" --shapes "${job#*:}" --records /tmp/qc-sched "$@" \
+        2>&1 | grep -v '^\['
+    done
+    tar czf "$out/sched.tgz" -C /tmp qc-sched ;;
+  sweep)
+    name=$2; shift 2
+    python3 -m qcompile.bench.tc_sweep "$@" --out "$out/$name.json" ;;
+  *)
+    sed -n 2,7p "$0"; exit 2 ;;
+esac
