@@ -18,7 +18,8 @@ instead every lane decodes its own fragment, as the layout was designed for:
   (stage W_lane_words); per tile one stream slice (own chunk << 8K | next chunk, W_lane_slice); four
   windows at bits 0, 2K, 4K, 6K -> four HYB table words (W_lane_gather, the table in shared memory:
   ``MmaConfig.lut_shared`` 2 = one copy per lane % 16, 1 = one copy, 0 = global); A register e = half
-  e % 2 of word e // 2 (W_frag). The format owns every bit of this (``TrellisFormat.tir_fragment_*``,
+  e % 2 of word e // 2 (W_frag; with ``PACKED_A`` W_frag holds the words themselves as the mma's 32-bit
+  A registers). The format owns every bit of this (``TrellisFormat.tir_fragment_*``,
   stages built by ``compute.fragment_stages``); this module only places the stages.
 - two 16-row tiles a warp are the two row-subtiles of a super-tile, so a lane's staged words feed
   both (``check_mma_config(..., fragment=True)`` refuses an odd ``MmaConfig.tiles``); a K block is
