@@ -14,6 +14,7 @@ from qcompile.kernels import library
 from qcompile.kernels.library import GEMV_FAMILY, MMA_FAMILY, TC_FAMILY, KernelSpec, kernel_family, scheduled_func
 from qcompile.kernels.mma import (MmaConfig, a_layout_natural, c_layout_natural, check_mma_config,
                                   default_mma_config, k_blocks, mma_scheduled_func, span_of)
+from qcompile.kernels import mma_fragment
 from qcompile.kernels.mma_fragment import fragment_mma_func, natural_column
 from qcompile.kernels.target import parse_target
 
@@ -82,7 +83,10 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
         # LowerWarpMemory lowered the A fragments: each lane holds its own registers (tiles x steps x 8),
         # not a warp-wide array
         regs = cfg.tiles * span_of(cfg, 16) // 4 * 8
-        assert re.search(rf"half W_frag_warp_ptr\[{regs}\];", body), fname
+        if mma_fragment.PACKED_A:  # the same registers as 32-bit words
+            assert re.search(rf"uint W_frag_warp_ptr\[{regs // 2}\];", body), fname
+        else:
+            assert re.search(rf"half W_frag_warp_ptr\[{regs}\];", body), fname
         assert not re.search(r"half \w+\[(2048|4096|8192|16384)\]", body), fname
         assert "__shfl" not in body, fname
         assert re.search(WORD_LOAD[fmt.K], body), fname
@@ -166,7 +170,7 @@ def test_32_table_copies_cost_no_registers_over_16():
     registers against 40 on the M=1 HYB-2 kernel: fewer blocks of 16 K warps fit an SM)."""
     fmt = qc.formats.get("qtip-hyb-2")
     cfgs = {f"k_ls{ls}": MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=ls) for ls in (2, 3)}
-    src = compile_sm90({fname: mma_scheduled_func(fmt, 28672, 8192, 1, cfg) for fname, cfg in cfgs.items()})
+    src = compile_sm90({fname: mma_scheduled_func(fmt, 28672, 8192, 1, cfg, packed_a=False) for fname, cfg in cfgs.items()})
     regs = dict(re.findall(r"Function properties for (k_ls\d)_kernel.*?Used (\d+) registers", ptxas_report(src), re.S))
     assert set(regs) == set(cfgs) and int(regs["k_ls3"]) <= int(regs["k_ls2"]), regs
 

@@ -15,6 +15,7 @@ import qcompile as qc
 from qcompile.errors import QCompileError
 from qcompile.formats import trellis as tr
 from qcompile.kernels.mma import default_mma_config, mma_scheduled_func, span_of
+from qcompile.kernels import mma_fragment
 from qcompile.kernels.mma_fragment import fragment_mma_func
 from qcompile.kernels.target import parse_target
 
@@ -95,7 +96,9 @@ def test_v1_fragment_kernel_compiles_to_mma_sync_without_spills():
         body = kernel_body(src, f"k{i}")
         cfg = default_mma_config(n, k, m, 16, fragment=True)
         assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in body, name
-        assert re.search(rf"half W_frag_warp_ptr\[{cfg.tiles * span_of(cfg, 16) // 4 * 8}\];", body), name
+        regs = cfg.tiles * span_of(cfg, 16) // 4 * 8  # fp16 A entries a lane, or half as many 32-bit words
+        assert re.search(rf"uint W_frag_warp_ptr\[{regs // 2}\];" if mma_fragment.PACKED_A
+                         else rf"half W_frag_warp_ptr\[{regs}\];", body), name
         assert re.search(WORD_LOAD[2], body) and "trellis_ptr[" not in body, name
         assert "W_table" not in body and "__shfl" not in body, name
     report = ptxas_report(src)
