@@ -224,10 +224,8 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                 try:
                     if cfg is None:
                         func = scheduled_func(KernelSpec(fmt.name, n, k, m), target)
-                    elif use_intrin == PACKED:
-                        from ..kernels.mma import mma_scheduled_func
-
-                        func = mma_scheduled_func(fmt, n, k, m, cfg, packed_a=True)
+                    elif use_intrin == PACKED:  # (family mma: its builder is mma_scheduled_func)
+                        func = family_api(args.family)[3](fmt, n, k, m, cfg, packed_a=True)
                     else:
                         func = family_api(args.family)[3](fmt, n, k, m, cfg, use_intrin)
                     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")

@@ -321,6 +321,15 @@ class Format:
                     f"got {str(t.dtype).replace('torch.', '')}{list(t.shape)}")
 
 
+def tir_word_half(word, lo):
+    """fp16 TIR value of half ``lo`` (0: bits 0-15, 1: bits 16-31) of uint32 TIR expression ``word``
+    (two fp16 values packed in a word, the first in the low half: a table word, an mma A register)."""
+    from tvm import tirx
+
+    half = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 16 * lo)), tirx.const(0xFFFF, "uint32"))
+    return tirx.reinterpret("float16", tirx.Cast("uint16", half))
+
+
 def subseed(seed: int, tag: str) -> int:
     """A 63-bit seed derived from ``seed`` and a tag (e.g. "SU", or a layer name), stable across
     processes and platforms (sha256, not Python's salted hash)."""

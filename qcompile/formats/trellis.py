@@ -81,7 +81,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from ..errors import QCompileError
-from .base import Format, QuantizedWeight, TensorSpec, register
+from .base import Format, QuantizedWeight, TensorSpec, register, tir_word_half
 
 # --- trellis parameters ------------------------------------------------------------------------------
 L_BITS = 16          # state bits (the only L the formats use; tests use smaller L on the raw helpers)
@@ -784,9 +784,7 @@ class TrellisFormat(Format):
         if self.gather_count:
             G = self.gathered(bufs)
             if self.V == 2:  # column j: the table word of state (j // 8, lane j % 8 // 2), half j % 2
-                word = G[n, c, fd(j, 8) * 4 + fd(fm(j, 8), 2)]
-                half = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 16 * fm(j, 2))), c32(0xFFFF))
-                return tirx.reinterpret("float16", tirx.Cast("uint16", half))
+                return tir_word_half(G[n, c, fd(j, 8) * 4 + fd(fm(j, 8), 2)], fm(j, 2))
             off = j * self.K  # state j at bit j·K of the slices
             slice_, shift, v = G[n, c, fd(off, 16)], 16 - fm(off, 16), 0
             # (& 31 as in _tir_window: no valid shift changes; tensor-core rewrites fold index values
@@ -937,10 +935,7 @@ class TrellisFormat(Format):
         e % 2 of gathered word e // 2 (bufs["fragment_gathered"], [N/16, k/16, 32, 4], when present)."""
         from tvm import tirx
 
-        fd, fm = tirx.floordiv, tirx.floormod
-        word = self.tir_fragment_register(bufs, I, J, lane, fd(e, 2))
-        half = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 16 * fm(e, 2))), tirx.const(0xFFFF, "uint32"))
-        return tirx.reinterpret("float16", tirx.Cast("uint16", half))
+        return tir_word_half(self.tir_fragment_register(bufs, I, J, lane, tirx.floordiv(e, 2)), tirx.floormod(e, 2))
 
     def tir_fragment_register(self, bufs: Mapping[str, object], I, J, lane, w):
         """uint32 A-fragment register w (0..3) of lane ``lane`` for tile (I, J): registers 2w (low half)

@@ -269,15 +269,6 @@ def a_layout_packed(r, hi, t):
     return 4 * (r % 8) + t, 2 * hi + r // 8
 
 
-def register_half(word, lo):
-    """fp16 half ``lo`` (0: bits 0-15, 1: bits 16-31) of uint32 TIR expression ``word`` (an A register
-    holds two fp16 entries, the lower column in the low half)."""
-    from tvm import tirx
-
-    half = tirx.bitwise_and(tirx.shift_right(word, tirx.Cast("uint32", 16 * lo)), tirx.const(0xFFFF, "uint32"))
-    return tirx.reinterpret("float16", tirx.Cast("uint16", half))
-
-
 def c_layout_natural(r, a):
     """``c_layout`` with tile row r = g + 8h."""
     return 4 * (r % 8) + a // 2, 2 * (r // 8) + a % 2
@@ -391,7 +382,7 @@ _MMA_IMPL = '''        for tx in T.thread_binding(0, 32, "threadIdx.x"):
                                         C.data, C.elem_offset + tx * sc0, False, dtype="float32"))'''
 
 # the packed variant (RowMap.packed_a): A is the lane's four 32-bit registers themselves (uint32
-# [lane, 4]), each product taking its fp16 half (``register_half``)
+# [lane, 4]), each product taking its fp16 half (``formats.base.tir_word_half``)
 _MMA_SCRIPT_PACKED = _MMA_SCRIPT.replace('A = T.match_buffer(a, (32, 1, 1, 8), "float16"',
                                          'A = T.match_buffer(a, (32, 1, 1, 4), "uint32"').replace(
                                              "A[0:32, 0, 0, 0:8]", "A[0:32, 0, 0, 0:4]")
@@ -447,7 +438,7 @@ class RowMap:
     stored A-fragment order). ``x_contiguous``: a lane's columns of a K block are contiguous
     (``fragment_column``: 16-byte activation loads), else only column pairs (4-byte loads).
     ``packed_a`` (natural rows): the A fragments are the lane's four 32-bit registers (W_frag uint32,
-    ``a_layout_packed``), whose halves the products take (``register_half``)."""
+    ``a_layout_packed``), whose halves the products take (``formats.base.tir_word_half``)."""
 
     paired: bool
     x_contiguous: bool

@@ -33,15 +33,16 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 """
 from __future__ import annotations
 
+from ..formats.base import tir_word_half
 from .mma import (FRAGMENT_LUT_COPIES, MMA_M, NATURAL_ROWS, NATURAL_ROWS_PACKED_A, STAGED_BITS, MmaConfig,
                   _loops_below, check_mma_config, format_default_mma_config, fill_per_block, fragment_products,
-                  k_blocks, register_half, schedule_mma_rows, span_of, streamed_bits, x_fragments)
+                  k_blocks, schedule_mma_rows, span_of, streamed_bits, x_fragments)
+from .schedules import _get_sblock, vectorize_copy
 
 # the A fragments as the lane's 32-bit registers (mma.NATURAL_ROWS_PACKED_A: W_frag holds the gathered
 # words whole) rather than fp16 halves: nvcc rebuilt each register from its two halves (SHF + PRMT, 2
 # of 9 instructions a table word); off until it has run on a GPU
 PACKED_A = False
-from .schedules import _get_sblock, vectorize_copy
 
 
 def natural_column(kb, s, hi, t, lo, span):
@@ -84,7 +85,7 @@ def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0, l
     # buffer is [n, ...] like mma_func's (transform_layout below), which acc reads as an einsum
     if packed_a:
         WF = te.compute((n // MMA_M, 2, MMA_M // 2, *frag[:-1]), w_register, name="W_frag")
-        Y = fragment_products(XF, frag, m, n, lambda i, axes: register_half(
+        Y = fragment_products(XF, frag, m, n, lambda i, axes: tir_word_half(
             WF[(i // MMA_M, i % MMA_M // 8, i % 8, *axes[:-1])], axes[-1]))
     else:
         WF = te.compute((n // MMA_M, 2, MMA_M // 2, *frag), w_value, name="W_frag")

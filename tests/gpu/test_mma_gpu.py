@@ -80,17 +80,21 @@ FRAGMENT_CONFIGS = [
 ]
 
 
+def _check_ok(fmt, cfg, n, k, m):
+    """Whether check_mma_config takes ``cfg`` for ``fmt`` at (n, k, m)."""
+    try:
+        check_mma_config(cfg, n, k, m, fmt.decode_unit, fragment=fmt.fragment_native,
+                         staged_bits=streamed_bits(fmt, n, k))
+        return True
+    except ValueError:
+        return False
+
+
 def _fits(name, cfg):
     fmt = qc.formats.get(name)
     if cfg.stage_pad and len(fmt.streamed) > 1:
         return False
-    try:
-        for m in CONFIG_MS:
-            check_mma_config(cfg, N, K, m, fmt.decode_unit, fragment=fmt.fragment_native,
-                             staged_bits=streamed_bits(fmt, N, K))
-        return True
-    except ValueError:
-        return False
+    return all(_check_ok(fmt, cfg, N, K, m) for m in CONFIG_MS)
 
 
 CONFIG_NAMES = ["int4-g128", "e8p-2", "e8p-4", "qtip-1mad-2", "qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4"]
@@ -197,22 +201,13 @@ def test_v1_fragment_variants_match_float64(name, check_one_hot_decode):
 PACKED = ["qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4", "qtip-3inst-2@mma-kernel", "qtip-1mad-3@mma-kernel"]
 
 
-def _check_ok(cfg, n, k, m, unit, bits):
-    try:
-        check_mma_config(cfg, n, k, m, unit, fragment=True, staged_bits=bits)
-        return True
-    except ValueError:
-        return False
-
-
 @pytest.mark.parametrize("name", PACKED)
 def test_packed_a_fragments_match(name, check_one_hot_decode):
     fmt = qc.formats.get(name)
     n, k = 256, 1024
     qw = fmt.random_weight(n, k, seed=11)
-    bits = streamed_bits(fmt, n, k)
-    piped = next(cfg for units in (1, 2, 4) for cfg in [MmaConfig(units=units, tiles=2, warps_k=2, stages=2)]
-                 if _check_ok(cfg, n, k, 16, fmt.decode_unit, bits))
+    piped = next(cfg for cfg in (MmaConfig(units=units, tiles=2, warps_k=2, stages=2) for units in (1, 2, 4))
+                 if _check_ok(fmt, cfg, n, k, 16))
     fns = build({"k": mma_scheduled_func(fmt, n, k, 16, packed_a=True),
                  "piped": mma_scheduled_func(fmt, n, k, 16, piped, packed_a=True)})
     check_one_hot_decode(fns["k"], fmt, qw, 16, f"{name} packed A")
