@@ -58,9 +58,13 @@ class CountingMeasure:
 
 
 def thread_extents(func) -> dict:
-    """{thread tag: extent} of a scheduled PrimFunc (blockIdx.x, threadIdx.x, threadIdx.y)."""
+    """{thread tag: extent} of a scheduled PrimFunc (blockIdx.x, threadIdx.x, threadIdx.y) in its first
+    kernel (a grid split-K's second kernel, which sums the blocks' partials, binds its own)."""
     pairs = re.findall(r'T\.thread_binding\((\d+), thread="([\w.]+)"\)', func.script())
-    return {tag: int(extent) for extent, tag in pairs}
+    extents = {}
+    for extent, tag in pairs:
+        extents.setdefault(tag, int(extent))
+    return extents
 
 
 # --- the space -------------------------------------------------------------------------------------------
@@ -904,10 +908,25 @@ def test_every_mma_candidate_schedules_and_some_compile():
         assert extents["blockIdx.x"] == TC_N // (16 * cfg.tiles * cfg.warps_n), cfg
         assert (extents["threadIdx.x"], extents["threadIdx.y"], extents["threadIdx.z"]) == (32, cfg.warps_n,
                                                                                           cfg.warps_k), cfg
+        assert extents.get("blockIdx.y", 1) == cfg.blocks_k, cfg
+    assert {c.blocks_k for c in cands} == {1, 2, 4}
     for cfg in (cands[0], cands[-1]):
         source = library.cuda_source(library.build([MMA_SPEC], SM90, lambda s: cfg))
         assert "mma.sync.aligned.m16n8k16" in source and "qc_decode_int4x8_f16(" in source
         assert f"__launch_bounds__({cfg.threads}) {MMA_SPEC.name}_kernel(" in source
+
+
+def test_a_late_knob_is_keyed_only_off_its_default():
+    """MmaConfig.blocks_k came after the shipped records: at its default the key and the stored dict are
+    what they were before it (the shipped files keep their bytes); off it, both name it and read back."""
+    base = MmaConfig(units=4, tiles=4, warps_n=1, warps_k=2, unroll=2)
+    assert space.config_key(base) == "units=4,tiles=4,warps_n=1,warps_k=2,unroll=2,lut_shared=1,stages=1,stage_pad=0"
+    assert "blocks_k" not in space.config_values(base)
+    split = MmaConfig(**{**base.as_dict(), "blocks_k": 2})
+    assert space.config_key(split).endswith(",blocks_k=2") and space.config_values(split)["blocks_k"] == 2
+    for cfg in (base, split):
+        assert space.config_from_key(space.config_key(cfg), "mma") == cfg
+        assert space.config_from_dict(space.config_values(cfg), "mma") == cfg
 
 
 def test_records_round_trip_with_an_mma_entry_and_build_applies_it(tmp_path):
@@ -919,7 +938,9 @@ def test_records_round_trip_with_an_mma_entry_and_build_applies_it(tmp_path):
     records.save(mma)
     path = records.save(make_entry(spec1, times={BEST: 9.0}))
     stored = {e["m"]: e for e in json.loads(path.read_text())["entries"]}
-    assert stored[16]["kernel"] == "mma" and stored[16]["best"] == {"config": MMA_BEST.as_dict(), "us": 6.0}
+    # (blocks_k, a knob added after records shipped, is written only where it is not 1)
+    written = {name: v for name, v in MMA_BEST.as_dict().items() if name != "blocks_k"}
+    assert stored[16]["kernel"] == "mma" and stored[16]["best"] == {"config": written, "us": 6.0}
     assert list(stored[16]["failed"]) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1,stages=1,stage_pad=0"]
     back = TuningRecords(tmp_path)
     assert back.entry(MMA_SPEC, GPU) == mma and back.config_for(MMA_SPEC, GPU) == MMA_BEST

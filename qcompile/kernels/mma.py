@@ -61,6 +61,11 @@ class MmaConfig:
     stage_pad (with stages > 1): 1 = pad the rows of the stage buffer so that the rows a warp's lanes
     read at once (2g + h for lanes g = 0..) fall in different shared-memory banks (``stage_row_pad``;
     unpadded, 16-byte lane reads replay twice and 8-byte ones four times); 0 = rows back to back.
+    blocks_k: thread blocks splitting K (grid split-K): each sums a contiguous 1 / blocks_k of the K
+    blocks into fp32 partials in global memory, and a second kernel of the same function adds them
+    and stores fp16. For shapes whose N gives too few blocks to fill the SMs evenly (4096 or 5120 rows
+    are 128 or 160 blocks of 32 rows for 132 SMs; 28672 rows 896 blocks, 2.26 rounds of three 512-thread
+    blocks an SM); 1 = one kernel, the block's warps sum K alone.
     """
 
     units: int = 1
@@ -71,6 +76,7 @@ class MmaConfig:
     lut_shared: int = 1
     stages: int = 1
     stage_pad: int = 0
+    blocks_k: int = 1
 
     def as_dict(self):
         return asdict(self)
@@ -98,9 +104,10 @@ MAX_PADDED_K = 1 / 8
 
 
 def k_blocks(cfg: MmaConfig, k: int, unit: int) -> int:
-    """K blocks of the kernel's K loop: those of K, rounded up to whole steps of warps_k x unroll."""
+    """K blocks of the kernel's K loop: those of K, rounded up to whole steps of blocks_k x warps_k x
+    unroll."""
     block = 4 * span_of(cfg, unit)
-    step = cfg.warps_k * cfg.unroll
+    step = cfg.blocks_k * cfg.warps_k * cfg.unroll
     return -(-(k // block) // step) * step
 
 
@@ -172,7 +179,7 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
     ``fragment``: for a fragment-native format (``Format.fragment_native``: qcompile.kernels.mma_fragment),
     whose lut_shared may also be 2 (per-lane table copies, which must fit in shared memory)."""
     problems = []
-    for name in ("units", "tiles", "warps_n", "warps_k", "unroll", "stages"):
+    for name in ("units", "tiles", "warps_n", "warps_k", "unroll", "stages", "blocks_k"):
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) <= 0:
             problems.append(f"{name} must be a positive int")
     if isinstance(cfg.stages, int) and cfg.stages > MAX_STAGES:
@@ -191,10 +198,11 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
         problems.append(f"a lane's span of {span} columns is not a multiple of 4 (one mma step)")
     if k % block:
         problems.append(f"K={k} is not a multiple of the K block {block} (4 lanes x {cfg.units} units of {unit})")
-    elif (k // block) % (cfg.warps_k * cfg.unroll):
+    elif (k // block) % (cfg.blocks_k * cfg.warps_k * cfg.unroll):
         padded = k_blocks(cfg, k, unit)
         if padded - k // block > MAX_PADDED_K * padded:
-            problems.append(f"the {k // block} K blocks do not split over {cfg.warps_k} warps x unroll {cfg.unroll} "
+            over = f"{cfg.blocks_k} blocks x " if cfg.blocks_k > 1 else ""
+            problems.append(f"the {k // block} K blocks do not split over {over}{cfg.warps_k} warps x unroll {cfg.unroll} "
                             f"(padded to {padded}, over {MAX_PADDED_K:.0%} idle)")
     rows = MMA_M * cfg.tiles * cfg.warps_n
     if n % rows:
@@ -229,9 +237,9 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
                                 "bytes of its own and of the next lane: no bank conflict to pad away)")
             if cfg.unroll != 1:
                 problems.append(f"stages={cfg.stages} needs unroll=1 (the pipeline keeps the next K steps in flight)")
-            if k % block == 0 and (k // block) % cfg.warps_k:
-                problems.append(f"stages={cfg.stages} needs the K blocks to split evenly over {cfg.warps_k} K warps "
-                                f"(a padded step would copy words past K)")
+            if k % block == 0 and (k // block) % (cfg.blocks_k * cfg.warps_k):
+                problems.append(f"stages={cfg.stages} needs the K blocks to split evenly over "
+                                f"{cfg.blocks_k * cfg.warps_k} K warps (a padded step would copy words past K)")
         if staged and partial_bytes(cfg, m) + table + staged > limit:
             problems.append(f"{cfg.stages} pipeline stages of {stage_bytes(cfg, unit, staged_bits) // 1024} KiB beside the partial sums "
                             f"({partial_bytes(cfg, m) // 1024} KiB) and tables exceed {limit // 1024} KiB of shared memory")
@@ -496,13 +504,23 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     if int(sch.get(kb_loop).extent) % (cfg.warps_k * cfg.unroll):
         raise ValueError(f"the PrimFunc's {int(sch.get(kb_loop).extent)} K blocks do not split over "
                          f"{cfg.warps_k} warps x unroll {cfg.unroll}; make it with mma_func(..., k_blocks(cfg, k, unit))")
+    # (with blocks_k > 1 the K blocks are first cut into blocks_k contiguous ranges, one a thread block)
+    bk, kb_loop = sch.split(kb_loop, [cfg.blocks_k, None]) if cfg.blocks_k > 1 else (None, kb_loop)
     if cfg.stages > 1:  # K block ko * warps_k + wk: a pipeline step is one contiguous column range
         ko, wk = sch.split(kb_loop, [None, cfg.warps_k])
     else:
         wk, ko = sch.split(kb_loop, [cfg.warps_k, None])
-    sch.reorder(bn, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo)
-    rf = sch.rfactor(wk, factor_axis=0)
-    bn, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo = sch.get_loops(rf)
+    sch.reorder(bn, *([bk] if bk is not None else []), wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo)
+    if bk is not None:  # acc = the sum of the blocks' partials acc_rf[bk] (fp32, global memory), each
+        rf_k = sch.rfactor(bk, factor_axis=0)  # the sum of its K warps' acc_rf_rf[wk] (shared memory)
+        rf = sch.rfactor(sch.get_loops(rf_k)[3], factor_axis=0)
+        bn, bk, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo = sch.get_loops(rf)
+        sch.bind(bk, "blockIdx.y")
+    else:
+        rf = sch.rfactor(wk, factor_axis=0)
+        bn, wn, wk, ko, s_loop, tl, mo, ti, mi, hi, t, lo = sch.get_loops(rf)
+    block_loop = bk if bk is not None else bn  # the innermost loop bound to a block index
+    mma_name = sch.get(rf).name_hint
     sch.bind(bn, "blockIdx.x")
     sch.bind(wn, "threadIdx.y")
     sch.bind(wk, "threadIdx.z")
@@ -534,8 +552,12 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
             kb, a_lay(i % MMA_M, hi, t, lo), i // MMA_M, s))
     sch.transform_layout(xw, ("write", 0), lambda a, kb, s, hi, t, lo: fragments(
         kb, b_lay(a % MMA_N, hi, t, lo), a // MMA_N, s))
-    sch.transform_layout(store, ("read", 0), lambda w, a, i: fragments(
-        w, c_lay(i % MMA_M, a % MMA_N), a // MMA_N, i // MMA_M))
+    if bk is None:
+        sch.transform_layout(store, ("read", 0), lambda w, a, i: fragments(
+            w, c_lay(i % MMA_M, a % MMA_N), a // MMA_N, i // MMA_M))
+    else:  # (the thread block's K range b leads: one of it a block once compacted)
+        sch.transform_layout(store, ("read", 0), lambda w, b, a, i: (b, *fragments(
+            w, c_lay(i % MMA_M, a % MMA_N), a // MMA_N, i // MMA_M)))
 
     # W fragments: (tile rows, steps, hi, t, lo) -> lane (g, t) (the weights' own layout)
     w_lane = weights.lane_loops(sch, wf)
@@ -571,12 +593,13 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
         sch.unroll(l)
 
     # 4. the decode of the lane's weights, in registers
-    sources = weights.decode(sch, w_lane, bn)
+    sources = weights.decode(sch, w_lane, block_loop)
 
-    # 5. epilogue: every thread sums the warps_k partials of some outputs and stores fp16
-    wb = sch.get_sblock("acc")
-    sch.reverse_compute_at(wb, bn)
-    loops = sch.get_loops(wb)[1:]  # (K warp,) token, row: a K-warp loop of extent 1 is gone
+    # 5. epilogue: every thread sums the warps_k partials of some outputs and stores fp16 (blocks_k > 1:
+    #    stores the block's fp32 partial, and a second kernel sums the blocks' and stores fp16)
+    wb = sch.get_sblock("acc_rf" if bk is not None else "acc")
+    sch.reverse_compute_at(wb, block_loop)
+    loops = _loops_below(sch, wb, block_loop)  # (K warp,) token, row: a K-warp loop of extent 1 is gone
     r_k = loops[0] if len(loops) == 3 else None
     r_a, r_i = loops[-2:]
     if r_k is not None:
@@ -584,19 +607,22 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     t_x = spread_over_block(sch, sch.fuse(r_a, r_i), cfg)
     if r_k is not None:
         sch.unroll(r_k)
-    sch.set_scope(wb, 0, "local")
     if padded:
         sch.reverse_compute_inline(sch.get_sblock("Y"))
-        sch.reverse_compute_at(sch.get_sblock("acc_pad"), t_x)
-    else:
-        sch.reverse_compute_at(sch.get_sblock("Y"), t_x)
+    out = sch.get_sblock("acc_pad" if padded else "Y")
+    if bk is None:
+        sch.set_scope(wb, 0, "local")
+        sch.reverse_compute_at(out, t_x)
+    else:  # the K warps' sum in a register, then one store of the block's partial
+        sch.reverse_compute_at(sch.cache_write(wb, 0, "local"), t_x)
+        sum_blocks_k(sch, out, sch.get_sblock("acc"))
 
     # 6. the K step's packed words staged in shared memory (a pipeline stage) with stages > 1; one
     #    mma.sync per (step, tile, token tile); the K loop unrolled by cfg.unroll
     if cfg.stages > 1:
         sources += stage_words_async(sch, ko, cfg, weights.staged_reads(sch), unit,
                                      weights.staged_bits)
-    sch.tensorize(sch.get_loops(sch.get_sblock("acc_rf"))[-5], rows.intrin())
+    sch.tensorize(sch.get_loops(sch.get_sblock(mma_name))[-5], rows.intrin())
     for loop in (s_loop, tl, mo):
         sch.unroll(loop)
     if cfg.unroll > 1:
@@ -609,6 +635,24 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     from .pipeline import WARP_ATTR
 
     return tvm.IRModule({"main": sch.mod["main"].with_attr(WARP_ATTR, True)})
+
+
+# threads a block of the second kernel of a grid split-K (MmaConfig.blocks_k > 1), which adds the
+# thread blocks' fp32 partials of each output (consecutive threads: consecutive rows, coalesced)
+SUM_THREADS = 256
+
+
+def sum_blocks_k(sch, out, acc) -> None:
+    """The second kernel of a grid split-K: ``out`` (the fp16 store of each output, its own loop nest)
+    over threads, each summing the blocks' partials of its output (``acc``, over blocks_k) in a register."""
+    loops = sch.get_loops(out)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    b_x, t_x = sch.split(fused, [None, SUM_THREADS])
+    sch.bind(b_x, "blockIdx.x")
+    sch.bind(t_x, "threadIdx.x")
+    sch.compute_at(acc, t_x)
+    sch.set_scope(acc, 0, "local")
+    sch.unroll(sch.get_loops(acc)[-1])
 
 
 class _UnitDecode:
@@ -731,9 +775,10 @@ def spread_over_block(sch, loop, cfg: MmaConfig):
 
 
 def fill_per_block(sch, block, bn, cfg: MmaConfig) -> None:
-    """``block`` (a table copy) computed once per thread block (at loop ``bn``) by all its threads."""
+    """``block`` (a table copy) computed once per thread block (at ``bn``, its innermost block-index
+    loop) by all its threads."""
     sch.compute_at(block, bn)
-    spread_over_block(sch, sch.fuse(*sch.get_loops(block)[1:]), cfg)
+    spread_over_block(sch, sch.fuse(*_loops_below(sch, block, bn)), cfg)
 
 
 def _read_index(sch, block, prefix):

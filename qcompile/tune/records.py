@@ -56,7 +56,7 @@ from ..jsonio import atomic_write_bytes
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, KernelConfig, KernelSpec, family_options,
                                kernel_family, mma_max_m)
 from ..kernels.mma import MMA_MAX_M
-from .space import (CONFIG_CLASS, FAMILIES, TITLE, config_from_dict, config_from_key, config_key, family_of,
+from .space import (CONFIG_CLASS, FAMILIES, TITLE, config_from_dict, config_from_key, config_key, config_values, family_of,
                     fit_error)
 
 SCHEMA = "qcompile-tuning-records/1"
@@ -199,8 +199,8 @@ class TuningEntry:
         return {
             "n": self.n, "k": self.k, "m": self.m, "kernel": self.kernel,
             "qcompile_version": self.qcompile_version, "tvm_version": self.tvm_version,
-            "best": None if best is None else {"config": best[0].as_dict(), "us": _round_us(best[1])},
-            "default": {"config": self.default.as_dict(), "us": _round_us(self.default_us)},
+            "best": None if best is None else {"config": config_values(best[0]), "us": _round_us(best[1])},
+            "default": {"config": config_values(self.default), "us": _round_us(self.default_us)},
             "measured_us": {key: _round_us(us) for key, us in self.measured_us.items()},
             "failed": dict(self.failed),
         }

@@ -81,6 +81,7 @@ MMA_KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
     "warps_k": (1, 2, 4, 8, 16),
     "unroll": (1, 2),
     "stages": (1, 2),
+    "blocks_k": (1, 2, 4),
 }
 MMA_MIN_WARPS, MMA_MAX_WARPS = 2, 16  # warps per block
 # the fragment kernel's cp.async pipeline (MmaConfig.stages > 1 for QTIP HYB): in the space since it
@@ -119,11 +120,25 @@ def knob_names(family: str = GEMV_FAMILY) -> Tuple[str, ...]:
     return tuple(f.name for f in fields(CONFIG_CLASS[_family(family)]))
 
 
+# knobs added after records were shipped (schedules/h100): a key names one only where it differs from
+# its default, so the keys already written stay the same strings (and the files the same bytes)
+LATE_KNOBS: Dict[str, Tuple[str, ...]] = {"mma": ("blocks_k",)}
+
+
+def config_values(cfg) -> Dict[str, object]:
+    """{knob: value} of a config as records store it (a LATE_KNOBS knob only where it is not its default)."""
+    family = family_of(cfg)
+    late, defaults = LATE_KNOBS.get(family, ()), CONFIG_CLASS[family]()
+    return {name: getattr(cfg, name) for name in knob_names(family)
+            if name not in late or getattr(cfg, name) != getattr(defaults, name)}
+
+
 def config_key(cfg) -> str:
     """A stable text key of a config of either family, e.g. GEMV
     ``rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1,lut_shared=1,lut_lanes=0`` or tensor-core
-    ``m_tile=16,n_tile=32,k_tile=256,warps_m=1,warps_n=2,warps_k=4,vec=8,units=4,stages=1``."""
-    return ",".join(f"{name}={getattr(cfg, name)}" for name in knob_names(family_of(cfg)))
+    ``m_tile=16,n_tile=32,k_tile=256,warps_m=1,warps_n=2,warps_k=4,vec=8,units=4,stages=1`` (a
+    LATE_KNOBS knob only where it is not its default)."""
+    return ",".join(f"{name}={value}" for name, value in config_values(cfg).items())
 
 
 def config_from_dict(values: Mapping[str, object], family: str = GEMV_FAMILY):

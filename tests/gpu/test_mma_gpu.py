@@ -174,6 +174,32 @@ def test_padded_k_blocks_match_float64(name):
             assert err < 2e-3, (name, tag, m, err)
 
 
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2", "e8p-4", "qtip-hyb-2", "qtip-hyb-3"])
+def test_grid_split_k_matches_float64_and_reads_back_exactly(name, check_one_hot_decode):
+    """MmaConfig.blocks_k > 1: thread blocks split K, store fp32 partials and a second kernel sums them.
+    Against float64 at M = 1, 5, 16 with 2 and 3 blocks (K = 2048 in 3 blocks x 2 warps: 32 K blocks
+    of 64 columns padded to 36, or E8P's 16 of 128 to 18, so the last block's range holds padded
+    blocks), and with the cp.async pipeline where it fits; every weight read back exactly with one-hot
+    activations (each output is then one block's partial plus zeros)."""
+    fmt = qc.formats.get(name)
+    frag = fmt.fragment_native
+    units = 1 if frag else max(1, 16 // fmt.decode_unit)
+    lut = 2 if frag else 1
+    cfgs = [MmaConfig(units=units, tiles=2, warps_n=1, warps_k=4, lut_shared=lut, blocks_k=2),
+            MmaConfig(units=units, tiles=2, warps_n=1, warps_k=2, lut_shared=lut, blocks_k=3),
+            MmaConfig(units=units, tiles=2, warps_n=1, warps_k=2, lut_shared=lut, stages=2, blocks_k=4)]
+    ms = (1, 5, 16)
+    usable = [c for c in cfgs if all(_check_ok(fmt, c, N, K, m) for m in ms)]
+    assert usable[:2] == cfgs[:2], (name, "the one-stage split-K configs should fit", cfgs)
+    ex = build({f"c{i}_m{m}": mma_scheduled_func(fmt, N, K, m, c) for i, c in enumerate(usable) for m in ms})
+    qw = fmt.random_weight(N, K, seed=11).to("cuda")
+    for i, c in enumerate(usable):
+        for m in ms:
+            err = rel_err(ex[f"c{i}_m{m}"], fmt, qw, m, seed=m)
+            assert err < 2e-3, (name, c, m, err)
+    check_one_hot_decode(ex["c1_m16"], fmt, fmt.random_weight(N, K, seed=12), 16, f"{name} {usable[1]}")
+
+
 # QTIP 1MAD / 3INST in the kernel layout (unregistered variants, fragment-native like HYB's stored
 # layout: qcompile.kernels.mma_fragment with the V=1 fragment gather); fused products against float64
 # and, at M=16, the decoded values read back bit for bit through the A fragments
