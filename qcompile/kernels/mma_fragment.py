@@ -41,8 +41,11 @@ from .schedules import _get_sblock, vectorize_copy
 
 # the A fragments as the lane's 32-bit registers (mma.NATURAL_ROWS_PACKED_A: W_frag holds the gathered
 # words whole) rather than fp16 halves: nvcc rebuilt each register from its two halves (SHF + PRMT, 2
-# of 9 instructions a table word); off until it has run on a GPU
-PACKED_A = False
+# of 9 instructions a table word). H100, M=1, same process (artifacts/bench/
+# mma-sweep-qtip-hyb-packed-a-h100.json): qtip-hyb-2 28672x8192 68.5 -> 54.6 us, 8192x28672 67.3 ->
+# 51.5; hyb-3 72.2 -> 59.8, 71.8 -> 57.3; hyb-4 70.5 -> 60.3, 71.4 -> 55.0; M=16 97.2 -> 88.9 and
+# 104.9 -> 104.7 us; the GPU suite passed with it on (294 tests)
+PACKED_A = True
 
 
 def natural_column(kb, s, hi, t, lo, span):
