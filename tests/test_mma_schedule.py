@@ -145,8 +145,8 @@ def ptxas_report(src: str) -> str:
     return out.stderr + out.stdout
 
 
-def kernel_body(src, name):
-    start = re.search(rf"{name}_kernel\([^)]*\)\s*{{", src).start()  # the definition, not a declaration
+def kernel_body(src, name, suffix="_kernel"):
+    start = re.search(rf"{name}{suffix}\([^)]*\)\s*{{", src).start()  # the definition, not a declaration
     end = src.find('extern "C" __global__', start + 1)
     return src[start:end if end > 0 else len(src)]
 
@@ -333,6 +333,29 @@ def test_padded_k_blocks_need_a_padded_func():
         check_mma_config(MmaConfig(units=1, tiles=1, warps_k=16, unroll=4), 256, 11008, 4, 32)
 
 
+@pytest.mark.parametrize("name, m", [("int4-g128", 1), ("e8p-2", 5), ("qtip-hyb-2", 1), ("qtip-hyb-2", 16)])
+def test_grid_split_k_is_two_kernels_and_stores_each_partial_once(name, m):
+    """MmaConfig.blocks_k = 2: the mma kernel's grid has blockIdx.y = the K range, each thread block
+    reads only its own range of the packed words, sums its K warps' partials in a register and stores
+    it once (no read-modify-write of global memory); a second kernel adds the two partials (fp32) and
+    stores fp16 Y."""
+    fmt = qc.formats.get(name)
+    frag = fmt.fragment_native
+    units = 1 if frag else max(1, 32 // fmt.decode_unit)
+    cfg = MmaConfig(units=units, tiles=2, warps_k=4, lut_shared=2 if frag else 1, blocks_k=2)
+    n, k = 256, 2048
+    check_mma_config(cfg, n, k, m, fmt.decode_unit, fragment=frag)
+    src = compile_sm90({"split": mma_scheduled_func(fmt, n, k, m, cfg)})
+    first, second = kernel_body(src, "split"), kernel_body(src, "split_kernel_1", suffix="")
+    assert "blockIdx.y" in first and "mma.sync.aligned.m16n8k16" in first
+    partial = re.findall(r"(\w+_rf_ptr)\[", first)
+    assert partial, "the block's partial is not stored to global memory"
+    stores = re.findall(rf"{partial[0]}\[[^;]*\] = ([^;]*);", first)
+    assert stores and all(partial[0] not in rhs for rhs in stores), stores  # one store, no accumulation
+    assert "mma.sync" not in second and "Y_ptr[" in second and second.count(f"{partial[0]}[") == 2
+    assert "blockIdx.y" not in second
+
+
 @pytest.mark.parametrize("cfg,n,k,m,match", [
     (MmaConfig(units=1), 256, 500, 4, "K=500 is not a multiple of the K block 128"),
     (MmaConfig(tiles=4, warps_n=2), 96, 512, 4, "N=96 is not a multiple of 128 rows per block"),
@@ -345,6 +368,9 @@ def test_padded_k_blocks_need_a_padded_func():
     (MmaConfig(warps_k=2, unroll=2, stages=2), 256, 1024, 4, "stages=2 needs unroll=1"),
     (MmaConfig(tiles=4, warps_k=4, stages=3), 256, 4096, 16, "3 pipeline stages of 16 KiB"),
     (MmaConfig(warps_k=4, stages=2), 256, 11008 - 3 * 128, 4, "split evenly over 4 K warps"),
+    (MmaConfig(blocks_k=0), 256, 512, 4, "blocks_k must be a positive int"),
+    (MmaConfig(warps_k=2, blocks_k=4), 256, 2048 - 5 * 128, 4, "11 K blocks do not split over 4 blocks x 2 warps"),
+    (MmaConfig(warps_k=2, stages=2, blocks_k=2), 256, 2048 - 2 * 128, 4, "split evenly over 4 K warps"),
 ])
 def test_bad_configs_are_refused_in_one_line(cfg, n, k, m, match):
     with pytest.raises(ValueError, match=match) as info:

@@ -37,6 +37,7 @@ def test_shipped_tuning_records_are_valid():
     from pathlib import Path
 
     import qcompile as qc
+    from qcompile.kernels.mma import streamed_bits
     from qcompile.tune import space
     from qcompile.tune.records import read_records_file
 
@@ -51,7 +52,10 @@ def test_shipped_tuning_records_are_valid():
             assert best is not None, (path, entry.n, entry.k, entry.m)
             assert space.family_of(best[0]) == entry.kernel
             fmt = qc.formats.get(path.stem)
-            assert space.fit_error(best[0], entry.n, entry.k, entry.m, fmt.decode_unit, fmt.fragment_native) is None
+            # (pipeline stages hold the format's own bits per weight, as the loader checks them)
+            bits = streamed_bits(fmt, entry.n, entry.k)
+            assert space.fit_error(best[0], entry.n, entry.k, entry.m, fmt.decode_unit, fmt.fragment_native,
+                                   bits) is None
 
 
 def test_shipped_gemv_records_of_tensor_core_buckets_are_not_applied(tmp_path):

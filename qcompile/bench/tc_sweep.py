@@ -89,11 +89,14 @@ def variants(cfg) -> list:
 
 def mma_variants(cfg, fragment: bool = False) -> list:
     """mma.sync configs near ``cfg``: more or fewer K warps, two units per lane, two tiles per warp,
-    two warps along N, two K blocks per loop step; for a fragment-native format (QTIP HYB) also one
-    unit per lane, the other table placements (lut_shared 0, 1, 2) and 4 K warps with 2 K blocks a step."""
+    two warps along N, two K blocks per loop step, K split over 2 and 4 thread blocks (half the K warps
+    for 4); for a fragment-native format (QTIP HYB) also one unit per lane, the other table placements
+    (lut_shared 0, 1, 2) and half the K warps with 2 K blocks a step."""
     out = [replace(cfg, warps_k=cfg.warps_k * 2), replace(cfg, warps_k=max(1, cfg.warps_k // 2)),
            replace(cfg, units=cfg.units * 2), replace(cfg, tiles=cfg.tiles * 2),
-           replace(cfg, warps_n=cfg.warps_n * 2), replace(cfg, unroll=2)]
+           replace(cfg, warps_n=cfg.warps_n * 2), replace(cfg, unroll=2),
+           replace(cfg, blocks_k=cfg.blocks_k * 2), replace(cfg, blocks_k=cfg.blocks_k * 4,
+                                                            warps_k=max(1, cfg.warps_k // 2))]
     if fragment:
         out += [replace(cfg, units=max(1, cfg.units // 2))]
         out += [replace(cfg, lut_shared=v) for v in (2, 1, 0) if v != cfg.lut_shared]

@@ -63,9 +63,11 @@ class MmaConfig:
     unpadded, 16-byte lane reads replay twice and 8-byte ones four times); 0 = rows back to back.
     blocks_k: thread blocks splitting K (grid split-K): each sums a contiguous 1 / blocks_k of the K
     blocks into fp32 partials in global memory, and a second kernel of the same function adds them
-    and stores fp16. For shapes whose N gives too few blocks to fill the SMs evenly (4096 or 5120 rows
-    are 128 or 160 blocks of 32 rows for 132 SMs; 28672 rows 896 blocks, 2.26 rounds of three 512-thread
-    blocks an SM); 1 = one kernel, the block's warps sum K alone.
+    and stores fp16; 1 = one kernel, the block's warps sum K alone. For a narrow N whose row blocks
+    spread unevenly over the SMs: H100, qtip-hyb-2 M=1 on 5120x13824 (160 blocks of 32 rows for 132
+    SMs) 27.7 us with one block a row block, 25.9 with 4 (8 K warps); on 4096x11008 (128 blocks) and
+    22016x4096 it lost (15.8 -> 17.8-19.2, 26.9 -> 27.2-34.0 us; artifacts/bench/
+    mma-sweep-qtip-hyb-2-blocks-k-h100.json), so the default stays 1 and the tuner decides.
     """
 
     units: int = 1
@@ -501,9 +503,10 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     #    of a block (split-K partials rf[wk]); per K block: mma steps x tiles x token tiles x one mma
     mo, mi = sch.split(m_loop, [None, MMA_N])
     bn, wn, tl, ti = sch.split(n_loop, [None, cfg.warps_n, cfg.tiles, MMA_M])
-    if int(sch.get(kb_loop).extent) % (cfg.warps_k * cfg.unroll):
-        raise ValueError(f"the PrimFunc's {int(sch.get(kb_loop).extent)} K blocks do not split over "
-                         f"{cfg.warps_k} warps x unroll {cfg.unroll}; make it with mma_func(..., k_blocks(cfg, k, unit))")
+    if int(sch.get(kb_loop).extent) % (cfg.blocks_k * cfg.warps_k * cfg.unroll):
+        raise ValueError(f"the PrimFunc's {int(sch.get(kb_loop).extent)} K blocks do not split over {cfg.blocks_k} "
+                         f"blocks x {cfg.warps_k} warps x unroll {cfg.unroll}; make it with mma_func(..., "
+                         f"k_blocks(cfg, k, unit))")
     # (with blocks_k > 1 the K blocks are first cut into blocks_k contiguous ranges, one a thread block)
     bk, kb_loop = sch.split(kb_loop, [cfg.blocks_k, None]) if cfg.blocks_k > 1 else (None, kb_loop)
     if cfg.stages > 1:  # K block ko * warps_k + wk: a pipeline step is one contiguous column range

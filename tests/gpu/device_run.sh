@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What a device call runs (the GPU machine: see ../shared/device/README.md; carry .device, start with
-# `source .device/setup.sh >/dev/null &&`). Results go under $OUT (the device tool brings them back).
+# `source .device/setup.sh >/dev/null &&`; after ../shared/device/prepare, run tests/gpu/slim_device_bundle.sh
+# once here, or the tree no longer fits the call). Results go under $OUT (the device tool brings them back).
 #   bash tests/gpu/device_run.sh suite [PYTEST ARGS...]   the gpu-marked tests in 15 processes (~4 min)
 #   bash tests/gpu/device_run.sh tune LIMIT_S JOB... -- TUNE ARGS...
 #        JOB = formats:shapes (e.g. qtip-hyb-2:llama-2-13b); tunes into a copy of schedules/ until LIMIT_S

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Shrink the TVM bundle that ../shared/device/prepare put in .device/ by ~490 KB, the room the tree
+# needs under the device tool's 64 MiB (the full bundle and a tree of 2.39 MB were refused): strips
+# libxgboost.so's symbols, drops the wheels' RECORD files, and carries libtvm_ffi_testing.so (which
+# tvm_ffi's core links but qcompile never calls) beside the bundle xz-compressed, restored by
+# .device/setup.sh before anything imports tvm_ffi. Run here once after prepare (~7 min of one core).
+set -euo pipefail
+cd "$(git rev-parse --show-toplevel)"
+bundle=.device/tvm-full.tar.xz
+[ -f "$bundle" ] || { echo "no $bundle: run ../shared/device/prepare first" >&2; exit 1; }
+if [ -f .device/ffitest.xz ]; then echo "already slim: $(du -sb .device | cut -f1) bytes in .device"; exit 0; fi
+work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
+tar -xJf "$bundle" -C "$work"
+strip --strip-unneeded "$work/site/xgboost/lib/libxgboost.so"
+rm -f "$work"/site/*.dist-info/RECORD
+lib=site/tvm_ffi/lib/libtvm_ffi_testing.so
+xz -9 -c "$work/$lib" > .device/ffitest.xz.tmp
+rm "$work/$lib"
+(cd "$work" && tar -cf - site | xz --x86 --lzma2=preset=9e,dict=384MiB -T1) > "$bundle.tmp"
+restore="mkdir -p /tmp/qc-site/$(dirname $lib) && { [ -s /tmp/qc-site/$lib ] || xz -dc .device/ffitest.xz > /tmp/qc-site/$lib; }"
+{ echo "# (tests/gpu/slim_device_bundle.sh) the library the slim bundle carries apart"; echo "$restore"; cat .device/setup.sh; } > .device/setup.sh.tmp
+mv "$bundle.tmp" "$bundle"; mv .device/ffitest.xz.tmp .device/ffitest.xz
+chmod u+w .device/setup.sh 2>/dev/null || true; mv -f .device/setup.sh.tmp .device/setup.sh; chmod +x .device/setup.sh
+echo "slim: $(du -sb .device | cut -f1) bytes in .device"
