@@ -56,6 +56,25 @@ def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks, copies,
     assert err < 1e-3, err
 
 
+def test_lane_copy_by_min_is_the_lane_copy_and_reaches_the_address(monkeypatch):
+    """trellis.LANE_COPY_BY_MIN: min(lane, lane ^ 16) is lane % 16 for every lane of a warp; with the
+    flag the HYB-2 compute still sums to X @ W^T on llvm (an index out of the 16 copies would read past
+    the table) and the CUDA table address takes the min form, without it the modulo."""
+    from qcompile.formats import trellis
+
+    assert all(min(lane, lane ^ 16) == lane % 16 for lane in range(32))
+    fmt = qc.formats.get("qtip-hyb-2")
+    cfg = MmaConfig(units=1, tiles=2, warps_k=4, lut_shared=2)
+    plain = kernel_body(compile_sm90({"k": mma_scheduled_func(fmt, N, K, 1, cfg)}), "k")
+    monkeypatch.setattr(trellis, "LANE_COPY_BY_MIN", True)
+    func = fragment_mma_func(fmt, 64, 512, 3, 32, 0, lane_copies=16, packed_a=True)
+    assert llvm_rel_err(func, fmt, fmt.random_weight(64, 512, seed=3), 64, 512, 3) < 1e-3
+    by_min = kernel_body(compile_sm90({"k": mma_scheduled_func(fmt, N, K, 1, cfg)}), "k")
+    form = "min(((int)threadIdx.x), (((int)threadIdx.x) ^ 16))"
+    assert form in by_min and form not in plain
+    assert by_min.count("W_table_lanes_shared") == plain.count("W_table_lanes_shared")
+
+
 # --- CUDA code generation --------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 
 REL_ERR_MAX = 1e-2
 PACKED = "packed-a"  # a candidate's "intrin" field: the fragment kernel with 32-bit A registers
+COPY_MIN = "lane-copy-min"  # ... with HYB's table copy index as min(lane, lane ^ 16)
 FAMILIES = ("tensorcore", "mma")
 
 
@@ -45,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--packed-a", action="store_true",
                     help="fragment-native formats (QTIP HYB): also time every config with the A fragments as "
                          "32-bit registers (mma_fragment.PACKED_A), labelled -packed")
+    ap.add_argument("--lane-copy-min", action="store_true",
+                    help="fragment-native formats (QTIP HYB): also time every config with the table copy index "
+                         "written min(lane, lane ^ 16) (formats.trellis.LANE_COPY_BY_MIN), labelled -copymin")
     ap.add_argument("--iters", type=int, default=200, help="timed launches per measurement (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
@@ -217,8 +221,11 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                                       args.family)
             except ValueError as err:
                 log(f"warning: N={n} K={k} M={m}: {one_line(err)}")
+            base = [(label, cfg) for label, cfg, _ in kernels if cfg is not None]
             if args.packed_a and args.family == "mma" and fmt.fragment_native:
-                kernels += [(f"{label}-packed", cfg, PACKED) for label, cfg, _ in kernels if cfg is not None]
+                kernels += [(f"{label}-packed", cfg, PACKED) for label, cfg in base]
+            if args.lane_copy_min and args.family == "mma" and fmt.fragment_native:
+                kernels += [(f"{label}-copymin", cfg, COPY_MIN) for label, cfg in base]
             for label, cfg, use_intrin in kernels:
                 row = {"format": fmt.name, "N": n, "K": k, "M": m, "kernel": label,
                        "cfg": None if cfg is None else cfg.as_dict(), "intrin": use_intrin, "us": None,
@@ -229,6 +236,14 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                         func = scheduled_func(KernelSpec(fmt.name, n, k, m), target)
                     elif use_intrin == PACKED:  # (family mma: its builder is mma_scheduled_func)
                         func = family_api(args.family)[3](fmt, n, k, m, cfg, packed_a=True)
+                    elif use_intrin == COPY_MIN:  # the format reads the flag while it builds the compute
+                        from ..formats import trellis
+
+                        saved, trellis.LANE_COPY_BY_MIN = trellis.LANE_COPY_BY_MIN, True
+                        try:
+                            func = family_api(args.family)[3](fmt, n, k, m, cfg)
+                        finally:
+                            trellis.LANE_COPY_BY_MIN = saved
                     else:
                         func = family_api(args.family)[3](fmt, n, k, m, cfg, use_intrin)
                     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")
@@ -256,7 +271,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                 log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} {t.median_us:9.2f} us  cublas "
                     f"{cublas_us if cublas_us is None else round(cublas_us, 2)} us  speedup "
                     f"{row['speedup_vs_fp16'] or float('nan'):.2f}x  {'' if cfg is None else _short(cfg)}"
-                    f"{'' if use_intrin in (None, True) else ' (packed A)' if use_intrin == PACKED else ' (TIR decode)'}")
+                    f"{'' if use_intrin in (None, True) else ' (packed A)' if use_intrin == PACKED else ' (copy min)' if use_intrin == COPY_MIN else ' (TIR decode)'}")
         del q_weights, fp16_weights, qw, w16, w64_t
         torch.cuda.empty_cache()
     print_table(rows, args.family)

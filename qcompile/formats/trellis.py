@@ -88,6 +88,14 @@ L_BITS = 16          # state bits (the only L the formats use; tests use smaller
 TILE = 16            # tile side: td_x = td_y = 16
 TILE_WEIGHTS = TILE * TILE  # T = 256
 Q_BITS = 9           # HYB table index bits
+# HYB fragment gather: the lane's table copy (lane % 16) written min(lane, lane ^ 16), the same value
+# for lanes 0..31. With lane % 16 nvcc folds the & 15 into the address and spends two LOP3 a table word
+# on (h & 0x7FC0) | copy·4; with min it keeps copy·4 in a register and takes one. K-loop SASS (sm_90,
+# 28672x8192, packed A): HYB-2 M=1 default 249 -> 209 instructions but 40 -> 51 registers (two
+# 512-thread blocks an SM instead of three); M=16 481 -> 418, two stages 262 -> 226; HYB-3/4 and the
+# unroll-2 config unchanged (nvcc already took one LOP3 there). Off until timed on a GPU
+# (tc_sweep --lane-copy-min times both in one process).
+LANE_COPY_BY_MIN = False
 LUT_COPIES = 16      # HYB: copies of the uint32 table in W_table_lanes (lanes l, l+16 share one: 32 KiB, under the 48 KiB a launch gets)
 BITS = (2, 3, 4)     # K
 CODES = {"1mad": 1, "3inst": 1, "hyb": 2}  # code -> V
@@ -927,7 +935,12 @@ class TrellisFormat(Format):
         # the window without its & 0xFFFF: bits above 16 change neither h's bits 6..15 (h mod 2^16
         # depends only on s mod 2^16) nor so the word; one instruction less per state
         s = tirx.Cast("uint32", tirx.shift_right(z, tirx.Cast(dtype, shift)))
-        return self._hyb_state_word(bufs, s, None, tirx.floormod(lane, self._lane_copies(bufs)), mask_first=True)
+        copies = self._lane_copies(bufs)
+        if LANE_COPY_BY_MIN and copies == 16:  # lane % 16 for lanes 0..31, in a form nvcc keeps opaque
+            copy = tirx.min(lane, tirx.bitwise_xor(lane, 16))
+        else:
+            copy = tirx.floormod(lane, copies)
+        return self._hyb_state_word(bufs, s, None, copy, mask_first=True)
 
     def tir_fragment_decode(self, bufs: Mapping[str, object], I, J, lane, e):
         """fp16 A-fragment register e (0..7) of lane ``lane`` for tile (I, J): the weight at tile row

@@ -200,6 +200,22 @@ def test_grid_split_k_matches_float64_and_reads_back_exactly(name, check_one_hot
     check_one_hot_decode(ex["c1_m16"], fmt, fmt.random_weight(N, K, seed=12), 16, f"{name} {usable[1]}")
 
 
+@pytest.mark.parametrize("name", ["qtip-hyb-2", "qtip-hyb-3", "qtip-hyb-4"])
+def test_lane_copy_by_min_matches_float64_and_reads_back_exactly(name, monkeypatch, check_one_hot_decode):
+    """formats.trellis.LANE_COPY_BY_MIN (the table copy index as min(lane, lane ^ 16)): the default
+    configs at M = 1 and 16 against float64, and every weight read back exactly at M=16."""
+    from qcompile.formats import trellis
+
+    monkeypatch.setattr(trellis, "LANE_COPY_BY_MIN", True)
+    fmt = qc.formats.get(name)
+    ex = build({f"m{m}": mma_scheduled_func(fmt, N, K, m) for m in (1, 16)})
+    qw = fmt.random_weight(N, K, seed=17).to("cuda")
+    for m in (1, 16):
+        err = rel_err(ex[f"m{m}"], fmt, qw, m, seed=m)
+        assert err < 2e-3, (name, m, err)
+    check_one_hot_decode(ex["m16"], fmt, fmt.random_weight(N, K, seed=18), 16, f"{name} lane copy by min")
+
+
 # QTIP 1MAD / 3INST in the kernel layout (unregistered variants, fragment-native like HYB's stored
 # layout: qcompile.kernels.mma_fragment with the V=1 fragment gather); fused products against float64
 # and, at M=16, the decoded values read back bit for bit through the A fragments
