@@ -75,6 +75,34 @@ def test_lane_copy_by_min_is_the_lane_copy_and_reaches_the_address(monkeypatch):
     assert by_min.count("W_table_lanes_shared") == plain.count("W_table_lanes_shared")
 
 
+def test_min_blocks_sets_the_launch_bounds_of_the_mma_kernel_only():
+    """MmaConfig.min_blocks reaches __launch_bounds__(threads, min_blocks) of the PrimFunc's kernels
+    (TVM prints it from a device-function attribute that the pipeline copies over), and of no other
+    function compiled beside it."""
+    fmt = qc.formats.get("qtip-hyb-2")
+    cfg = MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=2)
+    bounded = MmaConfig(**{**cfg.as_dict(), "min_blocks": 3})
+    src = compile_sm90({"plain": mma_scheduled_func(fmt, N, K, 1, cfg),
+                        "bounded": mma_scheduled_func(fmt, N, K, 1, bounded)})
+    assert re.search(r"__launch_bounds__\(512, 3\) bounded_kernel\(", src)
+    assert re.search(r"__launch_bounds__\(512\) plain_kernel\(", src)
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
+def test_min_blocks_holds_the_lane_copy_min_kernel_to_three_blocks_without_spills(monkeypatch):
+    """With formats.trellis.LANE_COPY_BY_MIN, HYB-2's default M=1 kernel takes 51 registers (two
+    512-thread blocks an SM); min_blocks=3 makes ptxas fit three (at most 42) without spilling."""
+    from qcompile.formats import trellis
+
+    monkeypatch.setattr(trellis, "LANE_COPY_BY_MIN", True)
+    fmt = qc.formats.get("qtip-hyb-2")
+    cfg = MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=2, min_blocks=3)
+    report = ptxas_report(compile_sm90({"k": mma_scheduled_func(fmt, 28672, 8192, 1, cfg)}))
+    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+    assert regs and max(regs) <= 65536 // (512 * 3), report
+    assert "0 bytes spill stores" in report and not re.search(r"[1-9]\d* bytes spill", report), report
+
+
 # --- CUDA code generation --------------------------------------------------------------------------------
 
 

@@ -917,14 +917,16 @@ def test_every_mma_candidate_schedules_and_some_compile():
 
 
 def test_a_late_knob_is_keyed_only_off_its_default():
-    """MmaConfig.blocks_k came after the shipped records: at its default the key and the stored dict are
+    """MmaConfig.blocks_k and min_blocks came after the shipped records: at its default the key and the stored dict are
     what they were before it (the shipped files keep their bytes); off it, both name it and read back."""
     base = MmaConfig(units=4, tiles=4, warps_n=1, warps_k=2, unroll=2)
     assert space.config_key(base) == "units=4,tiles=4,warps_n=1,warps_k=2,unroll=2,lut_shared=1,stages=1,stage_pad=0"
     assert "blocks_k" not in space.config_values(base)
     split = MmaConfig(**{**base.as_dict(), "blocks_k": 2})
     assert space.config_key(split).endswith(",blocks_k=2") and space.config_values(split)["blocks_k"] == 2
-    for cfg in (base, split):
+    bounded = MmaConfig(**{**base.as_dict(), "min_blocks": 3})
+    assert space.config_key(bounded).endswith(",stage_pad=0,min_blocks=3")
+    for cfg in (base, split, bounded):
         assert space.config_from_key(space.config_key(cfg), "mma") == cfg
         assert space.config_from_dict(space.config_values(cfg), "mma") == cfg
 
@@ -938,8 +940,8 @@ def test_records_round_trip_with_an_mma_entry_and_build_applies_it(tmp_path):
     records.save(mma)
     path = records.save(make_entry(spec1, times={BEST: 9.0}))
     stored = {e["m"]: e for e in json.loads(path.read_text())["entries"]}
-    # (blocks_k, a knob added after records shipped, is written only where it is not 1)
-    written = {name: v for name, v in MMA_BEST.as_dict().items() if name != "blocks_k"}
+    # (blocks_k and min_blocks, knobs added after records shipped, are written only off their defaults)
+    written = {name: v for name, v in MMA_BEST.as_dict().items() if name not in ("blocks_k", "min_blocks")}
     assert stored[16]["kernel"] == "mma" and stored[16]["best"] == {"config": written, "us": 6.0}
     assert list(stored[16]["failed"]) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1,stages=1,stage_pad=0"]
     back = TuningRecords(tmp_path)

@@ -68,6 +68,11 @@ class MmaConfig:
     SMs) 27.7 us with one block a row block, 25.9 with 4 (8 K warps); on 4096x11008 (128 blocks) and
     22016x4096 it lost (15.8 -> 17.8-19.2, 26.9 -> 27.2-34.0 us; artifacts/bench/
     mma-sweep-qtip-hyb-2-blocks-k-h100.json), so the default stays 1 and the tuner decides.
+    min_blocks: the mma kernel's __launch_bounds__ minimum of resident blocks per SM (0: none), which
+    makes ptxas fit its registers to that many blocks (65536 / (threads x min_blocks) a thread): e.g. 3
+    blocks of 512 threads keep 40 registers where a decode with fewer instructions took 51 (HYB with
+    formats.trellis.LANE_COPY_BY_MIN: 213 K-loop instructions at 40 registers, no spills). Not yet timed
+    on a GPU, so neither in a default nor in the tuner's space.
     """
 
     units: int = 1
@@ -79,6 +84,7 @@ class MmaConfig:
     stages: int = 1
     stage_pad: int = 0
     blocks_k: int = 1
+    min_blocks: int = 0
 
     def as_dict(self):
         return asdict(self)
@@ -89,6 +95,7 @@ class MmaConfig:
 
 
 MAX_THREADS = 1024
+MAX_THREADS_PER_SM = 2048  # (sm_80 / sm_90; what MmaConfig.min_blocks may ask for)
 # Batches up to this M run on one launch: the M tiles of 8 tokens all reuse each decoded A fragment
 # (the M=16 kernel launched per 16 rows decodes the weight again for each block)
 MMA_MAX_M = 64
@@ -188,6 +195,11 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
         problems.append(f"stages must be 1..{MAX_STAGES}")
     if cfg.stage_pad not in (0, 1):
         problems.append("stage_pad must be 0 or 1")
+    if not isinstance(cfg.min_blocks, int) or cfg.min_blocks < 0:
+        problems.append("min_blocks must be a non-negative int")
+    elif isinstance(cfg.threads, int) and cfg.min_blocks * cfg.threads > MAX_THREADS_PER_SM:
+        problems.append(f"min_blocks={cfg.min_blocks} blocks of {cfg.threads} threads exceed the "
+                        f"{MAX_THREADS_PER_SM} threads an SM holds")
     elif cfg.stage_pad and cfg.stages == 1:
         problems.append("stage_pad=1 pads pipeline stages: it needs stages > 1")
     if cfg.lut_shared not in ((0, 1, 2, 3) if fragment else (0, 1)):
@@ -635,9 +647,12 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
         pipeline_k_steps(sch, ko, cfg.stages)
     if sources:  # on the epilogue block: any block of the kernel would do
         sch.annotate(wb, "pragma_import_c", "\n".join(sources))
-    from .pipeline import WARP_ATTR
+    from .pipeline import MIN_BLOCKS_ATTR, WARP_ATTR
 
-    return tvm.IRModule({"main": sch.mod["main"].with_attr(WARP_ATTR, True)})
+    func = sch.mod["main"].with_attr(WARP_ATTR, True)
+    if cfg.min_blocks:
+        func = func.with_attr(MIN_BLOCKS_ATTR, cfg.min_blocks)
+    return tvm.IRModule({"main": func})
 
 
 # threads a block of the second kernel of a grid split-K (MmaConfig.blocks_k > 1), which adds the

@@ -18,6 +18,12 @@ PIPELINE = "qcompile"
 
 # the attribute a schedule sets on a PrimFunc that keeps mma fragments in warp buffers
 WARP_ATTR = "qcompile.warp_fragments"
+# a PrimFunc's minimum resident blocks per SM for its kernels' __launch_bounds__ (MmaConfig.min_blocks):
+# TVM 0.27's CUDA codegen prints it from the device function's attribute LAUNCH_BOUNDS_ATTR, which the
+# device functions split off a PrimFunc (<symbol>_kernel, <symbol>_kernel_1, ...) do not inherit, so
+# the pipeline copies it over
+MIN_BLOCKS_ATTR = "qcompile.min_blocks_per_sm"
+LAUNCH_BOUNDS_ATTR = "tirx.launch_bounds_min_blocks_per_sm"
 # LowerWarpMemory passes: one lowers one warp buffer per statement sequence (A, B and C fragments of
 # the mma kernels, with room to spare); a pass over a function without warp buffers changes nothing
 WARP_PASSES = 4
@@ -32,9 +38,13 @@ def _pipeline_factory():
     from tvm.s_tir.pipeline import default_s_tir_pipeline
 
     base, finalize_host, finalize_device = default_s_tir_pipeline()
+    min_blocks = {}  # global symbol -> MIN_BLOCKS_ATTR, for the device functions of this build
 
     @tvm.transform.module_pass(opt_level=0, name="qcompile.Pipeline")
     def pipeline(mod, _ctx):
+        for gv, f in mod.functions.items():
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and MIN_BLOCKS_ATTR in f.attrs:
+                min_blocks[str(f.attrs.get("global_symbol", gv.name_hint))] = int(f.attrs[MIN_BLOCKS_ATTR])
         warp = {gv for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc) and has_warp_fragments(f)}
         if not warp:
             return base(mod)
@@ -51,9 +61,21 @@ def _pipeline_factory():
         out.update(special)
         return out
 
+    @tvm.transform.module_pass(opt_level=0, name="qcompile.LaunchBounds")
+    def launch_bounds(mod, _ctx):
+        if not min_blocks:
+            return mod
+        out = {}
+        for gv, f in mod.functions.items():
+            symbol = next((s for s in min_blocks if gv.name_hint.startswith(s + "_kernel")), None)
+            if isinstance(f, tvm.tirx.PrimFunc) and symbol is not None:
+                f = f.with_attr(LAUNCH_BOUNDS_ATTR, min_blocks[symbol])
+            out[gv] = f
+        return tvm.IRModule(out, attrs=mod.attrs)
+
     def finalize_device_repeated():
         lower = [tvm.tirx.transform.LowerWarpMemory() for _ in range(WARP_PASSES)]
-        return tvm.transform.Sequential([*lower, finalize_device()])
+        return tvm.transform.Sequential([*lower, launch_bounds, finalize_device()])
 
     return pipeline, finalize_host, finalize_device_repeated
 
