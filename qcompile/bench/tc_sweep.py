@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also time the default config with the plain TIR decode instead of the format's intrinsic")
     ap.add_argument("--packed-a", action="store_true",
                     help="fragment-native formats (QTIP HYB): also time every config with the A fragments as "
-                         "32-bit registers (mma_fragment.PACKED_A), labelled -packed")
+                         "32-bit registers, labelled -packed (mma_fragment.PACKED_A, the default since bebb84e: "
+                         "with it on, both rows are the packed kernel)")
     ap.add_argument("--lane-copy-min", action="store_true",
                     help="fragment-native formats (QTIP HYB): also time every config with the table copy index "
                          "written min(lane, lane ^ 16) (formats.trellis.LANE_COPY_BY_MIN), labelled -copymin")
