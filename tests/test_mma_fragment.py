@@ -103,6 +103,52 @@ def test_min_blocks_holds_the_lane_copy_min_kernel_to_three_blocks_without_spill
     assert "0 bytes spill stores" in report and not re.search(r"[1-9]\d* bytes spill", report), report
 
 
+def test_partials_in_table_overlay_the_lane_copies_after_the_k_loop(monkeypatch):
+    """mma.FRAGMENT_PARTIALS_IN_TABLE: the 16 lane copies go to dynamic shared memory, where TVM lays the
+    K warps' partial sums over them after the K loop, behind a barrier; check_mma_config then counts
+    max(copies, partials), so a block of 4 tiles x 8 K warps at M=16 (32 KiB of partials beside 32 KiB
+    of copies) fits where it did not."""
+    from qcompile.kernels import mma
+
+    fmt = qc.formats.get("qtip-hyb-2")
+    wide = MmaConfig(units=1, tiles=4, warps_k=8, lut_shared=2)
+    with pytest.raises(ValueError, match="partial sums need 32 KiB"):
+        check_mma_config(wide, N, K, 16, 16, fragment=True, staged_bits=2)
+    monkeypatch.setattr(mma, "FRAGMENT_PARTIALS_IN_TABLE", True)
+    check_mma_config(wide, N, K, 16, 16, fragment=True, staged_bits=2)
+    cfg = MmaConfig(units=1, tiles=4, warps_k=4, lut_shared=2)
+    body = kernel_body(compile_sm90({"k": mma_scheduled_func(fmt, N, K, 16, cfg)}), "k")
+    assert re.search(r"extern __shared__ \S+ uint W_table_lanes_shared_dyn\w*\[\];", body)
+    assert "__shared__ alignas(64) float" not in body  # no partial buffer of its own
+    loop_end = body.rindex("mma.sync")  # the last mma of the K loop, then the partials
+    after = body[loop_end:]
+    first_partial = re.search(r"\(\(float\*\)W_table_lanes_shared_dyn\w*\)\[[^\]]+\] = acc", after)
+    assert first_partial and "__syncthreads();" in after[:first_partial.start()]
+
+
+def test_tc_sweep_flags_check_and_build_with_the_switches_on_and_restore_them():
+    """tc_sweep --flag: under flags_on the switches are on (so partials-in-table admits the 4-tile x
+    8-K-warp block at M=16), off again afterwards, also after an error; an unknown name is refused in one
+    line before any GPU work."""
+    from qcompile.bench import tc_sweep
+    from qcompile.formats import trellis
+    from qcompile.kernels import mma
+
+    fmt = qc.formats.get("qtip-hyb-2")
+    wide = ["units=1,tiles=4,warps_n=1,warps_k=8,unroll=1,lut_shared=2,stages=1"]
+    cfgs = lambda: [c for _, c, _ in tc_sweep.candidates(fmt, N, K, 16, wide, False, False, "mma")]  # noqa: E731
+    assert MmaConfig(units=1, tiles=4, warps_k=8, lut_shared=2) not in cfgs()
+    with tc_sweep.flags_on(["partials-in-table", "lane-copy-min"]):
+        assert mma.FRAGMENT_PARTIALS_IN_TABLE and trellis.LANE_COPY_BY_MIN
+        assert MmaConfig(units=1, tiles=4, warps_k=8, lut_shared=2) in cfgs()
+    assert not mma.FRAGMENT_PARTIALS_IN_TABLE and not trellis.LANE_COPY_BY_MIN
+    with pytest.raises(RuntimeError):
+        with tc_sweep.flags_on(["lane-copy-min"]):
+            raise RuntimeError("boom")
+    assert not trellis.LANE_COPY_BY_MIN
+    assert tc_sweep.main(["--family", "mma", "--format", "qtip-hyb-2", "--flag", "lane-copy-min+nope"]) == 2
+
+
 # --- CUDA code generation --------------------------------------------------------------------------------
 
 

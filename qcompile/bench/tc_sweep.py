@@ -15,6 +15,7 @@ Prints a table (µs, speedup vs cuBLAS) and writes every row to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import replace
@@ -22,7 +23,28 @@ from typing import List, Optional, Sequence
 
 REL_ERR_MAX = 1e-2
 PACKED = "packed-a"  # a candidate's "intrin" field: the fragment kernel with 32-bit A registers
-COPY_MIN = "lane-copy-min"  # ... with HYB's table copy index as min(lane, lane ^ 16)
+# --flag NAME: kernel switches that are off until timed, by name -> (module, attribute)
+FLAGS = {"lane-copy-min": ("qcompile.formats.trellis", "LANE_COPY_BY_MIN"),
+         "partials-in-table": ("qcompile.kernels.mma", "FRAGMENT_PARTIALS_IN_TABLE")}
+
+
+@contextlib.contextmanager
+def flags_on(names):
+    """The FLAGS ``names`` set True while the block runs (the modules read them as they build kernels
+    and check configs), then restored."""
+    import importlib
+
+    saved = []
+    try:
+        for name in names:
+            module, attr = FLAGS[name]
+            mod = importlib.import_module(module)
+            saved.append((mod, attr, getattr(mod, attr)))
+            setattr(mod, attr, True)
+        yield
+    finally:
+        for mod, attr, value in reversed(saved):
+            setattr(mod, attr, value)
 FAMILIES = ("tensorcore", "mma")
 
 
@@ -47,9 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fragment-native formats (QTIP HYB): also time every config with the A fragments as "
                          "32-bit registers, labelled -packed (mma_fragment.PACKED_A, the default since bebb84e: "
                          "with it on, both rows are the packed kernel)")
-    ap.add_argument("--lane-copy-min", action="store_true",
-                    help="fragment-native formats (QTIP HYB): also time every config with the table copy index "
-                         "written min(lane, lane ^ 16) (formats.trellis.LANE_COPY_BY_MIN), labelled -copymin")
+    ap.add_argument("--flag", action="append", default=[], metavar="NAME[+NAME]",
+                    help="also time every config with these switches on together (configs checked and built "
+                         "with them), labelled -NAME[+NAME]; repeatable. lane-copy-min: "
+                         "formats.trellis.LANE_COPY_BY_MIN; partials-in-table: kernels.mma.FRAGMENT_PARTIALS_IN_TABLE")
     ap.add_argument("--iters", type=int, default=200, help="timed launches per measurement (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
@@ -174,6 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         for text in args.config:
             parse_config(text, MmaConfig() if args.family == "mma" else TensorCoreConfig())
+        unknown = sorted({name for combo in args.flag for name in combo.split("+")} - set(FLAGS))
+        if unknown:
+            raise ValueError(f"--flag: unknown switch(es) {', '.join(unknown)} (known: {', '.join(FLAGS)})")
         from .harness import require_cuda
 
         require_cuda()
@@ -225,8 +251,13 @@ def run(fmt, shapes, ms, args) -> List[dict]:
             base = [(label, cfg) for label, cfg, _ in kernels if cfg is not None]
             if args.packed_a and args.family == "mma" and fmt.fragment_native:
                 kernels += [(f"{label}-packed", cfg, PACKED) for label, cfg in base]
-            if args.lane_copy_min and args.family == "mma" and fmt.fragment_native:
-                kernels += [(f"{label}-copymin", cfg, COPY_MIN) for label, cfg in base]
+            for combo in args.flag:
+                with flags_on(combo.split("+")):
+                    try:
+                        flagged = candidates(fmt, n, k, m, args.config, not args.no_variants, False, args.family)
+                    except ValueError:
+                        flagged = []
+                kernels += [(f"{label}-{combo}", cfg, ("flags", combo)) for label, cfg, _ in flagged]
             for label, cfg, use_intrin in kernels:
                 row = {"format": fmt.name, "N": n, "K": k, "M": m, "kernel": label,
                        "cfg": None if cfg is None else cfg.as_dict(), "intrin": use_intrin, "us": None,
@@ -237,14 +268,9 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                         func = scheduled_func(KernelSpec(fmt.name, n, k, m), target)
                     elif use_intrin == PACKED:  # (family mma: its builder is mma_scheduled_func)
                         func = family_api(args.family)[3](fmt, n, k, m, cfg, packed_a=True)
-                    elif use_intrin == COPY_MIN:  # the format reads the flag while it builds the compute
-                        from ..formats import trellis
-
-                        saved, trellis.LANE_COPY_BY_MIN = trellis.LANE_COPY_BY_MIN, True
-                        try:
+                    elif isinstance(use_intrin, tuple):  # ("flags", "a+b"): built with those switches on
+                        with flags_on(use_intrin[1].split("+")):
                             func = family_api(args.family)[3](fmt, n, k, m, cfg)
-                        finally:
-                            trellis.LANE_COPY_BY_MIN = saved
                     else:
                         func = family_api(args.family)[3](fmt, n, k, m, cfg, use_intrin)
                     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")
@@ -272,7 +298,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                 log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} {t.median_us:9.2f} us  cublas "
                     f"{cublas_us if cublas_us is None else round(cublas_us, 2)} us  speedup "
                     f"{row['speedup_vs_fp16'] or float('nan'):.2f}x  {'' if cfg is None else _short(cfg)}"
-                    f"{'' if use_intrin in (None, True) else ' (packed A)' if use_intrin == PACKED else ' (copy min)' if use_intrin == COPY_MIN else ' (TIR decode)'}")
+                    f"{'' if use_intrin in (None, True) else ' (packed A)' if use_intrin == PACKED else f' ({use_intrin[1]})' if isinstance(use_intrin, tuple) else ' (TIR decode)'}")
         del q_weights, fp16_weights, qw, w16, w64_t
         torch.cuda.empty_cache()
     print_table(rows, args.family)

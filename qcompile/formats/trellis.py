@@ -94,7 +94,7 @@ Q_BITS = 9           # HYB table index bits
 # 28672x8192, packed A): HYB-2 M=1 default 249 -> 209 instructions but 40 -> 51 registers (two
 # 512-thread blocks an SM instead of three); M=16 481 -> 418, two stages 262 -> 226; HYB-3/4 and the
 # unroll-2 config unchanged (nvcc already took one LOP3 there); with MmaConfig.min_blocks=3 ptxas keeps
-# HYB-2 M=1 at 40 registers and 213 instructions. Off until timed on a GPU (tc_sweep --lane-copy-min
+# HYB-2 M=1 at 40 registers and 213 instructions. Off until timed on a GPU (tc_sweep --flag lane-copy-min
 # times both in one process).
 LANE_COPY_BY_MIN = False
 LUT_COPIES = 16      # HYB: copies of the uint32 table in W_table_lanes (lanes l, l+16 share one: 32 KiB, under the 48 KiB a launch gets)

@@ -129,6 +129,12 @@ SHARED_BYTES = 48 * 1024
 SHARED_BYTES_OPT_IN = 99 * 1024
 # the fragment kernel's lut_shared -> HYB table copies in shared memory (0: none, 1: the single table)
 FRAGMENT_LUT_COPIES = {2: 16, 3: 32}
+# lut_shared=2's 16 copies in dynamic shared memory, as lut_shared=3's 32 are: TVM then lays the K warps'
+# partial sums over the copies, which are dead after the K loop (a __syncthreads between), so a block
+# takes max(32 KiB, partials) instead of their sum: qtip-hyb-2's M=16 default (4 tiles, 4 K warps)
+# 48 -> 32 KiB, six blocks an SM instead of four by shared memory (its 80 registers allow six). Off
+# until it has run on a GPU (the CUDA is checked in a CPU test).
+FRAGMENT_PARTIALS_IN_TABLE = False
 # what a row-packed format's tables take in shared memory with lut_shared=1, at most (E8P's abs table
 # 1 KiB, e8p-3's E81B table beside it): reserved beside the partial tiles
 ROW_TABLE_RESERVE = 4 * 1024
@@ -230,10 +236,13 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
     else:
         table = ROW_TABLE_RESERVE if cfg.lut_shared == 1 else 0
         limit = SHARED_BYTES
+        partials = partial_bytes(cfg, m)
         if fragment:
             from ..formats.trellis import Q_BITS
 
             table = (4 << Q_BITS) * FRAGMENT_LUT_COPIES.get(cfg.lut_shared, cfg.lut_shared)
+            if FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES:
+                partials = max(0, partials - table)  # (what the partials need past the copies)
             if cfg.lut_shared == 3:  # (and the single table the copies are filled from)
                 table += 4 << Q_BITS
                 limit = SHARED_BYTES_OPT_IN
@@ -254,10 +263,10 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             if k % block == 0 and (k // block) % (cfg.blocks_k * cfg.warps_k):
                 problems.append(f"stages={cfg.stages} needs the K blocks to split evenly over "
                                 f"{cfg.blocks_k * cfg.warps_k} K warps (a padded step would copy words past K)")
-        if staged and partial_bytes(cfg, m) + table + staged > limit:
+        if staged and partials + table + staged > limit:
             problems.append(f"{cfg.stages} pipeline stages of {stage_bytes(cfg, unit, staged_bits) // 1024} KiB beside the partial sums "
                             f"({partial_bytes(cfg, m) // 1024} KiB) and tables exceed {limit // 1024} KiB of shared memory")
-        elif partial_bytes(cfg, m) + table > limit:
+        elif partials + table > limit:
             problems.append(f"the {cfg.warps_k} K warps' partial sums need {partial_bytes(cfg, m) // 1024} KiB of "
                             f"shared memory" + (f" beside {table // 1024} KiB of tables" if table else "")
                             + f" (over {limit // 1024})")

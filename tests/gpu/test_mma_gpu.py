@@ -216,6 +216,25 @@ def test_lane_copy_by_min_matches_float64_and_reads_back_exactly(name, monkeypat
     check_one_hot_decode(ex["m16"], fmt, fmt.random_weight(N, K, seed=18), 16, f"{name} lane copy by min")
 
 
+@pytest.mark.parametrize("name", ["qtip-hyb-2", "qtip-hyb-4"])
+def test_partials_in_table_match_float64_and_read_back_exactly(name, monkeypatch, check_one_hot_decode):
+    """kernels.mma.FRAGMENT_PARTIALS_IN_TABLE (the K warps' partials laid over the lane copies after the
+    K loop): the default configs at M = 1 and 16 and a block of 4 tiles x 8 K warps at M=16 that only
+    fits so, against float64; every weight read back exactly through the latter."""
+    from qcompile.kernels import mma
+
+    monkeypatch.setattr(mma, "FRAGMENT_PARTIALS_IN_TABLE", True)
+    fmt = qc.formats.get(name)
+    wide = MmaConfig(units=1, tiles=4, warps_n=1, warps_k=8, lut_shared=2)
+    ex = build({"m1": mma_scheduled_func(fmt, N, K, 1), "m16": mma_scheduled_func(fmt, N, K, 16),
+                "wide": mma_scheduled_func(fmt, N, K, 16, wide)})
+    qw = fmt.random_weight(N, K, seed=19).to("cuda")
+    for key, m in (("m1", 1), ("m16", 16), ("wide", 16)):
+        err = rel_err(ex[key], fmt, qw, m, seed=m)
+        assert err < 2e-3, (name, key, err)
+    check_one_hot_decode(ex["wide"], fmt, fmt.random_weight(N, K, seed=20), 16, f"{name} partials in table")
+
+
 # QTIP 1MAD / 3INST in the kernel layout (unregistered variants, fragment-native like HYB's stored
 # layout: qcompile.kernels.mma_fragment with the V=1 fragment gather); fused products against float64
 # and, at M=16, the decoded values read back bit for bit through the A fragments
