@@ -260,3 +260,22 @@ def test_markdown_table_of_a_bench_record(tmp_path, capsys):
     path.write_text("{not json")
     assert table.main([str(path)]) == 2
     assert "not a readable bench record" in capsys.readouterr().err
+
+
+def test_bench_records_are_written_one_row_a_line(tmp_path):
+    """rows_json: a list of rows, or an object holding lists of rows, reads back equal, one row a line
+    (the records stay readable and small); NaN is refused, not written."""
+    import math
+
+    from qcompile.jsonio import rows_json, write_rows_json
+
+    doc = {"device": "H100", "copy_bandwidth_GBps": 3006.4, "records": [{"N": 1, "us": 2.5}, {"N": 2, "us": None}],
+           "empty": [], "meta": {"a": [1, 2]}}
+    path = tmp_path / "b.json"
+    write_rows_json(path, doc)
+    text = path.read_text()
+    assert json.loads(text) == doc
+    assert '\n{"N":1,"us":2.5},\n{"N":2,"us":null}\n' in text
+    assert json.loads(rows_json([{"x": 1}])) == [{"x": 1}] and rows_json([{"x": 1}]).count("\n") == 3
+    with pytest.raises(ValueError):
+        rows_json([{"x": math.nan}])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 
 from .harness import DEFAULT_ITERS, DEFAULT_WARMUP, bench_weight, one_line, parse_shapes, require_cuda, source_commit
@@ -71,9 +70,10 @@ def main(argv=None) -> int:
             print(f"{n}x{k} {cfg.as_dict()}: {t.median_us:8.2f} us  bw {frac:.3f}  exact {exact}", flush=True)
         del weights, W, ref, qw
         torch.cuda.empty_cache()
-    with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0), "commit": source_commit(), "format": fmt.name,
-                   "copy_bandwidth_GBps": copy_bw, "rows": rows}, f, indent=1)
+    from ..jsonio import write_rows_json
+
+    write_rows_json(args.out, {"device": torch.cuda.get_device_name(0), "commit": source_commit(), "format": fmt.name,
+                               "copy_bandwidth_GBps": copy_bw, "rows": rows})
     return 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import math
 import os
 import re
@@ -126,11 +125,9 @@ def _json_safe(value):
 
 def write_bench_json(path, doc: dict) -> None:
     check_bench_document(doc)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(_json_safe(doc), f, indent=1, allow_nan=False)
-        f.write("\n")
+    from ..jsonio import write_rows_json
+
+    write_rows_json(path, _json_safe(doc))
 
 
 def _fmt_us(value) -> str:

@@ -94,8 +94,9 @@ def main():
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        from ..jsonio import write_rows_json
+
+        write_rows_json(args.out, rows)
     best = {}
     for r in rows:
         key = (r["N"], r["K"], r["M"])

@@ -208,8 +208,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     rows = run(fmt, shapes, ms, args)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        from ..jsonio import write_rows_json
+
+        write_rows_json(args.out, rows)
     return 0
 
 
