@@ -24,7 +24,7 @@ from qcompile.kernels.tensorcore import TensorCoreConfig, check_tc_config, defau
 from qcompile.kernels.target import parse_target
 from qcompile.tune import driver, space
 from qcompile.tune.driver import CandidateError, tune
-from qcompile.tune.records import (SCHEMA, RecordsError, TuningEntry, TuningRecords, TuningRecordsWarning,
+from qcompile.tune.records import (SCHEMA, RecordsError, records_json, TuningEntry, TuningRecords, TuningRecordsWarning,
                                    current_versions, records_gpu)
 
 FORMAT = "int4-g128"
@@ -168,7 +168,10 @@ def test_records_round_trip_readable_and_atomic(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary files left behind
     text = path.read_text()
     doc = json.loads(text)
-    assert text == json.dumps(doc, indent=1, sort_keys=True) + "\n"
+    # readable: indented, sorted keys, each config object on one line of its own
+    assert text == records_json(doc) + "\n"
+    assert re.search(r'\n +"config": \{"chunks": \d+, "lut_lanes": 0, [^\n]*\},\n', text)
+    assert text.count("\n") == json.dumps(doc, indent=1, sort_keys=True).count("\n") + 1 - 2 * (7 + 1)
     assert doc["schema"] == SCHEMA and doc["gpu"] == GPU and doc["format"] == FORMAT
     (stored,) = doc["entries"]
     assert stored["best"] == {"config": BEST.as_dict(), "us": 9.25}

@@ -379,7 +379,26 @@ def write_records_file(path: PathLike, gpu: str, format_name: str, entries: Iter
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"schema": SCHEMA, "gpu": gpu, "format": format_name,
            "entries": [e.to_json() for e in sorted(entries, key=lambda e: e.key)]}
-    atomic_write_bytes(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (records_json(doc) + "\n").encode())
+
+
+def records_json(doc: dict) -> str:
+    """JSON text of a records document: indented, but each config object ({knob: value}) on one line
+    (nine lines each otherwise: the records travel to the GPU machine within a size limit)."""
+    configs = []
+
+    def mark(value):  # configs -> placeholders, dumped compactly below
+        if isinstance(value, dict):
+            if "config" in value and isinstance(value["config"], dict):
+                configs.append(json.dumps(value["config"], sort_keys=True))
+                value = {**value, "config": f"\x00{len(configs) - 1}\x00"}
+            return {k: mark(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [mark(v) for v in value]
+        return value
+
+    text = json.dumps(mark(doc), indent=1, sort_keys=True)
+    return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: configs[int(m.group(1))], text)
 
 
 @contextlib.contextmanager
