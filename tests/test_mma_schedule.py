@@ -370,6 +370,7 @@ def test_grid_split_k_is_two_kernels_and_stores_each_partial_once(name, m):
     (MmaConfig(warps_k=4, stages=2), 256, 11008 - 3 * 128, 4, "split evenly over 4 K warps"),
     (MmaConfig(blocks_k=0), 256, 512, 4, "blocks_k must be a positive int"),
     (MmaConfig(min_blocks=-1), 256, 512, 4, "min_blocks must be a non-negative int"),
+    (MmaConfig(stage_pad=1, min_blocks=-1), 256, 512, 4, "stage_pad=1 pads pipeline stages"),
     (MmaConfig(warps_k=16, min_blocks=5), 256, 4096, 4, "min_blocks=5 blocks of 512 threads exceed the 2048"),
     (MmaConfig(warps_k=2, blocks_k=4), 256, 2048 - 5 * 128, 4, "11 K blocks do not split over 4 blocks x 2 warps"),
     (MmaConfig(warps_k=2, stages=2, blocks_k=2), 256, 2048 - 2 * 128, 4, "split evenly over 4 K warps"),

@@ -45,6 +45,8 @@ def flags_on(names):
     finally:
         for mod, attr, value in reversed(saved):
             setattr(mod, attr, value)
+
+
 FAMILIES = ("tensorcore", "mma")
 
 
@@ -176,6 +178,17 @@ def candidates(fmt, n: int, k: int, m: int, extra: Sequence[str], with_variants:
     return out
 
 
+def _variant_note(use_intrin) -> str:
+    """The log's note of a candidate's "intrin" field: none for the format's intrinsic, else how it was built."""
+    if use_intrin in (None, True):
+        return ""
+    if use_intrin == PACKED:
+        return " (packed A)"
+    if isinstance(use_intrin, tuple):  # ("flags", "a+b")
+        return f" ({use_intrin[1]})"
+    return " (TIR decode)"
+
+
 def _short(cfg) -> str:
     return " ".join(f"{k}={v}" for k, v in cfg.as_dict().items())
 
@@ -299,7 +312,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                 log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} {t.median_us:9.2f} us  cublas "
                     f"{cublas_us if cublas_us is None else round(cublas_us, 2)} us  speedup "
                     f"{row['speedup_vs_fp16'] or float('nan'):.2f}x  {'' if cfg is None else _short(cfg)}"
-                    f"{'' if use_intrin in (None, True) else ' (packed A)' if use_intrin == PACKED else f' ({use_intrin[1]})' if isinstance(use_intrin, tuple) else ' (TIR decode)'}")
+                    f"{_variant_note(use_intrin)}")
         del q_weights, fp16_weights, qw, w16, w64_t
         torch.cuda.empty_cache()
     print_table(rows, args.family)

@@ -135,6 +135,13 @@ FRAGMENT_LUT_COPIES = {2: 16, 3: 32}
 # 48 -> 32 KiB, six blocks an SM instead of four by shared memory (its 80 registers allow six). Off
 # until it has run on a GPU (the CUDA is checked in a CPU test).
 FRAGMENT_PARTIALS_IN_TABLE = False
+
+
+def partials_over_copies(cfg: MmaConfig) -> bool:
+    """Whether the fragment kernel's K-warp partials share dynamic shared memory with its table copies
+    (FRAGMENT_PARTIALS_IN_TABLE and a lut_shared with copies): the copies' scope and the shared-memory
+    check both follow it."""
+    return FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES
 # what a row-packed format's tables take in shared memory with lut_shared=1, at most (E8P's abs table
 # 1 KiB, e8p-3's E81B table beside it): reserved beside the partial tiles
 ROW_TABLE_RESERVE = 4 * 1024
@@ -201,13 +208,13 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
         problems.append(f"stages must be 1..{MAX_STAGES}")
     if cfg.stage_pad not in (0, 1):
         problems.append("stage_pad must be 0 or 1")
+    elif cfg.stage_pad and cfg.stages == 1:
+        problems.append("stage_pad=1 pads pipeline stages: it needs stages > 1")
     if not isinstance(cfg.min_blocks, int) or cfg.min_blocks < 0:
         problems.append("min_blocks must be a non-negative int")
     elif isinstance(cfg.threads, int) and cfg.min_blocks * cfg.threads > MAX_THREADS_PER_SM:
         problems.append(f"min_blocks={cfg.min_blocks} blocks of {cfg.threads} threads exceed the "
                         f"{MAX_THREADS_PER_SM} threads an SM holds")
-    elif cfg.stage_pad and cfg.stages == 1:
-        problems.append("stage_pad=1 pads pipeline stages: it needs stages > 1")
     if cfg.lut_shared not in ((0, 1, 2, 3) if fragment else (0, 1)):
         problems.append("lut_shared must be 0, 1, 2 or 3" if fragment else "lut_shared must be 0 or 1")
     if problems:
@@ -241,7 +248,7 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             from ..formats.trellis import Q_BITS
 
             table = (4 << Q_BITS) * FRAGMENT_LUT_COPIES.get(cfg.lut_shared, cfg.lut_shared)
-            if FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES:
+            if partials_over_copies(cfg):
                 partials = max(0, partials - table)  # (what the partials need past the copies)
             if cfg.lut_shared == 3:  # (and the single table the copies are filled from)
                 table += 4 << Q_BITS

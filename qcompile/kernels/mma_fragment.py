@@ -34,10 +34,9 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 from __future__ import annotations
 
 from ..formats.base import tir_word_half
-from . import mma as _mma
 from .mma import (FRAGMENT_LUT_COPIES, MMA_M, NATURAL_ROWS, NATURAL_ROWS_PACKED_A, STAGED_BITS, MmaConfig,
                   _loops_below, check_mma_config, format_default_mma_config, fill_per_block, fragment_products,
-                  k_blocks, schedule_mma_rows, span_of, streamed_bits, x_fragments)
+                  k_blocks, partials_over_copies, schedule_mma_rows, span_of, streamed_bits, x_fragments)
 from .schedules import _get_sblock, vectorize_copy
 
 # the A fragments as the lane's 32-bit registers (mma.NATURAL_ROWS_PACKED_A: W_frag holds the gathered
@@ -183,7 +182,7 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
         fill_per_block(sch, single, bn, cfg)
         sch.set_scope(single, 0, "shared")
     # (dynamic shared memory: TVM lays the split-K partials over the copies after the K loop)
-    dynamic = cfg.lut_shared == 3 or (cfg.lut_shared == 2 and _mma.FRAGMENT_PARTIALS_IN_TABLE and lanes is not None)
+    dynamic = cfg.lut_shared == 3 or (lanes is not None and partials_over_copies(cfg))
     sch.set_scope(keep, 0, "shared.dyn" if dynamic else "shared")
 
 

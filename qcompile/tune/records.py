@@ -56,8 +56,8 @@ from ..jsonio import atomic_write_bytes
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, KernelConfig, KernelSpec, family_options,
                                kernel_family, mma_max_m)
 from ..kernels.mma import MMA_MAX_M
-from .space import (CONFIG_CLASS, FAMILIES, TITLE, config_from_dict, config_from_key, config_key, config_values, family_of,
-                    fit_error)
+from .space import (CONFIG_CLASS, FAMILIES, TITLE, config_from_dict, config_from_key, config_key, config_values,
+                    family_of, fit_error)
 
 SCHEMA = "qcompile-tuning-records/1"
 RECORDS_ENV = "QCOMPILE_SCHEDULES"  # overrides the default records directory
