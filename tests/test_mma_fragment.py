@@ -39,19 +39,22 @@ def test_natural_layouts_are_ptx_and_columns_cover_k_once():
     assert cols == list(range(3 * 4 * span))
 
 
-@pytest.mark.parametrize("name,span,k,blocks,copies,packed", [
-    ("qtip-hyb-2", 32, 512, 0, 0, False), ("qtip-hyb-3", 16, 256, 0, 0, False), ("qtip-hyb-4", 32, 384, 4, 0, False),
-    ("qtip-hyb-2", 16, 256, 0, 32, False), ("qtip-hyb-2", 32, 512, 0, 0, True), ("qtip-hyb-4", 32, 384, 4, 0, True),
-    ("qtip-3inst-3@mma-kernel", 16, 256, 0, 0, True)])
-def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks, copies, packed):
+@pytest.mark.parametrize("name,span,k,blocks,copies,packed,signed", [
+    ("qtip-hyb-2", 32, 512, 0, 0, False, False), ("qtip-hyb-3", 16, 256, 0, 0, False, False),
+    ("qtip-hyb-4", 32, 384, 4, 0, False, False), ("qtip-hyb-2", 16, 256, 0, 32, False, False),
+    ("qtip-hyb-2", 32, 512, 0, 0, True, False), ("qtip-hyb-4", 32, 384, 4, 0, True, False),
+    ("qtip-3inst-3@mma-kernel", 16, 256, 0, 0, True, False),
+    ("qtip-hyb-2", 32, 512, 0, 16, True, True), ("qtip-hyb-3", 16, 256, 0, 16, False, True)])
+def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks, copies, packed, signed):
     """The unscheduled compute the GPU schedule starts from (A registers from tir_fragment_decode,
     natural rows and columns) sums to X @ W^T at M=3; with padded K blocks (3 -> 4) the blocks past K
     add nothing; with 32 table copies (lut_shared=3) each lane reads its own copy's flat index; with
-    packed A registers (W_frag uint32) each product takes the right half of the right register."""
+    packed A registers (W_frag uint32) each product takes the right half of the right register; with
+    the sign-folded tables (lut_shared=4) the flat index takes h's sign bit and the word its sign."""
     fmt = qc.formats.get(name)
     n, m = 64, 3
     qw = fmt.random_weight(n, k, seed=3)
-    func = fragment_mma_func(fmt, n, k, m, span, blocks, lane_copies=copies, packed_a=packed)
+    func = fragment_mma_func(fmt, n, k, m, span, blocks, lane_copies=copies, packed_a=packed, signed_table=signed)
     err = llvm_rel_err(func, fmt, qw, n, k, m)
     assert err < 1e-3, err
 
@@ -65,6 +68,8 @@ def test_lane_copy_by_min_is_the_lane_copy_and_reaches_the_address(monkeypatch):
     assert all(min(lane, lane ^ 16) == lane % 16 for lane in range(32))
     fmt = qc.formats.get("qtip-hyb-2")
     cfg = MmaConfig(units=1, tiles=2, warps_k=4, lut_shared=2)
+    assert trellis.lane_copy_by_min(2) and not trellis.lane_copy_by_min(3)  # the default: on for HYB-2 only
+    monkeypatch.setattr(trellis, "LANE_COPY_BY_MIN", ())
     plain = kernel_body(compile_sm90({"k": mma_scheduled_func(fmt, N, K, 1, cfg)}), "k")
     monkeypatch.setattr(trellis, "LANE_COPY_BY_MIN", True)
     func = fragment_mma_func(fmt, 64, 512, 3, 32, 0, lane_copies=16, packed_a=True)
@@ -141,11 +146,11 @@ def test_tc_sweep_flags_check_and_build_with_the_switches_on_and_restore_them():
     with tc_sweep.flags_on(["partials-in-table", "lane-copy-min"]):
         assert mma.FRAGMENT_PARTIALS_IN_TABLE and trellis.LANE_COPY_BY_MIN
         assert MmaConfig(units=1, tiles=4, warps_k=8, lut_shared=2) in cfgs()
-    assert not mma.FRAGMENT_PARTIALS_IN_TABLE and not trellis.LANE_COPY_BY_MIN
+    assert not mma.FRAGMENT_PARTIALS_IN_TABLE and trellis.LANE_COPY_BY_MIN == (2,)
     with pytest.raises(RuntimeError):
         with tc_sweep.flags_on(["lane-copy-min"]):
             raise RuntimeError("boom")
-    assert not trellis.LANE_COPY_BY_MIN
+    assert trellis.LANE_COPY_BY_MIN == (2,)
     assert tc_sweep.main(["--family", "mma", "--format", "qtip-hyb-2", "--flag", "lane-copy-min+nope"]) == 2
 
 
@@ -169,6 +174,7 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     cfgs["k_cfg"] = (4, MmaConfig(units=1, tiles=2, warps_n=2, warps_k=2, unroll=2, lut_shared=1))
     cfgs["k_global"] = (5, MmaConfig(units=2, tiles=4, warps_k=2, lut_shared=0))
     cfgs["k_lanes32"] = (1, MmaConfig(units=1, tiles=2, warps_k=8, unroll=2, lut_shared=3))
+    cfgs["k_signed"] = (1, MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=4))
     src = compile_sm90({fname: mma_scheduled_func(fmt, N, K, m, cfg) for fname, (m, cfg) in cfgs.items()})
     for fname, (m, cfg) in cfgs.items():
         body = kernel_body(src, fname)
@@ -196,6 +202,14 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     # ... filled from the single table in shared memory, not from tlut in global memory
     assert re.search(r"W_table_lanes_shared_dyn\w*\[[^\]]+\] = W_table_shared\w*\[", lanes32)
     assert not re.search(r"W_table_lanes_shared_dyn\w*\[[^\]]+\] = [^;]*tlut_ptr", lanes32)
+    # lut_shared=4: 16 copies of the sign-folded table (1024 entries) in dynamic shared memory, filled
+    # from the single signed table; the flat index masks h's bits 6..15 (0xFFC0 = 65472) and the word is
+    # the table's own: no XOR with h & 0x8000 (32768) left
+    signed = kernel_body(src, "k_signed")
+    assert re.search(r"extern __shared__ \S+ uint W_table_lanes_shared_dyn\w*\[\];", signed)
+    assert re.search(r"__shared__ \S+ uint W_table_shared\w*\[1024\]", signed)
+    assert signed.count("(uint)65472) | (((uint)") == 32 and "(uint)32704)" not in signed
+    assert "(uint)32768" not in signed.split("W_lane_gather_local_ptr[0] =", 1)[1]
     glob = kernel_body(src, "k_global")  # lut_shared=0: the table words read from tlut in global memory
     assert "W_table" not in glob and "tlut_ptr[" in glob
 
@@ -268,6 +282,26 @@ def test_32_table_copies_cost_no_registers_over_16():
     assert set(regs) == set(cfgs) and int(regs["k_ls3"]) <= int(regs["k_ls2"]), regs
 
 
+def test_signed_tables_are_tuner_candidates_for_hyb_3_and_4_at_m1_only():
+    """mma.SIGNED_LUT_*: the tuner's mma space of QTIP HYB-3/4 at M=1 also holds lut_shared=4 configs (the
+    sign-folded table copies, measured faster there), each passing its shared-memory check, while the
+    default stays lut_shared=2 (the shipped records were tuned against it); HYB-2, larger M and the
+    fragment variants without a table keep the default's placement."""
+    from qcompile.kernels.library import KernelSpec
+    from qcompile.kernels.mma import format_default_mma_config
+    from qcompile.tune import space
+
+    for n, k in ((28672, 8192), (1024, 4096)):
+        for name, m, signed in (("qtip-hyb-3", 1, True), ("qtip-hyb-4", 1, True), ("qtip-hyb-2", 1, False),
+                                ("qtip-hyb-4", 2, False), ("qtip-hyb-3", 16, False), ("qtip-1mad-3@mma-kernel", 1, False)):
+            fmt = qc.formats.get(name)
+            assert format_default_mma_config(fmt, n, k, m).lut_shared == 2, (name, n, k, m)
+            luts = {cfg.lut_shared for cfg in space.mma_candidates(KernelSpec(name, n, k, m), fmt)}
+            assert luts == ({2, 4} if signed else {2}), (name, n, k, m, luts)
+            for cfg in space.mma_candidates(KernelSpec(name, n, k, m), fmt):
+                check_mma_config(cfg, n, k, m, 16, fragment=True, staged_bits=fmt.K)
+
+
 def test_default_config_per_m():
     """The fragment defaults the H100 records chose (FRAGMENT_SMALL_M_WARPS_K, FRAGMENT_UNROLL): 16 K
     warps up to M=4, two K blocks a step for two tiles above; the wide-N M > 8 keeps four tiles."""
@@ -324,8 +358,10 @@ def test_default_configs():
 @pytest.mark.parametrize("cfg,m,match", [
     (MmaConfig(tiles=1), 4, "tiles=1 must be even"),
     (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "KiB of shared memory beside 32 KiB of tables"),
-    (MmaConfig(lut_shared=4), 4, "lut_shared must be 0, 1, 2 or 3"),
-    (MmaConfig(tiles=4, warps_k=16, lut_shared=3), 16, "beside 66 KiB of tables \\(over 99\\)"),
+    (MmaConfig(lut_shared=5), 4, "lut_shared must be 0..4"),
+    # (the copies in dynamic shared memory: the partials lie over them, so only partials past them count)
+    (MmaConfig(tiles=8, warps_k=16, lut_shared=3), 16, "beside 66 KiB of tables \\(over 99\\)"),
+    (MmaConfig(tiles=8, warps_k=16, lut_shared=4), 16, "beside 68 KiB of tables \\(over 99\\)"),
     (MmaConfig(tiles=2, warps_k=4, stages=2, stage_pad=1), 4, "stage_pad=1 is for row-packed formats"),
     (MmaConfig(tiles=2, warps_k=8, lut_shared=2, stages=2), 16, r"2 pipeline stages of \d KiB beside"),
 ])

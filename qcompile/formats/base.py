@@ -218,10 +218,12 @@ class Format:
     # GPU), e.g. QTIP HYB's tlut repacked as one uint32 word per entry. Stage names start with
     # "W_table"; a stage named "W_table_lanes" holds one copy per warp lane (GemvConfig.lut_lanes).
     # tir_gather / tir_decode_unit read them from ``bufs`` by name when present, else inline them.
-    def tir_tables(self, bufs: Mapping[str, object], lane_copies: int = 0) -> Dict[str, object]:
+    def tir_tables(self, bufs: Mapping[str, object], lane_copies: int = 0,
+                   signed: bool = False) -> Dict[str, object]:
         """{bufs name: te tensor} of the format's derived tables, computed from the te placeholders
         in ``bufs`` (default: none). ``lane_copies``: copies in a W_table_lanes stage (0: the
-        format's default)."""
+        format's default); ``signed``: the format's sign-folded table form, where it has one (QTIP
+        HYB: 1024 entries, the sign bit part of the index)."""
         return {}
 
     # Stream slices: packed-word slices that several gathered words share (QTIP HYB: 4 per unit for 8

@@ -92,11 +92,20 @@ Q_BITS = 9           # HYB table index bits
 # for lanes 0..31. With lane % 16 nvcc folds the & 15 into the address and spends two LOP3 a table word
 # on (h & 0x7FC0) | copy·4; with min it keeps copy·4 in a register and takes one. K-loop SASS (sm_90,
 # 28672x8192, packed A): HYB-2 M=1 default 249 -> 209 instructions but 40 -> 51 registers (two
-# 512-thread blocks an SM instead of three); M=16 481 -> 418, two stages 262 -> 226; HYB-3/4 and the
-# unroll-2 config unchanged (nvcc already took one LOP3 there); with MmaConfig.min_blocks=3 ptxas keeps
-# HYB-2 M=1 at 40 registers and 213 instructions. Off until timed on a GPU (tc_sweep --flag lane-copy-min
-# times both in one process).
-LANE_COPY_BY_MIN = False
+# 512-thread blocks an SM instead of three); M=16 481 -> 418. Timed on the H100 in one process
+# (tc_sweep --flag lane-copy-min; artifacts/bench/mma-sweep-qtip-hyb-switches-h100.json): HYB-2 M=1
+# 54.3 -> 50.7 us on 28672x8192, 51.5 -> 46.7 on 8192x28672, M=16 88.5 -> 87.3 and 105.0 -> 103.6; HYB-3
+# and HYB-4 M=1 on lut_shared=2 59.5 -> 60.4 / 57.5 -> 58.0 and 60.0 -> 60.3 / 55.0 -> 55.0 (and no
+# change on their lut_shared=4 default). So: the code bits K it is on for (True: every K, as
+# tc_sweep --flag sets it).
+LANE_COPY_BY_MIN = (2,)
+
+
+def lane_copy_by_min(K: int) -> bool:
+    """Whether the HYB fragment gather of a K-bit code writes its table copy as min(lane, lane ^ 16)."""
+    return LANE_COPY_BY_MIN is True or K in (LANE_COPY_BY_MIN or ())
+# HYB's sign-folded table (tir_tables(signed=True)): entries e and e + 512, value 0's sign flipped in the second
+SIGNED_ENTRIES = 2 << Q_BITS
 LUT_COPIES = 16      # HYB: copies of the uint32 table in W_table_lanes (lanes l, l+16 share one: 32 KiB, under the 48 KiB a launch gets)
 BITS = (2, 3, 4)     # K
 CODES = {"1mad": 1, "3inst": 1, "hyb": 2}  # code -> V
@@ -638,24 +647,35 @@ class TrellisFormat(Format):
 
     # HYB in the kernel layout: the table lookups live in the gather stage, one 32-bit word per state
     # from a uint32 copy of the table (tir_tables), so the decode only splits words into fp16 halves.
-    def tir_tables(self, bufs: Mapping[str, object], lane_copies: int = 0) -> Dict[str, object]:
+    def tir_tables(self, bufs: Mapping[str, object], lane_copies: int = 0,
+                   signed: bool = False) -> Dict[str, object]:
         """HYB (stored layout): "tlut32" uint32 [512] (stage W_table: tlut[e, 1] in the high half,
         tlut[e, 0] in the low half, the bits unchanged) and "tlut32_lanes" uint32 [512, copies]
         (stage W_table_lanes: ``lane_copies`` copies of tlut32, default LUT_COPIES; entry-major, so
         that copy r of entry e sits in bank (e·copies + r) % 32: with 32 copies a warp's lookups never
         meet in a bank, with 16 lanes l and l + 16 share one). The gather reads copy lut_copy(c) of
         tlut32_lanes; a schedule that inlines W_table_lanes reads tlut32 (one table), one that
-        inlines both reads tlut (two 16-bit loads per state, the old form)."""
+        inlines both reads tlut (two 16-bit loads per state, the old form).
+        ``signed``: both tables with 1024 entries, entry e + 512 being entry e with value 0's sign
+        flipped (``SIGNED_ENTRIES``): indexed by h's bits 6..15, the sign flip is in the table, not
+        an instruction per state (twice the shared memory)."""
         if self.code != "hyb" or not self.gather_count:
             return {}
-        from tvm import te
+        from tvm import te, tirx
 
         copies = lane_copies or LUT_COPIES
         if copies not in (16, 32):
             raise ValueError(f"{self.name}: {copies} table copies; use 16 (32 KiB) or 32 (64 KiB, bank-conflict free)")
         tlut = bufs["tlut"]
-        t32 = te.compute((1 << Q_BITS,), lambda e: _tir_tlut32(tlut, e), name="W_table")
-        lanes = te.compute((1 << Q_BITS, copies), lambda e, r: t32[e], name="W_table_lanes")
+        if signed:
+            entries, c32 = SIGNED_ENTRIES, lambda v: tirx.const(v, "uint32")  # noqa: E731
+            t32 = te.compute((entries,), lambda e: tirx.bitwise_xor(
+                _tir_tlut32(tlut, tirx.floormod(e, 1 << Q_BITS)),
+                tirx.shift_left(tirx.Cast("uint32", tirx.floordiv(e, 1 << Q_BITS)), c32(15))), name="W_table")
+        else:
+            entries = 1 << Q_BITS
+            t32 = te.compute((entries,), lambda e: _tir_tlut32(tlut, e), name="W_table")
+        lanes = te.compute((entries, copies), lambda e, r: t32[e], name="W_table_lanes")
         return {"tlut32": t32, "tlut32_lanes": lanes}
 
     @property
@@ -759,14 +779,17 @@ class TrellisFormat(Format):
         sign flipped by bit 15 of h; high half: value 1). ``c`` / ``copy``: which table copy
         (``_hyb_lut_word``). ``mask_first``: idx as (h & 0x7FC0) >> 6, the same value, which lets nvcc
         fold the shift into the lane copies' 64-byte entry stride; with a ``copy`` of the lane copies,
-        their flat index ((h & 0x7FC0) | copy << 2) >> 2 itself (below)."""
+        their flat index ((h & 0x7FC0) | copy << 2) >> 2 itself (below). With the sign-folded tables
+        (``tir_tables(signed=True)``) idx is bits 6..15 (mask 0xFFC0) and the word is the table's."""
         from tvm import tirx
 
         c32 = lambda v: tirx.const(v, "uint32")  # noqa: E731
         h = s * (s + c32(1))
-        mask = c32(((1 << Q_BITS) - 1) << (15 - Q_BITS))
+        signed = _signed_table(bufs)
+        index_bits = Q_BITS + 1 if signed else Q_BITS  # (signed: the sign bit 15 is the index's top bit)
+        mask = c32(((1 << index_bits) - 1) << (15 - Q_BITS))  # 0x7FC0, signed 0xFFC0
         if mask_first and copy is not None and "tlut32_lanes" in bufs:
-            # the lane copies' flat index (h & 0x7FC0) >> (6 - log2 copies) | copy (entries of
+            # the lane copies' flat index (h & mask) >> (6 - log2 copies) | copy (entries of
             # `copies` words: idx·copies = (h & 0x7FC0) >> 2 with 16 copies, >> 1 with 32, and the copy
             # fills the low bits), so that the byte address is (h & 0x7FC0) << (log2 copies - 4) |
             # 4·copy and LDS takes it plus the table base (nvcc, 16 copies: two LOP3, where
@@ -780,8 +803,10 @@ class TrellisFormat(Format):
             if mask_first:
                 idx = tirx.Cast("int32", tirx.shift_right(tirx.bitwise_and(h, mask), c32(15 - Q_BITS)))
             else:
-                idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << Q_BITS) - 1)))
+                idx = tirx.Cast("int32", tirx.bitwise_and(tirx.shift_right(h, c32(15 - Q_BITS)), c32((1 << index_bits) - 1)))
             word = self._hyb_lut_word(bufs, idx, c, copy)
+        if signed:
+            return word
         return tirx.bitwise_xor(word, tirx.bitwise_and(h, c32(0x8000)))
 
     def tir_decode_unit(self, bufs: Mapping[str, object], n, c, j):
@@ -937,7 +962,7 @@ class TrellisFormat(Format):
         # depends only on s mod 2^16) nor so the word; one instruction less per state
         s = tirx.Cast("uint32", tirx.shift_right(z, tirx.Cast(dtype, shift)))
         copies = self._lane_copies(bufs)
-        if LANE_COPY_BY_MIN and copies == 16:  # lane % 16 for lanes 0..31, in a form nvcc keeps opaque
+        if lane_copy_by_min(self.K) and copies == 16:  # lane % 16 for lanes 0..31, in a form nvcc keeps opaque
             copy = tirx.min(lane, tirx.bitwise_xor(lane, 16))
         else:
             copy = tirx.floormod(lane, copies)
@@ -958,6 +983,14 @@ class TrellisFormat(Format):
         self._check_fragment()
         gathered = bufs.get("fragment_gathered")
         return gathered[I, J, lane, w] if gathered is not None else self.tir_fragment_gather(bufs, I, J, lane, w)
+
+
+def _signed_table(bufs: Mapping[str, object]) -> bool:
+    """Whether ``bufs``' HYB table stages are the sign-folded ones (tir_tables(signed=True))."""
+    for name in ("tlut32_lanes", "tlut32"):
+        if name in bufs:
+            return int(bufs[name].shape[0]) == SIGNED_ENTRIES
+    return False
 
 
 def _tir_tlut32(tlut, e):

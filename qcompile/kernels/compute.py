@@ -42,21 +42,22 @@ def format_stages(fmt: Format, n: int, k: int):
     return params, bufs
 
 
-def fragment_stages(fmt: Format, n: int, k: int, lane_copies: int = 0):
+def fragment_stages(fmt: Format, n: int, k: int, lane_copies: int = 0, signed_table: bool = False):
     """(params, bufs) of an [n, k] weight of a fragment-native format (``Format.fragment_native``):
     the packed tensors as placeholders and, in ``bufs``, them plus the stages its fragment decode
     reads: the derived tables (W_table*, ``Format.tir_tables``), each lane's staged packed words per
     32x32 super-tile (W_lane_words [n/32, k/32, 32, fragment_word_count]), its stream slice per 16x16
     tile (W_lane_slice [n/16, k/16, 32]) and its 4 table words per tile (W_lane_gather [n/16, k/16,
     32, 4]); ``tir_fragment_decode(bufs, I, J, lane, e)`` then reads register e from those.
-    ``lane_copies``: the table copies of a W_table_lanes stage (0: the format's default)."""
+    ``lane_copies``: the table copies of a W_table_lanes stage (0: the format's default);
+    ``signed_table``: the format's sign-folded tables (``Format.tir_tables(signed=True)``)."""
     from tvm import te
 
     fmt.check_shape(n, k)
     specs = fmt.tensor_specs(n, k)
     bufs = {name: te.placeholder(spec.shape, spec.dtype, name=name) for name, spec in specs.items()}
     params = list(bufs.values())
-    bufs.update(fmt.tir_tables(bufs, lane_copies))
+    bufs.update(fmt.tir_tables(bufs, lane_copies, signed_table))
     bufs["fragment_words"] = te.compute((n // 32, k // 32, 32, fmt.fragment_word_count),
                                         lambda I2, J2, lane, w: fmt.tir_fragment_word(bufs, I2, J2, lane, w),
                                         name="W_lane_words")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass
+from typing import Tuple
 
 from .compute import format_stages
 from .schedules import _func_mod, _gather_block, _get_sblock, inline_derived, vectorize_copy
@@ -71,8 +72,10 @@ class MmaConfig:
     min_blocks: the mma kernel's __launch_bounds__ minimum of resident blocks per SM (0: none), which
     makes ptxas fit its registers to that many blocks (65536 / (threads x min_blocks) a thread): e.g. 3
     blocks of 512 threads keep 40 registers where a decode with fewer instructions took 51 (HYB with
-    formats.trellis.LANE_COPY_BY_MIN: 213 K-loop instructions at 40 registers, no spills). Not yet timed
-    on a GPU, so neither in a default nor in the tuner's space.
+    formats.trellis.LANE_COPY_BY_MIN: 213 K-loop instructions at 40 registers, no spills). Slower where
+    timed (H100, HYB M=1, 2 tiles x 16 K warps: qtip-hyb-2 54.3 -> 59.9 us on 28672x8192, qtip-hyb-4 with
+    lut_shared=4 56.6 -> 76.6; artifacts/bench/mma-sweep-qtip-hyb-switches-h100.json), so neither in a
+    default nor in the tuner's space.
     """
 
     units: int = 1
@@ -128,7 +131,14 @@ SHARED_BYTES = 48 * 1024
 # config that fits runs on every mma.sync GPU; only the fragment kernel's 32 table copies use it
 SHARED_BYTES_OPT_IN = 99 * 1024
 # the fragment kernel's lut_shared -> HYB table copies in shared memory (0: none, 1: the single table)
-FRAGMENT_LUT_COPIES = {2: 16, 3: 32}
+FRAGMENT_LUT_COPIES = {2: 16, 3: 32, 4: 16}
+# lut_shared=4: the 16 copies of HYB's sign-folded table (1024 entries: the sign flip of value 0 in the
+# table, not a LOP3 a state; TrellisFormat.tir_tables(signed=True)): 64 KiB of dynamic shared memory.
+# nvcc, qtip-hyb-2 M=1 28672x8192 default config with LANE_COPY_BY_MIN: K loop 209 -> 180 instructions at
+# 40 registers (timed: SIGNED_LUT_BITS below)
+FRAGMENT_SIGNED_LUT = (4,)
+# the lut_shared whose copies are over the 48 KiB a launch gets: in dynamic shared memory, opted in
+FRAGMENT_DYNAMIC_LUT = (3, 4)
 # lut_shared=2's 16 copies in dynamic shared memory, as lut_shared=3's 32 are: TVM then lays the K warps'
 # partial sums over the copies, which are dead after the K loop (a __syncthreads between), so a block
 # takes max(32 KiB, partials) instead of their sum: qtip-hyb-2's M=16 default (4 tiles, 4 K warps)
@@ -141,7 +151,19 @@ def partials_over_copies(cfg: MmaConfig) -> bool:
     """Whether the fragment kernel's K-warp partials share dynamic shared memory with its table copies
     (FRAGMENT_PARTIALS_IN_TABLE and a lut_shared with copies): the copies' scope and the shared-memory
     check both follow it."""
-    return FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES
+    return cfg.lut_shared in FRAGMENT_DYNAMIC_LUT or (FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES)
+
+
+def fragment_table_bytes(cfg: MmaConfig) -> Tuple[int, int]:
+    """Shared memory of the fragment kernel's HYB tables under ``cfg.lut_shared``: (the copies, or the
+    single table with 1; for 3 and 4 the single table they are filled from, beside them)."""
+    from ..formats.trellis import Q_BITS
+
+    entries = (2 if cfg.lut_shared in FRAGMENT_SIGNED_LUT else 1) << Q_BITS
+    copies = 4 * entries * FRAGMENT_LUT_COPIES.get(cfg.lut_shared, cfg.lut_shared)
+    return copies, 4 * entries if cfg.lut_shared in FRAGMENT_DYNAMIC_LUT else 0
+
+
 # what a row-packed format's tables take in shared memory with lut_shared=1, at most (E8P's abs table
 # 1 KiB, e8p-3's E81B table beside it): reserved beside the partial tiles
 ROW_TABLE_RESERVE = 4 * 1024
@@ -215,8 +237,8 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
     elif isinstance(cfg.threads, int) and cfg.min_blocks * cfg.threads > MAX_THREADS_PER_SM:
         problems.append(f"min_blocks={cfg.min_blocks} blocks of {cfg.threads} threads exceed the "
                         f"{MAX_THREADS_PER_SM} threads an SM holds")
-    if cfg.lut_shared not in ((0, 1, 2, 3) if fragment else (0, 1)):
-        problems.append("lut_shared must be 0, 1, 2 or 3" if fragment else "lut_shared must be 0 or 1")
+    if cfg.lut_shared not in ((0, 1, 2, 3, 4) if fragment else (0, 1)):
+        problems.append("lut_shared must be 0..4" if fragment else "lut_shared must be 0 or 1")
     if problems:
         raise ValueError(f"bad MmaConfig {cfg.as_dict()}: {'; '.join(problems)}")
     span = span_of(cfg, unit)
@@ -245,13 +267,11 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
         limit = SHARED_BYTES
         partials = partial_bytes(cfg, m)
         if fragment:
-            from ..formats.trellis import Q_BITS
-
-            table = (4 << Q_BITS) * FRAGMENT_LUT_COPIES.get(cfg.lut_shared, cfg.lut_shared)
+            copies, single = fragment_table_bytes(cfg)
+            table = copies + single
             if partials_over_copies(cfg):
-                partials = max(0, partials - table)  # (what the partials need past the copies)
-            if cfg.lut_shared == 3:  # (and the single table the copies are filled from)
-                table += 4 << Q_BITS
+                partials = max(0, partials - copies)  # (what the partials need past the copies)
+            if cfg.lut_shared in FRAGMENT_DYNAMIC_LUT:
                 limit = SHARED_BYTES_OPT_IN
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
         if cfg.stages > 1:
@@ -978,6 +998,23 @@ def default_mma_config(n: int, k: int, m: int, unit: int, decode_stages: int = 1
 PIPELINE_MIN_M = 5
 PIPELINE_BITS = 4
 PIPELINE_MIN_WEIGHTS = 1 << 27
+# The sign-folded table copies (lut_shared=4) for QTIP HYB's 3- and 4-bit codes at M=1: a candidate of
+# the tuner's space (qcompile.tune.space), not yet the default, since the shipped records of those
+# buckets were tuned against lut_shared=2 and a new default turns them off until re-tuned on the GPU
+# (tests/test_records.py). H100, one process (artifacts/bench/mma-sweep-qtip-hyb-switches-h100.json),
+# the default config otherwise (2 tiles, 16 K warps): qtip-hyb-3 28672x8192 59.5 -> 56.7 us, 8192x28672
+# 57.5 -> 52.1; qtip-hyb-4 60.0 -> 56.6, 55.0 -> 51.3. Not for HYB-2, whose min-form copy index
+# (formats.trellis.LANE_COPY_BY_MIN) on lut_shared=2 was as fast (50.7 / 46.7 us against 51.4 / 47.1
+# with both), nor at M=16 (qtip-hyb-2, 4 tiles x 4 K warps: 28672x8192 88.5 -> 117.5 us; 8192x28672
+# 105.0 us on its default, 183.5 with lut_shared=4)
+SIGNED_LUT_BITS = (3, 4)
+SIGNED_LUT_MAX_M = 1
+
+
+def signed_lut_candidate(fmt, m: int) -> bool:
+    """Whether the tuner's space of ``fmt`` at batch ``m`` includes lut_shared=4 (SIGNED_LUT_*)."""
+    return (getattr(fmt, "fragment_native", False) and getattr(fmt, "code", None) == "hyb"
+            and fmt.K in SIGNED_LUT_BITS and m <= SIGNED_LUT_MAX_M)
 
 
 def format_default_mma_config(fmt, n: int, k: int, m: int) -> MmaConfig:

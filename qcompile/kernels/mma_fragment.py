@@ -34,7 +34,7 @@ epilogue, one mma.sync per step, tile and token tile) is the generic rule's
 from __future__ import annotations
 
 from ..formats.base import tir_word_half
-from .mma import (FRAGMENT_LUT_COPIES, MMA_M, NATURAL_ROWS, NATURAL_ROWS_PACKED_A, STAGED_BITS, MmaConfig,
+from .mma import (FRAGMENT_DYNAMIC_LUT, FRAGMENT_LUT_COPIES, FRAGMENT_SIGNED_LUT, MMA_M, NATURAL_ROWS, NATURAL_ROWS_PACKED_A, STAGED_BITS, MmaConfig,
                   _loops_below, check_mma_config, format_default_mma_config, fill_per_block, fragment_products,
                   k_blocks, partials_over_copies, schedule_mma_rows, span_of, streamed_bits, x_fragments)
 from .schedules import _get_sblock, vectorize_copy
@@ -55,14 +55,15 @@ def natural_column(kb, s, hi, t, lo, span):
 
 
 def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0, lane_copies: int = 0,
-                      packed_a: bool = False):
+                      packed_a: bool = False, signed_table: bool = False):
     """PrimFunc main(X fp16[m, k], *packed tensors, Y fp16[m, n]) of a fragment-native format:
     acc[a, i] = sum over K blocks kb, steps s, fragment columns c of X_frag[a, kb, s, c] *
     W_frag[i, kb, s, c], W_frag[i, kb, s, (hi, t, lo)] = A register 4hi + 2h + lo of lane
     4 * (i % 8) + t of tile (i // 16, kb * span / 4 + s), h = i % 16 // 8 (``tir_fragment_decode``),
     i.e. the weight at row i, column ``natural_column``. ``blocks``: K blocks of the loop (0: those of
     K); past K's, X_frag is zero and W_frag repeats K's last block (as ``mma.mma_func``).
-    ``lane_copies``: copies of the format's lane table stage (W_table_lanes; 0: its default)."""
+    ``lane_copies``: copies of the format's lane table stage (W_table_lanes; 0: its default);
+    ``signed_table``: the format's sign-folded tables (``Format.tir_tables(signed=True)``)."""
     import tvm
     from tvm import te
 
@@ -74,7 +75,7 @@ def fragment_mma_func(fmt, n: int, k: int, m: int, span: int, blocks: int = 0, l
     if span % 8:
         raise ValueError(f"span {span} must be a multiple of 8 (K blocks of whole 32-column super-tiles)")
     X, XF, clamp, frag = x_fragments(m, k, span, blocks, lambda kb, *c: natural_column(kb, *c, span))
-    params, bufs = fragment_stages(fmt, n, k, lane_copies)
+    params, bufs = fragment_stages(fmt, n, k, lane_copies, signed_table)
     steps = frag[1]
 
     def w_value(tile, h, g, kb, s, hi, t, lo):  # weight row 16 * tile + 8h + g = A row g + 8h
@@ -154,7 +155,7 @@ class _FragmentDecode:
 def _place_tables(sch, bn, cfg: MmaConfig) -> None:
     """The format's derived tables (Format.tir_tables: W_table, its lane copies W_table_lanes):
     lut_shared 2: the lane copies (16) in shared memory, 3: the lane copies (32, 64 KiB) in dynamic
-    shared memory, 1: the single table, 0: both inlined (the table words read from the format's
+    shared memory, 4: the 16 copies of the sign-folded table (64 KiB) there, 1: the single table, 0: both inlined (the table words read from the format's
     tensors in global memory). Filled once per thread block by all its threads."""
     lanes, single = _get_sblock(sch, "W_table_lanes"), _get_sblock(sch, "W_table")
     if lanes is None and single is None:
@@ -169,7 +170,7 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
         # 32 copies: the copies are filled from the single table in shared memory (a broadcast read
         # a word), itself filled first (two words a thread): filled from global memory directly, a
         # thread's 64 words were 128 16-bit loads that nvcc kept in flight at once (70 registers, not 40)
-        staged_single = single is not None and cfg.lut_shared == 3
+        staged_single = single is not None and cfg.lut_shared in FRAGMENT_DYNAMIC_LUT
         if single is not None and not staged_single:
             sch.compute_inline(single)
         keep = lanes
@@ -182,7 +183,7 @@ def _place_tables(sch, bn, cfg: MmaConfig) -> None:
         fill_per_block(sch, single, bn, cfg)
         sch.set_scope(single, 0, "shared")
     # (dynamic shared memory: TVM lays the split-K partials over the copies after the K loop)
-    dynamic = cfg.lut_shared == 3 or (lanes is not None and partials_over_copies(cfg))
+    dynamic = cfg.lut_shared in FRAGMENT_DYNAMIC_LUT or (lanes is not None and partials_over_copies(cfg))
     sch.set_scope(keep, 0, "shared.dyn" if dynamic else "shared")
 
 
@@ -210,5 +211,6 @@ def fragment_mma_scheduled_func(fmt, n: int, k: int, m: int, cfg: MmaConfig = No
     bits = streamed_bits(fmt, n, k)
     check_mma_config(cfg, n, k, m, unit, fragment=True, staged_bits=bits)
     func = fragment_mma_func(fmt, n, k, m, span_of(cfg, unit), k_blocks(cfg, k, unit),
-                             FRAGMENT_LUT_COPIES.get(cfg.lut_shared, 0), packed_a)
+                             FRAGMENT_LUT_COPIES.get(cfg.lut_shared, 0), packed_a,
+                             cfg.lut_shared in FRAGMENT_SIGNED_LUT)
     return schedule_fragment_mma_cuda(func, cfg, unit, bits, packed_a)["main"]

@@ -37,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import QCompileError
 from ..formats import get as get_format
-from ..kernels.mma import MMA_MAX_M
+from ..kernels.mma import MMA_MAX_M, signed_lut_candidate
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, TC_FAMILY, KernelSpec, default_gemv_config,
                                family_options, kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
@@ -363,12 +363,15 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
     """The spec's mma.sync space in a deterministic order: the default config (``format_default_mma_config``)
     first, then every config of MMA_KNOB_VALUES with MMA_MIN_WARPS..MMA_MAX_WARPS warps per block and
     at most MMA_MAX_SPAN columns per lane that passes ``check_mma_config``, by distance from the
-    default; at most MAX_MMA_CANDIDATES."""
+    default; at most MAX_MMA_CANDIDATES. lut_shared stays the default's, but for QTIP HYB-3/4 at M=1
+    also 4 (the sign-folded table copies: ``mma.signed_lut_candidate``)."""
     unit = fmt.decode_unit
     default = _default_mma(spec, fmt)
     bits = streamed_bits(fmt, spec.n, spec.k)
     names = knob_names(MMA_FAMILY)
     axes: List[Sequence[int]] = [MMA_KNOB_VALUES.get(name, (getattr(default, name),)) for name in names]
+    if signed_lut_candidate(fmt, spec.m) and default.lut_shared == 2:  # (HYB-3/4 at M=1: mma.SIGNED_LUT_*)
+        axes[names.index("lut_shared")] = (2, 4)
     space = []
     for values in itertools.product(*axes):
         cfg = MmaConfig(**dict(zip(names, values)))

@@ -62,7 +62,7 @@ CONFIGS = [
 CONFIG_MS = (3, 16)
 
 
-# the fragment-native kernel (QTIP HYB): the four table placements (lut_shared=3: 32 copies in 64 KiB
+# the fragment-native kernel (QTIP HYB): the five table placements (lut_shared=3: 32 copies in 64 KiB
 # of dynamic shared memory, which the split-K partials reuse after the K loop), one unit a lane,
 # unrolled K loops, two warps along N, four tiles a warp
 FRAGMENT_CONFIGS = [
@@ -72,6 +72,9 @@ FRAGMENT_CONFIGS = [
     MmaConfig(units=4, tiles=2, warps_n=1, warps_k=4, unroll=2, lut_shared=2),
     MmaConfig(units=1, tiles=2, warps_n=1, warps_k=8, unroll=2, lut_shared=3),
     MmaConfig(units=2, tiles=4, warps_n=2, warps_k=4, lut_shared=3),
+    # lut_shared=4: 16 copies of the sign-folded 1024-entry table (64 KiB, dynamic, under the partials)
+    MmaConfig(units=1, tiles=2, warps_n=1, warps_k=16, lut_shared=4),
+    MmaConfig(units=1, tiles=4, warps_n=1, warps_k=4, lut_shared=4),
     # the cp.async pipeline of the trellis words (CONFIGS' stages=2 config: beside the single table),
     # with the table in global memory and beside the lane copies
     MmaConfig(units=2, tiles=2, warps_n=1, warps_k=4, lut_shared=0, stages=2),
