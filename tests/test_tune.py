@@ -24,7 +24,7 @@ from qcompile.kernels.tensorcore import TensorCoreConfig, check_tc_config, defau
 from qcompile.kernels.target import parse_target
 from qcompile.tune import driver, space
 from qcompile.tune.driver import CandidateError, tune
-from qcompile.tune.records import (SCHEMA, RecordsError, records_json, TuningEntry, TuningRecords, TuningRecordsWarning,
+from qcompile.tune.records import (SCHEMA, RecordsError, named_candidates, positional_key, records_json, TuningEntry, TuningRecords, TuningRecordsWarning,
                                    current_versions, records_gpu)
 
 FORMAT = "int4-g128"
@@ -176,10 +176,37 @@ def test_records_round_trip_readable_and_atomic(tmp_path):
     (stored,) = doc["entries"]
     assert stored["best"] == {"config": BEST.as_dict(), "us": 9.25}
     assert stored["default"] == {"config": space.default_config(spec).as_dict(), "us": 12.5}
-    assert stored["failed"] == {"rows=8,threads_k=64,chunks=1,unroll=1,row_tile=1,lut_shared=1,lut_lanes=0": "compile: boom line 2"}
+    # candidates keyed by their knob values in the order of "knobs" (schema 2)
+    assert stored["knobs"] == "rows,threads_k,chunks,unroll,row_tile,lut_shared,lut_lanes"
+    assert stored["failed"] == {"8,64,1,1,1,1,0": "compile: boom line 2"}
+    assert named_candidates(stored, "failed") == {
+        "rows=8,threads_k=64,chunks=1,unroll=1,row_tile=1,lut_shared=1,lut_lanes=0": "compile: boom line 2"}
     back = records.entry(spec, GPU)
     assert back == entry and back.best() == (BEST, 9.25) and back.default_us == 12.5
     assert records.config_for(spec, GPU) == BEST
+
+
+def test_schema_1_records_with_named_keys_still_read_and_are_rewritten_as_schema_2(tmp_path):
+    """Files of schema 1 (candidates keyed name=value,..., no "knobs": what shipped before) read as
+    the same entries; the next save writes the file in schema 2, every candidate kept."""
+    from qcompile.tune.records import SCHEMA_NAMED_KEYS
+
+    spec = KernelSpec(FORMAT, N, K, 1)
+    entry = make_entry(spec, times={space.default_config(spec): 12.5, BEST: 9.25})
+    entry.add_failure(GemvConfig(rows=8, threads_k=64, chunks=1, unroll=1, row_tile=1), "compile: boom")
+    stored = entry.to_json()
+    old = {**{k: v for k, v in stored.items() if k != "knobs"}, "measured_us": named_candidates(stored),
+           "failed": named_candidates(stored, "failed")}
+    assert "rows=8,threads_k=64,chunks=1,unroll=1,row_tile=1,lut_shared=1,lut_lanes=0" in old["failed"]
+    path = tmp_path / GPU / f"{FORMAT}.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({"schema": SCHEMA_NAMED_KEYS, "gpu": GPU, "format": FORMAT, "entries": [old]}))
+    records = TuningRecords(tmp_path, warn=pytest.fail)
+    assert records.entry(spec, GPU) == entry and records.config_for(spec, GPU) == BEST
+    records.save(make_entry(KernelSpec(FORMAT, 2 * N, K, 1), times={BEST: 8.0}))
+    doc = json.loads(path.read_text())
+    assert doc["schema"] == SCHEMA and all("knobs" in e for e in doc["entries"])
+    assert TuningRecords(tmp_path).entry(spec, GPU) == entry
 
 
 def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
@@ -310,7 +337,11 @@ CORRUPTIONS = {
     "edited best": (_corrupt(lambda d: d["entries"][0]["best"]["config"].update(rows=1)), "not the fastest"),
     "best does not tile": (_corrupt(lambda d: d["entries"][0].update(
         best={"config": dict(BEST.as_dict(), rows=3), "us": 9.0},
-        measured_us={"rows=3,threads_k=32,chunks=1,unroll=1,row_tile=2,lut_shared=1": 9.0})), "does not fit"),
+        measured_us={"3,32,1,1,2,1,0": 9.0})), "does not fit"),
+    "candidate of too few values": (_corrupt(lambda d: d["entries"][0]["measured_us"].update({"4,32,1": 9.0})),
+                                    "has 3 values for 7 knobs"),
+    "unknown knob in knobs": (_corrupt(lambda d: d["entries"][0].update(knobs="rows,threads_k,chunks,unroll,row_tile,"
+                                                                         "lut_shared,tiles")), "unknown GEMV knob(s) tiles"),
     "entries missing": (_corrupt(lambda d: d.pop("entries")), "entries must be a list"),
 }
 
@@ -697,8 +728,8 @@ def test_records_round_trip_with_a_tc_entry(tmp_path):
     assert stored[1]["kernel"] == "gemv" and stored[16]["kernel"] == "tensorcore"
     assert stored[16]["best"] == {"config": TC_BEST.as_dict(), "us": 6.25}
     assert stored[16]["default"] == {"config": default16.as_dict(), "us": 7.5}
-    assert set(stored[16]["measured_us"]) == {space.config_key(default16), space.config_key(TC_BEST)}
-    assert list(stored[16]["failed"]) == ["m_tile=16,n_tile=256,k_tile=32,warps_m=1,warps_n=4,warps_k=2,vec=8,"
+    assert set(named_candidates(stored[16])) == {space.config_key(default16), space.config_key(TC_BEST)}
+    assert list(named_candidates(stored[16], "failed")) == ["m_tile=16,n_tile=256,k_tile=32,warps_m=1,warps_n=4,warps_k=2,vec=8,"
                                           "units=1,stages=1"]
     back = TuningRecords(tmp_path)
     assert back.entry(TC_SPEC, GPU) == tc and back.entry(spec1, GPU) == gemv
@@ -765,7 +796,7 @@ TC_CORRUPTIONS = {
     # knobs that fail check_tc_config for the entry's shape (n_tile 48 is no multiple of 16 x warps_n)
     "best does not fit": (lambda e: e.update(
         best={"config": dict(TC_BEST.as_dict(), n_tile=48), "us": 5.0},
-        measured_us=dict(e["measured_us"], **{space.config_key(replace(TC_BEST, n_tile=48)): 5.0})),
+        measured_us=dict(e["measured_us"], **{positional_key(space.config_key(replace(TC_BEST, n_tile=48)), "tensorcore"): 5.0})),
         "does not fit the shape"),
     "default does not fit": (lambda e: e["default"].update(config=dict(TC_BEST.as_dict(), k_tile=1024), us=None),
                              "k_tile 1024 does not divide K=512"),
@@ -946,7 +977,7 @@ def test_records_round_trip_with_an_mma_entry_and_build_applies_it(tmp_path):
     # (blocks_k and min_blocks, knobs added after records shipped, are written only off their defaults)
     written = {name: v for name, v in MMA_BEST.as_dict().items() if name not in ("blocks_k", "min_blocks")}
     assert stored[16]["kernel"] == "mma" and stored[16]["best"] == {"config": written, "us": 6.0}
-    assert list(stored[16]["failed"]) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1,stages=1,stage_pad=0"]
+    assert list(named_candidates(stored[16], "failed")) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1,stages=1,stage_pad=0"]
     back = TuningRecords(tmp_path)
     assert back.entry(MMA_SPEC, GPU) == mma and back.config_for(MMA_SPEC, GPU) == MMA_BEST
     for other in (KernelSpec(FORMAT, TC_N, TC_K, 8), KernelSpec("e8p-2", TC_N, TC_K, 16),

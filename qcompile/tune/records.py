@@ -3,16 +3,19 @@
 One JSON file per GPU and format, ``<records dir>/<gpu>/<format>.json`` (e.g.
 ``schedules/h100/int4-g128.json``), pretty-printed with sorted keys::
 
-    {"schema": "qcompile-tuning-records/1", "gpu": "h100", "format": "int4-g128",
+    {"schema": "qcompile-tuning-records/2", "gpu": "h100", "format": "int4-g128",
      "entries": [{"n": 4096, "k": 4096, "m": 1, "kernel": "gemv",
                   "qcompile_version": "0.1.0", "tvm_version": "0.27.0.post1",
                   "best":    {"config": {"rows": 4, ...}, "us": 11.9},
                   "default": {"config": {"rows": 4, ...}, "us": 12.3},
-                  "measured_us": {"rows=4,threads_k=64,chunks=2,unroll=2,row_tile=1": 12.3, ...},
-                  "failed": {"rows=8,threads_k=64,...": "compile: ValueError: ..."}}, ...]}
+                  "knobs": "rows,threads_k,chunks,unroll,row_tile,lut_shared,lut_lanes",
+                  "measured_us": {"4,64,2,2,1,1,0": 12.3, ...},
+                  "failed": {"8,64,1,1,1,1,0": "compile: ValueError: ..."}}, ...]}
 
 ``measured_us`` and ``failed`` hold every candidate ever tried for the entry, so a resumed tuning
-run never measures one twice; ``best`` (the fastest of ``measured_us``) and ``default`` (the config
+run never measures one twice; each candidate is keyed by its knob values in the order of ``knobs``
+(schema 1, still read, keyed them ``name=value,...`` as ``space.config_key`` does: the names were
+half of the shipped files, which travel to the GPU machine within a size limit); ``best`` (the fastest of ``measured_us``) and ``default`` (the config
 ``qcompile build`` uses without a record, and its time when measured) are summaries, checked
 against ``measured_us`` on load.
 
@@ -57,9 +60,10 @@ from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, KernelConfig
                                kernel_family, mma_max_m)
 from ..kernels.mma import MMA_MAX_M
 from .space import (CONFIG_CLASS, FAMILIES, TITLE, config_from_dict, config_from_key, config_key, config_values,
-                    family_of, fit_error)
+                    family_of, fit_error, knob_names)
 
-SCHEMA = "qcompile-tuning-records/1"
+SCHEMA = "qcompile-tuning-records/2"
+SCHEMA_NAMED_KEYS = "qcompile-tuning-records/1"  # read too: candidates keyed name=value,... (no "knobs")
 RECORDS_ENV = "QCOMPILE_SCHEDULES"  # overrides the default records directory
 GPU_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 PathLike = Union[str, Path]
@@ -201,21 +205,41 @@ class TuningEntry:
             "qcompile_version": self.qcompile_version, "tvm_version": self.tvm_version,
             "best": None if best is None else {"config": config_values(best[0]), "us": _round_us(best[1])},
             "default": {"config": config_values(self.default), "us": _round_us(self.default_us)},
-            "measured_us": {key: _round_us(us) for key, us in self.measured_us.items()},
-            "failed": dict(self.failed),
+            "knobs": ",".join(knob_names(self.kernel)),
+            "measured_us": {positional_key(key, self.kernel): _round_us(us) for key, us in self.measured_us.items()},
+            "failed": {positional_key(key, self.kernel): error for key, error in self.failed.items()},
         }
+
+
+def positional_key(key: str, family: str) -> str:
+    """A candidate's key as records store it: its knob values in ``knob_names(family)`` order, e.g.
+    ``4,64,2,2,1,1,0`` for the GEMV config ``space.config_key`` writes ``rows=4,threads_k=64,...``."""
+    cfg = config_from_key(key, family)
+    return ",".join(str(getattr(cfg, name)) for name in knob_names(family))
+
+
+def named_candidates(obj: dict, what: str = "measured_us") -> dict:
+    """A stored entry's (JSON form) ``measured_us`` or ``failed`` keyed by ``space.config_key``."""
+    knobs = obj["knobs"].split(",")
+    return {config_key(config_from_key(",".join(f"{n}={v}" for n, v in zip(knobs, key.split(","))), obj["kernel"])): value
+            for key, value in obj[what].items()}
 
 
 def _round_us(us: Optional[float]) -> Optional[float]:
     return None if us is None else round(float(us), 4)
 
 
-def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional[int]) -> TuningEntry:
-    """One entry from its JSON form; ValueError (one line, says which entry) on any violation."""
+def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional[int],
+                     positional: bool = True) -> TuningEntry:
+    """One entry from its JSON form; ValueError (one line, says which entry) on any violation.
+    ``positional``: candidates keyed by knob values in the order of the entry's "knobs" (schema 2),
+    else by ``name=value,...`` (schema 1)."""
     where = f"entry {index}"
     if not isinstance(obj, dict):
         raise ValueError(f"{where} is not an object")
     required = {"n", "k", "m", "qcompile_version", "tvm_version", "best", "default", "measured_us", "failed"}
+    if positional:
+        required.add("knobs")
     missing = sorted(required - set(obj))
     if missing:
         raise ValueError(f"{where} lacks {', '.join(missing)}")
@@ -251,8 +275,23 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
                 raise ValueError(f"{where}: {what} {config_key(cfg)} does not fit the shape ({problem})")
         return cfg
 
+    knobs: List[str] = []
+    if positional:
+        if not isinstance(obj["knobs"], str) or not obj["knobs"]:
+            raise ValueError(f"{where}: knobs must be a non-empty string of knob names")
+        knobs = obj["knobs"].split(",")
+        unknown = sorted(set(knobs) - set(knob_names(kernel)))
+        if unknown or len(set(knobs)) != len(knobs):
+            raise ValueError(f"{where}: knobs {obj['knobs']!r}: " + (
+                f"unknown {TITLE[kernel]} knob(s) {', '.join(unknown)}" if unknown else "a knob named twice"))
+
     def canonical(key, what) -> str:
         try:
+            if positional:
+                values = str(key).split(",")
+                if len(values) != len(knobs):
+                    raise ValueError(f"candidate {key!r} has {len(values)} values for {len(knobs)} knobs")
+                key = ",".join(f"{name}={value}" for name, value in zip(knobs, values))
             return config_key(config_from_key(key, kernel))
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
@@ -348,7 +387,7 @@ def read_records_file(path: PathLike, gpu: str, format_name: str) -> Dict[EntryK
     def bad(problem: str) -> RecordsError:
         return RecordsError(f"tuning records {path}: {problem}; {remedy}")
 
-    if doc.get("schema") != SCHEMA:
+    if doc.get("schema") not in (SCHEMA, SCHEMA_NAMED_KEYS):
         raise bad(f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
     if doc.get("gpu") != gpu or doc.get("format") != format_name:
         raise bad(f"holds records for gpu {doc.get('gpu')!r} format {doc.get('format')!r}, "
@@ -362,7 +401,7 @@ def read_records_file(path: PathLike, gpu: str, format_name: str) -> Dict[EntryK
     entries: Dict[EntryKey, TuningEntry] = {}
     for index, obj in enumerate(doc["entries"]):
         try:
-            entry = _entry_from_json(obj, index, gpu, format_name, unit)
+            entry = _entry_from_json(obj, index, gpu, format_name, unit, doc["schema"] == SCHEMA)
         except ValueError as err:
             raise bad(str(err)) from None
         if entry.key in entries:
