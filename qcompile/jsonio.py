@@ -34,6 +34,9 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # (mkstemp's 0600: the file gets the mode open() would give it)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,11 +48,27 @@ def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
         raise
 
 
+ROW_FLOAT_DIGITS = 6  # significant digits of a float in a benchmark record (timings vary far more)
+
+
+def _short_floats(value):
+    """``value`` with every float rounded to ROW_FLOAT_DIGITS significant digits (NaN/inf kept, for
+    the dump to refuse)."""
+    if isinstance(value, float):
+        return float(f"{value:.{ROW_FLOAT_DIGITS}g}")
+    if isinstance(value, dict):
+        return {k: _short_floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_short_floats(v) for v in value]
+    return value
+
+
 def rows_json(doc) -> str:
     """JSON text of a benchmark record (a list of row objects, or an object some of whose values are
-    such lists) with one row a line: readable, and about a fifth smaller than indented JSON (the
-    repository travels to the GPU machine within a size limit). Raises ValueError for NaN/inf."""
-    dump = lambda v: json.dumps(v, separators=(",", ":"), allow_nan=False)  # noqa: E731
+    such lists) with one row a line and floats to ROW_FLOAT_DIGITS significant digits: readable, and
+    about a third the size of indented full-precision JSON (the repository travels to the GPU machine
+    within a size limit). Raises ValueError for NaN/inf."""
+    dump = lambda v: json.dumps(_short_floats(v), separators=(",", ":"), allow_nan=False)  # noqa: E731
 
     def rows(values) -> str:
         return "[\n" + ",\n".join(dump(r) for r in values) + "\n]"

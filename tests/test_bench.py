@@ -277,5 +277,8 @@ def test_bench_records_are_written_one_row_a_line(tmp_path):
     assert json.loads(text) == doc
     assert '\n{"N":1,"us":2.5},\n{"N":2,"us":null}\n' in text
     assert json.loads(rows_json([{"x": 1}])) == [{"x": 1}] and rows_json([{"x": 1}]).count("\n") == 3
+    # floats to 6 significant digits, ints and strings as they are
+    assert json.loads(rows_json([{"us": 54.27839756011963, "err": 0.00020430282751957962, "n": 28672, "f": "a"}])) \
+        == [{"us": 54.2784, "err": 0.000204303, "n": 28672, "f": "a"}]
     with pytest.raises(ValueError):
         rows_json([{"x": math.nan}])
