@@ -282,3 +282,25 @@ def test_bench_records_are_written_one_row_a_line(tmp_path):
         == [{"us": 54.2784, "err": 0.000204303, "n": 28672, "f": "a"}]
     with pytest.raises(ValueError):
         rows_json([{"x": math.nan}])
+
+
+def test_profile_one_builds_the_kernel_it_names_and_refuses_bad_input_in_one_line(capsys):
+    """qcompile.bench.profile_one --compile-only: the library default and an mma config with a switch
+    build to CUDA (no GPU); a bad config field, shape list, switch or --config on the library kernel is
+    one line on stderr and exit status 2."""
+    from qcompile.bench import profile_one
+
+    assert profile_one.main(["--format", "qtip-hyb-2", "--shape", "256x1024", "--compile-only"]) == 0
+    assert profile_one.main(["--format", "qtip-hyb-3", "--shape", "256x1024", "--family", "mma",
+                             "--config", "lut_shared=4", "--flag", "lane-copy-min", "--compile-only"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("qtip-hyb-2 N=256 K=1024 M=1 library default: ") and out[0].endswith(" bytes of CUDA")
+    assert "mma units=1" in out[1] and "lut_shared=4" in out[1]
+    base = ["--format", "qtip-hyb-2", "--compile-only"]
+    for argv, problem in ((["--shape", "256x1024", "--family", "mma", "--config", "bogus=1"], "not FIELD=INT"),
+                          (["--shape", "256x1024,512x1024"], "2 shapes"),
+                          (["--shape", "256x1024", "--flag", "nope"], "unknown switch"),
+                          (["--shape", "256x1024", "--config", "tiles=2"], "needs --family mma")):
+        assert profile_one.main(base + argv) == 2, argv
+        err = capsys.readouterr().err
+        assert problem in err and err.count("\n") == 1, (argv, err)

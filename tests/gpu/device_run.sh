@@ -7,6 +7,9 @@
 #        JOB = formats:shapes (e.g. qtip-hyb-2:llama-2-13b); tunes into a copy of schedules/ until LIMIT_S
 #        seconds have passed and writes it to $OUT/sched.tgz (here: qcompile tune --merge DIR)
 #   bash tests/gpu/device_run.sh sweep NAME TC_SWEEP ARGS...   tc_sweep rows to $OUT/NAME.json
+#   bash tests/gpu/device_run.sh profile NAME PROFILE_ONE ARGS...   Nsight Compute's report of one kernel
+#        (python3 -m qcompile.bench.profile_one: e.g. --format qtip-hyb-2 --shape 28672x8192 --m 1) as
+#        text to $OUT/NAME.txt: speed of light, pipes, warp stalls, shared-memory bank conflicts
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/qc-out}
@@ -31,6 +34,15 @@ case "${1:-}" in
   sweep)
     name=$2; shift 2
     python3 -m qcompile.bench.tc_sweep "$@" --out "$out/$name.json" ;;
+  profile)
+    name=$2; shift 2
+    # (clocks left alone, as the device notes ask; the third launch, caches warm)
+    ncu --clock-control none -k regex:main_kernel --launch-skip 2 --launch-count 1 \
+      --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+      --section WarpStateStats --section InstructionStats --section Occupancy --section SchedulerStats \
+      --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_pipe_alu.sum,smsp__inst_executed_pipe_fma.sum,smsp__inst_executed_pipe_lsu.sum \
+      python3 -m qcompile.bench.profile_one "$@" > "$out/$name.txt" 2>&1
+    tail -60 "$out/$name.txt" ;;
   *)
-    sed -n 2,7p "$0"; exit 2 ;;
+    sed -n 2,12p "$0"; exit 2 ;;
 esac
