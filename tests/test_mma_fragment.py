@@ -151,6 +151,9 @@ def test_tc_sweep_flags_check_and_build_with_the_switches_on_and_restore_them():
         with tc_sweep.flags_on(["lane-copy-min"]):
             raise RuntimeError("boom")
     assert trellis.LANE_COPY_BY_MIN == (2,)
+    with tc_sweep.flags_on(["half-a"]):  # (a flag may also turn a switch off)
+        assert mma_fragment.PACKED_A is False
+    assert mma_fragment.PACKED_A is True
     assert tc_sweep.main(["--family", "mma", "--format", "qtip-hyb-2", "--flag", "lane-copy-min+nope"]) == 2
 
 

@@ -22,25 +22,27 @@ from dataclasses import replace
 from typing import List, Optional, Sequence
 
 REL_ERR_MAX = 1e-2
-PACKED = "packed-a"  # a candidate's "intrin" field: the fragment kernel with 32-bit A registers
-# --flag NAME: kernel switches that are off until timed, by name -> (module, attribute)
-FLAGS = {"lane-copy-min": ("qcompile.formats.trellis", "LANE_COPY_BY_MIN"),
-         "partials-in-table": ("qcompile.kernels.mma", "FRAGMENT_PARTIALS_IN_TABLE")}
+# --flag NAME: kernel switches to time against the kernel as built today, by name -> (module, attribute,
+# the value the flag sets): lane-copy-min for every HYB code (on for HYB-2 by default), partials-in-table
+# (off), half-a: the fragment kernel's A registers as fp16 halves, as before packed registers (bebb84e)
+FLAGS = {"lane-copy-min": ("qcompile.formats.trellis", "LANE_COPY_BY_MIN", True),
+         "partials-in-table": ("qcompile.kernels.mma", "FRAGMENT_PARTIALS_IN_TABLE", True),
+         "half-a": ("qcompile.kernels.mma_fragment", "PACKED_A", False)}
 
 
 @contextlib.contextmanager
 def flags_on(names):
-    """The FLAGS ``names`` set True while the block runs (the modules read them as they build kernels
-    and check configs), then restored."""
+    """The FLAGS ``names`` set to their values while the block runs (the modules read them as they build
+    kernels and check configs), then restored."""
     import importlib
 
     saved = []
     try:
         for name in names:
-            module, attr = FLAGS[name]
+            module, attr, value = FLAGS[name]
             mod = importlib.import_module(module)
             saved.append((mod, attr, getattr(mod, attr)))
-            setattr(mod, attr, True)
+            setattr(mod, attr, value)
         yield
     finally:
         for mod, attr, value in reversed(saved):
@@ -67,14 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-variants", action="store_true", help="time only the default and --config configs")
     ap.add_argument("--plain-decode", action="store_true",
                     help="also time the default config with the plain TIR decode instead of the format's intrinsic")
-    ap.add_argument("--packed-a", action="store_true",
-                    help="fragment-native formats (QTIP HYB): also time every config with the A fragments as "
-                         "32-bit registers, labelled -packed (mma_fragment.PACKED_A, the default since bebb84e: "
-                         "with it on, both rows are the packed kernel)")
     ap.add_argument("--flag", action="append", default=[], metavar="NAME[+NAME]",
-                    help="also time every config with these switches on together (configs checked and built "
+                    help="also time every config with these switches set together (configs checked and built "
                          "with them), labelled -NAME[+NAME]; repeatable. lane-copy-min: "
-                         "formats.trellis.LANE_COPY_BY_MIN; partials-in-table: kernels.mma.FRAGMENT_PARTIALS_IN_TABLE")
+                         "formats.trellis.LANE_COPY_BY_MIN for every code; partials-in-table: "
+                         "kernels.mma.FRAGMENT_PARTIALS_IN_TABLE; half-a: the fragment kernel's A registers as fp16 "
+                         "halves (mma_fragment.PACKED_A off)")
     ap.add_argument("--iters", type=int, default=200, help="timed launches per measurement (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
@@ -182,8 +182,6 @@ def _variant_note(use_intrin) -> str:
     """The log's note of a candidate's "intrin" field: none for the format's intrinsic, else how it was built."""
     if use_intrin in (None, True):
         return ""
-    if use_intrin == PACKED:
-        return " (packed A)"
     if isinstance(use_intrin, tuple):  # ("flags", "a+b")
         return f" ({use_intrin[1]})"
     return " (TIR decode)"
@@ -262,9 +260,6 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                                       args.family)
             except ValueError as err:
                 log(f"warning: N={n} K={k} M={m}: {one_line(err)}")
-            base = [(label, cfg) for label, cfg, _ in kernels if cfg is not None]
-            if args.packed_a and args.family == "mma" and fmt.fragment_native:
-                kernels += [(f"{label}-packed", cfg, PACKED) for label, cfg in base]
             for combo in args.flag:
                 with flags_on(combo.split("+")):
                     try:
@@ -280,8 +275,6 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                 try:
                     if cfg is None:
                         func = scheduled_func(KernelSpec(fmt.name, n, k, m), target)
-                    elif use_intrin == PACKED:  # (family mma: its builder is mma_scheduled_func)
-                        func = family_api(args.family)[3](fmt, n, k, m, cfg, packed_a=True)
                     elif isinstance(use_intrin, tuple):  # ("flags", "a+b"): built with those switches on
                         with flags_on(use_intrin[1].split("+")):
                             func = family_api(args.family)[3](fmt, n, k, m, cfg)
