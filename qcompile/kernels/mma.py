@@ -53,7 +53,9 @@ class MmaConfig:
     (64 KiB of dynamic shared memory, over the 48 KiB a launch gets without opting in: no bank
     conflicts; ``SHARED_BYTES_OPT_IN``). Measured slower than 2 on the H100 (qtip-hyb-2 M=1, 70ea965:
     74.2-115 against 63.4-80.6 us over the same shapes and warps; three 66 KiB blocks fit an SM where
-    seven 32 KiB ones did), so the tuner keeps the default's placement.
+    seven 32 KiB ones did), so the tuner keeps the default's placement. 4 = 16 copies of the
+    sign-folded table (1024 entries, 64 KiB of dynamic shared memory; ``FRAGMENT_SIGNED_LUT``): a
+    tuner candidate for HYB-3/4 at M=1 (``signed_lut_candidate``).
     stages: 1 = each lane loads its packed words from global memory into registers where it decodes
     them; 2 or 3 = a software pipeline: the whole thread block copies the packed words of a K step
     (the warps_k warps take interleaved K blocks, so one step is one contiguous column range) into
@@ -149,8 +151,8 @@ FRAGMENT_PARTIALS_IN_TABLE = False
 
 def partials_over_copies(cfg: MmaConfig) -> bool:
     """Whether the fragment kernel's K-warp partials share dynamic shared memory with its table copies
-    (FRAGMENT_PARTIALS_IN_TABLE and a lut_shared with copies): the copies' scope and the shared-memory
-    check both follow it."""
+    (lut_shared 3 and 4, whose copies are there anyway, and with FRAGMENT_PARTIALS_IN_TABLE also 2): the
+    copies' scope and the shared-memory check both follow it."""
     return cfg.lut_shared in FRAGMENT_DYNAMIC_LUT or (FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES)
 
 
