@@ -2,6 +2,8 @@
 rotation arithmetic, the plot, the names, and the one-line error where there is no GPU."""
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -293,9 +295,13 @@ def test_profile_one_builds_the_kernel_it_names_and_refuses_bad_input_in_one_lin
     assert profile_one.main(["--format", "qtip-hyb-2", "--shape", "256x1024", "--compile-only"]) == 0
     assert profile_one.main(["--format", "qtip-hyb-3", "--shape", "256x1024", "--family", "mma",
                              "--config", "lut_shared=4", "--flag", "lane-copy-min", "--compile-only"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    lines = capsys.readouterr().out.splitlines()
+    out = [line for line in lines if not line.startswith("  ")]  # (indented: ptxas's resources, where nvcc is)
     assert out[0].startswith("qtip-hyb-2 N=256 K=1024 M=1 library default: ") and out[0].endswith(" bytes of CUDA")
     assert "mma units=1" in out[1] and "lut_shared=4" in out[1]
+    if shutil.which("nvcc"):
+        assert any(re.fullmatch(r"  main_kernel: \d+ registers, \d+ bytes static shared memory, 0 bytes spilled", line)
+                   for line in lines), lines
     base = ["--format", "qtip-hyb-2", "--compile-only"]
     for argv, problem in ((["--shape", "256x1024", "--family", "mma", "--config", "bogus=1"], "not FIELD=INT"),
                           (["--shape", "256x1024,512x1024"], "2 shapes"),
@@ -304,3 +310,47 @@ def test_profile_one_builds_the_kernel_it_names_and_refuses_bad_input_in_one_lin
         assert profile_one.main(base + argv) == 2, argv
         err = capsys.readouterr().err
         assert problem in err and err.count("\n") == 1, (argv, err)
+
+
+PTXAS_REPORT = """ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'main_kernel_1' for 'sm_90'
+ptxas info    : Function properties for main_kernel_1
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 12 registers, used 0 barriers, 384 bytes cmem[0]
+ptxas info    : Compiling entry function 'main_kernel' for 'sm_90'
+ptxas info    : Function properties for main_kernel
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Used 63 registers, used 1 barriers, 32768 bytes smem, 400 bytes cmem[0]
+"""
+
+
+def test_ptxas_report_parses_per_kernel():
+    """kernels.resources.parse_ptxas_report: registers, static shared memory, stack and spills (stores +
+    loads) per kernel; a kernel without shared memory has 0."""
+    from qcompile.kernels.resources import KernelResources, parse_ptxas_report
+
+    assert parse_ptxas_report(PTXAS_REPORT) == {"main_kernel_1": KernelResources(12, 0, 0, 0),
+                                                "main_kernel": KernelResources(63, 32768, 8, 8)}
+    assert parse_ptxas_report("no kernels here") == {}
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the resources")
+def test_kernel_resources_of_a_compiled_kernel_and_bad_source_in_one_line():
+    """kernel_resources compiles generated CUDA with nvcc: the HYB-2 M=1 fragment kernel with its 16 lane
+    copies reports 32 KiB of static shared memory and no spills; source nvcc rejects is one line."""
+    import tvm
+
+    from qcompile.errors import QCompileError
+    from qcompile.kernels.library import cuda_source
+    from qcompile.kernels.mma import MmaConfig, mma_scheduled_func
+    from qcompile.kernels.pipeline import compile_module
+    from qcompile.kernels.resources import kernel_resources
+
+    func = mma_scheduled_func("qtip-hyb-2", 256, 1024, 1, MmaConfig(units=1, tiles=2, warps_k=4, lut_shared=2))
+    mod = tvm.IRModule({"k": func.with_attr("global_symbol", "k").with_attr("tirx.is_scheduled", True)})
+    res = kernel_resources(cuda_source(compile_module(mod, tvm.target.Target({"kind": "cuda", "arch": "sm_90"}))))
+    assert set(res) == {"k_kernel"} and res["k_kernel"].shared_bytes == 32768 and res["k_kernel"].spill_bytes == 0
+    assert 16 <= res["k_kernel"].registers <= 255
+    with pytest.raises(QCompileError, match="nvcc could not compile") as info:
+        kernel_resources("this is not CUDA")
+    assert "\n" not in str(info.value)

@@ -89,8 +89,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if args.compile_only:
+        import shutil
+
         source = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
         print(f"{fmt.name} N={n} K={k} M={args.m} {label}: {len(source)} bytes of CUDA")
+        if shutil.which("nvcc"):  # what ptxas gives each kernel
+            from ..kernels.resources import kernel_resources
+
+            try:
+                for name, r in kernel_resources(source, target.arch).items():
+                    print(f"  {name}: {r.registers} registers, {r.shared_bytes} bytes static shared memory, "
+                          f"{r.spill_bytes} bytes spilled")
+            except QCompileError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         return 0
     import torch
 

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "halves (mma_fragment.PACKED_A off)")
     ap.add_argument("--iters", type=int, default=200, help="timed launches per measurement (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
+    ap.add_argument("--resources", action="store_true",
+                    help="also record each kernel's registers, static shared memory and spills (ptxas, via nvcc "
+                         "on this machine: a few seconds a config)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     return ap
@@ -229,8 +232,9 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     import torch
     import tvm
 
-    from ..kernels.library import KernelSpec, scheduled_func
+    from ..kernels.library import KernelSpec, cuda_source, scheduled_func
     from ..kernels.pipeline import compile_module
+    from ..kernels.resources import kernel_resources
     from ..kernels.target import parse_target
     from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method
     from .harness import _Bench, bench_weight, one_line, relative_error
@@ -282,7 +286,11 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                         func = family_api(args.family)[3](fmt, n, k, m, cfg, use_intrin)
                     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")
                                         .with_attr("tirx.is_scheduled", True)})
-                    kernel = compile_module(mod, target.tvm_target())["main"]
+                    lib = compile_module(mod, target.tvm_target())
+                    kernel = lib["main"]
+                    if args.resources:  # (nvcc here: the registers and shared memory ptxas gives each kernel)
+                        row["resources"] = {name: r.as_dict() for name, r in
+                                            kernel_resources(cuda_source(lib), target.arch).items()}
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     kernel(X, *q_weights[0], Y)
                     torch.cuda.synchronize()

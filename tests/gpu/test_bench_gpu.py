@@ -43,3 +43,21 @@ def test_bench_of_several_formats_writes_each_and_a_roofline(tmp_path):
         harness.check_bench_document(doc)
         assert path.name.startswith(doc["format"] + "-") and path.with_suffix(".png").is_file()
         assert all(r["rel_err"] is not None and r["rel_err"] < 1e-2 for r in doc["records"])
+
+
+def test_tc_sweep_times_a_switch_and_records_kernel_resources(tmp_path):
+    """tc_sweep on the GPU: the default mma config of qtip-hyb-2 at M=1 and the same with --flag half-a,
+    both correct, each row with its kernels' registers and static shared memory (--resources)."""
+    from qcompile.bench import tc_sweep
+
+    out = tmp_path / "sweep.json"
+    rc = tc_sweep.main(["--family", "mma", "--format", "qtip-hyb-2", "--m", "1", "--shapes", "256x1024",
+                        "--no-variants", "--flag", "half-a", "--resources", "--iters", "5", "--warmup", "1",
+                        "--out", str(out)])
+    assert rc == 0
+    rows = [r for r in json.loads(out.read_text()) if r["cfg"] is not None]
+    assert [r["kernel"] for r in rows] == ["mma-default", "mma-default-half-a"]
+    for r in rows:
+        assert r["error"] is None and r["rel_err"] < 1e-2, r
+        (res,) = r["resources"].values()
+        assert res["registers"] > 0 and res["shared_bytes"] == 32768 and res["spill_bytes"] == 0, r
