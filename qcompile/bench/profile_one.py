@@ -56,7 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ..errors import QCompileError
     from ..formats import get as get_format
     from .harness import parse_shapes
-    from .tc_sweep import FLAGS, flags_on
+    from .tc_sweep import check_flags, compile_main, flags_on
 
     args = build_parser().parse_args(argv)
     try:
@@ -69,9 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.m < 1 or args.launches < 1:
             raise ValueError("--m and --launches must be positive")
         flags = [name for name in args.flag.split("+") if name]
-        unknown = sorted(set(flags) - set(FLAGS))
-        if unknown:
-            raise ValueError(f"--flag: unknown switch(es) {', '.join(unknown)} (known: {', '.join(FLAGS)})")
+        check_flags(flags)
         from ..kernels.target import parse_target
 
         target = parse_target("sm_90" if args.compile_only else "auto")
@@ -79,19 +77,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("no CUDA GPU here: run it on one, or pass --compile-only")
         with flags_on(flags):
             label, func = build_func(fmt, n, k, args.m, args.family, args.config, target)
-            import tvm
-
-            from ..kernels.pipeline import compile_module
-
-            mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main").with_attr("tirx.is_scheduled", True)})
-            lib = compile_module(mod, target.tvm_target())
+            lib = compile_main(func, target)
     except (QCompileError, ValueError) as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if args.compile_only:
         import shutil
 
-        source = "".join(m.inspect_source() for m in lib.mod.imports if m.kind == "cuda")
+        from ..kernels.library import cuda_source
+
+        source = cuda_source(lib)
         print(f"{fmt.name} N={n} K={k} M={args.m} {label}: {len(source)} bytes of CUDA")
         if shutil.which("nvcc"):  # what ptxas gives each kernel
             from ..kernels.resources import kernel_resources

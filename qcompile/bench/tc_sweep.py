@@ -49,6 +49,23 @@ def flags_on(names):
             setattr(mod, attr, value)
 
 
+def check_flags(names) -> None:
+    """ValueError (one line) naming the switches of ``names`` that FLAGS does not know."""
+    unknown = sorted(set(names) - set(FLAGS))
+    if unknown:
+        raise ValueError(f"--flag: unknown switch(es) {', '.join(unknown)} (known: {', '.join(FLAGS)})")
+
+
+def compile_main(func, target):
+    """The executable of one scheduled PrimFunc, exported as "main" (``target``: a TargetInfo)."""
+    import tvm
+
+    from ..kernels.pipeline import compile_module
+
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main").with_attr("tirx.is_scheduled", True)})
+    return compile_module(mod, target.tvm_target())
+
+
 FAMILIES = ("tensorcore", "mma")
 
 
@@ -211,9 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         for text in args.config:
             parse_config(text, MmaConfig() if args.family == "mma" else TensorCoreConfig())
-        unknown = sorted({name for combo in args.flag for name in combo.split("+")} - set(FLAGS))
-        if unknown:
-            raise ValueError(f"--flag: unknown switch(es) {', '.join(unknown)} (known: {', '.join(FLAGS)})")
+        check_flags(name for combo in args.flag for name in combo.split("+"))
         from .harness import require_cuda
 
         require_cuda()
@@ -230,10 +245,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def run(fmt, shapes, ms, args) -> List[dict]:
     import torch
-    import tvm
 
     from ..kernels.library import KernelSpec, cuda_source, scheduled_func
-    from ..kernels.pipeline import compile_module
     from ..kernels.resources import kernel_resources
     from ..kernels.target import parse_target
     from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method
@@ -284,9 +297,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                             func = family_api(args.family)[3](fmt, n, k, m, cfg)
                     else:
                         func = family_api(args.family)[3](fmt, n, k, m, cfg, use_intrin)
-                    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")
-                                        .with_attr("tirx.is_scheduled", True)})
-                    lib = compile_module(mod, target.tvm_target())
+                    lib = compile_main(func, target)
                     kernel = lib["main"]
                     if args.resources:  # (nvcc here: the registers and shared memory ptxas gives each kernel)
                         row["resources"] = {name: r.as_dict() for name, r in

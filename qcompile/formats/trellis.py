@@ -95,15 +95,10 @@ Q_BITS = 9           # HYB table index bits
 # 512-thread blocks an SM instead of three); M=16 481 -> 418. Timed on the H100 in one process
 # (tc_sweep --flag lane-copy-min; artifacts/bench/mma-sweep-qtip-hyb-switches-h100.json): HYB-2 M=1
 # 54.3 -> 50.7 us on 28672x8192, 51.5 -> 46.7 on 8192x28672, M=16 88.5 -> 87.3 and 105.0 -> 103.6; HYB-3
-# and HYB-4 M=1 on lut_shared=2 59.5 -> 60.4 / 57.5 -> 58.0 and 60.0 -> 60.3 / 55.0 -> 55.0 (and no
-# change on their lut_shared=4 default). So: the code bits K it is on for (True: every K, as
-# tc_sweep --flag sets it).
+# and HYB-4 M=1 on lut_shared=2 59.5 -> 60.4 / 57.5 -> 58.0 and 60.0 -> 60.3 / 55.0 -> 55.0 (and within
+# 0.5 % on lut_shared=4). So: the code bits K it is on for (True: every K, as tc_sweep --flag sets it;
+# ``lane_copy_by_min``).
 LANE_COPY_BY_MIN = (2,)
-
-
-def lane_copy_by_min(K: int) -> bool:
-    """Whether the HYB fragment gather of a K-bit code writes its table copy as min(lane, lane ^ 16)."""
-    return LANE_COPY_BY_MIN is True or K in (LANE_COPY_BY_MIN or ())
 # HYB's sign-folded table (tir_tables(signed=True)): entries e and e + 512, value 0's sign flipped in the second
 SIGNED_ENTRIES = 2 << Q_BITS
 LUT_COPIES = 16      # HYB: copies of the uint32 table in W_table_lanes (lanes l, l+16 share one: 32 KiB, under the 48 KiB a launch gets)
@@ -115,6 +110,11 @@ DEFAULT_LAYOUT = {"1mad": "generic", "3inst": "generic", "hyb": "kernel"}
 LAYOUTS = {"generic": ("row", "tiles"), "kernel": ("mma", "kernel")}
 ORDERS = ("row", "mma")
 PACKINGS = ("tiles", "kernel")
+
+
+def lane_copy_by_min(K: int) -> bool:
+    """Whether the HYB fragment gather of a K-bit code writes its table copy as min(lane, lane ^ 16)."""
+    return LANE_COPY_BY_MIN is True or K in (LANE_COPY_BY_MIN or ())
 
 # --- code constants (§2) -----------------------------------------------------------------------------
 MAD1_A, MAD1_B = 34038481, 76625530
@@ -667,11 +667,12 @@ class TrellisFormat(Format):
         if copies not in (16, 32):
             raise ValueError(f"{self.name}: {copies} table copies; use 16 (32 KiB) or 32 (64 KiB, bank-conflict free)")
         tlut = bufs["tlut"]
-        if signed:
-            entries, c32 = SIGNED_ENTRIES, lambda v: tirx.const(v, "uint32")  # noqa: E731
+        if signed:  # entry e + 512: entry e with bit 15 (value 0's sign) flipped
+            entries = SIGNED_ENTRIES
             t32 = te.compute((entries,), lambda e: tirx.bitwise_xor(
                 _tir_tlut32(tlut, tirx.floormod(e, 1 << Q_BITS)),
-                tirx.shift_left(tirx.Cast("uint32", tirx.floordiv(e, 1 << Q_BITS)), c32(15))), name="W_table")
+                tirx.shift_left(tirx.Cast("uint32", tirx.floordiv(e, 1 << Q_BITS)), tirx.const(15, "uint32"))),
+                name="W_table")
         else:
             entries = 1 << Q_BITS
             t32 = te.compute((entries,), lambda e: _tir_tlut32(tlut, e), name="W_table")

@@ -153,7 +153,8 @@ def partials_over_copies(cfg: MmaConfig) -> bool:
     """Whether the fragment kernel's K-warp partials share dynamic shared memory with its table copies
     (lut_shared 3 and 4, whose copies are there anyway, and with FRAGMENT_PARTIALS_IN_TABLE also 2): the
     copies' scope and the shared-memory check both follow it."""
-    return cfg.lut_shared in FRAGMENT_DYNAMIC_LUT or (FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES)
+    return (cfg.lut_shared in FRAGMENT_DYNAMIC_LUT
+            or (FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES))
 
 
 def fragment_table_bytes(cfg: MmaConfig) -> Tuple[int, int]:
@@ -253,8 +254,8 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
         padded = k_blocks(cfg, k, unit)
         if padded - k // block > MAX_PADDED_K * padded:
             over = f"{cfg.blocks_k} blocks x " if cfg.blocks_k > 1 else ""
-            problems.append(f"the {k // block} K blocks do not split over {over}{cfg.warps_k} warps x unroll {cfg.unroll} "
-                            f"(padded to {padded}, over {MAX_PADDED_K:.0%} idle)")
+            problems.append(f"the {k // block} K blocks do not split over {over}{cfg.warps_k} warps x unroll "
+                            f"{cfg.unroll} (padded to {padded}, over {MAX_PADDED_K:.0%} idle)")
     rows = MMA_M * cfg.tiles * cfg.warps_n
     if n % rows:
         problems.append(f"N={n} is not a multiple of {rows} rows per block (16 x tiles x warps_n)")

@@ -15,9 +15,9 @@ One JSON file per GPU and format, ``<records dir>/<gpu>/<format>.json`` (e.g.
 ``measured_us`` and ``failed`` hold every candidate ever tried for the entry, so a resumed tuning
 run never measures one twice; each candidate is keyed by its knob values in the order of ``knobs``
 (schema 1, still read, keyed them ``name=value,...`` as ``space.config_key`` does: the names were
-half of the shipped files, which travel to the GPU machine within a size limit); ``best`` (the fastest of ``measured_us``) and ``default`` (the config
-``qcompile build`` uses without a record, and its time when measured) are summaries, checked
-against ``measured_us`` on load.
+half of the shipped files, which travel to the GPU machine within a size limit); ``best`` (the
+fastest of ``measured_us``) and ``default`` (the config ``qcompile build`` uses without a record,
+and its time when measured) are summaries, checked against ``measured_us`` on load.
 
 Families: ``kernel`` names the kernel family whose knobs the entry holds: "gemv" (``GemvConfig``,
 the CUDA-core GEMV), "tensorcore" (``TensorCoreConfig``, the low-batch WMMA kernel) or "mma"
@@ -218,10 +218,18 @@ def positional_key(key: str, family: str) -> str:
     return ",".join(str(getattr(cfg, name)) for name in knob_names(family))
 
 
+def _named_key(key: str, knobs: List[str]) -> str:
+    """A stored positional key as ``name=value,...`` (ValueError when the counts differ)."""
+    values = str(key).split(",")
+    if len(values) != len(knobs):
+        raise ValueError(f"candidate {key!r} has {len(values)} values for {len(knobs)} knobs")
+    return ",".join(f"{name}={value}" for name, value in zip(knobs, values))
+
+
 def named_candidates(obj: dict, what: str = "measured_us") -> dict:
     """A stored entry's (JSON form) ``measured_us`` or ``failed`` keyed by ``space.config_key``."""
     knobs = obj["knobs"].split(",")
-    return {config_key(config_from_key(",".join(f"{n}={v}" for n, v in zip(knobs, key.split(","))), obj["kernel"])): value
+    return {config_key(config_from_key(_named_key(key, knobs), obj["kernel"])): value
             for key, value in obj[what].items()}
 
 
@@ -287,12 +295,7 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
 
     def canonical(key, what) -> str:
         try:
-            if positional:
-                values = str(key).split(",")
-                if len(values) != len(knobs):
-                    raise ValueError(f"candidate {key!r} has {len(values)} values for {len(knobs)} knobs")
-                key = ",".join(f"{name}={value}" for name, value in zip(knobs, values))
-            return config_key(config_from_key(key, kernel))
+            return config_key(config_from_key(_named_key(key, knobs) if positional else key, kernel))
         except ValueError as err:
             raise ValueError(f"{where}: {what}: {err}") from None
 
