@@ -132,3 +132,71 @@ def test_shipped_mma_records_hold_todays_default():
             if entry.kernel == "mma" and not applies_today(entry, entry.spec):
                 stale.append(f"{path.parent.name}/{path.stem} N={entry.n} K={entry.k} M={entry.m}")
     assert not stale, "shipped mma records no longer applied: " + ", ".join(stale)
+
+
+def test_shipped_records_are_of_todays_kernels():
+    """Every shipped entry that carries a kernel-code fingerprint was measured on the kernels the
+    library generates today. A change to a kernel (a decode trick, a register layout) turns its
+    records off until they are tuned again: re-tune them on the GPU, as the change's own timings
+    should have been anyway."""
+    from pathlib import Path
+
+    from qcompile.tune.records import read_records_file
+
+    root = Path(__file__).resolve().parents[1] / "schedules"
+    stale = [f"{path.parent.name}/{path.stem} {entry.kernel} N={entry.n} K={entry.k} M={entry.m}"
+             for path in sorted(root.glob("*/*.json"))
+             for entry in read_records_file(path, path.parent.name, path.stem).values() if entry.stale_code()]
+    assert not stale, "shipped records measured on since-changed kernels: " + ", ".join(stale)
+
+
+def test_records_of_changed_kernels_are_not_applied(tmp_path, monkeypatch):
+    """An entry is stamped with the fingerprint of its default config's kernel when tuning saves it.
+    Build applies it only while the library generates that kernel (a changed one: not applied, one
+    warning a file); an entry without a fingerprint applies as before. The tuner measures an entry
+    of changed or unrecorded kernels anew instead of resuming it, and replaces it on save."""
+    import qcompile.formats.trellis as trellis
+    from qcompile.kernels.library import KernelSpec
+    from qcompile.tune.records import RecordsError, TuningEntry, TuningRecords, kernel_code
+    from qcompile.tune.space import candidates, config_key, default_config
+
+    spec = KernelSpec("qtip-hyb-2", 1024, 2048, 1)
+    today = default_config(spec, "mma")
+    best = next(c for c in candidates(spec, "mma") if c != today)
+    records = TuningRecords(tmp_path)
+    entry = TuningEntry(format=spec.format, n=spec.n, k=spec.k, m=spec.m, gpu="h100",
+                        qcompile_version=records.versions[0], tvm_version=records.versions[1], default=today,
+                        measured_us={config_key(today): 10.0, config_key(best): 8.0})
+    path = records.save(entry)
+    stored = json.loads(path.read_text())
+    code = stored["entries"][0]["code"]
+    assert code == kernel_code(spec, "h100", [today])
+    warned = []
+    assert TuningRecords(tmp_path, warn=warned.append).config_for(spec, "h100") == best and not warned
+    assert records.open_entry(spec, "h100", today).tried_count == 2  # today's kernels: resumed
+
+    # the same config, another kernel: a decode switch of the HYB-2 fragment kernel flips the fingerprint
+    monkeypatch.setattr(trellis, "LANE_COPY_BY_MIN", ())
+    changed = TuningRecords(tmp_path, warn=warned.append)
+    assert kernel_code(spec, "h100", [today]) != code
+    assert changed.config_for(spec, "h100") is None and changed.config_for(spec, "h100") is None
+    assert len(warned) == 1 and "since changed" in warned[0] and "qcompile tune" in warned[0]
+    fresh = changed.open_entry(spec, "h100", today)
+    assert fresh.tried_count == 0
+    fresh.add_measurement(today, 12.0)
+    changed.save(fresh)  # replaces the stale entry: its times of other kernels are not merged in
+    assert changed.entry(spec, "h100").measured_us == {config_key(today): 12.0}
+    assert changed.config_for(spec, "h100") == today
+    monkeypatch.undo()
+
+    # no fingerprint (tuned before they existed): applied as before, measured anew by the tuner
+    stored["entries"][0].pop("code")
+    path.write_text(json.dumps(stored))
+    legacy = TuningRecords(tmp_path, warn=warned.append)
+    assert legacy.config_for(spec, "h100") == best and len(warned) == 1
+    assert legacy.open_entry(spec, "h100", today).tried_count == 0
+
+    stored["entries"][0]["code"] = "not-a-hash"
+    path.write_text(json.dumps(stored))
+    with pytest.raises(RecordsError, match="code must be 16 lower-case hex digits"):
+        TuningRecords(tmp_path).entry(spec, "h100")

@@ -466,6 +466,29 @@ def test_tune_resumes_after_an_interrupt_and_never_remeasures(tmp_path, jobs):
     assert len(more.calls) == 4 and not set(more.calls) & (set(first.calls) | set(second.calls))
 
 
+def test_tune_measures_anew_what_was_measured_on_other_kernels(tmp_path):
+    """A stored entry whose kernel-code fingerprint is not today's (the library changed the kernel
+    since) or that has none is not resumed: the run says so, measures from the default on, and its
+    saves replace the stored times."""
+    spec = KernelSpec(FORMAT, N, K, 1)
+    tune([spec], SM90, CountingMeasure(), tmp_path, budget=4, gpu=GPU, log=None)
+    path = TuningRecords(tmp_path).path(GPU, FORMAT)
+    for code in ("0123456789abcdef", None):
+        doc = json.loads(path.read_text())
+        if code is None:
+            doc["entries"][0].pop("code")
+        else:
+            doc["entries"][0]["code"] = code
+        path.write_text(json.dumps(doc))
+        again, logs = CountingMeasure(), []
+        tune([spec], SM90, again, tmp_path, budget=4, gpu=GPU, log=logs.append)
+        assert len(again.calls) == 4 and again.calls[0] == (spec, space.config_key(space.default_config(spec)))
+        why = "since changed" if code else "did not record"
+        assert any("4 stored measurements" in line and why in line for line in logs), logs
+        entry = TuningRecords(tmp_path).entry(spec, GPU)
+        assert entry.tried_count == 4 and entry.code is not None and not entry.stale_code()
+
+
 def test_tune_records_failures_and_does_not_retry_them(tmp_path, monkeypatch):
     spec = KernelSpec(FORMAT, N, K, 1)
     cands = space.candidates(spec)

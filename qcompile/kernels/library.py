@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -331,6 +332,11 @@ def check_config_family(spec: KernelSpec, config) -> str:
                              f"which takes no config"}[family]
         raise ValueError(f"M={spec.m} of {spec.format} runs on {runs}; got a {type(config).__name__}")
     return family
+
+
+# Scheduling is Python (and registers TensorIntrins on first use): one schedule at a time where
+# threads compile kernels side by side (the tuner), the compiles themselves overlap.
+SCHEDULE_LOCK = threading.Lock()
 
 
 def scheduled_func(spec: KernelSpec, target: TargetInfo, config: Optional[KernelConfig] = None):

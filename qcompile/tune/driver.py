@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Union
 
 from ..errors import QCompileError
-from ..kernels.library import KernelConfig, KernelSpec, family_options, scheduled_func
+from ..kernels.library import SCHEDULE_LOCK, KernelConfig, KernelSpec, family_options, scheduled_func
 from ..kernels.pipeline import compile_module
 from ..kernels.target import TargetInfo, parse_target
 from . import space
@@ -85,9 +84,6 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-# Scheduling is Python (and registers TensorIntrins on first use), so it runs one candidate at a time;
-# the compile (TVM's lowering and NVRTC, C++ that releases the GIL) is what the compile threads overlap.
-_SCHEDULE_LOCK = threading.Lock()
 
 
 def default_jobs() -> int:
@@ -104,7 +100,7 @@ def compile_candidate(spec: KernelSpec, target: TargetInfo, config: KernelConfig
     ``f(X, *packed tensors, Y)``. Safe to call from several threads at once."""
     import tvm
 
-    with _SCHEDULE_LOCK:
+    with SCHEDULE_LOCK:
         func = scheduled_func(spec, target, config)
     executable = compile_module(tvm.IRModule({spec.name: func}), target.tvm_target())
     return executable[spec.name]
@@ -206,11 +202,15 @@ def tune(specs: Iterable[KernelSpec], target: Union[str, TargetInfo], measure: M
 def _tune_one(spec, target, measure, records: TuningRecords, gpu, budget, time_budget_s, order, say,
               clock, pool, jobs, family=None) -> TuneResult:
     candidates = space.candidates(spec, family)  # QCompileError for a shape the format cannot take
+    stored = records.entry(spec, gpu, space.family_of(candidates[0]))
     entry = records.open_entry(spec, gpu, candidates[0])
     path = records.path(gpu, spec.format)
     planned = min(budget, len(candidates))
     todo = [c for c in candidates if not entry.tried(c)]
     label = _label(spec, entry)
+    if stored is not None and stored.tried_count and not entry.tried_count:
+        why = "kernels the library has since changed" if stored.code else "kernels it did not record"
+        say(f"{label}: the {stored.tried_count} stored measurements are of {why}; measuring anew")
     if entry.tried_count:
         say(f"{label}: {entry.tried_count} candidates already tried ({path})")
     # the cost model learns from the other shapes' entries of the same versions and family

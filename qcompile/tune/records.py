@@ -35,6 +35,15 @@ version, TVM version). Versions compare as exact strings (``qcompile.__version__
 release may change what a knob does, so records of other versions are kept in the file but never
 applied; tune again (a run measures only what the current versions have not measured).
 
+Code: an entry tuned since fingerprints exist carries ``code``, the fingerprint of the kernel its
+default config generates (``kernel_code``: a hash of the scheduled TensorIR, the hand-written decode
+sources included). The library changes its kernels between releases of one
+version (a decode trick, a register layout), and a time measured on one kernel says nothing about
+another: an entry whose fingerprint is not today's is stale, never applied (``TuningRecords.config_for``
+warns once per file), and ``qcompile tune`` measures it anew instead of resuming it. Entries without
+the field (tuned before it existed) cannot be checked; they apply as before, and ``qcompile tune``
+re-measures them too (``open_entry``).
+
 Damage: a file that is not JSON or breaks the schema is never applied. ``config_for`` (what
 ``qcompile build`` calls) reports it with one warning line naming the file and the problem and
 falls back to the default configs; the tuner (which would overwrite the file) refuses it with a
@@ -45,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -66,6 +76,7 @@ SCHEMA = "qcompile-tuning-records/2"
 SCHEMA_NAMED_KEYS = "qcompile-tuning-records/1"  # read too: candidates keyed name=value,... (no "knobs")
 RECORDS_ENV = "QCOMPILE_SCHEDULES"  # overrides the default records directory
 GPU_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+CODE = re.compile(r"[0-9a-f]{16}")  # an entry's kernel-code fingerprint (kernel_code)
 PathLike = Union[str, Path]
 EntryKey = Tuple[int, int, int, str, str, str]  # (n, k, m, qcompile_version, tvm_version, kernel family)
 
@@ -139,6 +150,27 @@ def default_records_dir() -> Optional[Path]:
     return shipped if shipped.is_dir() else None
 
 
+# --- which kernel code ---------------------------------------------------------------------------
+
+def kernel_code(spec: KernelSpec, gpu: str, configs: Iterable[KernelConfig]) -> Optional[str]:
+    """Fingerprint of the kernels ``configs`` generate for ``spec`` today: the first 16 hex digits of
+    the SHA-256 of their scheduled TensorIR as TVMScript (the hand-written decode sources ride in it,
+    as pragma_import_c annotations), for the GPU's arch (sm_90 for a GPU the library does not name).
+    None when a config no longer schedules (it then matches no stored fingerprint)."""
+    from ..kernels.library import SCHEDULE_LOCK, scheduled_func
+    from ..kernels.target import GPU_ARCH, parse_target
+
+    target = parse_target(gpu if gpu in GPU_ARCH else "sm_90")
+    digest = hashlib.sha256()
+    try:
+        with SCHEDULE_LOCK:
+            for cfg in configs:
+                digest.update(scheduled_func(spec, target, cfg).script().encode())
+    except (ValueError, QCompileError):
+        return None
+    return digest.hexdigest()[:16]
+
+
 # --- one entry -----------------------------------------------------------------------------------
 
 @dataclass
@@ -156,6 +188,8 @@ class TuningEntry:
     default: KernelConfig
     measured_us: Dict[str, float] = field(default_factory=dict)  # config key -> median µs
     failed: Dict[str, str] = field(default_factory=dict)         # config key -> one-line error
+    code: Optional[str] = None  # kernel_code of the default config when measured; None: not recorded
+    _code_cache: Dict[str, Optional[str]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def kernel(self) -> str:
@@ -198,10 +232,29 @@ class TuningEntry:
     def default_us(self) -> Optional[float]:
         return self.measured_us.get(config_key(self.default))
 
+    def code_today(self) -> Optional[str]:
+        """``kernel_code`` of the entry's default config as the library generates it today (cached):
+        the kernel every tuning run of the entry measures first. A fixed probe, so that two runs on
+        the same kernels stamp the same fingerprint whatever else each measured; a change that
+        alters only other configs' kernels goes unseen."""
+        key = config_key(self.default)
+        if key not in self._code_cache:
+            self._code_cache[key] = kernel_code(self.spec, self.gpu, [self.default])
+        return self._code_cache[key]
+
+    def stamp_code(self) -> None:
+        """Record that the measurements are of today's kernels (``qcompile tune`` does, as it saves)."""
+        self.code = self.code_today()
+
+    def stale_code(self) -> bool:
+        """The entry carries a fingerprint and it is not today's: its times are of other kernels."""
+        return self.code is not None and self.code != self.code_today()
+
     def to_json(self) -> dict:
         best = self.best()
+        code = {} if self.code is None else {"code": self.code}
         return {
-            "n": self.n, "k": self.k, "m": self.m, "kernel": self.kernel,
+            **code, "n": self.n, "k": self.k, "m": self.m, "kernel": self.kernel,
             "qcompile_version": self.qcompile_version, "tvm_version": self.tvm_version,
             "best": None if best is None else {"config": config_values(best[0]), "us": _round_us(best[1])},
             "default": {"config": config_values(self.default), "us": _round_us(self.default_us)},
@@ -270,6 +323,9 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
     for name in ("qcompile_version", "tvm_version"):
         if not isinstance(obj[name], str) or not obj[name]:
             raise ValueError(f"{where}: {name} must be a non-empty string")
+    code = obj.get("code")
+    if code is not None and not (isinstance(code, str) and CODE.fullmatch(code)):
+        raise ValueError(f"{where}: code must be 16 lower-case hex digits, got {code!r}")
 
     def config(value, what) -> KernelConfig:
         try:
@@ -303,7 +359,7 @@ def _entry_from_json(obj, index: int, gpu: str, format_name: str, unit: Optional
     if not isinstance(measured, dict) or not isinstance(failed, dict):
         raise ValueError(f"{where}: measured_us and failed must be objects")
     entry = TuningEntry(format_name, gpu, obj["n"], obj["k"], obj["m"], obj["qcompile_version"],
-                        obj["tvm_version"], default=CONFIG_CLASS[kernel]())
+                        obj["tvm_version"], default=CONFIG_CLASS[kernel](), code=code)
     for key, us in measured.items():
         if isinstance(us, bool) or not isinstance(us, (int, float)) or not math.isfinite(us) or us <= 0:
             raise ValueError(f"{where}: measured time of {key} must be a positive number, got {us!r}")
@@ -490,6 +546,7 @@ class TuningRecords:
         self._warn = warn or _warn_default
         self._versions = versions
         self._lenient: Dict[Tuple[str, str], Dict[EntryKey, TuningEntry]] = {}
+        self._stale_warned: set = set()  # (gpu, format) files whose stale entries were reported
 
     @property
     def versions(self) -> Tuple[str, str]:
@@ -518,8 +575,12 @@ class TuningRecords:
     def open_entry(self, spec: KernelSpec, gpu: str, default: KernelConfig) -> TuningEntry:
         """The stored entry of ``spec`` on ``gpu`` for the current versions in the family of
         ``default`` (its default set to ``default``, the config build uses today), or a new empty
-        one; RecordsError if the file is damaged. Nothing is written until ``save``."""
+        one where there is none or the stored one's times are not known to be of today's kernels (its
+        ``code`` missing or stale: ``save`` then replaces it); RecordsError if the file is damaged.
+        Nothing is written until ``save``."""
         entry = self.entry(spec, gpu, family_of(default))
+        if entry is not None and (entry.code is None or entry.stale_code()):
+            entry = None  # measured on other (or unrecorded) kernels: measured anew, replaced on save
         if entry is None:
             entry = TuningEntry(spec.format, check_gpu_name(gpu), spec.n, spec.k, spec.m, *self.versions,
                                 default=default)
@@ -529,13 +590,16 @@ class TuningRecords:
     def save(self, entry: TuningEntry) -> Path:
         """Store ``entry`` (replacing the same key) under the directory lock: re-read the file,
         merge what another run may have measured for the same entry meanwhile, write atomically.
-        Returns the file's path."""
+        Returns the file's path. The entry is stamped with today's ``kernel_code``: what it holds was
+        measured on the kernels this library generates (a stored entry of other code is replaced, not
+        merged)."""
         gpu, format_name = entry.gpu, entry.format
         path = self.path(gpu, format_name)
+        entry.stamp_code()
         with _locked(path.parent):
             entries = read_records_file(path, gpu, format_name)
             on_disk = entries.get(entry.key)
-            if on_disk is not None and on_disk is not entry:
+            if on_disk is not None and on_disk is not entry and on_disk.code == entry.code:
                 for key, us in on_disk.measured_us.items():
                     if key not in entry.measured_us and key not in entry.failed:
                         entry.measured_us[key] = us
@@ -549,8 +613,9 @@ class TuningRecords:
 
     def merge(self, other_root: PathLike) -> List[Tuple[Path, int]]:
         """Add every entry of the records under ``other_root`` (``<gpu>/<format>.json`` files, e.g.
-        what ``qcompile tune --records`` wrote on another machine) to these: an entry of a new key is
-        copied; one of a key present on both sides gets the union of the measurements (``other_root``'s
+        what ``qcompile tune --records`` wrote on another machine) to these: an entry of a new key, or
+        of a key whose entry here has another ``code``, is copied; one of a key and code present on both
+        sides gets the union of the measurements (``other_root``'s
         time where both measured a config, its default config; a config measured on either side is
         not a failure, as in ``TuningEntry.add_measurement``). Every source file and every destination
         file it touches is read (and a damaged one refused, RecordsError) before anything is written;
@@ -575,7 +640,7 @@ class TuningRecords:
                 entries = read_records_file(path, gpu, format_name)
                 for key, entry in incoming.items():
                     here = entries.get(key)
-                    if here is not None:
+                    if here is not None and here.code == entry.code:  # else the incoming run replaces it
                         measured = {**here.measured_us, **entry.measured_us}
                         failed = {c: e for c, e in {**here.failed, **entry.failed}.items() if c not in measured}
                         entry.measured_us, entry.failed = measured, failed
@@ -593,7 +658,8 @@ class TuningRecords:
         families that can run the bucket (``library.family_options``): the default family's, and an
         alternative family's only beside it (so that its best is known to beat the default route)
         and only where it measured faster. A record of a family that cannot run the bucket (e.g. an
-        old GEMV record of M=16) is never applied."""
+        old GEMV record of M=16) is never applied, nor one whose ``code`` is not today's kernels'
+        (warned once per file)."""
         if gpu is None:
             return None
         families = [f for f in family_options(spec.format, spec.m) if f in FAMILIES]
@@ -610,8 +676,16 @@ class TuningRecords:
         for family in families:
             entry = self._lenient[cache_key].get((spec.n, spec.k, spec.m, *self.versions, family))
             best = entry.best() if entry is not None else None
-            if best is not None and applies_today(entry, spec):
-                found.append((family, best))
+            if best is None or not applies_today(entry, spec):
+                continue
+            if entry.stale_code():
+                if cache_key not in self._stale_warned:
+                    self._stale_warned.add(cache_key)
+                    self._warn(f"tuning records {self.path(gpu, spec.format)}: {spec.format} N={spec.n} K={spec.k} "
+                               f"M={spec.m} ({family}) was measured on kernels the library has since changed, so "
+                               f"its default config is used; run qcompile tune on the shape to measure today's")
+                continue
+            found.append((family, best))
         if not found or found[0][0] != families[0]:
             return None
         return min(found, key=lambda fb: fb[1][1])[1][0]
