@@ -197,11 +197,12 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     assert re.search(r"__shared__ \S+ uint W_table_lanes_shared\w*\[8192\]", kernel_body(src, "k_m2"))
     assert re.search(r"__shared__ \S+ uint W_table_shared\w*\[512\]", kernel_body(src, "k_cfg"))
     # lut_shared=3: 32 copies (64 KiB) in dynamic shared memory, a lane reading copy threadIdx.x of the
-    # entry: flat index ((h & 0x7FC0) | lane << 1) >> 1 = entry * 32 + lane (no bank conflicts)
+    # entry: flat index (((h << 1) & 0xFF80) | lane << 2) >> 2 = entry * 32 + lane (no bank conflicts;
+    # h doubled, not the address: an IMAD.SHL where a LEA was)
     lanes32 = kernel_body(src, "k_lanes32")
     assert re.search(r"extern __shared__ \S+ uint W_table_lanes_shared_dyn\w*\[\];", lanes32)
     # (a lane's table words of a K block: 2 tiles x 4 mma steps x 4 words; the K loop unrolled twice)
-    assert lanes32.count("(uint)32704) | (((uint)((int)threadIdx.x)) << (uint)1)) >> (uint)1))]") == 2 * 32
+    assert lanes32.count("<< (uint)1) & (uint)65408) | (((uint)((int)threadIdx.x)) << (uint)2)) >> (uint)2))]") == 2 * 32
     # ... filled from the single table in shared memory, not from tlut in global memory
     assert re.search(r"W_table_lanes_shared_dyn\w*\[[^\]]+\] = W_table_shared\w*\[", lanes32)
     assert not re.search(r"W_table_lanes_shared_dyn\w*\[[^\]]+\] = [^;]*tlut_ptr", lanes32)

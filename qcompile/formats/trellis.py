@@ -794,11 +794,19 @@ class TrellisFormat(Format):
             # `copies` words: idx·copies = (h & 0x7FC0) >> 2 with 16 copies, >> 1 with 32, and the copy
             # fills the low bits), so that the byte address is (h & 0x7FC0) << (log2 copies - 4) |
             # 4·copy and LDS takes it plus the table base (nvcc, 16 copies: two LOP3, where
-            # idx·16 + copy took LOP3, LEA.HI and LEA)
+            # idx·16 + copy took LOP3, LEA.HI and LEA). With 32 copies the index is taken from
+            # h << 1 instead, the same bits one place up ((2h & mask << 1) | copy << 2) >> 2: nvcc
+            # makes the doubling an IMAD.SHL (the FMA pipe) where the << 1 of the byte address was
+            # a LEA, on the ALU pipe that HYB's decode fills (qtip-hyb-2 M=1, 28672x8192, H100 ncu:
+            # ALU the busiest pipe, artifacts/bench/ncu-qtip-hyb-2-h100.txt; K-loop SASS, nvcc
+            # 13.0: ALU 144 -> 114 instructions, as with 16 copies, FMA 40 -> 75)
             copies = self._lane_copies(bufs)
             shift = 15 - Q_BITS - (copies.bit_length() - 1)  # idx·copies = (h & mask) >> shift
+            up = max(0, 2 - shift)
+            hh, mm = (tirx.shift_left(h, c32(up)), c32(int(mask.value) << up)) if up else (h, mask)
             flat = tirx.Cast("int32", tirx.shift_right(
-                tirx.bitwise_or(tirx.bitwise_and(h, mask), tirx.shift_left(tirx.Cast("uint32", copy), c32(shift))), c32(shift)))
+                tirx.bitwise_or(tirx.bitwise_and(hh, mm), tirx.shift_left(tirx.Cast("uint32", copy), c32(shift + up))),
+                c32(shift + up)))
             word = bufs["tlut32_lanes"][tirx.floordiv(flat, copies), tirx.floormod(flat, copies)]
         else:
             if mask_first:

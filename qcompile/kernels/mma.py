@@ -53,7 +53,11 @@ class MmaConfig:
     (64 KiB of dynamic shared memory, over the 48 KiB a launch gets without opting in: no bank
     conflicts; ``SHARED_BYTES_OPT_IN``). Measured slower than 2 on the H100 (qtip-hyb-2 M=1, 70ea965:
     74.2-115 against 63.4-80.6 us over the same shapes and warps; three 66 KiB blocks fit an SM where
-    seven 32 KiB ones did), so the tuner keeps the default's placement. 4 = 16 copies of the
+    seven 32 KiB ones did; b2d52bb, the default's 2 tiles x 16 K warps: 62.8 / 59.5 against 50.7 /
+    47.1 us on 28672x8192 / 8192x28672, where ncu showed the bank conflicts gone, L1 from 90 to 50 %
+    busy, and the ALU pipe's instructions up from 13.1 to 20.2 million, the byte address's LEA among
+    them; since then h is doubled by an IMAD.SHL instead, not yet timed), so the tuner keeps the
+    default's placement. 4 = 16 copies of the
     sign-folded table (1024 entries, 64 KiB of dynamic shared memory; ``FRAGMENT_SIGNED_LUT``): a
     tuner candidate for HYB-3/4 at M=1 (``signed_lut_candidate``).
     stages: 1 = each lane loads its packed words from global memory into registers where it decodes
