@@ -273,6 +273,34 @@ def test_merge_adds_records_tuned_elsewhere(tmp_path, capsys):
     assert not (tmp_path / "dest" / GPU / "e8p-2.json").exists()
 
 
+def test_merge_never_undoes_a_newer_tuning_run(tmp_path):
+    """Two device runs that each carried a copy of the same old records: whatever the order of their
+    merges, the entry measured on today's kernels stays, and a legacy (unfingerprinted) or stale copy
+    of it never replaces it; a stale entry here gives way to an incoming one of today's kernels."""
+    spec = KernelSpec(FORMAT, N, K, 1)
+    default = space.default_config(spec)
+    legacy = tmp_path / "legacy"
+    TuningRecords(legacy).save(make_entry(spec, times={default: 30.0, BEST: 25.0}))
+    path = TuningRecords(legacy).path(GPU, FORMAT)
+    doc = json.loads(path.read_text())
+    doc["entries"][0].pop("code")
+    path.write_text(json.dumps(doc))
+    stale = tmp_path / "stale"
+    stale_path = TuningRecords(stale).path(GPU, FORMAT)
+    stale_path.parent.mkdir(parents=True)
+    doc["entries"][0]["code"] = "0123456789abcdef"
+    stale_path.write_text(json.dumps(doc))
+    fresh = tmp_path / "fresh"
+    TuningRecords(fresh).save(make_entry(spec, times={default: 12.0}))
+    for order in ((legacy, fresh, stale), (fresh, legacy, stale), (stale, fresh, legacy)):
+        here = TuningRecords(tmp_path / f"here-{len(list(tmp_path.iterdir()))}")
+        for source in order:
+            here.merge(source)
+        entry = here.entry(spec, GPU)
+        assert entry.measured_us == {space.config_key(default): 12.0}, order
+        assert entry.code is not None and not entry.stale_code()
+
+
 def test_a_layout_variant_has_its_own_records_file(tmp_path):
     """qtip-3inst-2@mma-kernel (an opt-in layout variant) is tuned and built like a registered format:
     its records live in their own file, and are never another format's."""

@@ -166,7 +166,7 @@ def kernel_code(spec: KernelSpec, gpu: str, configs: Iterable[KernelConfig]) -> 
         with SCHEDULE_LOCK:
             for cfg in configs:
                 digest.update(scheduled_func(spec, target, cfg).script().encode())
-    except (ValueError, QCompileError):
+    except Exception:  # (whatever TVM raises for a config it no longer schedules: build must go on)
         return None
     return digest.hexdigest()[:16]
 
@@ -514,6 +514,15 @@ def _locked(directory: Path):
 
 # --- the database --------------------------------------------------------------------------------
 
+def _keeps(here: "TuningEntry", incoming: "TuningEntry") -> bool:
+    """Whether a merge keeps ``here`` over an ``incoming`` entry of the same key and another code: the
+    incoming one has no fingerprint where this one has, or this one is of today's kernels and the
+    incoming one is not."""
+    if incoming.code is None:
+        return here.code is not None
+    return here.code is not None and not here.stale_code() and incoming.stale_code()
+
+
 def applies_today(entry: "TuningEntry", spec: KernelSpec) -> bool:
     """Whether ``entry``'s best may replace today's default config of ``spec``: the entry was tuned
     against that default, or measured it among its candidates. An entry tuned against a default the
@@ -614,8 +623,10 @@ class TuningRecords:
     def merge(self, other_root: PathLike) -> List[Tuple[Path, int]]:
         """Add every entry of the records under ``other_root`` (``<gpu>/<format>.json`` files, e.g.
         what ``qcompile tune --records`` wrote on another machine) to these: an entry of a new key, or
-        of a key whose entry here has another ``code``, is copied; one of a key and code present on both
-        sides gets the union of the measurements (``other_root``'s
+        of a key whose entry here has another ``code``, is copied (unless the one here is of today's
+        kernels and the incoming one is not, or the incoming one has no fingerprint and this one has:
+        a copy of old records never undoes a newer tuning run, whatever the order of merges); one of a
+        key and code present on both sides gets the union of the measurements (``other_root``'s
         time where both measured a config, its default config; a config measured on either side is
         not a failure, as in ``TuningEntry.add_measurement``). Every source file and every destination
         file it touches is read (and a damaged one refused, RecordsError) before anything is written;
@@ -640,6 +651,8 @@ class TuningRecords:
                 entries = read_records_file(path, gpu, format_name)
                 for key, entry in incoming.items():
                     here = entries.get(key)
+                    if here is not None and here.code != entry.code and _keeps(here, entry):
+                        continue
                     if here is not None and here.code == entry.code:  # else the incoming run replaces it
                         measured = {**here.measured_us, **entry.measured_us}
                         failed = {c: e for c, e in {**here.failed, **entry.failed}.items() if c not in measured}
