@@ -44,7 +44,8 @@ def test_natural_layouts_are_ptx_and_columns_cover_k_once():
     ("qtip-hyb-4", 32, 384, 4, 0, False, False), ("qtip-hyb-2", 16, 256, 0, 32, False, False),
     ("qtip-hyb-2", 32, 512, 0, 0, True, False), ("qtip-hyb-4", 32, 384, 4, 0, True, False),
     ("qtip-3inst-3@mma-kernel", 16, 256, 0, 0, True, False),
-    ("qtip-hyb-2", 32, 512, 0, 16, True, True), ("qtip-hyb-3", 16, 256, 0, 16, False, True)])
+    ("qtip-hyb-2", 32, 512, 0, 16, True, True), ("qtip-hyb-3", 16, 256, 0, 16, False, True),
+    ("qtip-hyb-2", 16, 256, 0, 32, True, True), ("qtip-hyb-4", 32, 384, 4, 32, True, True)])
 def test_fragment_compute_matches_float64_on_llvm(name, span, k, blocks, copies, packed, signed):
     """The unscheduled compute the GPU schedule starts from (A registers from tir_fragment_decode,
     natural rows and columns) sums to X @ W^T at M=3; with padded K blocks (3 -> 4) the blocks past K
@@ -218,6 +219,28 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     assert "W_table" not in glob and "tlut_ptr[" in glob
 
 
+@pytest.mark.parametrize("name", HYB)
+def test_signed_lane_copies_of_lut_shared_5_are_conflict_free_and_sign_free(name):
+    """lut_shared=5: 32 copies of the sign-folded table (1024 entries, 128 KiB of dynamic shared memory
+    the partials reuse after the K loop), filled from the single signed table; a lane reads copy
+    threadIdx.x at the flat index ((2h & 0x1FF80) | lane << 2) >> 2 (h's bits 6..15, the sign among
+    them), and no word is XORed with h's sign afterwards. With nvcc: a 1024-thread block keeps its
+    registers under 64 without spills."""
+    fmt = qc.formats.get(name)
+    cfg = MmaConfig(units=1, tiles=2, warps_k=32, lut_shared=5)
+    src = compile_sm90({"k": mma_scheduled_func(fmt, 28672, 8192, 1, cfg)})
+    body = kernel_body(src, "k")
+    assert re.search(r"extern __shared__ \S+ uint W_table_lanes_shared_dyn\w*\[\];", body)
+    assert re.search(r"__shared__ \S+ uint W_table_shared\w*\[1024\]", body)
+    assert body.count("<< (uint)1) & (uint)130944) | (((uint)((int)threadIdx.x)) << (uint)2)) >> (uint)2))]") == 32
+    assert "(uint)32768" not in body.split("W_lane_gather_local_ptr[0] =", 1)[1]
+    if shutil.which("nvcc") is not None:
+        report = ptxas_report(src)
+        regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
+        assert regs and max(regs) <= 64, report
+        assert not re.search(r"[1-9]\d* bytes spill", report), report
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
 @pytest.mark.parametrize("name", HYB)
 def test_pipeline_stages_stage_the_trellis_with_cp_async(name):
@@ -362,7 +385,10 @@ def test_default_configs():
 @pytest.mark.parametrize("cfg,m,match", [
     (MmaConfig(tiles=1), 4, "tiles=1 must be even"),
     (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "KiB of shared memory beside 32 KiB of tables"),
-    (MmaConfig(lut_shared=5), 4, "lut_shared must be 0..4"),
+    (MmaConfig(lut_shared=6), 4, "lut_shared must be 0..5"),
+    # lut_shared=5: 128 KiB of signed copies + the 4 KiB single signed table, under 163 KiB; partials of
+    # 64 tiles' rows at M=16 past them do not fit
+    (MmaConfig(tiles=8, warps_k=32, lut_shared=5), 16, "beside 132 KiB of tables \\(over 163\\)"),
     # (the copies in dynamic shared memory: the partials lie over them, so only partials past them count)
     (MmaConfig(tiles=8, warps_k=16, lut_shared=3), 16, "beside 66 KiB of tables \\(over 99\\)"),
     (MmaConfig(tiles=8, warps_k=16, lut_shared=4), 16, "beside 68 KiB of tables \\(over 99\\)"),

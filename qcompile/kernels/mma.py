@@ -59,7 +59,9 @@ class MmaConfig:
     them; since then h is doubled by an IMAD.SHL instead, not yet timed), so the tuner keeps the
     default's placement. 4 = 16 copies of the
     sign-folded table (1024 entries, 64 KiB of dynamic shared memory; ``FRAGMENT_SIGNED_LUT``): a
-    tuner candidate for HYB-3/4 at M=1 (``signed_lut_candidate``).
+    tuner candidate for HYB-3/4 at M=1 (``signed_lut_candidate``). 5 = 32 copies of the sign-folded
+    table, one a lane (128 KiB, ``SHARED_BYTES_OPT_IN_LARGE``: one block an SM, so give it 1024
+    threads): neither bank conflicts nor the sign's LOP3; not yet timed.
     stages: 1 = each lane loads its packed words from global memory into registers where it decodes
     them; 2 or 3 = a software pipeline: the whole thread block copies the packed words of a K step
     (the warps_k warps take interleaved K blocks, so one step is one contiguous column range) into
@@ -136,15 +138,25 @@ SHARED_BYTES = 48 * 1024
 # kernel's attribute at launch): 99 KiB, what sm_86 / sm_89 allow (sm_80 163, sm_90 227), so that a
 # config that fits runs on every mma.sync GPU; only the fragment kernel's 32 table copies use it
 SHARED_BYTES_OPT_IN = 99 * 1024
+# ... and what lut_shared=5 may take: 163 KiB, sm_80's most (sm_90 227); sm_86 / sm_89 cannot launch it
+# (the tuner records the failure there)
+SHARED_BYTES_OPT_IN_LARGE = 163 * 1024
 # the fragment kernel's lut_shared -> HYB table copies in shared memory (0: none, 1: the single table)
-FRAGMENT_LUT_COPIES = {2: 16, 3: 32, 4: 16}
+FRAGMENT_LUT_COPIES = {2: 16, 3: 32, 4: 16, 5: 32}
 # lut_shared=4: the 16 copies of HYB's sign-folded table (1024 entries: the sign flip of value 0 in the
 # table, not a LOP3 a state; TrellisFormat.tir_tables(signed=True)): 64 KiB of dynamic shared memory.
 # nvcc, qtip-hyb-2 M=1 28672x8192 default config with LANE_COPY_BY_MIN: K loop 209 -> 180 instructions at
 # 40 registers (timed: SIGNED_LUT_BITS below)
-FRAGMENT_SIGNED_LUT = (4,)
+# lut_shared=5: 32 copies of the sign-folded table, one a lane (128 KiB: one block an SM, so 1024 threads
+# to keep 32 warps): no bank conflicts (lut_shared=2's two-way conflicts made its HYB-2 M=1 kernel L1-bound,
+# ncu at b2d52bb) and no sign LOP3 (what lut_shared=3's 32 copies cost on the ALU pipe); K-loop SASS of
+# qtip-hyb-2 M=1 28672x8192, 2 tiles x 32 K warps, nvcc 13.0: 217 instructions, 94 of them ALU-pipe
+# (LOP3, SHF, PRMT and the like) and 66 IMAD, 32 LDS of one wavefront each, 41 registers (the
+# default's lut_shared=2 at 16 K warps: 209, 112, 41, LDS of two wavefronts; 3: 246, 114, 75).
+# Not yet timed: in no default and not in the tuner's space
+FRAGMENT_SIGNED_LUT = (4, 5)
 # the lut_shared whose copies are over the 48 KiB a launch gets: in dynamic shared memory, opted in
-FRAGMENT_DYNAMIC_LUT = (3, 4)
+FRAGMENT_DYNAMIC_LUT = (3, 4, 5)
 # lut_shared=2's 16 copies in dynamic shared memory, as lut_shared=3's 32 are: TVM then lays the K warps'
 # partial sums over the copies, which are dead after the K loop (a __syncthreads between), so a block
 # takes max(32 KiB, partials) instead of their sum: qtip-hyb-2's M=16 default (4 tiles, 4 K warps)
@@ -244,8 +256,8 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
     elif isinstance(cfg.threads, int) and cfg.min_blocks * cfg.threads > MAX_THREADS_PER_SM:
         problems.append(f"min_blocks={cfg.min_blocks} blocks of {cfg.threads} threads exceed the "
                         f"{MAX_THREADS_PER_SM} threads an SM holds")
-    if cfg.lut_shared not in ((0, 1, 2, 3, 4) if fragment else (0, 1)):
-        problems.append("lut_shared must be 0..4" if fragment else "lut_shared must be 0 or 1")
+    if cfg.lut_shared not in ((0, 1, 2, 3, 4, 5) if fragment else (0, 1)):
+        problems.append("lut_shared must be 0..5" if fragment else "lut_shared must be 0 or 1")
     if problems:
         raise ValueError(f"bad MmaConfig {cfg.as_dict()}: {'; '.join(problems)}")
     span = span_of(cfg, unit)
@@ -279,7 +291,7 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             if partials_over_copies(cfg):
                 partials = max(0, partials - copies)  # (what the partials need past the copies)
             if cfg.lut_shared in FRAGMENT_DYNAMIC_LUT:
-                limit = SHARED_BYTES_OPT_IN
+                limit = SHARED_BYTES_OPT_IN_LARGE if cfg.lut_shared == 5 else SHARED_BYTES_OPT_IN
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
         if cfg.stages > 1:
             copies = rows * stage_row_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES

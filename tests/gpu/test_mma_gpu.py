@@ -75,6 +75,9 @@ FRAGMENT_CONFIGS = [
     # lut_shared=4: 16 copies of the sign-folded 1024-entry table (64 KiB, dynamic, under the partials)
     MmaConfig(units=1, tiles=2, warps_n=1, warps_k=16, lut_shared=4),
     MmaConfig(units=1, tiles=4, warps_n=1, warps_k=4, lut_shared=4),
+    # lut_shared=5: 32 copies of the sign-folded table (128 KiB, dynamic: one 1024-thread block an SM)
+    MmaConfig(units=1, tiles=2, warps_n=1, warps_k=32, lut_shared=5),
+    MmaConfig(units=2, tiles=2, warps_n=2, warps_k=8, lut_shared=5),
     # the cp.async pipeline of the trellis words (CONFIGS' stages=2 config: beside the single table),
     # with the table in global memory and beside the lane copies
     MmaConfig(units=2, tiles=2, warps_n=1, warps_k=4, lut_shared=0, stages=2),
