@@ -350,6 +350,44 @@ def describe_kernels(specs, source: str, alternatives: bool = False) -> str:
     return "\n".join(lines)
 
 
+def describe_records(specs, records, gpu: str, alternatives: bool = False) -> str:
+    """What ``qcompile tune --dry-run`` adds where it knows the GPU: each kernel's record in the
+    records directory and what a tuning run and a build would do with it (``records.kernel_code``:
+    an entry of today's kernels is resumed and applied; one of since-changed kernels is measured anew
+    and not applied; one without a fingerprint is measured anew and applied meanwhile)."""
+    from .errors import QCompileError
+    from .kernels.library import family_options, kernel_family
+    from .tune.records import applies_today
+    from .tune.space import FAMILIES, family_of
+
+    lines = [f"records for {gpu} ({records.root / gpu}):"]
+    for spec in specs:
+        families = family_options(spec.format, spec.m) if alternatives else (kernel_family(spec.format, spec.m),)
+        for family in [f for f in families if f in FAMILIES]:
+            label = f"  {spec.format:<12} N={spec.n:>6} K={spec.k:>6} M={spec.m:>4} {family:<10}: "
+            try:
+                entry = records.entry(spec, gpu, family)
+            except QCompileError as err:
+                lines.append(label + str(err))
+                continue
+            best = entry.best() if entry is not None else None
+            if best is None:
+                lines.append(label + "none")
+                continue
+            chosen = records.config_for(spec, gpu)
+            applied = chosen is not None and family_of(chosen) == family
+            build = "build applies it" if applied else "build does not apply it"
+            if entry.code is None:
+                state = f"no fingerprint; {build}; a tuning run measures it anew"
+            elif entry.stale_code():
+                state = "kernels changed since; build does not apply it; a tuning run measures it anew"
+            else:
+                why = "" if applied or applies_today(entry, spec) else " (tuned against another default)"
+                state = f"today's kernels; {build}{why}; a tuning run resumes it"
+            lines.append(label + f"{entry.tried_count} tried, best {best[1]:.2f} us; {state}")
+    return "\n".join(lines)
+
+
 def cmd_tune(args) -> int:
     from pathlib import Path
 
@@ -378,6 +416,13 @@ def cmd_tune(args) -> int:
         raise QCompileError(f"--jobs {args.jobs}: give at least 1 compile job (or leave it out: the CPUs, at most 8)")
     if args.dry_run:
         print(describe_kernels(specs, source, args.alternatives))
+        from .kernels.target import GPU_ARCH
+        from .tune.records import TuningRecords
+
+        gpu = target.name if target.name in GPU_ARCH else local_gpu_name()
+        if gpu is not None:
+            print(describe_records(specs, TuningRecords(records_dir, warn=lambda message: None), gpu,
+                                   args.alternatives))
         return 0
     require_cuda()
     if target.kind != "cuda" or target.arch != local_cuda_arch():

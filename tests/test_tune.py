@@ -273,6 +273,39 @@ def test_merge_adds_records_tuned_elsewhere(tmp_path, capsys):
     assert not (tmp_path / "dest" / GPU / "e8p-2.json").exists()
 
 
+def test_dry_run_with_a_gpu_tells_each_records_state(tmp_path, capsys, monkeypatch):
+    """`qcompile tune --dry-run --target h100` also lists each kernel's record and what tuning and
+    build do with it: today's kernels (applied, resumed), kernels changed since (not applied, measured
+    anew), no fingerprint (applied, measured anew), none."""
+    spec = KernelSpec(FORMAT, N, K, 1)
+    tune([spec], SM90, CountingMeasure(), tmp_path, budget=3, gpu=GPU, log=None, alternatives=False)
+    path = TuningRecords(tmp_path).path(GPU, FORMAT)
+    argv = ["tune", "--format", FORMAT, "--shapes", f"{N}x{K}", "--m", "1,4", "--dry-run", "--target", GPU,
+            "--records", str(tmp_path), "--no-alternatives"]
+
+    def line(m):
+        assert cli_main(argv) == 0
+        out = capsys.readouterr().out
+        assert f"records for {GPU} (" in out
+        return next(row for row in out.splitlines() if f"M={m:>4} " in row and "tried" in row or
+                    f"M={m:>4} " in row and row.endswith("none"))
+
+    assert "3 tried" in line(1) and "today's kernels; build applies it; a tuning run resumes it" in line(1)
+    assert line(4).endswith(": none")
+    doc = json.loads(path.read_text())
+    doc["entries"][0]["code"] = "0123456789abcdef"
+    path.write_text(json.dumps(doc))
+    assert "kernels changed since; build does not apply it; a tuning run measures it anew" in line(1)
+    doc["entries"][0].pop("code")
+    path.write_text(json.dumps(doc))
+    assert "no fingerprint; build applies it; a tuning run measures it anew" in line(1)
+    import qcompile.tune.records as records_module
+
+    monkeypatch.setattr(records_module, "local_gpu_name", lambda: None)
+    argv[argv.index("--target") + 1] = "sm_90"  # no GPU named (and no local one): the kernels only
+    assert cli_main(argv) == 0 and "records for" not in capsys.readouterr().out
+
+
 def test_merge_never_undoes_a_newer_tuning_run(tmp_path):
     """Two device runs that each carried a copy of the same old records: whatever the order of their
     merges, the entry measured on today's kernels stays, and a legacy (unfingerprinted) or stale copy
