@@ -219,6 +219,33 @@ def test_hyb_compiles_to_mma_sync_with_vector_loads(name):
     assert "W_table" not in glob and "tlut_ptr[" in glob
 
 
+def test_x_staged_reads_the_b_fragments_from_a_padded_shared_tile():
+    """MmaConfig.x_staged: each K warp copies its K block's activations (M rows x 64 columns) into a
+    shared tile with 16-byte loads (4 a lane at M=16) at the top of each K step, rows padded 16 bytes
+    (264 halves for 4 K blocks: a B-fragment read of 8 rows x 4 lanes meets 32 banks); the B fragments
+    are read from the tile, never from X in global memory; the registers stay those of the unstaged
+    kernel (nvcc). A row-packed format refuses it in one line."""
+    fmt = qc.formats.get("qtip-hyb-2")
+    cfg = MmaConfig(units=1, tiles=4, warps_k=4, lut_shared=3)
+    staged = MmaConfig(**{**cfg.as_dict(), "x_staged": 1})
+    src = compile_sm90({"plain": mma_scheduled_func(fmt, 28672, 8192, 16, cfg),
+                        "staged": mma_scheduled_func(fmt, 28672, 8192, 16, staged)})
+    body = kernel_body(src, "staged")
+    assert re.search(r"__shared__ \S+ half X_frag_shared\w*\[4224\];", body)  # 16 rows x (256 + 8)
+    loop = body.split("for (int kb_0 = 0;", 1)[1]
+    copies = re.findall(r"\*\(uint4\*\)\(X_frag_shared\w* \+ [^;]*\) = \*\(uint4\*\)\(X_ptr \+", loop)
+    assert len(copies) == 4
+    assert "* 264)" in loop and loop.count("X_ptr") == 4
+    assert re.search(r"X_frag_warp\w*\[[^\]]+\] = X_frag_shared\w*\[", loop)
+    assert "X_frag_shared" not in kernel_body(src, "plain")
+    if shutil.which("nvcc") is not None:
+        report = ptxas_report(src)
+        regs = {name: int(r) for name, r in re.findall(r"Compiling entry function '(\w+?)_kernel'[\s\S]*?Used (\d+) registers", report)}
+        assert regs.get("staged") is not None and regs["staged"] <= regs["plain"], report
+    with pytest.raises(ValueError, match="x_staged=1 is for fragment-native formats"):
+        check_mma_config(MmaConfig(x_staged=1), N, K, 16, 32)
+
+
 @pytest.mark.parametrize("name", HYB)
 def test_signed_lane_copies_of_lut_shared_5_are_conflict_free_and_sign_free(name):
     """lut_shared=5: 32 copies of the sign-folded table (1024 entries, 128 KiB of dynamic shared memory
@@ -386,6 +413,10 @@ def test_default_configs():
     (MmaConfig(tiles=1), 4, "tiles=1 must be even"),
     (MmaConfig(tiles=2, warps_k=16, lut_shared=2), 16, "KiB of shared memory beside 32 KiB of tables"),
     (MmaConfig(lut_shared=6), 4, "lut_shared must be 0..5"),
+    (MmaConfig(tiles=2, warps_k=4, lut_shared=3, stages=2, x_staged=1), 16, "x_staged=1 takes stages=1"),
+    (MmaConfig(tiles=2, warps_k=4, x_staged=2), 16, "x_staged must be 0 or 1"),
+    # the activation tile (16 rows of 4 K blocks: 8.25 KiB) beside 32 KiB of copies and 16 KiB of partials
+    (MmaConfig(tiles=4, warps_k=4, lut_shared=2, x_staged=1), 16, "beside 40 KiB of tables \\(over 48\\)"),
     # lut_shared=5: 128 KiB of signed copies + the 4 KiB single signed table, under 163 KiB; partials of
     # 64 tiles' rows at M=16 past them do not fit
     (MmaConfig(tiles=8, warps_k=32, lut_shared=5), 16, "beside 132 KiB of tables \\(over 163\\)"),

@@ -1058,8 +1058,10 @@ def test_records_round_trip_with_an_mma_entry_and_build_applies_it(tmp_path):
     records.save(mma)
     path = records.save(make_entry(spec1, times={BEST: 9.0}))
     stored = {e["m"]: e for e in json.loads(path.read_text())["entries"]}
-    # (blocks_k and min_blocks, knobs added after records shipped, are written only off their defaults)
-    written = {name: v for name, v in MMA_BEST.as_dict().items() if name not in ("blocks_k", "min_blocks")}
+    # (blocks_k, min_blocks and x_staged, knobs added after records shipped, are written only off their
+    # defaults)
+    written = {name: v for name, v in MMA_BEST.as_dict().items()
+               if name not in ("blocks_k", "min_blocks", "x_staged")}
     assert stored[16]["kernel"] == "mma" and stored[16]["best"] == {"config": written, "us": 6.0}
     assert list(named_candidates(stored[16], "failed")) == ["units=8,tiles=1,warps_n=2,warps_k=2,unroll=1,lut_shared=1,stages=1,stage_pad=0"]
     back = TuningRecords(tmp_path)

@@ -84,6 +84,14 @@ class MmaConfig:
     timed (H100, HYB M=1, 2 tiles x 16 K warps: qtip-hyb-2 54.3 -> 59.9 us on 28672x8192, qtip-hyb-4 with
     lut_shared=4 56.6 -> 76.6; artifacts/bench/mma-sweep-qtip-hyb-switches-h100.json), so neither in a
     default nor in the tuner's space.
+    x_staged (fragment-native formats): 1 = the block stages each K step's activations in shared memory
+    (16-byte loads spread over its threads; the K warps take interleaved K blocks, as with stages > 1,
+    so that a step is one column range; each token row padded 16 bytes, so that a warp's B-fragment
+    reads of 8 token rows x 4 lanes meet 32 banks) and the lanes read their B fragments there. Each
+    lane's 4-byte global load of its B fragment (the reference layout fixes the pairs a lane needs)
+    touches 8 token rows: at M=16 those loads put about as many wavefronts through L1 as the table
+    lookups (ncu, qtip-hyb-2 28672x8192 at b2d52bb: L1 93 % busy). Not yet timed: in no default and
+    not in the tuner's space.
     """
 
     units: int = 1
@@ -96,6 +104,7 @@ class MmaConfig:
     stage_pad: int = 0
     blocks_k: int = 1
     min_blocks: int = 0
+    x_staged: int = 0
 
     def as_dict(self):
         return asdict(self)
@@ -228,6 +237,17 @@ def stage_row_pad(cfg: MmaConfig, unit: int, staged_bits: int = STAGED_BITS) -> 
     return (2 * stage_lane_bytes(cfg, unit, staged_bits) - stage_row_bytes(cfg, unit, staged_bits)) % 64
 
 
+# the row pad of a staged activation tile (MmaConfig.x_staged): 16 bytes, so that token rows of 128·j + 16
+# bytes put a B-fragment read's 8 rows x 4 lanes (4-byte pairs) in 32 different banks
+X_ROW_PAD = 16
+
+
+def x_stage_bytes(cfg: MmaConfig, unit: int, m: int) -> int:
+    """Shared memory of a K step's activations (MmaConfig.x_staged): M padded to n8 tiles of token rows
+    of warps_k K blocks (4 x span fp16 columns each), each row padded X_ROW_PAD bytes."""
+    return (-(-m // MMA_N) * MMA_N) * (cfg.warps_k * 4 * span_of(cfg, unit) * 2 + X_ROW_PAD)
+
+
 def stage_bytes(cfg: MmaConfig, unit: int, staged_bits: int = STAGED_BITS) -> int:
     """Shared memory of one pipeline stage (``MmaConfig.stages`` > 1): the packed words of one K step
     of the block's rows (16 x tiles x warps_n rows, warps_k K blocks of 4 x span columns) at
@@ -256,6 +276,13 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
     elif isinstance(cfg.threads, int) and cfg.min_blocks * cfg.threads > MAX_THREADS_PER_SM:
         problems.append(f"min_blocks={cfg.min_blocks} blocks of {cfg.threads} threads exceed the "
                         f"{MAX_THREADS_PER_SM} threads an SM holds")
+    if cfg.x_staged not in (0, 1):
+        problems.append("x_staged must be 0 or 1")
+    elif cfg.x_staged and not fragment:
+        problems.append("x_staged=1 is for fragment-native formats (QTIP HYB in its kernel layout): a row-packed "
+                        "format's lanes load their activations as 16-byte vectors already")
+    elif cfg.x_staged and cfg.stages != 1:
+        problems.append("x_staged=1 takes stages=1 (the activation tile is not part of the cp.async pipeline)")
     if cfg.lut_shared not in ((0, 1, 2, 3, 4, 5) if fragment else (0, 1)):
         problems.append("lut_shared must be 0..5" if fragment else "lut_shared must be 0 or 1")
     if problems:
@@ -293,6 +320,11 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
             if cfg.lut_shared in FRAGMENT_DYNAMIC_LUT:
                 limit = SHARED_BYTES_OPT_IN_LARGE if cfg.lut_shared == 5 else SHARED_BYTES_OPT_IN
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
+        if cfg.x_staged:  # (beside the tables and partials: the step's activation tile)
+            table += x_stage_bytes(cfg, unit, m)
+            if k % block == 0 and (k // block) % (cfg.blocks_k * cfg.warps_k):
+                problems.append(f"x_staged=1 needs the K blocks to split evenly over {cfg.blocks_k * cfg.warps_k} "
+                                f"K warps (a step is warps_k consecutive K blocks)")
         if cfg.stages > 1:
             copies = rows * stage_row_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES
             if cfg.stage_pad and stage_lane_bytes(cfg, unit, staged_bits) < 8:
@@ -576,7 +608,7 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
                          f"k_blocks(cfg, k, unit))")
     # (with blocks_k > 1 the K blocks are first cut into blocks_k contiguous ranges, one a thread block)
     bk, kb_loop = sch.split(kb_loop, [cfg.blocks_k, None]) if cfg.blocks_k > 1 else (None, kb_loop)
-    if cfg.stages > 1:  # K block ko * warps_k + wk: a pipeline step is one contiguous column range
+    if cfg.stages > 1 or cfg.x_staged:  # K block ko * warps_k + wk: a step is one contiguous column range
         ko, wk = sch.split(kb_loop, [None, cfg.warps_k])
     else:
         wk, ko = sch.split(kb_loop, [cfg.warps_k, None])
@@ -604,7 +636,9 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     # copy into the B fragments (xw): LowerWarpMemory takes only scalar stores into warp buffers
     xw = sch.cache_read(mma_block, _read_index(sch, mma_block, "X_frag"), "warp")
     wf = sch.get_sblock("W_frag")
-    for frag in (wf, xw):
+    # (x_staged: the activations first, so that the block's barriers around their shared tile do not
+    # hold the decoded A fragments live)
+    for frag in ((xw, wf) if cfg.x_staged else (wf, xw)):
         sch.compute_at(frag, ko)
         sch.set_scope(frag, 0, "warp")
     store = sch.cache_write(mma_block, 0, "warp")
@@ -640,10 +674,28 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     sch.bind(x_lane, "threadIdx.x")
     for loop in (s, hi, lo):
         sch.unroll(loop)
-    sch.compute_at(xf, x_lane)
-    sch.set_scope(xf, 0, "local")
-    own = _loops_below(sch, xf, x_lane)  # (steps, hi, lo): the lane's columns
-    if rows.x_contiguous:
+    if cfg.x_staged:
+        # the step's activation tile in shared memory, filled by the whole block with 16-byte loads
+        # (the natural column order: a token's columns of a K block are contiguous), rows padded
+        sch.compute_at(xf, ko)
+        sch.set_scope(xf, 0, "shared")
+        elem = 2  # fp16
+        sch.storage_align(xf, 0, axis=0, factor=128 // elem, offset=X_ROW_PAD // elem)
+        # (each warp copies its own K block's tile with its 32 lanes: the K warps are bound outside)
+        copy = _loops_below(sch, xf, ko)
+        fused = sch.fuse(*copy)
+        outer, lane, vec = sch.split(fused, [None, WARP, 16 // elem])
+        sch.bind(lane, "threadIdx.x")
+        sch.unroll(outer)
+        sch.vectorize(vec)
+        own = []
+    else:
+        sch.compute_at(xf, x_lane)
+        sch.set_scope(xf, 0, "local")
+        own = _loops_below(sch, xf, x_lane)  # (steps, hi, lo): the lane's columns
+    if cfg.x_staged:
+        pass
+    elif rows.x_contiguous:
         if len(own) > 1:
             sch.fuse(*own)
         vectorize_copy(sch, xf, 16, len(sch.get_loops(xf)) - min(1, len(own)))

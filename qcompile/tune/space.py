@@ -122,7 +122,7 @@ def knob_names(family: str = GEMV_FAMILY) -> Tuple[str, ...]:
 
 # knobs added after records were shipped (schedules/h100): a key names one only where it differs from
 # its default, so the keys already written stay the same strings (and the files the same bytes)
-LATE_KNOBS: Dict[str, Tuple[str, ...]] = {"mma": ("blocks_k", "min_blocks")}
+LATE_KNOBS: Dict[str, Tuple[str, ...]] = {"mma": ("blocks_k", "min_blocks", "x_staged")}
 
 
 def config_values(cfg) -> Dict[str, object]:

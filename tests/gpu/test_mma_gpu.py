@@ -52,6 +52,9 @@ CONFIGS = [
     MmaConfig(units=2, tiles=4, warps_n=1, warps_k=4),
     MmaConfig(units=8, tiles=2, warps_n=2, warps_k=1),
     MmaConfig(units=4, tiles=2, warps_n=1, warps_k=16),
+    # x_staged: the activations of a K step through a padded shared tile (beside the 32 dynamic copies)
+    MmaConfig(units=1, tiles=2, warps_n=1, warps_k=4, lut_shared=3, x_staged=1),
+    MmaConfig(units=2, tiles=4, warps_n=2, warps_k=2, lut_shared=4, x_staged=1),
     # the cp.async pipeline: the K step's packed words staged in shared memory one or two steps ahead
     MmaConfig(units=2, tiles=2, warps_n=1, warps_k=4, stages=2),
     MmaConfig(units=1, tiles=4, warps_n=2, warps_k=2, stages=3, lut_shared=0),
