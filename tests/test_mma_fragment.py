@@ -416,7 +416,7 @@ def test_default_configs():
     (MmaConfig(tiles=2, warps_k=4, lut_shared=3, stages=2, x_staged=1), 16, "x_staged=1 takes stages=1"),
     (MmaConfig(tiles=2, warps_k=4, x_staged=2), 16, "x_staged must be 0 or 1"),
     # the activation tile (16 rows of 4 K blocks: 8.25 KiB) beside 32 KiB of copies and 16 KiB of partials
-    (MmaConfig(tiles=4, warps_k=4, lut_shared=2, x_staged=1), 16, "beside 40 KiB of tables \\(over 48\\)"),
+    (MmaConfig(tiles=4, warps_k=4, lut_shared=2, x_staged=1), 16, "beside 40 KiB of tables and activations \\(over 48\\)"),
     # lut_shared=5: 128 KiB of signed copies + the 4 KiB single signed table, under 163 KiB; partials of
     # 64 tiles' rows at M=16 past them do not fit
     (MmaConfig(tiles=8, warps_k=32, lut_shared=5), 16, "beside 132 KiB of tables \\(over 163\\)"),

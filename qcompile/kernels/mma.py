@@ -346,7 +346,8 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
                             f"({partial_bytes(cfg, m) // 1024} KiB) and tables exceed {limit // 1024} KiB of shared memory")
         elif partials + table > limit:
             problems.append(f"the {cfg.warps_k} K warps' partial sums need {partial_bytes(cfg, m) // 1024} KiB of "
-                            f"shared memory" + (f" beside {table // 1024} KiB of tables" if table else "")
+                            f"shared memory" + (f" beside {table // 1024} KiB of tables"
+                                                + (" and activations" if cfg.x_staged else "") if table else "")
                             + f" (over {limit // 1024})")
     if problems:
         raise ValueError(f"MmaConfig {cfg.as_dict()} cannot schedule N={n} K={k} M={m}: " + "; ".join(problems))
