@@ -339,19 +339,21 @@ def test_32_table_copies_cost_no_registers_over_16():
 def test_signed_tables_are_tuner_candidates_for_hyb_3_and_4_at_m1_only():
     """mma.SIGNED_LUT_*: the tuner's mma space of QTIP HYB-3/4 at M=1 also holds lut_shared=4 configs (the
     sign-folded table copies, measured faster there), each passing its shared-memory check, while the
-    default stays lut_shared=2 (the shipped records were tuned against it); HYB-2, larger M and the
-    fragment variants without a table keep the default's placement."""
+    default stays lut_shared=2 (the shipped records were tuned against it); HYB-2 at M=1 and the
+    fragment variants without a table keep the default's placement; HYB at M > 1 adds the 32 lane
+    copies (lut_shared=3: mma.lane_lut_candidate) instead."""
     from qcompile.kernels.library import KernelSpec
     from qcompile.kernels.mma import format_default_mma_config
     from qcompile.tune import space
 
     for n, k in ((28672, 8192), (1024, 4096)):
-        for name, m, signed in (("qtip-hyb-3", 1, True), ("qtip-hyb-4", 1, True), ("qtip-hyb-2", 1, False),
-                                ("qtip-hyb-4", 2, False), ("qtip-hyb-3", 16, False), ("qtip-1mad-3@mma-kernel", 1, False)):
+        for name, m, luts_expected in (("qtip-hyb-3", 1, {2, 4}), ("qtip-hyb-4", 1, {2, 4}), ("qtip-hyb-2", 1, {2}),
+                                       ("qtip-hyb-4", 2, {2, 3}), ("qtip-hyb-3", 16, {2, 3}),
+                                       ("qtip-1mad-3@mma-kernel", 1, {2})):
             fmt = qc.formats.get(name)
             assert format_default_mma_config(fmt, n, k, m).lut_shared == 2, (name, n, k, m)
             luts = {cfg.lut_shared for cfg in space.mma_candidates(KernelSpec(name, n, k, m), fmt)}
-            assert luts == ({2, 4} if signed else {2}), (name, n, k, m, luts)
+            assert luts == luts_expected, (name, n, k, m, luts)
             for cfg in space.mma_candidates(KernelSpec(name, n, k, m), fmt):
                 check_mma_config(cfg, n, k, m, 16, fragment=True, staged_bits=fmt.K)
 
@@ -466,9 +468,11 @@ def test_tuner_space_and_sweep_candidates(monkeypatch):
     for cfg in cands:
         check_mma_config(cfg, 28672, 8192, 16, 16, fragment=True, staged_bits=2)
     # the fragment kernel's pipeline is in the space (it passed the GPU suite), up to
-    # FRAGMENT_MAX_TUNED_STAGES; lut_shared stays the default's (the 32 copies measured slower)
+    # FRAGMENT_MAX_TUNED_STAGES; beside the default's 16 copies the 32 (mma.lane_lut_candidate at M > 1),
+    # the default's twin among the first candidates
     assert {cfg.stages for cfg in cands} == {1, 2} == set(range(1, space.FRAGMENT_MAX_TUNED_STAGES + 1))
-    assert {cfg.lut_shared for cfg in cands} == {cands[0].lut_shared}
+    assert {cfg.lut_shared for cfg in cands} == {2, 3} and cands[0].lut_shared == 2
+    assert MmaConfig(**{**cands[0].as_dict(), "lut_shared": 3}) in cands[:4]
     monkeypatch.setattr(space, "FRAGMENT_MAX_TUNED_STAGES", 1)
     assert {cfg.stages for cfg in space.candidates(spec)} == {1}
     row = space.candidates(KernelSpec("int4-g128", 28672, 8192, 16))

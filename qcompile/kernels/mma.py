@@ -56,8 +56,9 @@ class MmaConfig:
     seven 32 KiB ones did; b2d52bb, the default's 2 tiles x 16 K warps: 62.8 / 59.5 against 50.7 /
     47.1 us on 28672x8192 / 8192x28672, where ncu showed the bank conflicts gone, L1 from 90 to 50 %
     busy, and the ALU pipe's instructions up from 13.1 to 20.2 million, the byte address's LEA among
-    them; since then h is doubled by an IMAD.SHL instead, not yet timed), so the tuner keeps the
-    default's placement. 4 = 16 copies of the
+    them; since then h is doubled by an IMAD.SHL instead, not yet timed), so at M=1 the tuner keeps the
+    default's placement; at M > 1, where it won on one 70B shape, it is a candidate
+    (``lane_lut_candidate``). 4 = 16 copies of the
     sign-folded table (1024 entries, 64 KiB of dynamic shared memory; ``FRAGMENT_SIGNED_LUT``): a
     tuner candidate for HYB-3/4 at M=1 (``signed_lut_candidate``). 5 = 32 copies of the sign-folded
     table, one a lane (128 KiB, ``SHARED_BYTES_OPT_IN_LARGE``: one block an SM, so give it 1024
@@ -1087,6 +1088,21 @@ def signed_lut_candidate(fmt, m: int) -> bool:
     """Whether the tuner's space of ``fmt`` at batch ``m`` includes lut_shared=4 (SIGNED_LUT_*)."""
     return (getattr(fmt, "fragment_native", False) and getattr(fmt, "code", None) == "hyb"
             and fmt.K in SIGNED_LUT_BITS and m <= SIGNED_LUT_MAX_M)
+
+
+# The 32 lane copies (lut_shared=3) for QTIP HYB at M > 1: a candidate of the tuner's space. H100, one
+# process at b2d52bb (artifacts/bench/mma-sweep-qtip-hyb-lane-lut-h100.json), qtip-hyb-2 M=16:
+# 8192x28672 102.6 us on its default (2 tiles, 8 K warps, unroll 2) against 95.9 with lut_shared=3 and
+# 90.9 with lut_shared=3 at 16 K warps; 28672x8192 87.3 on its default (4 tiles, 4 K warps) against
+# 92.6-116.5 with lut_shared=3 on four configs: it depends on the shape, which is the tuner's to find.
+# Not at M=1, where it lost on all three codes (62.8 / 59.5 against 50.7 / 47.1 us for HYB-2).
+LANE_LUT_MIN_M = 2
+
+
+def lane_lut_candidate(fmt, m: int) -> bool:
+    """Whether the tuner's space of ``fmt`` at batch ``m`` includes lut_shared=3 (LANE_LUT_MIN_M)."""
+    return (getattr(fmt, "fragment_native", False) and getattr(fmt, "code", None) == "hyb"
+            and m >= LANE_LUT_MIN_M)
 
 
 def format_default_mma_config(fmt, n: int, k: int, m: int) -> MmaConfig:

@@ -37,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import QCompileError
 from ..formats import get as get_format
-from ..kernels.mma import MMA_MAX_M, signed_lut_candidate
+from ..kernels.mma import MMA_MAX_M, lane_lut_candidate, signed_lut_candidate
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, TC_FAMILY, KernelSpec, default_gemv_config,
                                family_options, kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
@@ -364,7 +364,8 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
     first, then every config of MMA_KNOB_VALUES with MMA_MIN_WARPS..MMA_MAX_WARPS warps per block and
     at most MMA_MAX_SPAN columns per lane that passes ``check_mma_config``, by distance from the
     default; at most MAX_MMA_CANDIDATES. lut_shared stays the default's, but for QTIP HYB-3/4 at M=1
-    also 4 (the sign-folded table copies: ``mma.signed_lut_candidate``)."""
+    also 4 (the sign-folded table copies: ``mma.signed_lut_candidate``) and for QTIP HYB at M > 1 also 3
+    (the 32 lane copies: ``mma.lane_lut_candidate``)."""
     unit = fmt.decode_unit
     default = _default_mma(spec, fmt)
     bits = streamed_bits(fmt, spec.n, spec.k)
@@ -372,6 +373,8 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
     axes: List[Sequence[int]] = [MMA_KNOB_VALUES.get(name, (getattr(default, name),)) for name in names]
     if signed_lut_candidate(fmt, spec.m) and default.lut_shared == 2:  # (HYB-3/4 at M=1: mma.SIGNED_LUT_*)
         axes[names.index("lut_shared")] = (2, 4)
+    if lane_lut_candidate(fmt, spec.m) and default.lut_shared == 2:  # (HYB at M > 1: mma.LANE_LUT_MIN_M)
+        axes[names.index("lut_shared")] = (2, 3)
     space = []
     for values in itertools.product(*axes):
         cfg = MmaConfig(**dict(zip(names, values)))
