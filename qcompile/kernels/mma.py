@@ -323,9 +323,6 @@ def check_mma_config(cfg: MmaConfig, n: int, k: int, m: int, unit: int, fragment
         staged = stage_bytes(cfg, unit, staged_bits) * cfg.stages if cfg.stages > 1 else 0
         if cfg.x_staged:  # (beside the tables and partials: the step's activation tile)
             table += x_stage_bytes(cfg, unit, m)
-            if k % block == 0 and (k // block) % (cfg.blocks_k * cfg.warps_k):
-                problems.append(f"x_staged=1 needs the K blocks to split evenly over {cfg.blocks_k * cfg.warps_k} "
-                                f"K warps (a step is warps_k consecutive K blocks)")
         if cfg.stages > 1:
             copies = rows * stage_row_bytes(cfg, unit, staged_bits) // CP_ASYNC_BYTES
             if cfg.stage_pad and stage_lane_bytes(cfg, unit, staged_bits) < 8:
@@ -677,33 +674,27 @@ def schedule_mma_rows(func, cfg: MmaConfig, unit: int, rows: RowMap, weights):
     for loop in (s, hi, lo):
         sch.unroll(loop)
     if cfg.x_staged:
-        # the step's activation tile in shared memory, filled by the whole block with 16-byte loads
-        # (the natural column order: a token's columns of a K block are contiguous), rows padded
+        # the step's activation tile in shared memory: each warp copies its own K block's tile (the K
+        # warps are bound outside) with its 32 lanes in 16-byte loads (natural column order: a token's
+        # columns of a K block are contiguous; X_frag's zeros past M and past K included), rows padded
         sch.compute_at(xf, ko)
         sch.set_scope(xf, 0, "shared")
         elem = 2  # fp16
         sch.storage_align(xf, 0, axis=0, factor=128 // elem, offset=X_ROW_PAD // elem)
-        # (each warp copies its own K block's tile with its 32 lanes: the K warps are bound outside)
-        copy = _loops_below(sch, xf, ko)
-        fused = sch.fuse(*copy)
-        outer, lane, vec = sch.split(fused, [None, WARP, 16 // elem])
+        outer, lane, vec = sch.split(sch.fuse(*_loops_below(sch, xf, ko)), [None, WARP, 16 // elem])
         sch.bind(lane, "threadIdx.x")
         sch.unroll(outer)
         sch.vectorize(vec)
-        own = []
     else:
         sch.compute_at(xf, x_lane)
         sch.set_scope(xf, 0, "local")
         own = _loops_below(sch, xf, x_lane)  # (steps, hi, lo): the lane's columns
-    if cfg.x_staged:
-        pass
-    elif rows.x_contiguous:
-        if len(own) > 1:
-            sch.fuse(*own)
-        vectorize_copy(sch, xf, 16, len(sch.get_loops(xf)) - min(1, len(own)))
-    else:
-        for loop in own[:-1]:
-            sch.unroll(loop)
+        if rows.x_contiguous:
+            if len(own) > 1:
+                sch.fuse(*own)
+        else:
+            for loop in own[:-1]:
+                sch.unroll(loop)
         vectorize_copy(sch, xf, 16, len(sch.get_loops(xf)) - min(1, len(own)))
     # C fragments: init and the store to the partial tile, lane (g, t) = rows (g, h), tokens 2t + l
     for blk, row_first in ((store, False), (sch.get_child_blocks(init)[0], True)):
