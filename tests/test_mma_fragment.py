@@ -16,6 +16,7 @@ from qcompile.kernels.mma import (MmaConfig, a_layout_natural, c_layout_natural,
                                   default_mma_config, k_blocks, mma_scheduled_func, span_of)
 from qcompile.kernels import mma_fragment
 from qcompile.kernels.mma_fragment import fragment_mma_func, natural_column
+from qcompile.kernels.resources import kernel_resources
 from qcompile.kernels.target import parse_target
 
 from test_mma_schedule import compile_sm90, llvm_rel_err, ptxas_report
@@ -103,10 +104,9 @@ def test_min_blocks_holds_the_lane_copy_min_kernel_to_three_blocks_without_spill
     monkeypatch.setattr(trellis, "LANE_COPY_BY_MIN", True)
     fmt = qc.formats.get("qtip-hyb-2")
     cfg = MmaConfig(units=1, tiles=2, warps_k=16, lut_shared=2, min_blocks=3)
-    report = ptxas_report(compile_sm90({"k": mma_scheduled_func(fmt, 28672, 8192, 1, cfg)}))
-    regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-    assert regs and max(regs) <= 65536 // (512 * 3), report
-    assert "0 bytes spill stores" in report and not re.search(r"[1-9]\d* bytes spill", report), report
+    used = kernel_resources(compile_sm90({"k": mma_scheduled_func(fmt, 28672, 8192, 1, cfg)}))
+    assert used and max(r.registers for r in used.values()) <= 65536 // (512 * 3), used
+    assert all(r.spill_bytes == 0 for r in used.values()), used
 
 
 def test_partials_in_table_overlay_the_lane_copies_after_the_k_loop(monkeypatch):
@@ -239,9 +239,8 @@ def test_x_staged_reads_the_b_fragments_from_a_padded_shared_tile():
     assert re.search(r"X_frag_warp\w*\[[^\]]+\] = X_frag_shared\w*\[", loop)
     assert "X_frag_shared" not in kernel_body(src, "plain")
     if shutil.which("nvcc") is not None:
-        report = ptxas_report(src)
-        regs = {name: int(r) for name, r in re.findall(r"Compiling entry function '(\w+?)_kernel'[\s\S]*?Used (\d+) registers", report)}
-        assert regs.get("staged") is not None and regs["staged"] <= regs["plain"], report
+        used = kernel_resources(src)
+        assert used["staged_kernel"].registers <= used["plain_kernel"].registers, used
     with pytest.raises(ValueError, match="x_staged=1 is for fragment-native formats"):
         check_mma_config(MmaConfig(x_staged=1), N, K, 16, 32)
 
@@ -262,10 +261,9 @@ def test_signed_lane_copies_of_lut_shared_5_are_conflict_free_and_sign_free(name
     assert body.count("<< (uint)1) & (uint)130944) | (((uint)((int)threadIdx.x)) << (uint)2)) >> (uint)2))]") == 32
     assert "(uint)32768" not in body.split("W_lane_gather_local_ptr[0] =", 1)[1]
     if shutil.which("nvcc") is not None:
-        report = ptxas_report(src)
-        regs = [int(r) for r in re.findall(r"Used (\d+) registers", report)]
-        assert regs and max(regs) <= 64, report
-        assert not re.search(r"[1-9]\d* bytes spill", report), report
+        used = kernel_resources(src)
+        assert used and max(r.registers for r in used.values()) <= 64, used
+        assert all(r.spill_bytes == 0 for r in used.values()), used
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the register report")
