@@ -363,6 +363,7 @@ def describe_records(specs, records, gpu: str, alternatives: bool = False) -> st
     lines = [f"records for {gpu} ({records.root / gpu}):"]
     for spec in specs:
         families = family_options(spec.format, spec.m) if alternatives else (kernel_family(spec.format, spec.m),)
+        chosen = records.config_for(spec, gpu)  # (what build applies to the kernel: one family's best or none)
         for family in [f for f in families if f in FAMILIES]:
             label = f"  {spec.format:<12} N={spec.n:>6} K={spec.k:>6} M={spec.m:>4} {family:<10}: "
             try:
@@ -374,7 +375,6 @@ def describe_records(specs, records, gpu: str, alternatives: bool = False) -> st
             if best is None:
                 lines.append(label + "none")
                 continue
-            chosen = records.config_for(spec, gpu)
             applied = chosen is not None and family_of(chosen) == family
             build = "build applies it" if applied else "build does not apply it"
             if entry.code is None:

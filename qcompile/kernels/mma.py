@@ -85,10 +85,11 @@ class MmaConfig:
     timed (H100, HYB M=1, 2 tiles x 16 K warps: qtip-hyb-2 54.3 -> 59.9 us on 28672x8192, qtip-hyb-4 with
     lut_shared=4 56.6 -> 76.6; artifacts/bench/mma-sweep-qtip-hyb-switches-h100.json), so neither in a
     default nor in the tuner's space.
-    x_staged (fragment-native formats): 1 = the block stages each K step's activations in shared memory
-    (16-byte loads spread over its threads; the K warps take interleaved K blocks, as with stages > 1,
-    so that a step is one column range; each token row padded 16 bytes, so that a warp's B-fragment
-    reads of 8 token rows x 4 lanes meet 32 banks) and the lanes read their B fragments there. Each
+    x_staged (fragment-native formats, stages=1): 1 = each K step's activations go through shared
+    memory: the K warps take interleaved K blocks, as with stages > 1, so that a step is one column
+    range, and each warp copies its K block's tile with its lanes' 16-byte loads (each token row padded
+    16 bytes, so that a warp's B-fragment reads of 8 token rows x 4 lanes meet 32 banks); the lanes
+    read their B fragments there. Each
     lane's 4-byte global load of its B fragment (the reference layout fixes the pairs a lane needs)
     touches 8 token rows: at M=16 those loads put about as many wavefronts through L1 as the table
     lookups (ncu, qtip-hyb-2 28672x8192 at b2d52bb: L1 93 % busy). Not yet timed: in no default and
@@ -177,7 +178,7 @@ FRAGMENT_PARTIALS_IN_TABLE = False
 
 def partials_over_copies(cfg: MmaConfig) -> bool:
     """Whether the fragment kernel's K-warp partials share dynamic shared memory with its table copies
-    (lut_shared 3 and 4, whose copies are there anyway, and with FRAGMENT_PARTIALS_IN_TABLE also 2): the
+    (FRAGMENT_DYNAMIC_LUT, whose copies are there anyway, and with FRAGMENT_PARTIALS_IN_TABLE also 2): the
     copies' scope and the shared-memory check both follow it."""
     return (cfg.lut_shared in FRAGMENT_DYNAMIC_LUT
             or (FRAGMENT_PARTIALS_IN_TABLE and cfg.lut_shared in FRAGMENT_LUT_COPIES))
@@ -185,7 +186,7 @@ def partials_over_copies(cfg: MmaConfig) -> bool:
 
 def fragment_table_bytes(cfg: MmaConfig) -> Tuple[int, int]:
     """Shared memory of the fragment kernel's HYB tables under ``cfg.lut_shared``: (the copies, or the
-    single table with 1; for 3 and 4 the single table they are filled from, beside them)."""
+    single table with 1; for FRAGMENT_DYNAMIC_LUT the single table they are filled from, beside them)."""
     from ..formats.trellis import Q_BITS
 
     entries = (2 if cfg.lut_shared in FRAGMENT_SIGNED_LUT else 1) << Q_BITS
@@ -1075,10 +1076,14 @@ SIGNED_LUT_BITS = (3, 4)
 SIGNED_LUT_MAX_M = 1
 
 
+def _hyb_fragment(fmt) -> bool:
+    """Whether ``fmt`` is QTIP HYB in the kernel layout (the fragment kernel with table copies)."""
+    return getattr(fmt, "fragment_native", False) and getattr(fmt, "code", None) == "hyb"
+
+
 def signed_lut_candidate(fmt, m: int) -> bool:
     """Whether the tuner's space of ``fmt`` at batch ``m`` includes lut_shared=4 (SIGNED_LUT_*)."""
-    return (getattr(fmt, "fragment_native", False) and getattr(fmt, "code", None) == "hyb"
-            and fmt.K in SIGNED_LUT_BITS and m <= SIGNED_LUT_MAX_M)
+    return _hyb_fragment(fmt) and fmt.K in SIGNED_LUT_BITS and m <= SIGNED_LUT_MAX_M
 
 
 # The 32 lane copies (lut_shared=3) for QTIP HYB at M > 1: a candidate of the tuner's space. H100, one
@@ -1092,8 +1097,7 @@ LANE_LUT_MIN_M = 2
 
 def lane_lut_candidate(fmt, m: int) -> bool:
     """Whether the tuner's space of ``fmt`` at batch ``m`` includes lut_shared=3 (LANE_LUT_MIN_M)."""
-    return (getattr(fmt, "fragment_native", False) and getattr(fmt, "code", None) == "hyb"
-            and m >= LANE_LUT_MIN_M)
+    return _hyb_fragment(fmt) and m >= LANE_LUT_MIN_M
 
 
 def format_default_mma_config(fmt, n: int, k: int, m: int) -> MmaConfig:

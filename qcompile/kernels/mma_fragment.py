@@ -36,7 +36,8 @@ from __future__ import annotations
 from ..formats.base import tir_word_half
 from .mma import (FRAGMENT_DYNAMIC_LUT, FRAGMENT_LUT_COPIES, FRAGMENT_SIGNED_LUT, MMA_M, NATURAL_ROWS,
                   NATURAL_ROWS_PACKED_A, STAGED_BITS, MmaConfig, _loops_below, check_mma_config,
-                  format_default_mma_config, fill_per_block, fragment_products, k_blocks, partials_over_copies, schedule_mma_rows, span_of, streamed_bits, x_fragments)
+                  format_default_mma_config, fill_per_block, fragment_products, k_blocks, partials_over_copies,
+                  schedule_mma_rows, span_of, streamed_bits, x_fragments)
 from .schedules import _get_sblock, vectorize_copy
 
 # the A fragments as the lane's 32-bit registers (mma.NATURAL_ROWS_PACKED_A: W_frag holds the gathered
@@ -155,8 +156,8 @@ class _FragmentDecode:
 def _place_tables(sch, bn, cfg: MmaConfig) -> None:
     """The format's derived tables (Format.tir_tables: W_table, its lane copies W_table_lanes):
     lut_shared 2: the lane copies (16) in shared memory, 3: the lane copies (32, 64 KiB) in dynamic
-    shared memory, 4: the 16 copies of the sign-folded table (64 KiB) there, 1: the single table, 0:
-    both inlined (the table words read from the format's tensors in global memory). Filled once per
+    shared memory, 4: the 16 copies of the sign-folded table (64 KiB) there, 5: its 32 copies (128
+    KiB) there, 1: the single table, 0: both inlined (the table words read from the format's tensors in global memory). Filled once per
     thread block by all its threads."""
     lanes, single = _get_sblock(sch, "W_table_lanes"), _get_sblock(sch, "W_table")
     if lanes is None and single is None:

@@ -84,8 +84,6 @@ def one_line(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-
-
 def default_jobs() -> int:
     """Compile threads of ``qcompile tune`` by default: the CPUs this process may run on, at most 8."""
     try:
