@@ -1,5 +1,6 @@
 """The bitshift-trellis Viterbi encoder (qcompile.formats.viterbi) against brute force on tiny trellises."""
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -209,5 +210,70 @@ def test_unknown_or_unavailable_engine_is_one_clear_error():
     with pytest.raises(QCompileError, match="unknown Viterbi engine 'fast'") as info:
         viterbi(torch.randn(2, 8, 1), cb, 8, 2, engine="fast")
     assert "\n" not in str(info.value)
-    with pytest.raises(QCompileError, match="no GPU schedule"):
+    with pytest.raises(QCompileError, match="runs on CPUs only; use engine='tir-min'") as info:
         viterbi(torch.empty(2, 8, 1, device="meta"), cb.to("meta"), 8, 2, engine="tir")
+    assert "\n" not in str(info.value)
+    with pytest.raises(QCompileError, match="runs on CPUs and CUDA GPUs, not on 'meta'"):
+        viterbi(torch.empty(2, 8, 1, device="meta"), cb.to("meta"), 8, 2, engine="tir-min")
+
+
+@pytest.mark.parametrize("L, KV, V", [(10, 2, 1), (10, 4, 2), (12, 3, 1), (10, 8, 2)])
+def test_group_minimum_engine_finds_the_full_cost_engines_paths(L, KV, V, monkeypatch):
+    """engine="tir-min" (the minima of the groups between steps, a compiled backtrack) through its llvm
+    schedule: the same TIR as its CUDA kernels. Against the full-cost TIR step it adds the costs in the
+    same order, so the paths agree exactly, with and without the tail-biting constraints; the chunk is
+    padded to whole CUDA threads' sequences (12 -> 16 here) and the padding sliced off."""
+    from qcompile.formats import viterbi as vit
+
+    monkeypatch.setattr(vit, "MIN_STEP_FULL_THREADS", 1)  # 8 sequences a thread: pads 12 to 16
+    assert vit.min_step_sequences(12, L, KV) == 8
+    g = torch.Generator().manual_seed(L * 10 + KV)
+    cb = torch.randn(1 << L, V, generator=g)
+    x = torch.randn(12, 40, V, generator=g)
+    top = torch.randint(0, 1 << (L - KV), (12,), generator=g)
+    for kwargs in ({}, {"start_top": top, "end_low": top}):
+        s_tir, c_tir = viterbi(x, cb, L, KV, engine="tir", **kwargs)
+        s_min, c_min = viterbi(x, cb, L, KV, engine="tir-min", **kwargs)
+        assert s_min.shape == (12, 40) and is_path(s_min, L, KV).all()
+        assert torch.equal(s_min, s_tir)
+        assert torch.allclose(c_min, c_tir, rtol=1e-6, atol=1e-5)
+        if kwargs:
+            assert ((s_min[:, 0] >> KV) == top).all() and ((s_min[:, -1] & ((1 << (L - KV)) - 1)) == top).all()
+    states, _ = viterbi_tailbiting(x, cb, L, KV, engine="tir-min")
+    assert is_tailbiting(states, L, KV).all()
+
+
+def test_group_minimum_step_takes_the_largest_predecessor_of_a_tie():
+    from qcompile.formats.viterbi import _min_step
+
+    L, KV, V, B = 6, 2, 1, 3
+    nc, G = 1 << KV, 1 << (L - KV)
+    prev = torch.randn(B, G)
+    xa = torch.tensor([[0.0, 1.0]] * B)  # x_t = 0: cost = prev[j >> KV] + M[1, j]
+    M = torch.zeros(V + 1, 1 << L)
+    # group g's predecessors j = c·G + g read prev[j >> KV]; make c = 1 and c = 3 tie below the others
+    M[1].view(nc, G)[0] = M[1].view(nc, G)[2] = 100.0
+    j1, j3 = torch.arange(G) + G, torch.arange(G) + 3 * G
+    prev[:, j3 >> KV] = prev[:, j1 >> KV] = -10.0
+    best, bp = torch.empty(B, G), torch.empty(B, G, dtype=torch.uint8)
+    _min_step(B, L, KV, V, "llvm")(prev, xa, M, best, bp)
+    assert (bp == 3).all() and (best == -10.0).all()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (ptxas) for the resources")
+@pytest.mark.parametrize("K, V", [(2, 1), (3, 1), (4, 1), (2, 2), (3, 2), (4, 2)])
+def test_group_minimum_cuda_kernels_compile_without_spills(K, V):
+    """The CUDA forms of the step (L=16, a chunk of 1600 sequences: 8 a thread) and of the backtrack
+    compile for sm_90 without spills or local memory, and the step loads each M value once for all
+    of a thread's sequences (K·V <= 4: the predecessor loop unrolled)."""
+    import tvm
+
+    from qcompile.formats.viterbi import schedule_backtrack, schedule_min_step
+    from qcompile.kernels.resources import kernel_resources
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    L, KV, B = 16, K * V, 1600
+    for sch in (schedule_min_step(B, L, KV, V, "cuda"), schedule_backtrack(B, 256 // V, L, KV, "cuda")):
+        src = tvm.compile(sch.mod, target=target).mod.imports[0].inspect_source()
+        (res,) = kernel_resources(src).values()
+        assert res.spill_bytes == 0 and res.stack_bytes == 0 and res.registers <= 128, res

@@ -1239,12 +1239,13 @@ DEFAULT_MSE_SCALES = (0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05)  # covers the optim
 
 
 def gaussian_mse(fmt_name: str, n_sequences: int = 4096, seed: int = 0, scales=None, device=None,
-                 memory_budget: Optional[int] = None) -> dict:
+                 memory_budget: Optional[int] = None, engine: str = "auto") -> dict:
     """MSE per weight of the format's trellis (L=16, two-pass tail-biting Viterbi, the layout's
     in-tile order does not matter for i.i.d. data) on ``n_sequences`` i.i.d. N(0, 1) sequences of 256,
     at the best of ``scales`` (ρ values as in ``quantize``: the quantizer input x·rms(codebook)·ρ; default
     DEFAULT_MSE_SCALES). The sequences come from a CPU generator seeded with ``seed``; work runs on
-    ``device`` (default: CUDA when available). HYB uses the default table.
+    ``device`` (default: CUDA when available) with the Viterbi ``engine`` (qcompile.formats.viterbi).
+    HYB uses the default table.
 
     Returns {"format", "mse", "scale", "mse_by_scale": {ρ: mse}, "n_sequences", "seconds"}."""
     import time
@@ -1264,7 +1265,8 @@ def gaussian_mse(fmt_name: str, n_sequences: int = 4096, seed: int = 0, scales=N
     by_scale = {}
     for rho in (DEFAULT_MSE_SCALES if scales is None else scales):
         g = rms_cb * float(rho)
-        states, _ = viterbi_tailbiting((x * g).view(-1, fmt.S, fmt.V), cb, fmt.L, fmt.KV, memory_budget=memory_budget)
+        states, _ = viterbi_tailbiting((x * g).view(-1, fmt.S, fmt.V), cb, fmt.L, fmt.KV, memory_budget=memory_budget,
+                                       engine=engine)
         x_hat = cb[states].reshape(x.shape) / g
         by_scale[float(rho)] = float((x - x_hat).pow(2).mean())
     best = min(by_scale, key=by_scale.get)

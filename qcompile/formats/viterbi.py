@@ -37,12 +37,17 @@ TensorIR kernel (``viterbi_step_func``: per group g the min and argmax-of-ties o
 predecessors, then the 2^KV new costs of the group, read and written once), in the elementwise
 form's order. Its paths are the torch engine's up to fp32 rounding of near-ties (64 tail-biting
 sequences at L=16, V=2: one differed, by 6e-7 of its squared error at K·V=4, 5e-6 at K·V=8).
+``"tir-min"`` keeps only the group minima between steps (``viterbi_min_step_func``: a step recomputes
+each group's 2^KV costs from the previous minima, so it moves 2^(L−KV) floats a sequence each way where
+the others move 2^L) and reads the path out with a compiled backtrack kernel; it has a CUDA schedule
+and an llvm one, the same TIR, so the CPU tests check the kernels the GPU runs.
 ``"auto"`` (the default) is the TIR kernel on CPUs (a L=16, K=2, V=1 step of 64 sequences: 1.3 ms
-against 4.1 ms for the torch passes, 2 cores) and torch on CUDA, where the TIR kernel has no GPU
-schedule yet.
+against 4.1 ms for the torch passes, 2 cores) and ``CUDA_AUTO_ENGINE`` on CUDA: the torch passes until
+"tir-min" has been timed on a GPU.
 
 Memory: sequences are processed in chunks sized from ``memory_budget`` bytes (per sequence about
-10·2^L bytes of cost buffers + (S−1)·2^(L−KV) bytes of backpointers: L=16, K=2, V=1: ≈4.9 MiB).
+10·2^L bytes of cost buffers + (S−1)·2^(L−KV) bytes of backpointers: L=16, K=2, V=1: ≈4.9 MiB;
+``per_sequence_bytes``).
 """
 from __future__ import annotations
 
@@ -73,9 +78,13 @@ def _check(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int) -> Tuple[in
     return B, S, V
 
 
-def per_sequence_bytes(L: int, KV: int, S: int) -> int:
-    """Approximate working memory of one sequence in ``viterbi`` (bytes)."""
+def per_sequence_bytes(L: int, KV: int, S: int, engine: str = "torch") -> int:
+    """Approximate working memory of one sequence in ``viterbi`` (bytes): the full cost buffers of the
+    torch and "tir" engines, or the two group-minimum buffers of "tir-min" (plus its last step's full
+    costs), and the uint8 backpointers."""
     n, g = 1 << L, 1 << (L - KV)
+    if engine == "tir-min":
+        return 4 * g * 2 + 4 * n * 2 + max(S - 1, 0) * g + 64 * S
     return 4 * n * 2 + 2 * n + 4 * g + max(S - 1, 0) * g + 64 * S
 
 
@@ -109,7 +118,7 @@ def viterbi(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
     dev = x.device
     engine = _engine(engine, dev)
     budget = default_memory_budget(dev) if memory_budget is None else int(memory_budget)
-    chunk = max(1, budget // per_sequence_bytes(L, KV, S))
+    chunk = max(1, budget // per_sequence_bytes(L, KV, S, engine))
     M = _gemm_operands(codebook.to(dev))
     out_s = torch.empty(B, S, dtype=torch.int64, device=dev)
     out_c = torch.empty(B, dtype=torch.float32, device=dev)
@@ -124,6 +133,8 @@ def viterbi(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
 
 
 def _viterbi_chunk(x, M, L, KV, start_top, end_low, engine="torch"):
+    if engine == "tir-min":
+        return _viterbi_chunk_min(x, M, L, KV, start_top, end_low)
     B, S, V = x.shape
     dev = x.device
     n, nc, G = 1 << L, 1 << KV, 1 << (L - KV)
@@ -171,15 +182,19 @@ def _viterbi_chunk(x, M, L, KV, start_top, end_low, engine="torch"):
     return _backtrack(cost, bp, B, S, L, KV, nc, G, end_low, dev)
 
 
+def _final_state(cost, B, L, KV, nc, G, end_low, dev):
+    """(cost, state) of the best final state of each sequence, its low L−KV bits forced to ``end_low``."""
+    if end_low is None:
+        return cost.min(dim=1)
+    low = end_low.to(dev, torch.int64).view(B, 1, 1)
+    cand = cost.view(B, nc, G).gather(2, low.expand(B, nc, 1)).squeeze(2)  # [B, 2^KV]
+    final_cost, c = cand.min(dim=1)
+    return final_cost, (c << (L - KV)) | low.view(B)
+
+
 def _backtrack(cost, bp, B, S, L, KV, nc, G, end_low, dev):
-    """The best final state (its low bits forced to ``end_low``), then the path through ``bp``."""
-    if end_low is not None:
-        low = end_low.to(dev, torch.int64).view(B, 1, 1)
-        cand = cost.view(B, nc, G).gather(2, low.expand(B, nc, 1)).squeeze(2)  # [B, 2^KV]
-        final_cost, c = cand.min(dim=1)
-        state = (c << (L - KV)) | low.view(B)
-    else:
-        final_cost, state = cost.min(dim=1)
+    """The best final state (``_final_state``), then the path through ``bp``."""
+    final_cost, state = _final_state(cost, B, L, KV, nc, G, end_low, dev)
     states = torch.empty(B, S, dtype=torch.int64, device=dev)
     states[:, S - 1] = state
     rows = torch.arange(B, device=dev)
@@ -191,16 +206,23 @@ def _backtrack(cost, bp, B, S, L, KV, nc, G, end_low, dev):
     return states, final_cost
 
 
-ENGINES = ("auto", "torch", "tir")
+ENGINES = ("auto", "torch", "tir", "tir-min")
+# what engine="auto" runs on a CUDA device: the torch passes until the group-minimum kernels
+# ("tir-min", compiled for CUDA and checked on the CPU through their llvm form) have been timed on a GPU
+CUDA_AUTO_ENGINE = "torch"
 
 
 def _engine(engine: str, dev) -> str:
     if engine not in ENGINES:
         raise QCompileError(f"unknown Viterbi engine {engine!r} (known: {', '.join(ENGINES)})")
+    kind = torch.device(dev).type
     if engine == "auto":
-        return "tir" if torch.device(dev).type == "cpu" else "torch"
-    if engine == "tir" and torch.device(dev).type != "cpu":
-        raise QCompileError("the TIR Viterbi step has no GPU schedule yet; use engine='torch' on CUDA")
+        return "tir" if kind == "cpu" else CUDA_AUTO_ENGINE
+    if engine == "tir" and kind != "cpu":
+        raise QCompileError("the full-cost TIR Viterbi step runs on CPUs only; use engine='tir-min' "
+                            "(or 'torch') on CUDA")
+    if engine == "tir-min" and kind not in ("cpu", "cuda"):
+        raise QCompileError(f"engine='tir-min' runs on CPUs and CUDA GPUs, not on {kind!r} tensors")
     return engine
 
 
@@ -261,6 +283,205 @@ def _tir_step(B: int, L: int, KV: int, V: int):
     else:  # (K·V = 8: 256 per group) vectors of 8 lanes
         sch.vectorize(sch.split(cc, [None, 8])[1])
     return tvm.compile(sch.mod, target=tvm.target.Target({"kind": "llvm"}))["main"]
+
+
+# --- the group-minimum engine ("tir-min"): a step keeps only the 2^(L−KV) group minima ---------------
+#
+# cost_t[j] = best_{t−1}[j >> KV] + ||c_j||² − 2⟨x_t, c_j⟩, and step t's only use of cost_t is
+# best_t[g] = min_c cost_t[c·G + g] (with its backpointer). So a step can recompute the 2^KV costs of
+# a group from the previous minima instead of storing all 2^L of them: per sequence and step it reads
+# and writes G = 2^(L−KV) floats (64 KiB at L=16, K·V=2) where the full-cost step moves 2^L (256 KiB)
+# each way. That is what a GPU wants (the torch passes move the full costs five or six times); on CPUs
+# the full-cost step ("tir") vectorizes better and stays the default. Step 0 starts from the prior
+# best_{−1} = 0, or +inf outside the forced group of ``start_top``; the last step's full costs
+# (needed for ``end_low``) are formed once in torch.
+MIN_STEP_THREADS = 256       # CUDA threads per block of the step kernel
+MIN_STEP_SEQUENCES = 8       # sequences a CUDA thread carries for one group (their M loads are shared)
+MIN_STEP_FULL_THREADS = 1 << 17  # threads that fill an H100-class GPU (132 SMs x 1024): below, fewer sequences a thread
+MIN_STEP_UNROLL = 16         # predecessors per group unrolled at most (K·V = 8 has 256)
+BACKTRACK_THREADS = 64       # CUDA threads per block of the backtrack kernel (one sequence each)
+
+
+def viterbi_min_step_func(B: int, L: int, KV: int, V: int):
+    """TIR of one group-minimum step: main(prev f32[B, G], xa f32[B, V+1] (x_t and a 1), M f32[V+1, 2^L]
+    (``_gemm_operands``), best f32[B, G], bp u8[B, G]) with G = 2^(L−KV). For group g and predecessor
+    c, j = c·G + g: cost = prev[j >> KV] + M[V, j] + Σ_v x_v·M[v, j] (the torch engine's elementwise
+    order); best = the minimum over c, bp = the largest c attaining it (one pass: a (value, index)
+    reduction that takes a later c on equality)."""
+    from tvm import te, tirx
+
+    n, nc, G = 1 << L, 1 << KV, 1 << (L - KV)
+    prev = te.placeholder((B, G), "float32", name="prev")
+    xa = te.placeholder((B, V + 1), "float32", name="xa")
+    M = te.placeholder((V + 1, n), "float32", name="M")
+
+    def combine(acc, new):
+        take = tirx.any(new[0] < acc[0], tirx.all(new[0] == acc[0], new[1] > acc[1]))
+        return tirx.Select(take, new[0], acc[0]), tirx.Select(take, new[1], acc[1])
+
+    def identity(t0, t1):
+        return tirx.const(_INF, t0), tirx.const(0, t1)
+
+    argmin_last = te.comm_reducer(combine, identity, name="argmin_last")
+    c = te.reduce_axis((0, nc), name="c")
+
+    def cost(b, g, c):
+        j = c * G + g
+        e = prev[b, tirx.shift_right(j, KV)] + M[V, j]
+        for v in range(V):
+            e = e + xa[b, v] * M[v, j]
+        return e
+
+    best, arg = te.compute((B, G), lambda b, g: argmin_last((cost(b, g, c), c), axis=c), name="best")
+    bp = te.compute((B, G), lambda b, g: arg[b, g].astype("uint8"), name="bp")
+    return te.create_prim_func([prev, xa, M, best, bp])
+
+
+def min_step_sequences(B: int, L: int, KV: int) -> int:
+    """Sequences per CUDA thread of the step kernel: MIN_STEP_SEQUENCES, halved while the B·G / that
+    threads would not fill the GPU (MIN_STEP_FULL_THREADS)."""
+    per = MIN_STEP_SEQUENCES
+    while per > 1 and (B // per) * (1 << (L - KV)) < MIN_STEP_FULL_THREADS:
+        per //= 2
+    return per
+
+
+def schedule_min_step(B: int, L: int, KV: int, V: int, kind: str):
+    """The step's schedule. cuda: a thread per (group, ``min_step_sequences`` sequences), consecutive
+    groups on consecutive lanes (their M and prev reads coalesce), the predecessor loop outside the
+    sequences so each M value is loaded once for all of them, the running minima in registers.
+    llvm: sequences in parallel, groups in runs of 8 (the minima of a run in registers)."""
+    import tvm
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": viterbi_min_step_func(B, L, KV, V)}))
+    blk = sch.get_sblock("best")
+    b, g, c = sch.get_loops(blk)
+    if kind == "cuda":
+        per = min_step_sequences(B, L, KV)
+        bo, bi = sch.split(b, [None, per])
+        sch.reorder(bo, g, c, bi)
+        bx, tx = sch.split(sch.fuse(bo, g), [None, MIN_STEP_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+        at, inner = tx, bi
+    else:
+        go, gi = sch.split(g, [None, min(8, 1 << (L - KV))])
+        sch.reorder(b, go, c, gi)
+        sch.parallel(b)
+        at, inner = go, gi
+    stores = [sch.cache_write(blk, i, "local") for i in (0, 1)]  # the minima and their indices
+    for store in stores:
+        sch.reverse_compute_at(store, at)
+    sch.compute_inline(sch.get_sblock("best.v1_local"))  # the int32 index goes straight to the uint8 bp
+    sch.reverse_compute_at(sch.get_sblock("bp"), at)
+    sch.decompose_reduction(blk, c)
+    sch.unroll(inner)
+    if kind == "cuda" and (1 << KV) <= MIN_STEP_UNROLL:
+        sch.unroll(c)
+    return sch
+
+
+def viterbi_backtrack_func(B: int, S: int, L: int, KV: int):
+    """TIR of the path read-out: main(bp u8[S−1, B, G], last i64[B], states i64[B, S]): from the final
+    state, state_{t−1} = (bp[t−1, b, g] << (L−KV)) | g with g = state_t >> KV. One sequence is a serial
+    chain of S dependent loads; sequences run in parallel."""
+    from tvm.script import tirx as T
+
+    G, shift = 1 << (L - KV), L - KV
+    steps = max(S - 1, 1)  # (an unused 1-step bp when S = 1)
+
+    @T.prim_func(s_tir=True)
+    def main(bp: T.Buffer((steps, B, G), "uint8"), last: T.Buffer((B,), "int64"),
+             states: T.Buffer((B, S), "int64")):
+        T.func_attr({"tirx.noalias": True})
+        cur = T.sblock_alloc_buffer((B,), "int64", scope="local")
+        for b in range(B):
+            with T.sblock("path"):
+                vb = T.axis.spatial(B, b)
+                T.reads(bp[0:steps, vb, 0:G], last[vb])
+                T.writes(states[vb, 0:S], cur[vb])
+                cur[vb] = last[vb]
+                states[vb, S - 1] = last[vb]
+                for i in range(S - 1):
+                    g = T.shift_right(cur[vb], T.int64(KV))
+                    cur[vb] = T.bitwise_or(T.shift_left(T.Cast("int64", bp[S - 2 - i, vb, g]), T.int64(shift)), g)
+                    states[vb, S - 2 - i] = cur[vb]
+
+    return main
+
+
+def schedule_backtrack(B: int, S: int, L: int, KV: int, kind: str):
+    import tvm
+
+    sch = tvm.s_tir.Schedule(tvm.IRModule({"main": viterbi_backtrack_func(B, S, L, KV)}))
+    (b,) = sch.get_loops(sch.get_sblock("path"))
+    if kind == "cuda":
+        bx, tx = sch.split(b, [None, BACKTRACK_THREADS])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    else:
+        sch.parallel(b)
+    return sch
+
+
+def _tvm_target(kind: str):
+    import tvm
+
+    if kind == "cuda":
+        from ..kernels.target import local_cuda_arch
+
+        arch = local_cuda_arch()
+        if arch is None:
+            raise QCompileError("engine='tir-min' on CUDA tensors needs a visible CUDA GPU")
+        return tvm.target.Target({"kind": "cuda", "arch": arch})
+    return tvm.target.Target({"kind": "llvm"})
+
+
+@functools.lru_cache(maxsize=16)
+def _min_step(B: int, L: int, KV: int, V: int, kind: str):
+    import tvm
+
+    return tvm.compile(schedule_min_step(B, L, KV, V, kind).mod, target=_tvm_target(kind))["main"]
+
+
+@functools.lru_cache(maxsize=16)
+def _backtrack_kernel(B: int, S: int, L: int, KV: int, kind: str):
+    import tvm
+
+    return tvm.compile(schedule_backtrack(B, S, L, KV, kind).mod, target=_tvm_target(kind))["main"]
+
+
+def _viterbi_chunk_min(x, M, L, KV, start_top, end_low):
+    """``_viterbi_chunk`` on the group-minimum kernels (CPU or CUDA, by x's device). The chunk is
+    padded to a whole number of the CUDA kernel's sequences per thread (zero sequences, sliced off)."""
+    B0, S, V = x.shape
+    dev = x.device
+    kind = "cuda" if dev.type == "cuda" else "llvm"
+    n, nc, G = 1 << L, 1 << KV, 1 << (L - KV)
+    per = min_step_sequences(B0, L, KV) if kind == "cuda" else 1
+    B = -(-B0 // per) * per
+    if B != B0:
+        x = torch.cat([x, x.new_zeros(B - B0, S, V)])
+    xa = torch.cat([x, torch.ones(B, S, 1, dtype=torch.float32, device=dev)], dim=2).transpose(0, 1).contiguous()
+    prev = torch.zeros(B, G, dtype=torch.float32, device=dev)
+    if start_top is not None:  # step 0's costs: +inf outside group start_top (its top L−KV bits)
+        prev[:B0].fill_(_INF).scatter_(1, start_top.to(dev, torch.int64).view(B0, 1), 0.0)
+    nxt = torch.empty_like(prev)
+    bp = torch.empty(max(S - 1, 1), B, G, dtype=torch.uint8, device=dev)
+    if S > 1:
+        step = _min_step(B, L, KV, V, kind)
+        for t in range(S - 1):
+            step(prev, xa[t], M, nxt, bp[t])
+            prev, nxt = nxt, prev
+    # the last step's full costs, in the elementwise order of the step
+    cost = prev.repeat_interleave(nc, dim=1).add_(M[V])
+    for v in range(V):
+        cost.addcmul_(xa[S - 1, :, v:v + 1], M[v:v + 1])
+    final_cost, last = _final_state(cost[:B0], B0, L, KV, nc, G, end_low, dev)
+    last = torch.cat([last, last.new_zeros(B - B0)]).contiguous()
+    states = torch.empty(B, S, dtype=torch.int64, device=dev)
+    _backtrack_kernel(B, S, L, KV, kind)(bp, last, states)
+    return states[:B0], final_cost
 
 
 def path_cost(x: torch.Tensor, codebook: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
