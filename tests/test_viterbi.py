@@ -277,3 +277,20 @@ def test_group_minimum_cuda_kernels_compile_without_spills(K, V):
         src = tvm.compile(sch.mod, target=target).mod.imports[0].inspect_source()
         (res,) = kernel_resources(src).values()
         assert res.spill_bytes == 0 and res.stack_bytes == 0 and res.registers <= 128, res
+
+
+def test_viterbi_speed_bench_times_engines_side_by_side(tmp_path):
+    """python -m qcompile.bench.viterbi_speed on the CPU at a toy size: a row per (format, engine) with
+    the throughput of the second run, the engines' MSEs equal (the same paths), and the JSON written."""
+    import json
+
+    from qcompile.bench import viterbi_speed
+
+    out = tmp_path / "v.json"
+    assert viterbi_speed.main(["--formats", "qtip-3inst-2", "--sequences", "4", "--engines", "tir,tir-min",
+                               "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    rows = {r["engine"]: r for r in doc["rows"]}
+    assert set(rows) == {"tir", "tir-min"} and doc["device"] == "cpu" and doc["layer"] == []
+    assert rows["tir"]["mse"] == rows["tir-min"]["mse"] and 0.03 < rows["tir"]["mse"] < 0.15
+    assert all(r["weights_per_s"] == 4 * 256 / r["seconds"] for r in rows.values())

@@ -16,6 +16,32 @@ from ..formats.trellis import gaussian_mse
 SCALES = {2: (0.95, 1.0, 1.05), 3: (0.9, 0.95), 4: (0.8, 0.85)}
 
 
+def time_layer_quantize(names, n: int, k: int, extra=None):
+    """Seconds to quantize one random [n, k] layer (weights N(0, 0.02²)) in each format of ``names``,
+    without and with a Hessian from 8192 random activation rows (BlockLDLQ), on CUDA when available.
+    Rows {"format", "N", "K", "ldlq", "seconds", "proxy_loss"} (plus ``extra``), each printed as it lands."""
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    W = torch.randn(n, k, device=dev, generator=gen) * 0.02
+    X = torch.randn(8192, k, device=dev, generator=gen)
+    H = (X.T @ X / X.shape[0]).double()
+    rows = []
+    for name in names:
+        fmt = get_format(name)
+        for hessian in (None, H):
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            qw = fmt.quantize(W, hessian=hessian)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            row = {"format": name, **(extra or {}), "N": n, "K": k, "ldlq": hessian is not None,
+                   "seconds": time.perf_counter() - t0, "proxy_loss": qw.meta.get("proxy_loss")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--sequences", type=int, default=4096)
@@ -36,24 +62,7 @@ def main(argv=None):
                   f"{len(SCALES[bits])} scales = {r['viterbi_weights_per_s'] / 1e6:.2f} M weights/s)", flush=True)
     if args.layer:
         n, k = map(int, args.layer.split("x"))
-        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        gen = torch.Generator(device=dev).manual_seed(0)
-        W = torch.randn(n, k, device=dev, generator=gen) * 0.02
-        X = torch.randn(8192, k, device=dev, generator=gen)
-        H = (X.T @ X / X.shape[0]).double()
-        for name in ("qtip-hyb-2", "qtip-3inst-2"):
-            fmt = get_format(name)
-            for hessian in (None, H):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                qw = fmt.quantize(W, hessian=hessian)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                row = {"format": name, "N": n, "K": k, "ldlq": hessian is not None,
-                       "seconds": time.perf_counter() - t0, "proxy_loss": qw.meta.get("proxy_loss")}
-                out["layer"].append(row)
-                print(json.dumps(row), flush=True)
+        out["layer"] += time_layer_quantize(("qtip-hyb-2", "qtip-3inst-2"), n, k)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -7,27 +7,20 @@ codes (L=16, two-pass tail-biting, i.i.d. N(0,1) sequences of 256) per engine, i
 Per format and engine: ``gaussian_mse`` at the format's best scale from ``trellis_numbers.SCALES`` run
 twice; the first run's seconds include compiling the engine's kernels, the second is the throughput.
 The MSEs of the engines should agree to about 1e-6 (their paths differ only on fp32 near-ties).
-With ``--layer``, each engine in turn is made the CUDA default of ``engine="auto"``
-(``viterbi.CUDA_AUTO_ENGINE``) and one layer of that shape is quantized without and with a Hessian
-(BlockLDLQ), as ``trellis_numbers`` times it.
+With ``--layer`` on a GPU, each engine in turn is made the CUDA default of ``engine="auto"``
+(``viterbi.CUDA_AUTO_ENGINE``) and one layer of that shape is quantized in each format without and
+with a Hessian (BlockLDLQ), as ``trellis_numbers`` times it (on a CPU once, with "auto").
 """
 from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 
-from ..formats import get as get_format
 from ..formats import viterbi
 from ..formats.trellis import gaussian_mse, trellis_format
-from .trellis_numbers import SCALES
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
+from .trellis_numbers import SCALES, time_layer_quantize
 
 
 def main(argv=None):
@@ -55,26 +48,12 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     if args.layer:
         n, k = map(int, args.layer.split("x"))
-        gen = torch.Generator(device=dev).manual_seed(0)
-        W = torch.randn(n, k, device=dev, generator=gen) * 0.02
-        X = torch.randn(8192, k, device=dev, generator=gen)
-        H = (X.T @ X / X.shape[0]).double()
         saved = viterbi.CUDA_AUTO_ENGINE
         try:
-            for engine in engines:
+            for engine in (engines if dev.type == "cuda" else ["auto"]):  # (CPUs: "auto" is "tir")
                 if dev.type == "cuda":
                     viterbi.CUDA_AUTO_ENGINE = engine
-                for name in args.formats.split(","):
-                    fmt = get_format(name)
-                    for hessian in (None, H):
-                        _sync(dev)
-                        t0 = time.perf_counter()
-                        qw = fmt.quantize(W, hessian=hessian)
-                        _sync(dev)
-                        row = {"format": name, "engine": engine, "N": n, "K": k, "ldlq": hessian is not None,
-                               "seconds": time.perf_counter() - t0, "proxy_loss": qw.meta.get("proxy_loss")}
-                        out["layer"].append(row)
-                        print(json.dumps(row), flush=True)
+                out["layer"] += time_layer_quantize(args.formats.split(","), n, k, extra={"engine": engine})
         finally:
             viterbi.CUDA_AUTO_ENGINE = saved
     if args.json:

@@ -10,6 +10,11 @@
 #   bash tests/gpu/device_run.sh profile NAME PROFILE_ONE ARGS...   Nsight Compute's report of one kernel
 #        (python3 -m qcompile.bench.profile_one: e.g. --format qtip-hyb-2 --shape 28672x8192 --m 1) as
 #        text to $OUT/NAME.txt: speed of light, pipes, warp stalls, shared-memory bank conflicts
+#   bash tests/gpu/device_run.sh viterbi NAME VITERBI_SPEED ARGS...   Viterbi engines side by side
+#        (python3 -m qcompile.bench.viterbi_speed) to $OUT/NAME.json
+#   bash tests/gpu/device_run.sh plan FILE LIMIT_S   each line of FILE (a device_run.sh command; # comments)
+#        in turn, each under the seconds left of LIMIT_S, all output in $OUT/plan.log; a step that fails
+#        or runs out of time is logged and the plan goes on (one device call, many measurements)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out=${OUT:-/tmp/qc-out}
@@ -43,6 +48,21 @@ case "${1:-}" in
       --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_pipe_alu.sum,smsp__inst_executed_pipe_fma.sum,smsp__inst_executed_pipe_lsu.sum \
       python3 -m qcompile.bench.profile_one "$@" > "$out/$name.txt" 2>&1
     tail -60 "$out/$name.txt" ;;
+  viterbi)
+    name=$2; shift 2
+    python3 -m qcompile.bench.viterbi_speed "$@" --json "$out/$name.json" ;;
+  plan)
+    file=$2; limit=$3; start=$(date +%s)
+    while IFS= read -r line || [ -n "$line" ]; do
+      case "$line" in ''|'#'*) continue ;; esac
+      left=$(( limit - ($(date +%s) - start) ))
+      if [ $left -lt 20 ]; then echo "== skipped (time): $line" | tee -a "$out/plan.log"; continue; fi
+      echo "== $(date +%T) ($left s left): $line" | tee -a "$out/plan.log"
+      # (each step under the time left; its own stdin, so it cannot eat the plan's lines)
+      eval "timeout $left bash $0 $line" < /dev/null >> "$out/plan.log" 2>&1
+      echo "== rc $? after $(( $(date +%s) - start )) s" | tee -a "$out/plan.log"
+    done < "$file"
+    tail -40 "$out/plan.log" ;;
   *)
-    sed -n 2,12p "$0"; exit 2 ;;
+    sed -n 2,18p "$0"; exit 2 ;;
 esac
