@@ -294,3 +294,21 @@ def test_viterbi_speed_bench_times_engines_side_by_side(tmp_path):
     assert set(rows) == {"tir", "tir-min"} and doc["device"] == "cpu" and doc["layer"] == []
     assert rows["tir"]["mse"] == rows["tir-min"]["mse"] and 0.03 < rows["tir"]["mse"] < 0.15
     assert all(r["weights_per_s"] == 4 * 256 / r["seconds"] for r in rows.values())
+
+
+def test_quantize_takes_the_viterbi_engine():
+    """TrellisFormat.quantize(..., viterbi_engine=) reaches the encoder: BlockLDLQ over a 32 x 64 layer
+    with the group-minimum engine stores the trellis of the full-cost engine (same paths, same
+    order of additions); an unknown engine is the one-line error."""
+    from qcompile.formats import get as get_format
+
+    fmt = get_format("qtip-3inst-2")
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(32, 64, generator=g) * 0.02
+    X = torch.randn(256, 64, generator=g)
+    H = (X.T @ X / 256).double()
+    a = fmt.quantize(W, hessian=H, viterbi_engine="tir")
+    b = fmt.quantize(W, hessian=H, viterbi_engine="tir-min")
+    assert torch.equal(a.tensors["trellis"], b.tensors["trellis"])
+    with pytest.raises(QCompileError, match="unknown Viterbi engine 'gpu'"):
+        fmt.quantize(W, viterbi_engine="gpu")

@@ -16,10 +16,11 @@ from ..formats.trellis import gaussian_mse
 SCALES = {2: (0.95, 1.0, 1.05), 3: (0.9, 0.95), 4: (0.8, 0.85)}
 
 
-def time_layer_quantize(names, n: int, k: int, extra=None):
+def time_layer_quantize(names, n: int, k: int, extra=None, **quantize_kwargs):
     """Seconds to quantize one random [n, k] layer (weights N(0, 0.02²)) in each format of ``names``,
     without and with a Hessian from 8192 random activation rows (BlockLDLQ), on CUDA when available.
-    Rows {"format", "N", "K", "ldlq", "seconds", "proxy_loss"} (plus ``extra``), each printed as it lands."""
+    ``quantize_kwargs`` go to each format's ``quantize``. Rows {"format", "N", "K", "ldlq", "seconds",
+    "proxy_loss"} (plus ``extra``), each printed as it lands."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator(device=dev).manual_seed(0)
     W = torch.randn(n, k, device=dev, generator=gen) * 0.02
@@ -32,7 +33,7 @@ def time_layer_quantize(names, n: int, k: int, extra=None):
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            qw = fmt.quantize(W, hessian=hessian)
+            qw = fmt.quantize(W, hessian=hessian, **quantize_kwargs)
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             row = {"format": name, **(extra or {}), "N": n, "K": k, "ldlq": hessian is not None,

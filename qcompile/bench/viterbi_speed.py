@@ -7,9 +7,9 @@ codes (L=16, two-pass tail-biting, i.i.d. N(0,1) sequences of 256) per engine, i
 Per format and engine: ``gaussian_mse`` at the format's best scale from ``trellis_numbers.SCALES`` run
 twice; the first run's seconds include compiling the engine's kernels, the second is the throughput.
 The MSEs of the engines should agree to about 1e-6 (their paths differ only on fp32 near-ties).
-With ``--layer`` on a GPU, each engine in turn is made the CUDA default of ``engine="auto"``
-(``viterbi.CUDA_AUTO_ENGINE``) and one layer of that shape is quantized in each format without and
-with a Hessian (BlockLDLQ), as ``trellis_numbers`` times it (on a CPU once, with "auto").
+With ``--layer``, one layer of that shape is quantized in each format with each engine
+(``quantize(..., viterbi_engine=)``), without and with a Hessian (BlockLDLQ), as ``trellis_numbers``
+times it.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import json
 
 import torch
 
-from ..formats import viterbi
 from ..formats.trellis import gaussian_mse, trellis_format
 from .trellis_numbers import SCALES, time_layer_quantize
 
@@ -48,14 +47,9 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
     if args.layer:
         n, k = map(int, args.layer.split("x"))
-        saved = viterbi.CUDA_AUTO_ENGINE
-        try:
-            for engine in (engines if dev.type == "cuda" else ["auto"]):  # (CPUs: "auto" is "tir")
-                if dev.type == "cuda":
-                    viterbi.CUDA_AUTO_ENGINE = engine
-                out["layer"] += time_layer_quantize(args.formats.split(","), n, k, extra={"engine": engine})
-        finally:
-            viterbi.CUDA_AUTO_ENGINE = saved
+        for engine in engines:
+            out["layer"] += time_layer_quantize(args.formats.split(","), n, k, extra={"engine": engine},
+                                                viterbi_engine=engine)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -499,11 +499,13 @@ class TrellisFormat(Format):
 
     def quantize(self, W: torch.Tensor, hessian: Optional[torch.Tensor] = None, seed: int = 0,
                  scale: Optional[float] = None, rht: bool = True, ldlq: Optional[bool] = None,
-                 sigma: float = 1e-2, memory_budget: Optional[int] = None) -> QuantizedWeight:
+                 sigma: float = 1e-2, memory_budget: Optional[int] = None,
+                 viterbi_engine: str = "auto") -> QuantizedWeight:
         """W float [N, k] -> QuantizedWeight, always in the RHT basis (``rht`` is ignored; see the
         module doc). ``scale`` = ρ (default 0.9): the quantizer input has RMS ρ·rms(codebook).
         ``hessian`` + ``ldlq`` (default: on with a Hessian): BlockLDLQ with 16-column blocks.
-        ``memory_budget``: bytes of Viterbi working memory (default: qcompile.formats.viterbi)."""
+        ``memory_budget``: bytes of Viterbi working memory; ``viterbi_engine``: "auto", "torch",
+        "tir" or "tir-min" (both: qcompile.formats.viterbi)."""
         from ..quant.hessian import damp
         from ..quant.ldlq import block_ldlq
 
@@ -533,7 +535,7 @@ class TrellisFormat(Format):
             sv16, wscale = torch.tensor(0.0, dtype=torch.float16), 0.0
             X = W_work
         perm = tile_order(self.order, dev)
-        enc = _TileEncoder(self, cb, perm, memory_budget)
+        enc = _TileEncoder(self, cb, perm, memory_budget, viterbi_engine)
         if use_ldlq:
             result = block_ldlq(X, damp(H, sigma).to(dev), TILE, enc.round_block)
             states = torch.stack(result.states, dim=1)  # [N/16, k/16, S]
@@ -1153,15 +1155,15 @@ def _cuda_trellis() -> str:
 class _TileEncoder:
     """Encodes 16×16 tiles (flattened row-major, [B, 256]) with the tail-biting Viterbi."""
 
-    def __init__(self, fmt: TrellisFormat, cb: torch.Tensor, perm: torch.Tensor, memory_budget):
-        self.fmt, self.cb, self.perm, self.budget = fmt, cb, perm, memory_budget
+    def __init__(self, fmt: TrellisFormat, cb: torch.Tensor, perm: torch.Tensor, memory_budget, engine="auto"):
+        self.fmt, self.cb, self.perm, self.budget, self.engine = fmt, cb, perm, memory_budget, engine
 
     def encode(self, tiles: torch.Tensor):
         from .viterbi import viterbi_tailbiting
 
         f = self.fmt
         seq = tiles[:, self.perm].reshape(-1, f.S, f.V)
-        states, _ = viterbi_tailbiting(seq, self.cb, f.L, f.KV, memory_budget=self.budget)
+        states, _ = viterbi_tailbiting(seq, self.cb, f.L, f.KV, memory_budget=self.budget, engine=self.engine)
         vals = self.cb[states].reshape(-1, TILE_WEIGHTS)
         out = torch.empty_like(vals)
         out[:, self.perm] = vals
