@@ -15,6 +15,7 @@ from ..kernels.pipeline import compile_module
 from ..kernels.schedules import GemvConfig, schedule_gemv_cuda
 from ..kernels.target import parse_target
 from .harness import bench_weight
+from .tc_sweep import check_flags, flags_on
 
 
 def _time(fn, iters=200):
@@ -44,8 +45,14 @@ def main():
                     help="GemvConfig knob values, e.g. 'rows=4;threads_k=64;chunks=2;unroll=1;row_tile=1,2'")
     ap.add_argument("--fp16-runs", default="0",
                     help="products per fp16 partial sum to compare (compute.FP16_RUN; 0: the default), e.g. 8,32")
+    ap.add_argument("--flag", action="append", default=[], metavar="NAME[+NAME]",
+                    help="also time every config with these kernel switches set together (tc_sweep's FLAGS, "
+                         "e.g. e8p-mulhi), labelled by the row's 'flag'; repeatable")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    flag_sets = [()] + [tuple(f.split("+")) for f in args.flag]
+    for names in flag_sets:
+        check_flags(names)
     fmt = get_format(args.format)
     target = parse_target("auto")
     dev = torch.device("cuda")
@@ -69,18 +76,19 @@ def main():
                             for kv in args.grid.split(";"))
                 cfgs = [None] + [GemvConfig(**dict(zip(grid, c))) for c in itertools.product(*grid.values())]
             runs = [int(r) for r in args.fp16_runs.split(",")]
-            for cfg, run in itertools.product(cfgs, runs):
+            for cfg, run, names in itertools.product(cfgs, runs, flag_sets):
                 spec = KernelSpec(fmt.name, n, k, m)
                 try:
-                    if cfg is None and (run == 0 or not serves_gemv(fmt, m)):
-                        func = scheduled_func(spec, target)
-                    else:
-                        gemv_cfg = cfg or default_gemv_config(n, k, m, fmt.decode_unit, fmt.gemv_tile)
-                        func = schedule_gemv_cuda(matmul_func(fmt, n, k, m, fp16_run=run), gemv_cfg,
-                                                  fmt.decode_intrin("cuda"), fmt.streamed)["main"]
-                    # compile_module: the pipeline the library's kernels need (mma.sync's warp memory)
-                    ex = compile_module(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
-                                        target.tvm_target())
+                    with flags_on(names):
+                        if cfg is None and (run == 0 or not serves_gemv(fmt, m)):
+                            func = scheduled_func(spec, target)
+                        else:
+                            gemv_cfg = cfg or default_gemv_config(n, k, m, fmt.decode_unit, fmt.gemv_tile)
+                            func = schedule_gemv_cuda(matmul_func(fmt, n, k, m, fp16_run=run), gemv_cfg,
+                                                      fmt.decode_intrin("cuda"), fmt.streamed)["main"]
+                        # compile_module: the pipeline the library's kernels need (mma.sync's warp memory)
+                        ex = compile_module(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                                            target.tvm_target())
                     f = ex["main"]
                 except Exception:  # config does not tile this shape
                     continue
@@ -89,7 +97,8 @@ def main():
                 torch.cuda.synchronize()
                 err = ((Y.double() - ref).norm() / ref.norm()).item()
                 t = _time(lambda i: f(X, *qsets[i % qcopies].values(), Y))
-                row = {"N": n, "K": k, "M": m, "cfg": None if cfg is None else cfg.as_dict(), "fp16_run": run, "us": t,
+                row = {"N": n, "K": k, "M": m, "cfg": None if cfg is None else cfg.as_dict(), "fp16_run": run,
+                       "flag": "+".join(names), "us": t,
                        "cublas_us": t_fp16, "speedup": t_fp16 / t, "GBps": w_bytes / t / 1e3, "rel_err": err}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -105,7 +114,7 @@ def main():
     print("\nbest per shape:")
     for key, r in best.items():
         print(key, f"{r['us']:.1f}us cublas {r['cublas_us']:.1f}us speedup {r['speedup']:.2f}x "
-              f"{r['GBps']:.0f}GB/s err {r['rel_err']:.1e}", r["cfg"], "fp16_run", r["fp16_run"])
+              f"{r['GBps']:.0f}GB/s err {r['rel_err']:.1e}", r["cfg"], "fp16_run", r["fp16_run"], "flag", r["flag"])
 
 
 if __name__ == "__main__":

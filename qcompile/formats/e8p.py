@@ -739,7 +739,8 @@ class E8PFormat(Format):
         from ..kernels.intrinsics import register_unit_decode
 
         func = {None: "qc_e8p2_decode32", "e8p": "qc_e8p4_decode32", "e81b": "qc_e8p3_decode32"}[self.residual]
-        return register_unit_decode(self, func, _CUDA_E8P), _CUDA_E8P
+        source = _cuda_e8p()
+        return register_unit_decode(self, func, source), source
 
 
 def _tir_e8p(Q, tword, n, c, j):
@@ -779,24 +780,27 @@ _CUDA_E8P = r"""
 #ifndef QC_E8P_DECODE32
 #define QC_E8P_DECODE32
 #include <cuda_fp16.h>  // injected ahead of TVM's own header
+#ifndef QC_E8P_SHR  // (see E8P_SHIFT_BY_MULHI)
+#define QC_E8P_SHR(x, s) ((x) >> (s))
+#endif
 // b: the sign word of a word pair; t: the four gathered abs-table words of its codes
 __device__ __forceinline__ void qc_e8p_pairs(unsigned b, const int* __restrict__ t, unsigned* __restrict__ out) {
-  unsigned s = b ^ (b >> 4);
-  s ^= s >> 8;
-  s ^= s >> 16;
+  unsigned s = b ^ QC_E8P_SHR(b, 4);
+  s ^= QC_E8P_SHR(s, 8);
+  s ^= QC_E8P_SHR(s, 16);
   const unsigned sb = s & 15u;  // bit i: parity of code i's sign bits
   s = b ^ sb;                   // flip sign bit 0 of the odd codes
   const unsigned o_bits = 0xD080D080u;  // half2(-36, -36)
   const half2 o = *reinterpret_cast<const half2*>(&o_bits);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const unsigned si = (i >= 2) ? (s >> 2) : s;
+    const unsigned si = (i >= 2) ? QC_E8P_SHR(s, 2) : s;
     // sign: 0b1110 into the flipped nibbles (x ^ 14 negates about 8); parity: bit 0 of every nibble
     // (the nibbles are odd, so n ^ 1 = n - 1, the -1/4 coset); one XOR for both
     const unsigned x = static_cast<unsigned>(t[i]) ^ ((si & (0x11111111u << (i & 1))) * (14u >> (i & 1)) + ((sb >> i) & 1u) * 0x11111111u);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const unsigned xs = (j == 0) ? (x << 4) : (x >> (4 * (j - 1)));
+      const unsigned xs = (j == 0) ? (x << 4) : (j == 1) ? x : QC_E8P_SHR(x, 4 * (j - 1));
       unsigned h;
       asm("lop3.b32 %0, %1, %2, %3, 0xea;" : "=r"(h) : "r"(xs), "n"(0x00F000F0), "n"(0x50085008));
       const half2 v = __hadd2(*reinterpret_cast<const half2*>(&h), o);
@@ -849,6 +853,23 @@ __device__ __forceinline__ int qc_e8p3_decode32(const int* __restrict__ sign, co
 }
 #endif
 """
+
+
+# The right shifts that bring coordinate pairs 2 and 3 of a code's table word under the LOP3 mask as
+# high words of a multiply (x >> s = __umulhi(x, 2^(32 - s)), exact): nvcc emits IMAD.HI on the FMA pipe
+# instead of SHF on the ALU pipe, which the E8P kernels fill first (sm_90 SASS, nvcc 13.0, e8p-2 on
+# 28672x8192, mma.sync default config: K loop at M=1 399 instructions either way, 229 -> 197 of them on
+# the ALU pipe (LOP3, SHF), at M=16 789, 435 -> 371). The ALU pipe takes a warp instruction every
+# second cycle, so those loops were bound by it (2 x 229 > 399 issue slots) and would be issue-bound
+# after. Off until timed on a GPU (tc_sweep --flag e8p-mulhi): it changes every E8P kernel.
+E8P_SHIFT_BY_MULHI = False
+
+
+def _cuda_e8p() -> str:
+    """The E8P decode source, with the IMAD.HI shifts when E8P_SHIFT_BY_MULHI is set."""
+    if not E8P_SHIFT_BY_MULHI:
+        return _CUDA_E8P
+    return "#define QC_E8P_SHR(x, s) ((s) ? __umulhi((x), 1u << (32 - (s))) : (x))\n" + _CUDA_E8P
 
 
 def wscale16(Wt: torch.Tensor, rho: float, name: str = "e8p") -> float:
