@@ -1002,6 +1002,29 @@ def test_mma_space_is_valid_bounded_and_starts_with_the_default(name, m):
     assert dist == sorted(dist)
 
 
+@pytest.mark.parametrize("name", ["int4-g128", "e8p-2"])
+@pytest.mark.parametrize("n, k", [(28672, 8192), (4096, 11008)])
+def test_mma_space_above_m16_puts_the_defaults_wide_n_twins_first(name, n, k):
+    """At M = 32 / 64 (one launch reads the activation tile through L2 once per row block) the default's
+    twins with 2 and 4 warps across N come right after it: its other knobs, the most K warps that fit;
+    at M=16 the space keeps warps_n <= 2 (measured slower there)."""
+    fmt = qc_formats.get(name)
+    unit = fmt.decode_unit
+    for m in (32, 64):
+        spec = KernelSpec(name, n, k, m)
+        cands = space.candidates(spec)
+        default, twins = cands[0], cands[1:3]
+        assert [c.warps_n for c in twins] == [2, 4]
+        for twin in twins:
+            assert space.fit_error(twin, n, k, m, unit, staged_bits=streamed_bits(fmt, n, k)) is None
+            assert {f: v for f, v in twin.as_dict().items() if f not in ("warps_n", "warps_k")} == \
+                {f: v for f, v in default.as_dict().items() if f not in ("warps_n", "warps_k")}
+            wider = MmaConfig(**{**twin.as_dict(), "warps_k": twin.warps_k * 2})
+            assert space.fit_error(wider, n, k, m, unit, staged_bits=streamed_bits(fmt, n, k)) is not None or \
+                wider.warps_n * wider.warps_k > space.MMA_MAX_WARPS
+    assert max(c.warps_n for c in space.candidates(KernelSpec(name, n, k, 16))) <= 2
+
+
 def test_mma_config_keys_round_trip_and_reject_nonsense():
     key = space.config_key(MMA_BEST)
     assert key == "units=4,tiles=4,warps_n=1,warps_k=2,unroll=2,lut_shared=1,stages=1,stage_pad=0"

@@ -84,6 +84,16 @@ MMA_KNOB_VALUES: Dict[str, Tuple[int, ...]] = {
     "blocks_k": (1, 2, 4),
 }
 MMA_MIN_WARPS, MMA_MAX_WARPS = 2, 16  # warps per block
+# Above this M (int4 / E8P's single-launch buckets 32 and 64) the space also takes 4 warps along N. Each
+# thread block reads the whole activation tile (M x K fp16) through L2 once per warp row group, so the
+# defaults' 32-row blocks move (N / 32) x M x K x 2 bytes: e8p-2 at M=64 on 28672 x 8192 0.94 GB, ~170 us
+# at ~5.5 TB/s, against 183.6 us measured (and M=32: 0.47 GB, ~85 us, against 80.3 us; the same on
+# 8192 x 28672: 0.94 GB against 165.0 us; H100 at 9b550f9, mma-sweep-m64-e8p-2-h100.json, warps_n=1
+# only). More warps across N share one block's reads (through L1): 128 rows a block cut that traffic 4x.
+# At M=16 (4-tile blocks of 64 rows: 0.12 GB) more warps across N measured slower (README), so this
+# stays above GEMV_MAX_M; not yet timed at 32 / 64.
+MMA_WIDE_N_MIN_M = 17
+MMA_WIDE_N_WARPS = (1, 2, 4)
 # the fragment kernel's cp.async pipeline (MmaConfig.stages > 1 for QTIP HYB): in the space since it
 # passed the GPU suite (H100, 70ea965: bit-exact one-hot reads through the stages of HYB-2/3/4, the
 # float64 checks of its configs); at M=1, 8 K warps, unroll 1, two stages took qtip-hyb-2 from 70.3 to
@@ -363,7 +373,9 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
     """The spec's mma.sync space in a deterministic order: the default config (``format_default_mma_config``)
     first, then every config of MMA_KNOB_VALUES with MMA_MIN_WARPS..MMA_MAX_WARPS warps per block and
     at most MMA_MAX_SPAN columns per lane that passes ``check_mma_config``, by distance from the
-    default; at most MAX_MMA_CANDIDATES. lut_shared stays the default's, but for QTIP HYB-3/4 at M=1
+    default; at most MAX_MMA_CANDIDATES. From MMA_WIDE_N_MIN_M on, warps_n also 4, and the default's
+    twins with 2 and 4 warps across N come right after it. lut_shared stays the default's, but for QTIP
+    HYB-3/4 at M=1
     also 4 (the sign-folded table copies: ``mma.signed_lut_candidate``) and for QTIP HYB at M > 1 also 3
     (the 32 lane copies: ``mma.lane_lut_candidate``)."""
     unit = fmt.decode_unit
@@ -375,6 +387,8 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
         axes[names.index("lut_shared")] = (2, 4)
     if lane_lut_candidate(fmt, spec.m) and default.lut_shared == 2:  # (HYB at M > 1: mma.LANE_LUT_MIN_M)
         axes[names.index("lut_shared")] = (2, 3)
+    if spec.m >= MMA_WIDE_N_MIN_M:  # (the activation tile's L2 reads: MMA_WIDE_N_*)
+        axes[names.index("warps_n")] = MMA_WIDE_N_WARPS
     space = []
     for values in itertools.product(*axes):
         cfg = MmaConfig(**dict(zip(names, values)))
@@ -386,4 +400,13 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
         if check_mma(cfg, spec.n, spec.k, spec.m, unit, fmt.fragment_native, bits) is None:
             space.append(cfg)
     space.sort(key=lambda c: (_distance(c, default), tuple(getattr(c, name) for name in names)))
+    if spec.m >= MMA_WIDE_N_MIN_M:  # the default's wide-N twins right after it (its other knobs, the most
+        # K warps whose partial sums fit beside them), so that a small budget measures them
+        twins = []
+        for warps_n in MMA_WIDE_N_WARPS[1:]:
+            same = [c for c in space if c.warps_n == warps_n and all(
+                getattr(c, name) == getattr(default, name) for name in names if name not in ("warps_n", "warps_k"))]
+            if same:
+                twins.append(max(same, key=lambda c: c.warps_k))
+        space = twins + [c for c in space if c not in twins]
     return [default] + space[:MAX_MMA_CANDIDATES - 1]
