@@ -361,9 +361,11 @@ def describe_records(specs, records, gpu: str, alternatives: bool = False) -> st
     from .tune.space import FAMILIES, family_of
 
     lines = [f"records for {gpu} ({records.root / gpu}):"]
+    counts = {"applied": 0, "not applied": 0, "none": 0}
     for spec in specs:
         families = family_options(spec.format, spec.m) if alternatives else (kernel_family(spec.format, spec.m),)
         chosen = records.config_for(spec, gpu)  # (what build applies to the kernel: one family's best or none)
+        has_entry = False
         for family in [f for f in families if f in FAMILIES]:
             label = f"  {spec.format:<12} N={spec.n:>6} K={spec.k:>6} M={spec.m:>4} {family:<10}: "
             try:
@@ -375,16 +377,29 @@ def describe_records(specs, records, gpu: str, alternatives: bool = False) -> st
             if best is None:
                 lines.append(label + "none")
                 continue
+            has_entry = True
             applied = chosen is not None and family_of(chosen) == family
             build = "build applies it" if applied else "build does not apply it"
+            if applied or entry.stale_code():
+                why = ""
+            elif not applies_today(entry, spec):
+                why = " (tuned against another default)"
+            elif chosen is not None:
+                why = " (another family's best is faster)"
+            elif family != families[0]:
+                why = " (beside no applicable entry of the default family)"
+            else:
+                why = ""
             if entry.code is None:
-                state = f"no fingerprint; {build}; a tuning run measures it anew"
+                state = f"no fingerprint; {build}{why}; a tuning run measures it anew"
             elif entry.stale_code():
                 state = "kernels changed since; build does not apply it; a tuning run measures it anew"
             else:
-                why = "" if applied or applies_today(entry, spec) else " (tuned against another default)"
                 state = f"today's kernels; {build}{why}; a tuning run resumes it"
             lines.append(label + f"{entry.tried_count} tried, best {best[1]:.2f} us; {state}")
+        counts["applied" if chosen is not None else "not applied" if has_entry else "none"] += 1
+    lines.append(f"{len(specs)} kernels: build applies a record to {counts['applied']}; "
+                 f"{counts['not applied']} have records it does not apply; {counts['none']} have none")
     return "\n".join(lines)
 
 

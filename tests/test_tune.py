@@ -299,6 +299,22 @@ def test_dry_run_with_a_gpu_tells_each_records_state(tmp_path, capsys, monkeypat
     doc["entries"][0].pop("code")
     path.write_text(json.dumps(doc))
     assert "no fingerprint; build applies it; a tuning run measures it anew" in line(1)
+    assert cli_main(argv) == 0
+    assert "2 kernels: build applies a record to 1; 0 have records it does not apply; 1 have none" in \
+        capsys.readouterr().out
+    # an entry tuned against another default (one of the space's other configs), today's default not among
+    # its measurements: kept, not applied, and the dry-run says why
+    others = space.candidates(spec)[1:3]
+    stale = TuningEntry(spec.format, GPU, spec.n, spec.k, spec.m, *current_versions(), default=others[0])
+    stale.add_measurement(others[0], 10.0)
+    stale.add_measurement(others[1], 9.0)
+    path.unlink()
+    TuningRecords(tmp_path).save(stale)
+    assert "today's kernels; build does not apply it (tuned against another default); a tuning run resumes it" \
+        in line(1)
+    assert cli_main(argv) == 0
+    assert "2 kernels: build applies a record to 0; 1 have records it does not apply; 1 have none" in \
+        capsys.readouterr().out
     import qcompile.tune.records as records_module
 
     monkeypatch.setattr(records_module, "local_gpu_name", lambda: None)

@@ -4,8 +4,9 @@
 # once here, or the tree no longer fits the call). Results go under $OUT (the device tool brings them back).
 #   bash tests/gpu/device_run.sh suite [PYTEST ARGS...]   the gpu-marked tests in 15 processes (~4 min)
 #   bash tests/gpu/device_run.sh tune LIMIT_S JOB... -- TUNE ARGS...
-#        JOB = formats:shapes (e.g. qtip-hyb-2:llama-2-13b); tunes into a copy of schedules/ until LIMIT_S
-#        seconds have passed and writes it to $OUT/sched.tgz (here: qcompile tune --merge DIR)
+#        JOB = formats:shapes (e.g. qtip-hyb-2:llama-2-13b); tunes into a copy of schedules/ (kept for the
+#        machine's later tune steps) until LIMIT_S seconds have passed and writes it to $OUT/sched.tgz
+#        (here: qcompile tune --merge DIR)
 #   bash tests/gpu/device_run.sh sweep NAME TC_SWEEP ARGS...   tc_sweep rows to $OUT/NAME.json
 #   bash tests/gpu/device_run.sh profile NAME PROFILE_ONE ARGS...   Nsight Compute's report of one kernel
 #        (python3 -m qcompile.bench.profile_one: e.g. --format qtip-hyb-2 --shape 28672x8192 --m 1) as
@@ -29,7 +30,8 @@ case "${1:-}" in
     limit=$2; shift 2
     jobs=(); while [ $# -gt 0 ] && [ "$1" != "--" ]; do jobs+=("$1"); shift; done
     [ "${1:-}" = "--" ] && shift
-    start=$(date +%s); rm -rf /tmp/qc-sched && cp -r schedules /tmp/qc-sched
+    # (a second tune of the same machine adds to the first's copy, so one sched.tgz holds both)
+    start=$(date +%s); [ -d /tmp/qc-sched ] || cp -r schedules /tmp/qc-sched
     for job in "${jobs[@]}"; do
       left=$(( limit - ($(date +%s) - start) ))
       if [ $left -lt 30 ]; then echo "skipped $job: time"; continue; fi
@@ -69,5 +71,5 @@ case "${1:-}" in
     done < "$file"
     tail -40 "$out/plan.log" ;;
   *)
-    sed -n 2,19p "$0"; exit 2 ;;
+    sed -n 2,20p "$0"; exit 2 ;;
 esac
