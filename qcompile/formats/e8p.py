@@ -869,7 +869,8 @@ def _cuda_e8p() -> str:
     """The E8P decode source, with the IMAD.HI shifts when E8P_SHIFT_BY_MULHI is set."""
     if not E8P_SHIFT_BY_MULHI:
         return _CUDA_E8P
-    return "#define QC_E8P_SHR(x, s) ((s) ? __umulhi((x), 1u << (32 - (s))) : (x))\n" + _CUDA_E8P
+    return ("#ifndef QC_E8P_SHR\n#define QC_E8P_SHR(x, s) ((s) ? __umulhi((x), 1u << (32 - (s))) : (x))\n#endif\n"
+            + _CUDA_E8P)
 
 
 def wscale16(Wt: torch.Tensor, rho: float, name: str = "e8p") -> float:

@@ -297,7 +297,8 @@ def _tir_step(B: int, L: int, KV: int, V: int):
 # (needed for ``end_low``) are formed once in torch.
 MIN_STEP_THREADS = 256       # CUDA threads per block of the step kernel
 MIN_STEP_SEQUENCES = 8       # sequences a CUDA thread carries for one group (their M loads are shared)
-MIN_STEP_FULL_THREADS = 1 << 17  # threads that fill an H100-class GPU (132 SMs x 1024): below, fewer sequences a thread
+# threads that fill an H100-class GPU (132 SMs x 1024): below them, fewer sequences a thread
+MIN_STEP_FULL_THREADS = 1 << 17
 MIN_STEP_UNROLL = 16         # predecessors per group unrolled at most (K·V = 8 has 256)
 BACKTRACK_THREADS = 64       # CUDA threads per block of the backtrack kernel (one sequence each)
 
