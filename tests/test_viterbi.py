@@ -312,3 +312,13 @@ def test_quantize_takes_the_viterbi_engine():
     assert torch.equal(a.tensors["trellis"], b.tensors["trellis"])
     with pytest.raises(QCompileError, match="unknown Viterbi engine 'gpu'"):
         fmt.quantize(W, viterbi_engine="gpu")
+
+
+def test_auto_engine_on_cpus_takes_the_group_minimum_kernels_where_they_measured_faster():
+    """engine="auto" on a CPU: "tir-min" at K·V = 2 (CPU_MIN_ENGINE_KV), the full-cost "tir" step at the
+    other K·V; on CUDA the CUDA_AUTO_ENGINE."""
+    from qcompile.formats.viterbi import CPU_MIN_ENGINE_KV, CUDA_AUTO_ENGINE, _engine
+
+    assert CPU_MIN_ENGINE_KV == (2,)
+    assert [_engine("auto", "cpu", kv) for kv in (2, 3, 4, 6, 8)] == ["tir-min", "tir", "tir", "tir", "tir"]
+    assert _engine("auto", "cuda", 2) == CUDA_AUTO_ENGINE

@@ -41,8 +41,9 @@ sequences at L=16, V=2: one differed, by 6e-7 of its squared error at K·V=4, 5e
 each group's 2^KV costs from the previous minima, so it moves 2^(L−KV) floats a sequence each way where
 the others move 2^L) and reads the path out with a compiled backtrack kernel; it has a CUDA schedule
 and an llvm one, the same TIR, so the CPU tests check the kernels the GPU runs.
-``"auto"`` (the default) is the TIR kernel on CPUs (a L=16, K=2, V=1 step of 64 sequences: 1.3 ms
-against 4.1 ms for the torch passes, 2 cores) and ``CUDA_AUTO_ENGINE`` on CUDA: the torch passes until
+``"auto"`` (the default) is a TIR engine on CPUs (a L=16, K=2, V=1 step of 64 sequences: 1.3 ms
+against 4.1 ms for the torch passes, 2 cores): "tir-min" at K·V = 2, where it measured faster,
+"tir" elsewhere (``CPU_MIN_ENGINE_KV``); and ``CUDA_AUTO_ENGINE`` on CUDA: the torch passes until
 "tir-min" has been timed on a GPU.
 
 Memory: sequences are processed in chunks sized from ``memory_budget`` bytes (per sequence about
@@ -116,7 +117,7 @@ def viterbi(x: torch.Tensor, codebook: torch.Tensor, L: int, KV: int, *,
     """
     B, S, V = _check(x, codebook, L, KV)
     dev = x.device
-    engine = _engine(engine, dev)
+    engine = _engine(engine, dev, KV)
     budget = default_memory_budget(dev) if memory_budget is None else int(memory_budget)
     chunk = max(1, budget // per_sequence_bytes(L, KV, S, engine))
     M = _gemm_operands(codebook.to(dev))
@@ -210,14 +211,21 @@ ENGINES = ("auto", "torch", "tir", "tir-min")
 # what engine="auto" runs on a CUDA device: the torch passes until the group-minimum kernels
 # ("tir-min", compiled for CUDA and checked on the CPU through their llvm form) have been timed on a GPU
 CUDA_AUTO_ENGINE = "torch"
+# ... and on a CPU: the group-minimum kernels at these K·V, the full-cost step elsewhere. 2 cores, 128
+# tail-biting sequences of 256 at L=16 (gaussian_mse, three runs each, alternating): K·V=2 (3INST-2)
+# 1.53-1.60 s against 1.85-1.94 s; K·V=3 (1MAD-3) 3.98-4.09 against 1.79-1.87; K·V=4 (HYB-2)
+# 2.06-2.11 against 1.35-1.50; K·V=4 (3INST-4) 3.91-4.01 against 2.43-2.73. Both find the same paths.
+CPU_MIN_ENGINE_KV = (2,)
 
 
-def _engine(engine: str, dev) -> str:
+def _engine(engine: str, dev, KV: int = 0) -> str:
     if engine not in ENGINES:
         raise QCompileError(f"unknown Viterbi engine {engine!r} (known: {', '.join(ENGINES)})")
     kind = torch.device(dev).type
     if engine == "auto":
-        return "tir" if kind == "cpu" else CUDA_AUTO_ENGINE
+        if kind == "cpu":
+            return "tir-min" if KV in CPU_MIN_ENGINE_KV else "tir"
+        return CUDA_AUTO_ENGINE
     if engine == "tir" and kind != "cpu":
         raise QCompileError("the full-cost TIR Viterbi step runs on CPUs only; use engine='tir-min' "
                             "(or 'torch') on CUDA")
