@@ -213,8 +213,8 @@ ENGINES = ("auto", "torch", "tir", "tir-min")
 CUDA_AUTO_ENGINE = "torch"
 # ... and on a CPU: the group-minimum kernels at these K·V, the full-cost step elsewhere. 2 cores, 128
 # tail-biting sequences of 256 at L=16 (gaussian_mse, three runs each, alternating): K·V=2 (3INST-2)
-# 1.53-1.60 s against 1.85-1.94 s; K·V=3 (1MAD-3) 3.98-4.09 against 1.79-1.87; K·V=4 (HYB-2)
-# 2.06-2.11 against 1.35-1.50; K·V=4 (3INST-4) 3.91-4.01 against 2.43-2.73. Both find the same paths.
+# 1.55-1.61 s against 1.85-1.89 s; K·V=3 (1MAD-3) 2.83-2.89 against 1.84-2.06; K·V=4 (HYB-2) 1.51-1.60
+# against 1.47-1.55, (3INST-4) 2.67-2.77 against 2.65-2.69. Both find the same paths.
 CPU_MIN_ENGINE_KV = (2,)
 
 
@@ -309,6 +309,10 @@ MIN_STEP_SEQUENCES = 8       # sequences a CUDA thread carries for one group (th
 MIN_STEP_FULL_THREADS = 1 << 17
 MIN_STEP_UNROLL = 16         # predecessors per group unrolled at most (K·V = 8 has 256)
 BACKTRACK_THREADS = 64       # CUDA threads per block of the backtrack kernel (one sequence each)
+# llvm: up to this K·V a group run's update stays scalar and unrolled, above it is one vector of 8 groups.
+# A step of 64 sequences at L=16 (2 cores): K·V=2 1.09 ms scalar against 3.49 vectorized; K·V=3 3.94 /
+# 2.39, 4 (V=1) 3.62 / 2.53, 4 (V=2) 4.09 / 2.70, 8 3.70 / 2.49 ms (the full-cost step: 2.35-3.12 ms)
+MIN_STEP_SCALAR_KV = 2
 
 
 def viterbi_min_step_func(B: int, L: int, KV: int, V: int):
@@ -359,7 +363,8 @@ def schedule_min_step(B: int, L: int, KV: int, V: int, kind: str):
     """The step's schedule. cuda: a thread per (group, ``min_step_sequences`` sequences), consecutive
     groups on consecutive lanes (their M and prev reads coalesce), the predecessor loop outside the
     sequences so each M value is loaded once for all of them, the running minima in registers.
-    llvm: sequences in parallel, groups in runs of 8 (the minima of a run in registers)."""
+    llvm: sequences in parallel, groups in runs of 8 (the minima of a run in registers; a vector above
+    MIN_STEP_SCALAR_KV)."""
     import tvm
 
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": viterbi_min_step_func(B, L, KV, V)}))
@@ -383,8 +388,12 @@ def schedule_min_step(B: int, L: int, KV: int, V: int, kind: str):
         sch.reverse_compute_at(store, at)
     sch.compute_inline(sch.get_sblock("best.v1_local"))  # the int32 index goes straight to the uint8 bp
     sch.reverse_compute_at(sch.get_sblock("bp"), at)
+    vector = kind != "cuda" and KV > MIN_STEP_SCALAR_KV
+    if vector:  # (vectorize before the init is split off: after, the update no longer counts as a reduction)
+        sch.vectorize(inner)
     sch.decompose_reduction(blk, c)
-    sch.unroll(inner)
+    if not vector:
+        sch.unroll(inner)
     if kind == "cuda" and (1 << KV) <= MIN_STEP_UNROLL:
         sch.unroll(c)
     return sch
