@@ -354,3 +354,51 @@ def test_kernel_resources_of_a_compiled_kernel_and_bad_source_in_one_line():
     with pytest.raises(QCompileError, match="nvcc could not compile") as info:
         kernel_resources("this is not CUDA")
     assert "\n" not in str(info.value)
+
+
+# what nvdisasm -c prints for one kernel (abridged): a loop from .L_x_1 back to it, a short one inside it,
+# and a forward branch
+SASS_TEXT = """
+        .section        .text.main_kernel,"ax",@progbits
+        /*0000*/                   S2R R0, SR_TID.X ;
+        /*0010*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0020*/                   LDG.E.CONSTANT R2, desc[UR4][R4.64] ;
+        /*0030*/                   SHF.R.U32.HI R3, RZ, 0x4, R2 ;
+        /*0040*/                   LOP3.LUT R3, R3, 0xf0, RZ, 0xc0, !PT ;
+.L_x_2:
+        /*0050*/                   IMAD.HI.U32 R5, R2, 0x10000000, RZ ;
+        /*0060*/                   HADD2 R6, R5, R3 ;
+        /*0070*/               @P0 BRA `(.L_x_2) ;
+        /*0080*/                   HMMA.16816.F32 R8, R12, R14, R8 ;
+        /*0090*/                   IMAD R7, R7, 0x2, R7 ;
+        /*00a0*/              @!P1 BRA `(.L_x_3) ;
+        /*00b0*/                   ISETP.NE.AND P1, PT, R7, RZ, PT ;
+        /*00c0*/               @P1 BRA `(.L_x_1) ;
+.L_x_3:
+        /*00d0*/                   EXIT ;
+        .section        .text.other_kernel,"ax",@progbits
+        /*0000*/                   EXIT ;
+"""
+
+
+def test_sass_loop_mix_counts_the_longest_loop_by_pipe(monkeypatch):
+    """parse_sass_loop takes the widest backward branch (.L_x_1 .. its BRA, not the inner .L_x_2 loop nor
+    the forward branch), strips predicates, and counts the ALU pipe (SHF, LOP3, ISETP) and the FMA pipe
+    (IMAD, IMAD.HI); the ALU pipe's half rate bounds the pass. A kernel without a loop has none; without
+    nvdisasm the loop mix is one clear error."""
+    from qcompile.errors import QCompileError
+    from qcompile.kernels import resources
+    from qcompile.kernels.resources import _kernel_bodies, parse_sass_loop
+
+    bodies = _kernel_bodies(SASS_TEXT)
+    assert set(bodies) == {"main_kernel", "other_kernel"}
+    mix = parse_sass_loop(bodies["main_kernel"])
+    assert mix.instructions == 11 and mix.alu == 3 and mix.fma == 2
+    assert mix.by_opcode["BRA"] == 3 and mix.by_opcode["IMAD.HI.U32"] == 1 and "MOV" not in mix.by_opcode
+    assert mix.bound_cycles == 11
+    assert parse_sass_loop(bodies["other_kernel"]) is None
+    monkeypatch.setattr(resources, "find_nvdisasm", lambda: None)
+    with pytest.raises(QCompileError, match="needs nvdisasm") as info:
+        resources.sass_loop_mix("__global__ void k() {}")
+    assert "\n" not in str(info.value)

@@ -7,7 +7,9 @@ it a few times, for a profiler to watch (Nsight Compute: the kernels are named `
 
 Where time goes inside one kernel is what the sweeps (``tc_sweep``) cannot say: which pipe is busy,
 how often a warp waits on shared memory, how many bank conflicts its table lookups take.
-``--compile-only`` builds the CUDA (any machine with nvcc's headers; no GPU) and prints its size.
+``--compile-only`` builds the CUDA (any machine with nvcc's headers; no GPU) and prints its size, what
+ptxas gives each kernel and, where nvdisasm is found (``kernels.resources.find_nvdisasm``), the
+instruction mix of its main loop.
 """
 from __future__ import annotations
 
@@ -98,6 +100,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             except QCompileError as err:
                 print(f"error: {err}", file=sys.stderr)
                 return 2
+            from ..kernels.resources import find_nvdisasm, sass_loop_mix
+
+            if find_nvdisasm():  # and its main loop's instruction mix
+                try:
+                    for name, mix in sass_loop_mix(source, target.arch).items():
+                        top = ", ".join(f"{op} {c}" for op, c in list(mix.by_opcode.items())[:8])
+                        print(f"  {name} loop: {mix.instructions} instructions, {mix.alu} on the ALU pipe, "
+                              f"{mix.fma} on the FMA pipe (at least {mix.bound_cycles} cycles a pass); {top}")
+                except QCompileError as err:
+                    print(f"error: {err}", file=sys.stderr)
+                    return 2
         return 0
     import torch
 

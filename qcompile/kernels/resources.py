@@ -4,16 +4,24 @@ A kernel's speed often turns on these rather than on its instruction count: regi
 memory decide how many thread blocks an SM holds, and that decides how much of the SM's memory is left
 to L1 (qtip-hyb-2 M=1 on the H100: the same K loop ran 15-18 % faster at two 512-thread blocks an SM
 than at three). The sweeps record them beside each time (``tc_sweep --resources``).
+
+And what nvdisasm shows of its main loop (``sass_loop_mix``): the instructions of the longest
+backward branch, by opcode and by the pipe that issues them. The ALU pipe (LOP3, SHF, PRMT, IADD3, ...)
+takes a warp instruction every second cycle on sm_80 / sm_90, so a loop with more than half of its
+instructions there is bound by that pipe before it is bound by issue: e8p-2's mma.sync K loop at M=1
+(28672x8192, nvcc 13.0) has 399 instructions, 229 of them ALU.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 from ..errors import QCompileError
 
@@ -75,3 +83,118 @@ def kernel_resources(cuda_source: str, arch: str = "sm_90") -> Dict[str, KernelR
     if not resources:
         raise QCompileError(f"nvcc reported no kernel resources for {arch}")
     return resources
+
+
+# the opcodes (before the first '.') that issue on the ALU pipe and on the FMA pipe on sm_80 / sm_90, after
+# Nsight Compute's pipe descriptions: ALU = logic, bit manipulation, integer arithmetic but IMAD / IMUL,
+# comparisons, selects and min / max; FMA = FP32 add / multiply / fma and the integer multiply-adds
+# (IMAD, IMAD.SHL, IMAD.HI, IMAD.WIDE). Anything else (memory, tensor cores, fp16, branches) is counted by
+# opcode only. An approximation for reading a loop, not a simulator.
+ALU_OPS = frozenset({"LOP3", "SHF", "LEA", "PRMT", "IADD3", "ISETP", "SEL", "VIMNMX", "IMNMX", "MOV", "IABS", "FLO",
+                     "POPC", "LOP", "SHL", "SHR", "BMSK", "VIADD", "CS2R", "FSEL", "FSETP", "FMNMX", "P2R", "R2P",
+                     "PLOP3"})
+FMA_OPS = frozenset({"IMAD", "IMUL", "FFMA", "FMUL", "FADD"})
+_SASS_LINE = re.compile(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?);")
+_SASS_LABEL = re.compile(r"\s*(\.L_x_\d+):")
+_BACK_BRANCH = re.compile(r"BRA\s+`\((\.L_x_\d+)\)")
+
+
+@dataclass
+class LoopMix:
+    instructions: int
+    alu: int                  # issued on the ALU pipe (ALU_OPS)
+    fma: int                  # on the FMA pipe (FMA_OPS)
+    by_opcode: Dict[str, int] = field(default_factory=dict)  # full opcode (e.g. IMAD.HI.U32) -> count
+
+    @property
+    def bound_cycles(self) -> int:
+        """Cycles a warp scheduler needs for one pass of the loop per warp at best: one issue a cycle,
+        the ALU pipe every second cycle."""
+        return max(self.instructions, 2 * self.alu)
+
+
+def parse_sass_loop(sass: str) -> Optional[LoopMix]:
+    """The instruction mix of the longest loop (the widest backward branch) in nvdisasm text of one
+    kernel; None without a backward branch."""
+    ins, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        m = _SASS_LABEL.match(line)
+        if m:
+            pending.append(m.group(1))
+            continue
+        m = _SASS_LINE.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for label in pending:
+                labels[label] = addr
+            pending = []
+            ins.append((addr, m.group(2).strip()))
+    best = None
+    for addr, text in ins:
+        m = _BACK_BRANCH.search(text)
+        if m and m.group(1) in labels and labels[m.group(1)] < addr:
+            if best is None or addr - labels[m.group(1)] > best[1] - best[0]:
+                best = (labels[m.group(1)], addr)
+    if best is None:
+        return None
+    ops = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for addr, text in ins if best[0] <= addr <= best[1]]
+    heads = [op.split(".")[0] for op in ops]
+    return LoopMix(len(ops), sum(h in ALU_OPS for h in heads), sum(h in FMA_OPS for h in heads),
+                   dict(Counter(ops).most_common()))
+
+
+def find_nvdisasm() -> Optional[str]:
+    """nvdisasm from $QCOMPILE_NVDISASM, PATH or the CUDA toolkit beside nvcc (None when there is none)."""
+    for cand in (os.environ.get("QCOMPILE_NVDISASM"), shutil.which("nvdisasm")):
+        if cand and os.path.exists(cand):
+            return cand
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        beside = Path(nvcc).resolve().parent / "nvdisasm"
+        if beside.exists():
+            return str(beside)
+    return None
+
+
+def sass_loop_mix(cuda_source: str, arch: str = "sm_90", nvdisasm: Optional[str] = None) -> Dict[str, LoopMix]:
+    """{kernel name: LoopMix of its longest loop} of generated CUDA source, compiled here with nvcc for
+    ``arch`` and disassembled with nvdisasm (``find_nvdisasm``); QCompileError in one line without them."""
+    nvdisasm = nvdisasm or find_nvdisasm()
+    if nvdisasm is None:
+        raise QCompileError("the SASS loop mix needs nvdisasm (the CUDA toolkit's, or set QCOMPILE_NVDISASM)")
+    if shutil.which("nvcc") is None:
+        raise QCompileError("the SASS loop mix needs nvcc (the CUDA toolkit) on PATH")
+    with tempfile.TemporaryDirectory() as tmp:
+        src, cubin = Path(tmp) / "k.cu", Path(tmp) / "k.cubin"
+        src.write_text(cuda_source)
+        run = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-O3", "-w", "-o", str(cubin), str(src)],
+                             capture_output=True, text=True)
+        if run.returncode:
+            tail = " ".join((run.stderr or run.stdout).split())[-300:]
+            raise QCompileError(f"nvcc could not compile the kernels for {arch}: {tail}")
+        dis = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True)
+        if dis.returncode:
+            raise QCompileError(f"nvdisasm failed: {' '.join(dis.stderr.split())[-300:]}")
+    out = {}
+    for name, body in _kernel_bodies(dis.stdout).items():
+        mix = parse_sass_loop(body)
+        if mix is not None:
+            out[name] = mix
+    return out
+
+
+def _kernel_bodies(sass: str) -> Dict[str, str]:
+    """nvdisasm text split per kernel (its ``.text.<name>`` sections)."""
+    bodies, name, lines = {}, None, []
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.section\s+\.text\.(\w+)", line)
+        if m:
+            if name is not None:
+                bodies[name] = "\n".join(lines)
+            name, lines = m.group(1), []
+            continue
+        if name is not None:
+            lines.append(line)
+    if name is not None:
+        bodies[name] = "\n".join(lines)
+    return bodies
