@@ -471,3 +471,81 @@ def test_bad_weights_and_parameters():
         tr.variant("qtip-hyb", "row", "tiles")
     with pytest.raises(QCompileError, match="not a qtip trellis format"):
         tr.qw_format(qc.formats.QuantizedWeight("int4-g128", (8, 128), {}))
+
+
+_QTIP_HOST_SHIM = r"""
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+typedef _Float16 half;
+struct half2 { _Float16 x, y; };
+static half2 __hadd2(half2 a, half2 b) {  // (a double sum of two fp16 is exact: one rounding, as on the GPU)
+  return {(_Float16)((double)a.x + (double)b.x), (_Float16)((double)a.y + (double)b.y)};
+}
+static half2 __floats2half2_rn(float a, float b) { return {(_Float16)a, (_Float16)b}; }
+static unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = (uint64_t(y) << 32) | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= unsigned((v >> (8 * ((s >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+}
+static unsigned __dp4a(unsigned a, unsigned b, unsigned c) {
+  for (int i = 0; i < 4; ++i) c += ((a >> (8 * i)) & 0xFF) * ((b >> (8 * i)) & 0xFF);
+  return c;
+}
+static float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+static unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
+template <int K> static void qc_qtip_3inst16(const unsigned* g, half* w);
+template <int K> static void qc_qtip_1mad16(const unsigned* g, half* w);
+"""
+_QTIP_HOST_MAIN = r"""
+int main() {
+  FILE* in = std::fopen("g.bin", "rb"); FILE* out = std::fopen("out.bin", "wb");
+  unsigned g[4];
+  while (std::fread(g, 4, 4, in) == 4) {
+    half w[16];
+    qc_qtip_@CODE@16<@K@>(g, w);
+    std::fwrite(w, 2, 16, out);
+  }
+  std::fclose(in); std::fclose(out);
+}
+"""
+
+
+@pytest.mark.parametrize("mulhi", [False, True])
+@pytest.mark.parametrize("code", ["3inst", "1mad"])
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_cuda_v1_decode_source_matches_the_torch_decode_on_host(tmp_path, code, K, mulhi, monkeypatch):
+    """The 1MAD / 3INST decode intrinsics of the CUDA source, compiled for the host (g++, _Float16 and a
+    shim of the CUDA calls), equal decode_1mad / decode_3inst bit for bit on the windows they read
+    (16 weights of 4000 random 4-word slices); also with 3INST's window shifts as multiply-highs
+    (TRELLIS_WINDOW_BY_MULHI)."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to run the CUDA decode source on the CPU")
+    monkeypatch.setattr(tr, "TRELLIS_WINDOW_BY_MULHI", mulhi)
+    src = tr._cuda_trellis()
+    assert ("__umulhi" in src) == mulhi
+    src = src.replace("#include <cuda_fp16.h>", "")
+    main = _QTIP_HOST_MAIN.replace("@CODE@", code).replace("@K@", str(K))
+    (tmp_path / "chk.cpp").write_text(_QTIP_HOST_SHIM + src + main)
+    words = np.random.default_rng(K).integers(0, 2**32, size=(4000, 4), dtype=np.uint64).astype(np.uint32)
+    words.tofile(tmp_path / "g.bin")
+    run = subprocess.run([cxx, "-O1", "-fno-strict-aliasing", "-o", "chk", "chk.cpp"], cwd=tmp_path,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    subprocess.run(["./chk"], cwd=tmp_path, check=True)
+    got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.int16).reshape(-1, 16))
+    g = torch.from_numpy(words.astype(np.int64))
+    j = torch.arange(16)
+    states = (g[:, (j * K) >> 4] >> (16 - ((j * K) & 15))) & 0xFFFF
+    ref = (tr.decode_3inst if code == "3inst" else tr.decode_1mad)(states)
+    assert torch.equal(got, ref.view(torch.int16))

@@ -1100,9 +1100,16 @@ _CUDA_TRELLIS = r"""
 #ifndef QC_QTIP_DECODE16
 #define QC_QTIP_DECODE16
 #include <cuda_fp16.h>
+#ifndef QC_QTIP_SHR  // (see TRELLIS_WINDOW_BY_MULHI)
+#define QC_QTIP_SHR(x, s) ((x) >> (s))
+#endif
 template <int K>
 __device__ __forceinline__ unsigned qc_qtip_window(const unsigned* __restrict__ g, int j) {
   return (g[(j * K) >> 4] >> (16 - ((j * K) & 15))) & 0xFFFFu;
+}
+template <int K>  // (3INST's: its loop fills the ALU pipe first; 1MAD's, the FMA pipe)
+__device__ __forceinline__ unsigned qc_qtip_window_alu(const unsigned* __restrict__ g, int j) {
+  return QC_QTIP_SHR(g[(j * K) >> 4], 16 - ((j * K) & 15)) & 0xFFFFu;
 }
 __device__ __forceinline__ unsigned qc_qtip_3inst(unsigned s) {
   return ((s * @INST3_A@u + @INST3_B@u) & @INST3_MASK@u) ^ @INST3_XOR@u;
@@ -1116,7 +1123,7 @@ __device__ __forceinline__ void qc_qtip_3inst16(const unsigned* __restrict__ g, 
   unsigned* out = reinterpret_cast<unsigned*>(w);
 #pragma unroll
   for (int j = 0; j < 16; j += 2) {
-    const unsigned x0 = qc_qtip_3inst(qc_qtip_window<K>(g, j)), x1 = qc_qtip_3inst(qc_qtip_window<K>(g, j + 1));
+    const unsigned x0 = qc_qtip_3inst(qc_qtip_window_alu<K>(g, j)), x1 = qc_qtip_3inst(qc_qtip_window_alu<K>(g, j + 1));
     const unsigned lo = __byte_perm(x0, x1, 0x5410), hi = __byte_perm(x0, x1, 0x7632);
     const half2 v = __hadd2(*reinterpret_cast<const half2*>(&hi), *reinterpret_cast<const half2*>(&lo));
     out[j / 2] = *reinterpret_cast<const unsigned*>(&v);
@@ -1138,8 +1145,25 @@ QC_QTIP_V1(1mad, 2) QC_QTIP_V1(1mad, 3) QC_QTIP_V1(1mad, 4)
 """
 
 
-@functools.lru_cache(maxsize=1)
+# The 3INST decode intrinsic's window shifts (right by 2..16) as __umulhi by powers of two (exact), which
+# nvcc issues as IMAD.HI on the FMA pipe instead of SHF on the ALU pipe, which takes a warp instruction every
+# second cycle. K loops on 28672x8192 (nvcc 13.0, sm_90; kernels.resources.sass_loop_mix): qtip-3inst-2 M=1
+# GEMV 1956 -> 1983 instructions, 1301 -> 1077 on the ALU pipe (2602 -> 2154 cycles a pass at that pipe's
+# rate); M=16 WMMA 270 -> 278, 169 -> 145 (338 -> 290); qtip-3inst-4 M=1 2600 -> 2218, M=16 330 -> 298.
+# Not 1MAD, whose loop fills the FMA pipe (2210 -> 2241 instructions with it). Off until timed on a GPU
+# (tc_sweep / sweep --flag trellis-mulhi).
+TRELLIS_WINDOW_BY_MULHI = False
+
+
 def _cuda_trellis() -> str:
+    src = _cuda_trellis_source()
+    if not TRELLIS_WINDOW_BY_MULHI:
+        return src
+    return "#ifndef QC_QTIP_SHR\n#define QC_QTIP_SHR(x, s) __umulhi((x), 1u << (32 - (s)))\n#endif\n" + src
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_trellis_source() -> str:
     import struct
 
     recip = struct.unpack("<f", struct.pack("<f", MAD1_RECIP))[0]
