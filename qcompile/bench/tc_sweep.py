@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
     ap.add_argument("--resources", action="store_true",
                     help="also record each kernel's registers, static shared memory and spills (ptxas, via nvcc "
-                         "on this machine: a few seconds a config)")
+                         "on this machine: a few seconds a config) and, where nvdisasm is found, its main loop's "
+                         "instructions by pipe (kernels.resources.sass_loop_mix)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
     return ap
@@ -251,7 +252,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     import torch
 
     from ..kernels.library import KernelSpec, cuda_source, scheduled_func
-    from ..kernels.resources import kernel_resources
+    from ..kernels.resources import find_nvdisasm, kernel_resources, sass_loop_mix
     from ..kernels.target import parse_target
     from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method
     from .harness import _Bench, bench_weight, one_line, relative_error
@@ -306,6 +307,10 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                     if args.resources:  # (nvcc here: the registers and shared memory ptxas gives each kernel)
                         row["resources"] = {name: r.as_dict() for name, r in
                                             kernel_resources(cuda_source(lib), target.arch).items()}
+                        if find_nvdisasm():  # ... and its main loop's instruction mix
+                            row["loop_mix"] = {name: {"instructions": mix.instructions, "alu": mix.alu,
+                                                      "fma": mix.fma, "bound_cycles": mix.bound_cycles}
+                                               for name, mix in sass_loop_mix(cuda_source(lib), target.arch).items()}
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     kernel(X, *q_weights[0], Y)
                     torch.cuda.synchronize()
