@@ -307,10 +307,13 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                     if args.resources:  # (nvcc here: the registers and shared memory ptxas gives each kernel)
                         row["resources"] = {name: r.as_dict() for name, r in
                                             kernel_resources(cuda_source(lib), target.arch).items()}
-                        if find_nvdisasm():  # ... and its main loop's instruction mix
-                            row["loop_mix"] = {name: {"instructions": mix.instructions, "alu": mix.alu,
-                                                      "fma": mix.fma, "bound_cycles": mix.bound_cycles}
-                                               for name, mix in sass_loop_mix(cuda_source(lib), target.arch).items()}
+                        if find_nvdisasm():  # ... and its main loop's instruction mix (a note: never fails the row)
+                            try:
+                                row["loop_mix"] = {name: {"instructions": mix.instructions, "alu": mix.alu,
+                                                          "fma": mix.fma, "bound_cycles": mix.bound_cycles}
+                                                   for name, mix in sass_loop_mix(cuda_source(lib), target.arch).items()}
+                            except QCompileError as err:
+                                row["loop_mix_error"] = one_line(err)
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     kernel(X, *q_weights[0], Y)
                     torch.cuda.synchronize()
