@@ -402,3 +402,25 @@ def test_sass_loop_mix_counts_the_longest_loop_by_pipe(monkeypatch):
     with pytest.raises(QCompileError, match="needs nvdisasm") as info:
         resources.sass_loop_mix("__global__ void k() {}")
     assert "\n" not in str(info.value)
+
+
+def test_device_run_plan_runs_each_line_logs_failures_and_goes_on(tmp_path):
+    """tests/gpu/device_run.sh plan FILE LIMIT_S (what one device call of the next GPU session runs): every
+    step in turn under the time left, comments and blank lines skipped, a failing step logged with its
+    exit status and the plan going on, each step's files in $OUT. (The steps here need no GPU.)"""
+    plan = tmp_path / "t.plan"
+    plan.write_text("# a comment\n\nviterbi v1 --formats qtip-3inst-2 --sequences 2 --engines tir\n"
+                    "sweep bad --no-such-option\n"
+                    "viterbi v2 --formats qtip-3inst-2 --sequences 2 --engines tir-min\n")
+    out = tmp_path / "out"
+    script = os.path.join(os.path.dirname(__file__), "gpu", "device_run.sh")
+    run = subprocess.run(["bash", script, "plan", str(plan), "300"], env={**os.environ, "OUT": str(out)},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    log = (out / "plan.log").read_text()
+    steps = [line for line in log.splitlines() if line.startswith("== ") and "left):" in line]
+    assert [s.split("left): ")[1].split()[0:2] for s in steps] == [["viterbi", "v1"], ["sweep", "bad"], ["viterbi", "v2"]]
+    rcs = [line.split()[2] for line in log.splitlines() if line.startswith("== rc ")]
+    assert rcs[0] == "0" and rcs[1] != "0" and rcs[2] == "0"
+    for name in ("v1", "v2"):
+        assert json.loads((out / f"{name}.json").read_text())["rows"][0]["format"] == "qtip-3inst-2"
