@@ -90,27 +90,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         source = cuda_source(lib)
         print(f"{fmt.name} N={n} K={k} M={args.m} {label}: {len(source)} bytes of CUDA")
-        if shutil.which("nvcc"):  # what ptxas gives each kernel
-            from ..kernels.resources import kernel_resources
+        if shutil.which("nvcc"):  # what ptxas gives each kernel (one nvcc compile for both reports)
+            from ..kernels.resources import compile_cubin, find_nvdisasm, resources_of_report, sass_loop_mix
 
             try:
-                for name, r in kernel_resources(source, target.arch).items():
+                report, cubin = compile_cubin(source, target.arch)
+                for name, r in resources_of_report(report, target.arch).items():
                     print(f"  {name}: {r.registers} registers, {r.shared_bytes} bytes static shared memory, "
                           f"{r.spill_bytes} bytes spilled")
-            except QCompileError as err:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
-            from ..kernels.resources import find_nvdisasm, sass_loop_mix
-
-            if find_nvdisasm():  # and its main loop's instruction mix
-                try:
-                    for name, mix in sass_loop_mix(source, target.arch).items():
+                if find_nvdisasm():  # and its main loop's instruction mix
+                    for name, mix in sass_loop_mix(source, target.arch, cubin=cubin).items():
                         top = ", ".join(f"{op} {c}" for op, c in list(mix.by_opcode.items())[:8])
                         print(f"  {name} loop: {mix.instructions} instructions, {mix.alu} on the ALU pipe, "
                               f"{mix.fma} on the FMA pipe (at least {mix.bound_cycles} cycles a pass); {top}")
-                except QCompileError as err:
-                    print(f"error: {err}", file=sys.stderr)
-                    return 2
+            except QCompileError as err:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
         return 0
     import torch
 

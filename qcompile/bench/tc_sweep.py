@@ -252,7 +252,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     import torch
 
     from ..kernels.library import KernelSpec, cuda_source, scheduled_func
-    from ..kernels.resources import find_nvdisasm, kernel_resources, sass_loop_mix
+    from ..kernels.resources import compile_cubin, find_nvdisasm, resources_of_report, sass_loop_mix
     from ..kernels.target import parse_target
     from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method
     from .harness import _Bench, bench_weight, one_line, relative_error
@@ -305,13 +305,16 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                     lib = compile_main(func, target)
                     kernel = lib["main"]
                     if args.resources:  # (nvcc here: the registers and shared memory ptxas gives each kernel)
+                        source = cuda_source(lib)
+                        report, cubin = compile_cubin(source, target.arch)
                         row["resources"] = {name: r.as_dict() for name, r in
-                                            kernel_resources(cuda_source(lib), target.arch).items()}
+                                            resources_of_report(report, target.arch).items()}
                         if find_nvdisasm():  # ... and its main loop's instruction mix (a note: never fails the row)
                             try:
                                 row["loop_mix"] = {name: {"instructions": mix.instructions, "alu": mix.alu,
                                                           "fma": mix.fma, "bound_cycles": mix.bound_cycles}
-                                                   for name, mix in sass_loop_mix(cuda_source(lib), target.arch).items()}
+                                                   for name, mix in sass_loop_mix(source, target.arch,
+                                                                                  cubin=cubin).items()}
                             except QCompileError as err:
                                 row["loop_mix_error"] = one_line(err)
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)

@@ -21,7 +21,7 @@ import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 from ..errors import QCompileError
 
@@ -64,25 +64,37 @@ def parse_ptxas_report(report: str) -> Dict[str, KernelResources]:
     return out
 
 
-def kernel_resources(cuda_source: str, arch: str = "sm_90") -> Dict[str, KernelResources]:
-    """{kernel name: KernelResources} of generated CUDA source, compiled here with nvcc for ``arch``
-    (a few seconds; QCompileError in one line without nvcc or when it fails)."""
+def compile_cubin(cuda_source: str, arch: str = "sm_90") -> Tuple[str, bytes]:
+    """(ptxas's -v report, the cubin) of generated CUDA source, compiled here with nvcc for ``arch`` (a few
+    seconds; QCompileError in one line without nvcc or when it fails): one compile serves
+    ``kernel_resources`` and ``sass_loop_mix``."""
     if shutil.which("nvcc") is None:
-        raise QCompileError("kernel resources need nvcc (the CUDA toolkit) on PATH")
+        raise QCompileError("compiling the kernels for ptxas and nvdisasm needs nvcc (the CUDA toolkit) on PATH")
     if not re.fullmatch(r"sm_\d+a?", arch):
         raise QCompileError(f"arch {arch!r} is not sm_XX")
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.cu"
+        src, cubin = Path(tmp) / "k.cu", Path(tmp) / "k.cubin"
         src.write_text(cuda_source)
-        run = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(Path(tmp) / "k.cubin"),
-                              str(src)], capture_output=True, text=True)
-    if run.returncode:
-        tail = " ".join((run.stderr or run.stdout).split())[-300:]
-        raise QCompileError(f"nvcc could not compile the kernels for {arch}: {tail}")
-    resources = parse_ptxas_report(run.stdout + run.stderr)
+        run = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-Xptxas", "-v", "-o", str(cubin), str(src)],
+                             capture_output=True, text=True)
+        if run.returncode:
+            tail = " ".join((run.stderr or run.stdout).split())[-300:]
+            raise QCompileError(f"nvcc could not compile the kernels for {arch}: {tail}")
+        return run.stdout + run.stderr, cubin.read_bytes()
+
+
+def resources_of_report(report: str, arch: str = "sm_90") -> Dict[str, KernelResources]:
+    """``parse_ptxas_report`` of a ``compile_cubin`` report; QCompileError when it names no kernel."""
+    resources = parse_ptxas_report(report)
     if not resources:
         raise QCompileError(f"nvcc reported no kernel resources for {arch}")
     return resources
+
+
+def kernel_resources(cuda_source: str, arch: str = "sm_90") -> Dict[str, KernelResources]:
+    """{kernel name: KernelResources} of generated CUDA source, compiled here with nvcc for ``arch``
+    (``compile_cubin``)."""
+    return resources_of_report(compile_cubin(cuda_source, arch)[0], arch)
 
 
 # the opcodes (before the first '.') that issue on the ALU pipe and on the FMA pipe on sm_80 / sm_90, after
@@ -156,25 +168,22 @@ def find_nvdisasm() -> Optional[str]:
     return None
 
 
-def sass_loop_mix(cuda_source: str, arch: str = "sm_90", nvdisasm: Optional[str] = None) -> Dict[str, LoopMix]:
+def sass_loop_mix(cuda_source: str, arch: str = "sm_90", nvdisasm: Optional[str] = None,
+                  cubin: Optional[bytes] = None) -> Dict[str, LoopMix]:
     """{kernel name: LoopMix of its longest loop} of generated CUDA source, compiled here with nvcc for
-    ``arch`` and disassembled with nvdisasm (``find_nvdisasm``); QCompileError in one line without them."""
+    ``arch`` (or its ``compile_cubin`` output ``cubin``, compiled already) and disassembled with nvdisasm
+    (``find_nvdisasm``); QCompileError in one line without them."""
     nvdisasm = nvdisasm or find_nvdisasm()
     if nvdisasm is None:
         raise QCompileError("the SASS loop mix needs nvdisasm (the CUDA toolkit's, or set QCOMPILE_NVDISASM)")
-    if shutil.which("nvcc") is None:
-        raise QCompileError("the SASS loop mix needs nvcc (the CUDA toolkit) on PATH")
+    if cubin is None:
+        cubin = compile_cubin(cuda_source, arch)[1]
     with tempfile.TemporaryDirectory() as tmp:
-        src, cubin = Path(tmp) / "k.cu", Path(tmp) / "k.cubin"
-        src.write_text(cuda_source)
-        run = subprocess.run(["nvcc", "-cubin", f"-arch={arch}", "-O3", "-w", "-o", str(cubin), str(src)],
-                             capture_output=True, text=True)
-        if run.returncode:
-            tail = " ".join((run.stderr or run.stdout).split())[-300:]
-            raise QCompileError(f"nvcc could not compile the kernels for {arch}: {tail}")
-        dis = subprocess.run([nvdisasm, "-c", str(cubin)], capture_output=True, text=True)
-        if dis.returncode:
-            raise QCompileError(f"nvdisasm failed: {' '.join(dis.stderr.split())[-300:]}")
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        dis = subprocess.run([nvdisasm, "-c", str(path)], capture_output=True, text=True)
+    if dis.returncode:
+        raise QCompileError(f"nvdisasm failed: {' '.join(dis.stderr.split())[-300:]}")
     out = {}
     for name, body in _kernel_bodies(dis.stdout).items():
         mix = parse_sass_loop(body)
