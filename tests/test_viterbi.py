@@ -172,14 +172,21 @@ def test_elementwise_costs_when_matmuls_may_use_reduced_precision():
         assert torch.allclose(path_cost(x, cb, got), path_cost(x, cb, ref), atol=1e-5)
 
 
-@pytest.mark.parametrize("L, KV, V", [(10, 2, 1), (10, 4, 2), (12, 3, 1)])
-def test_tir_engine_finds_the_torch_engines_paths(L, KV, V):
-    """The compiled TIR step and the torch passes pick the same paths (ties: the largest
-    predecessor in both; near-ties may round apart), with and without the tail-biting constraints."""
+def engine_problem(L, KV, V):
+    """(codebook, 12 sequences of 40 steps, forced top bits) seeded by L and KV: what the engine
+    comparisons below run, unconstrained and with the tail-biting constraints."""
     g = torch.Generator().manual_seed(L * 10 + KV)
     cb = torch.randn(1 << L, V, generator=g)
     x = torch.randn(12, 40, V, generator=g)
     top = torch.randint(0, 1 << (L - KV), (12,), generator=g)
+    return cb, x, top
+
+
+@pytest.mark.parametrize("L, KV, V", [(10, 2, 1), (10, 4, 2), (12, 3, 1)])
+def test_tir_engine_finds_the_torch_engines_paths(L, KV, V):
+    """The compiled TIR step and the torch passes pick the same paths (ties: the largest
+    predecessor in both; near-ties may round apart), with and without the tail-biting constraints."""
+    cb, x, top = engine_problem(L, KV, V)
     for kwargs in ({}, {"start_top": top, "end_low": top}):
         s_torch, c_torch = viterbi(x, cb, L, KV, engine="torch", **kwargs)
         s_tir, c_tir = viterbi(x, cb, L, KV, engine="tir", **kwargs)
@@ -227,10 +234,15 @@ def test_group_minimum_engine_finds_the_full_cost_engines_paths(L, KV, V, monkey
 
     monkeypatch.setattr(vit, "MIN_STEP_FULL_THREADS", 1)  # 8 sequences a thread: pads 12 to 16
     assert vit.min_step_sequences(12, L, KV) == 8
-    g = torch.Generator().manual_seed(L * 10 + KV)
-    cb = torch.randn(1 << L, V, generator=g)
-    x = torch.randn(12, 40, V, generator=g)
-    top = torch.randint(0, 1 << (L - KV), (12,), generator=g)
+    step_batches = []
+    compiled = vit._min_step
+
+    def recording_step(B, *args):
+        step_batches.append(B)
+        return compiled(B, *args)
+
+    monkeypatch.setattr(vit, "_min_step", recording_step)
+    cb, x, top = engine_problem(L, KV, V)
     for kwargs in ({}, {"start_top": top, "end_low": top}):
         s_tir, c_tir = viterbi(x, cb, L, KV, engine="tir", **kwargs)
         s_min, c_min = viterbi(x, cb, L, KV, engine="tir-min", **kwargs)
@@ -241,6 +253,7 @@ def test_group_minimum_engine_finds_the_full_cost_engines_paths(L, KV, V, monkey
             assert ((s_min[:, 0] >> KV) == top).all() and ((s_min[:, -1] & ((1 << (L - KV)) - 1)) == top).all()
     states, _ = viterbi_tailbiting(x, cb, L, KV, engine="tir-min")
     assert is_tailbiting(states, L, KV).all()
+    assert step_batches and set(step_batches) == {16}
 
 
 def test_group_minimum_step_takes_the_largest_predecessor_of_a_tie():

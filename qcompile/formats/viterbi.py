@@ -471,12 +471,13 @@ def _backtrack_kernel(B: int, S: int, L: int, KV: int, kind: str):
 
 def _viterbi_chunk_min(x, M, L, KV, start_top, end_low):
     """``_viterbi_chunk`` on the group-minimum kernels (CPU or CUDA, by x's device). The chunk is
-    padded to a whole number of the CUDA kernel's sequences per thread (zero sequences, sliced off)."""
+    padded to a whole number of the CUDA kernel's sequences per thread (zero sequences, sliced off), on
+    either device, so the CPU runs the padding the GPU does (at most 7 idle sequences)."""
     B0, S, V = x.shape
     dev = x.device
     kind = "cuda" if dev.type == "cuda" else "llvm"
     n, nc, G = 1 << L, 1 << KV, 1 << (L - KV)
-    per = min_step_sequences(B0, L, KV) if kind == "cuda" else 1
+    per = min_step_sequences(B0, L, KV)
     B = -(-B0 // per) * per
     if B != B0:
         x = torch.cat([x, x.new_zeros(B - B0, S, V)])
