@@ -64,9 +64,10 @@ def main(argv=None):
     if args.layer:
         n, k = map(int, args.layer.split("x"))
         out["layer"] += time_layer_quantize(("qtip-hyb-2", "qtip-3inst-2"), n, k)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    if args.json:  # (the project's atomic write: no reader sees half a file)
+        from ..jsonio import atomic_write_bytes
+
+        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
     return 0
 
 

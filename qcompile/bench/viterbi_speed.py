@@ -50,9 +50,10 @@ def main(argv=None):
         for engine in engines:
             out["layer"] += time_layer_quantize(args.formats.split(","), n, k, extra={"engine": engine},
                                                 viterbi_engine=engine)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    if args.json:  # (the project's atomic write: no reader sees half a file)
+        from ..jsonio import atomic_write_bytes
+
+        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
     return 0
 
 
