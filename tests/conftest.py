@@ -126,3 +126,26 @@ def _check_one_hot_decode(fn, fmt, qw, m, label=""):
 @pytest.fixture(scope="session")
 def check_one_hot_decode():
     return _check_one_hot_decode
+
+
+def _run_host_cpp(directory, source: str) -> None:
+    """Compile ``source`` (CUDA device code behind a host shim) with the host's g++ in ``directory`` and
+    run it there (its inputs and outputs are files of that directory); a compile error fails the test
+    with the compiler's message. Skips where there is no host C++ compiler."""
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++) to run the CUDA decode source on the CPU")
+    (directory / "chk.cpp").write_text(source)
+    run = subprocess.run([cxx, "-O1", "-fno-strict-aliasing", "-o", "chk", "chk.cpp"], cwd=directory,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    subprocess.run(["./chk"], cwd=directory, check=True)
+
+
+@pytest.fixture(scope="session")
+def run_host_cpp():
+    """``run_host_cpp(directory, source)`` (see above)."""
+    return _run_host_cpp

@@ -156,17 +156,12 @@ int main() {
 
 
 @pytest.mark.parametrize("mulhi", [False, True])
-def test_cuda_decode_source_matches_bit_trick_on_host(tmp_path, mulhi, monkeypatch):
+def test_cuda_decode_source_matches_bit_trick_on_host(tmp_path, mulhi, monkeypatch, run_host_cpp):
     """The e8p-2 decode of the CUDA source, compiled for the host (g++, a shim for the fp16 and
     intrinsic calls), equals bit_trick_decode on 20000 random word pairs; also with its right shifts
     as multiply-highs (E8P_SHIFT_BY_MULHI)."""
     import re
-    import shutil
-    import subprocess
 
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++) to run the CUDA decode source on the CPU")
     monkeypatch.setattr(e8p, "E8P_SHIFT_BY_MULHI", mulhi)
     full = e8p._cuda_e8p()
     assert ("__umulhi" in full) == mulhi
@@ -176,13 +171,11 @@ def test_cuda_decode_source_matches_bit_trick_on_host(tmp_path, mulhi, monkeypat
     src, n = re.subn(r'asm\("lop3\.b32 %0, %1, %2, %3, 0xea;" : "=r"\(h\) : "r"\(xs\), "n"\(0x00F000F0\), '
                      r'"n"\(0x50085008\)\);', "h = (xs & 0x00F000F0u) | 0x50085008u;", src)
     assert n == 1 and "asm" not in src
-    (tmp_path / "chk.cpp").write_text(_HOST_SHIM + src + _HOST_MAIN)
     e8p.e8p_packed_abs().numpy().astype(np.int32).tofile(tmp_path / "tbl.bin")
     rng = np.random.default_rng(0)
     words = rng.integers(0, 2**32, size=(20000, 2), dtype=np.uint64).astype(np.uint32)
     words.tofile(tmp_path / "words.bin")
-    subprocess.run([cxx, "-O1", "-o", "chk", "chk.cpp"], cwd=tmp_path, check=True, capture_output=True)
-    subprocess.run(["./chk"], cwd=tmp_path, check=True)
+    run_host_cpp(tmp_path, _HOST_SHIM + src + _HOST_MAIN)
     got = np.fromfile(tmp_path / "out.bin", dtype=np.float16).reshape(-1, 4, 8)
     ref = e8p.bit_trick_decode(words[:, 0].astype(np.int64), words[:, 1].astype(np.int64))
     assert np.array_equal(got.view(np.uint16), ref.view(np.uint16))

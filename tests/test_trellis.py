@@ -518,31 +518,21 @@ int main() {
 @pytest.mark.parametrize("mulhi", [False, True])
 @pytest.mark.parametrize("code", ["3inst", "1mad"])
 @pytest.mark.parametrize("K", [2, 3, 4])
-def test_cuda_v1_decode_source_matches_the_torch_decode_on_host(tmp_path, code, K, mulhi, monkeypatch):
+def test_cuda_v1_decode_source_matches_the_torch_decode_on_host(tmp_path, code, K, mulhi, monkeypatch, run_host_cpp):
     """The 1MAD / 3INST decode intrinsics of the CUDA source, compiled for the host (g++, _Float16 and a
     shim of the CUDA calls), equal decode_1mad / decode_3inst bit for bit on the windows they read
     (16 weights of 4000 random 4-word slices); also with 3INST's window shifts as multiply-highs
     (TRELLIS_WINDOW_BY_MULHI)."""
-    import shutil
-    import subprocess
-
     import numpy as np
 
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no host C++ compiler (g++) to run the CUDA decode source on the CPU")
     monkeypatch.setattr(tr, "TRELLIS_WINDOW_BY_MULHI", mulhi)
     src = tr._cuda_trellis()
     assert ("__umulhi" in src) == mulhi
     src = src.replace("#include <cuda_fp16.h>", "")
     main = _QTIP_HOST_MAIN.replace("@CODE@", code).replace("@K@", str(K))
-    (tmp_path / "chk.cpp").write_text(_QTIP_HOST_SHIM + src + main)
     words = np.random.default_rng(K).integers(0, 2**32, size=(4000, 4), dtype=np.uint64).astype(np.uint32)
     words.tofile(tmp_path / "g.bin")
-    run = subprocess.run([cxx, "-O1", "-fno-strict-aliasing", "-o", "chk", "chk.cpp"], cwd=tmp_path,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-2000:]
-    subprocess.run(["./chk"], cwd=tmp_path, check=True)
+    run_host_cpp(tmp_path, _QTIP_HOST_SHIM + src + main)
     got = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype=np.int16).reshape(-1, 16))
     g = torch.from_numpy(words.astype(np.int64))
     j = torch.arange(16)
