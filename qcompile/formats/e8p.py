@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from ..errors import QCompileError
-from .base import Format, QuantizedWeight, TensorSpec, register
+from .base import Format, QuantizedWeight, TensorSpec, cuda_shift_by_mulhi, register
 
 PERM = (0, 2, 4, 6, 1, 3, 5, 7)       # sign bit / nibble k acts on coordinate PERM[k]
 INV_PERM = (0, 4, 1, 5, 2, 6, 3, 7)   # coordinate j is sign bit / nibble INV_PERM[j] = (j>>1) + 4(j&1)
@@ -869,8 +869,7 @@ def _cuda_e8p() -> str:
     """The E8P decode source, with the IMAD.HI shifts when E8P_SHIFT_BY_MULHI is set."""
     if not E8P_SHIFT_BY_MULHI:
         return _CUDA_E8P
-    return ("#ifndef QC_E8P_SHR\n#define QC_E8P_SHR(x, s) ((s) ? __umulhi((x), 1u << (32 - (s))) : (x))\n#endif\n"
-            + _CUDA_E8P)
+    return cuda_shift_by_mulhi("QC_E8P_SHR") + _CUDA_E8P
 
 
 def wscale16(Wt: torch.Tensor, rho: float, name: str = "e8p") -> float:

@@ -81,7 +81,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from ..errors import QCompileError
-from .base import Format, QuantizedWeight, TensorSpec, register, tir_word_half
+from .base import Format, QuantizedWeight, TensorSpec, cuda_shift_by_mulhi, register, tir_word_half
 
 # --- trellis parameters ------------------------------------------------------------------------------
 L_BITS = 16          # state bits (the only L the formats use; tests use smaller L on the raw helpers)
@@ -1159,7 +1159,7 @@ def _cuda_trellis() -> str:
     src = _cuda_trellis_source()
     if not TRELLIS_WINDOW_BY_MULHI:
         return src
-    return "#ifndef QC_QTIP_SHR\n#define QC_QTIP_SHR(x, s) __umulhi((x), 1u << (32 - (s)))\n#endif\n" + src
+    return cuda_shift_by_mulhi("QC_QTIP_SHR") + src
 
 
 @functools.lru_cache(maxsize=1)

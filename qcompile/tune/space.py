@@ -92,7 +92,7 @@ MMA_MIN_WARPS, MMA_MAX_WARPS = 2, 16  # warps per block
 # only). More warps across N share one block's reads (through L1): 128 rows a block cut that traffic 4x.
 # At M=16 (4-tile blocks of 64 rows: 0.12 GB) more warps across N measured slower (README), so this
 # stays above GEMV_MAX_M; not yet timed at 32 / 64.
-MMA_WIDE_N_MIN_M = 17
+MMA_WIDE_N_MIN_M = GEMV_MAX_M + 1
 MMA_WIDE_N_WARPS = (1, 2, 4)
 # the fragment kernel's cp.async pipeline (MmaConfig.stages > 1 for QTIP HYB): in the space since it
 # passed the GPU suite (H100, 70ea965: bit-exact one-hot reads through the stages of HYB-2/3/4, the
