@@ -855,13 +855,15 @@ __device__ __forceinline__ int qc_e8p3_decode32(const int* __restrict__ sign, co
 """
 
 
-# The right shifts that bring coordinate pairs 2 and 3 of a code's table word under the LOP3 mask as
-# high words of a multiply (x >> s = __umulhi(x, 2^(32 - s)), exact): nvcc emits IMAD.HI on the FMA pipe
-# instead of SHF on the ALU pipe, which the E8P kernels fill first (sm_90 SASS, nvcc 13.0, e8p-2 on
-# 28672x8192, mma.sync default config: K loop at M=1 399 instructions either way, 229 -> 197 of them on
-# the ALU pipe (LOP3, SHF), at M=16 789, 435 -> 371). The ALU pipe takes a warp instruction every
-# second cycle, so those loops were bound by it (2 x 229 > 399 issue slots) and would be issue-bound
-# after. Off until timed on a GPU (tc_sweep --flag e8p-mulhi): it changes every E8P kernel.
+# The pair decode's right shifts (the shifts that bring coordinate pairs 2 and 3 of a code's table word
+# under the LOP3 mask, the sign-parity folds and s >> 2) as high words of a multiply
+# (formats.base.cuda_shift_by_mulhi): nvcc emits IMAD.HI on the FMA pipe instead of SHF on the ALU pipe,
+# which the E8P kernels fill first (sm_90 SASS, nvcc 13.0, e8p-2 on 28672x8192, kernels.resources.
+# sass_loop_mix: mma.sync default K loop at M=1 399 instructions either way, 229 -> 185 of them on the ALU
+# pipe, at M=16 789, 435 -> 350; the M=1 GEMV 986, 463 -> 389). The ALU pipe takes a warp instruction every
+# second cycle, so the mma.sync loops were bound by it (2 x 229 > 399 issue slots) and would be issue-bound
+# after. E81B's residual nibbles keep their shifts (there the multiply-highs cost more instructions than
+# they saved). Off until timed on a GPU (tc_sweep / sweep --flag e8p-mulhi): it changes every E8P kernel.
 E8P_SHIFT_BY_MULHI = False
 
 
