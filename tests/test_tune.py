@@ -1041,6 +1041,24 @@ def test_mma_space_above_m16_puts_the_defaults_wide_n_twins_first(name, n, k):
     assert max(c.warps_n for c in space.candidates(KernelSpec(name, n, k, 16))) <= 2
 
 
+@pytest.mark.parametrize("name", ["qtip-hyb-2", "qtip-hyb-4"])
+@pytest.mark.parametrize("n, k", [(28672, 8192), (8192, 28672), (4096, 4096)])
+def test_mma_space_measures_hybs_seeds_right_after_the_default(name, n, k):
+    """QTIP HYB's configs that won off the grid (HYB_SEEDS_*: 32 sign-folded lane copies at 32 K warps for
+    M=1, staged activations beside 32 lane copies for M > 1) come right after the default, valid for the
+    shape; other formats get none."""
+    fmt = qc_formats.get(name)
+    bits = streamed_bits(fmt, n, k)
+    for m, seeds in ((1, space.HYB_SEEDS_M1), (16, space.HYB_SEEDS_MULTI)):
+        cands = space.candidates(KernelSpec(name, n, k, m))
+        assert len(set(cands)) == len(cands)
+        for cand, override in zip(cands[1:1 + len(seeds)], seeds):
+            assert {f: getattr(cand, f) for f in override} == override
+            assert space.fit_error(cand, n, k, m, fmt.decode_unit, fragment=True, staged_bits=bits) is None
+    e8p = space.mma_candidates(KernelSpec("e8p-2", n, k, 1), qc_formats.get("e8p-2"))
+    assert all(c.lut_shared != 5 and c.warps_n * c.warps_k <= space.MMA_MAX_WARPS for c in e8p)
+
+
 def test_mma_config_keys_round_trip_and_reject_nonsense():
     key = space.config_key(MMA_BEST)
     assert key == "units=4,tiles=4,warps_n=1,warps_k=2,unroll=2,lut_shared=1,stages=1,stage_pad=0"

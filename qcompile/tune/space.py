@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import QCompileError
@@ -102,6 +102,18 @@ MMA_WIDE_N_WARPS = (1, 2, 4)
 # (63.4 / 67.3 us) stayed ahead: a candidate, not a default. Three stages fit beside the 16 lane
 # copies only where the partials are small; MMA_KNOB_VALUES stops at two.
 FRAGMENT_MAX_TUNED_STAGES = 2
+# Configs outside the regular grid that won somewhere, measured right after the default (and its wide-N
+# twins) so that a small budget reaches them: QTIP HYB's (lut_shared, knob overrides) by batch. H100, one
+# process at c67c318 (artifacts/bench/mma-sweep-qtip-hyb-2-lut5-xstaged-h100.json), qtip-hyb-2:
+# M=1, the sign-folded 32 lane copies at 32 K warps (1024 threads, over MMA_MAX_WARPS): 8192x28672
+# 47.2 -> 40.0 us (unroll 2) / 41.1 (unroll 1), but 28672x8192 50.4 -> 54.3 / 55.1;
+# M=16, the activations staged beside the 32 lane copies, 2 tiles x 16 K warps, unroll 2: 8192x28672
+# 103.7 -> 73.8 us, 28672x8192 86.8 -> 79.5; 64-row blocks split over K in two: 8192x28672 88.3.
+# Shape-dependent, so candidates (the tuner picks per shape), not defaults.
+HYB_SEEDS_M1 = ({"lut_shared": 5, "warps_k": 32, "unroll": 2}, {"lut_shared": 5, "warps_k": 32, "unroll": 1})
+HYB_SEEDS_MULTI = ({"tiles": 2, "warps_k": 16, "unroll": 2, "lut_shared": 3, "x_staged": 1},
+                   {"tiles": 2, "warps_k": 16, "unroll": 1, "lut_shared": 3, "x_staged": 1},
+                   {"tiles": 4, "warps_k": 4, "unroll": 2, "blocks_k": 2})
 MMA_MAX_SPAN = 64                     # units x decode unit columns per lane (two rows: 16 registers at 64)
 MAX_MMA_CANDIDATES = 96
 
@@ -409,4 +421,19 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
             if same:
                 twins.append(max(same, key=lambda c: c.warps_k))
         space = twins + [c for c in space if c not in twins]
+    seeds = [c for c in _hyb_seeds(spec, fmt, default) if c != default]
+    space = seeds + [c for c in space if c not in seeds]
     return [default] + space[:MAX_MMA_CANDIDATES - 1]
+
+
+def _hyb_seeds(spec: KernelSpec, fmt, default: MmaConfig) -> List[MmaConfig]:
+    """HYB_SEEDS_* applied to the default, those that ``check_mma`` accepts for the spec (in order)."""
+    if not lane_lut_candidate(fmt, 2) or spec.m > GEMV_MAX_M:  # (QTIP HYB in its kernel layout, M <= 16)
+        return []
+    seeds = []
+    for override in HYB_SEEDS_M1 if spec.m == 1 else HYB_SEEDS_MULTI:
+        cfg = replace(default, **override)
+        if cfg not in seeds and check_mma(cfg, spec.n, spec.k, spec.m, fmt.decode_unit, fmt.fragment_native,
+                                          streamed_bits(fmt, spec.n, spec.k)) is None:
+            seeds.append(cfg)
+    return seeds

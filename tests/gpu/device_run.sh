@@ -15,6 +15,8 @@
 #        $OUT/NAME.json
 #   bash tests/gpu/device_run.sh viterbi NAME VITERBI_SPEED ARGS...   Viterbi engines side by side
 #        (python3 -m qcompile.bench.viterbi_speed) to $OUT/NAME.json
+#   bash tests/gpu/device_run.sh py NAME LIMIT_S SCRIPT ARGS...   python3 SCRIPT ARGS (at most LIMIT_S seconds),
+#        its output to $OUT/NAME.txt
 #   bash tests/gpu/device_run.sh plan FILE LIMIT_S   each line of FILE (a device_run.sh command; # comments)
 #        in turn, each under the seconds left of LIMIT_S, all output in $OUT/plan.log; a step that fails
 #        or runs out of time is logged and the plan goes on (one device call, many measurements)
@@ -55,6 +57,10 @@ case "${1:-}" in
   gemv)
     name=$2; shift 2
     python3 -m qcompile.bench.sweep "$@" --out "$out/$name.json" ;;
+  py)
+    name=$2; limit=$3; shift 3
+    timeout "$limit" python3 "$@" > "$out/$name.txt" 2>&1; rc=$?
+    tail -40 "$out/$name.txt"; exit $rc ;;
   viterbi)
     name=$2; shift 2
     python3 -m qcompile.bench.viterbi_speed "$@" --json "$out/$name.json" ;;

@@ -16,7 +16,7 @@ def test_tir_min_on_cuda_finds_the_torch_engines_paths(name):
     fmt = trellis_format(name)
     cb = fmt.codebook(default_tlut("cuda") if fmt.code == "hyb" else None, "cuda").to(torch.float32)
     gen = torch.Generator().manual_seed(fmt.K * 10 + fmt.V)
-    x = (torch.randn(203, fmt.S, fmt.V, generator=gen) * cb.pow(2).mean().sqrt()).cuda()
+    x = (torch.randn(203, fmt.S, fmt.V, generator=gen) * cb.pow(2).mean().sqrt().item()).cuda()
     top = torch.randint(0, 1 << (fmt.L - fmt.KV), (203,), generator=gen).cuda()
     for kwargs in ({}, {"start_top": top, "end_low": top}):
         s_torch, c_torch = viterbi(x, cb, fmt.L, fmt.KV, engine="torch", **kwargs)
