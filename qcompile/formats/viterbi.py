@@ -43,8 +43,8 @@ the others move 2^L) and reads the path out with a compiled backtrack kernel; it
 and an llvm one, the same TIR, so the CPU tests check the kernels the GPU runs.
 ``"auto"`` (the default) is a TIR engine on CPUs (a L=16, K=2, V=1 step of 64 sequences: 1.3 ms
 against 4.1 ms for the torch passes, 2 cores): "tir-min" at K·V = 2, where it measured faster,
-"tir" elsewhere (``CPU_MIN_ENGINE_KV``); and ``CUDA_AUTO_ENGINE`` on CUDA: the torch passes until
-"tir-min" has been timed on a GPU.
+"tir" elsewhere (``CPU_MIN_ENGINE_KV``); and ``CUDA_AUTO_ENGINE`` on CUDA: "tir-min" (10-15x the
+torch passes on an H100).
 
 Memory: sequences are processed in chunks sized from ``memory_budget`` bytes (per sequence about
 10·2^L bytes of cost buffers + (S−1)·2^(L−KV) bytes of backpointers: L=16, K=2, V=1: ≈4.9 MiB;
@@ -208,9 +208,11 @@ def _backtrack(cost, bp, B, S, L, KV, nc, G, end_low, dev):
 
 
 ENGINES = ("auto", "torch", "tir", "tir-min")
-# what engine="auto" runs on a CUDA device: the torch passes until the group-minimum kernels
-# ("tir-min", compiled for CUDA and checked on the CPU through their llvm form) have been timed on a GPU
-CUDA_AUTO_ENGINE = "torch"
+# what engine="auto" runs on a CUDA device: the group-minimum kernels. H100, one process at c67c318
+# (artifacts/bench/viterbi-h100.json; 4096 tail-biting sequences of 256, L=16): qtip-hyb-2 12.1 M
+# weights/s against 1.2 M for the torch passes, qtip-3inst-2 7.9 M against 0.52 M, the same MSE; one
+# 4096x4096 layer with BlockLDLQ 17.5 -> 3.4 s (HYB-2) and 38.1 -> 3.8 s (3INST-2)
+CUDA_AUTO_ENGINE = "tir-min"
 # ... and on a CPU: the group-minimum kernels at these K·V, the full-cost step elsewhere. 2 cores, 128
 # tail-biting sequences of 256 at L=16 (gaussian_mse, three runs each, alternating): K·V=2 (3INST-2)
 # 1.55-1.61 s against 1.85-1.89 s; K·V=3 (1MAD-3) 2.83-2.89 against 1.84-2.06; K·V=4 (HYB-2) 1.51-1.60
