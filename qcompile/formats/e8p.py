@@ -863,7 +863,11 @@ __device__ __forceinline__ int qc_e8p3_decode32(const int* __restrict__ sign, co
 # pipe, at M=16 789, 435 -> 350; the M=1 GEMV 986, 463 -> 389). The ALU pipe takes a warp instruction every
 # second cycle, so the mma.sync loops were bound by it (2 x 229 > 399 issue slots) and would be issue-bound
 # after. E81B's residual nibbles keep their shifts (there the multiply-highs cost more instructions than
-# they saved). Off until timed on a GPU (tc_sweep / sweep --flag e8p-mulhi): it changes every E8P kernel.
+# they saved). Measured slower, so off: H100, one process at c67c318 (artifacts/bench/mma-sweep-e8p-2-mulhi-
+# h100.json, gemv-sweep-e8p-2-mulhi-h100.json), e8p-2 28672x8192 mma.sync M=1 41.8 -> 43.7 us, M=4 42.7 ->
+# 45.3, M=16 55.7 -> 59.9; 8192x28672 46.4 -> 49.1, 47.2 -> 49.7, 61.5 -> 61.8; the M=1 GEMV 42.6 -> 46.2
+# and 44.9 -> 48.8. Fewer ALU-pipe instructions did not make these loops faster: the ALU count was not
+# what bound them.
 E8P_SHIFT_BY_MULHI = False
 
 
