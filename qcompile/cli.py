@@ -126,6 +126,12 @@ def parser() -> argparse.ArgumentParser:
                    help="add the records under DIR (<gpu>/<format>.json, e.g. tuned on another machine with "
                         "--records DIR) to the records directory, then exit: no GPU needed; where both measured "
                         "a candidate, DIR's time is kept")
+    t.add_argument("--import-sweep", default=None, metavar="FILE",
+                   help="add the measured rows of a tc_sweep JSON file (python -m qcompile.bench.tc_sweep --out) "
+                        "to the records, then exit: no GPU needed; rows built with kernel switches are left out, "
+                        "and each kernel's rows must time today's default config")
+    t.add_argument("--gpu", default=None, metavar="NAME",
+                   help="with --import-sweep: the GPU that ran the sweep (e.g. h100), for rows that do not say")
     t.add_argument("--jobs", "-j", type=int, default=None,
                    help="candidates compiled in parallel while the GPU measures (default: the CPUs, at most 8)")
     t.add_argument("--order", choices=ORDERS, default="model",
@@ -412,6 +418,22 @@ def cmd_tune(args) -> int:
     from .tune.records import default_records_dir, local_gpu_name
 
     records_dir = Path(args.records) if args.records else (default_records_dir() or Path("schedules"))
+    if args.gpu is not None and args.import_sweep is None:
+        raise QCompileError("--gpu names the GPU of an --import-sweep file; the tuner itself measures the local GPU")
+    if args.import_sweep is not None:  # no kernels, no GPU: a sweep's measured rows join the records
+        from .tune.records import TuningRecords
+        from .tune.sweep_import import import_sweep, read_sweep_rows
+
+        others = [flag for flag, given in (("a model or checkpoint", args.model is not None),
+                                           ("--shapes", args.shapes is not None), ("--format", args.format is not None),
+                                           ("--m", args.m is not None), ("--dry-run", args.dry_run),
+                                           ("--merge", args.merge is not None)) if given]
+        if others:
+            raise QCompileError(f"--import-sweep takes no {', '.join(others)}; run it alone (with --records for "
+                                f"the destination, --gpu for rows that do not name their GPU)")
+        for line in import_sweep(TuningRecords(records_dir), read_sweep_rows(args.import_sweep), args.gpu):
+            print(line)
+        return 0
     if args.merge is not None:  # no kernels, no GPU: records measured elsewhere join these
         from .tune.records import TuningRecords
 

@@ -1258,3 +1258,61 @@ def test_tune_alternatives_and_build_takes_the_faster_family(tmp_path):
     plain = CountingMeasure()
     assert len(tune([spec], SM90, plain, tmp_path / "d", budget=3, gpu=GPU, log=None)) == 1
     assert plain.calls and all(key.startswith("rows=") for _, key in plain.calls)  # GEMV configs only
+
+
+def test_import_sweep_adds_plain_measured_rows_to_the_records(tmp_path, capsys):
+    """tc_sweep rows join the records as tuner measurements: only plain rows (not the library default,
+    a --flag or --plain-decode build, a failed row), only kernels whose rows timed today's default,
+    only rows whose fingerprint (where given) is today's kernel; a config already measured keeps its
+    recorded time; the GPU comes from the row or --gpu."""
+    from qcompile.tune.records import kernel_code
+    from qcompile.tune.sweep_import import import_sweep, read_sweep_rows
+
+    spec = KernelSpec("qtip-hyb-2", 1024, 2048, 16)
+    default = space.default_config(spec, "mma")
+    better, flagged = [c for c in space.candidates(spec, "mma") if c != default][:2]
+
+    def row(cfg, us, **extra):
+        return {"format": spec.format, "N": spec.n, "K": spec.k, "M": spec.m, "kernel": "mma-x",
+                "cfg": None if cfg is None else cfg.as_dict(), "intrin": True, "us": us, "error": None, **extra}
+
+    rows = [row(None, 1.0, kernel="library-default", intrin=None), row(default, 10.0), row(better, 8.0),
+            row(flagged, 1.0, intrin=["flags", "lane-copy-min"]), row(flagged, 2.0, intrin=False),
+            row(flagged, None, error="launch failed")]
+    with pytest.raises(QCompileError, match="--gpu"):
+        import_sweep(TuningRecords(tmp_path / "r"), rows)
+    records = TuningRecords(tmp_path / "r")
+    lines = import_sweep(records, rows, GPU)
+    assert len(lines) == 1 and "2 measurement(s) added" in lines[0]
+    entry = TuningRecords(tmp_path / "r").entry(spec, GPU, "mma")
+    assert entry.measured_us == {space.config_key(default): 10.0, space.config_key(better): 8.0}
+    assert not entry.stale_code() and entry.code is not None
+    assert TuningRecords(tmp_path / "r").config_for(spec, GPU) == better
+    # again, faster: the recorded time stays; a row of another kernel's fingerprint is skipped
+    again = [row(default, 10.0, gpu=GPU), row(better, 5.0, gpu=GPU),
+             row(flagged, 1.0, gpu=GPU, code="0" * 16)]
+    lines = import_sweep(TuningRecords(tmp_path / "r"), again)
+    assert any("no longer generates" in line for line in lines)
+    assert TuningRecords(tmp_path / "r").entry(spec, GPU, "mma").measured_us[space.config_key(better)] == 8.0
+    today = row(flagged, 9.0, gpu=GPU, code=kernel_code(spec, GPU, [flagged]))
+    import_sweep(TuningRecords(tmp_path / "r"), [row(default, 10.0), today], GPU)
+    assert TuningRecords(tmp_path / "r").entry(spec, GPU, "mma").measured_us[space.config_key(flagged)] == 9.0
+    # a sweep that did not time the default adds nothing
+    lines = import_sweep(TuningRecords(tmp_path / "s"), [row(better, 8.0)], GPU)
+    assert "did not time today's default" in lines[0] and not (tmp_path / "s").exists()
+    with pytest.raises(QCompileError, match="measured on a100"):
+        import_sweep(TuningRecords(tmp_path / "s"), [row(default, 1.0, gpu="a100")], GPU)
+    # files and the command line
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps(rows))
+    assert read_sweep_rows(sweep) == rows
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(QCompileError, match="not a JSON file"):
+        read_sweep_rows(tmp_path / "bad.json")
+    assert cli_main(["tune", "--import-sweep", str(sweep), "--gpu", GPU, "--records", str(tmp_path / "cli")]) == 0
+    assert "2 measurement(s) added" in capsys.readouterr().out
+    assert TuningRecords(tmp_path / "cli").config_for(spec, GPU) == better
+    assert cli_main(["tune", "--import-sweep", str(sweep), "--shapes", "1024x2048", "--gpu", GPU]) == 2
+    assert "takes no --shapes" in capsys.readouterr().err
+    assert cli_main(["tune", "--gpu", GPU, "--shapes", "1024x2048", "--format", "int4-g128"]) == 2
+    assert "--gpu names the GPU of an --import-sweep file" in capsys.readouterr().err

@@ -264,6 +264,10 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     l2_bytes = l2_cache_bytes(device)
     bench = _Bench(args.iters, args.warmup, args.timing, log)
     log(f"{torch.cuda.get_device_name(device)}, format {fmt.name}, target {target.key}")
+    from ..tune.records import kernel_code
+    from .harness import gpu_short_name
+
+    gpu = gpu_short_name(torch.cuda.get_device_name(device))
     rows: List[dict] = []
     for n, k in shapes:
         qw = bench_weight(fmt, n, k, device)
@@ -292,7 +296,10 @@ def run(fmt, shapes, ms, args) -> List[dict]:
             for label, cfg, use_intrin in kernels:
                 row = {"format": fmt.name, "N": n, "K": k, "M": m, "kernel": label,
                        "cfg": None if cfg is None else cfg.as_dict(), "intrin": use_intrin, "us": None,
-                       "cublas_fp16_us": cublas_us, "speedup_vs_fp16": None, "rel_err": None, "error": None}
+                       "cublas_fp16_us": cublas_us, "speedup_vs_fp16": None, "rel_err": None, "error": None,
+                       "gpu": gpu}
+                if cfg is not None and use_intrin is True:  # (the fingerprint records compare: tune --import-sweep)
+                    row["code"] = kernel_code(KernelSpec(fmt.name, n, k, m), gpu, [cfg])
                 rows.append(row)
                 try:
                     if cfg is None:
