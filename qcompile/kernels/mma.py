@@ -56,13 +56,17 @@ class MmaConfig:
     seven 32 KiB ones did; b2d52bb, the default's 2 tiles x 16 K warps: 62.8 / 59.5 against 50.7 /
     47.1 us on 28672x8192 / 8192x28672, where ncu showed the bank conflicts gone, L1 from 90 to 50 %
     busy, and the ALU pipe's instructions up from 13.1 to 20.2 million, the byte address's LEA among
-    them; since then h is doubled by an IMAD.SHL instead, not yet timed), so at M=1 the tuner keeps the
+    them; since then h is doubled by an IMAD.SHL instead: 51.3 / 47.1 against 50.4 / 46.7 us at c67c318,
+    artifacts/bench/mma-sweep-qtip-hyb-2-lut5-xstaged-h100.json), so at M=1 the tuner keeps the
     default's placement; at M > 1, where it won on one 70B shape, it is a candidate
     (``lane_lut_candidate``). 4 = 16 copies of the
     sign-folded table (1024 entries, 64 KiB of dynamic shared memory; ``FRAGMENT_SIGNED_LUT``): a
     tuner candidate for HYB-3/4 at M=1 (``signed_lut_candidate``). 5 = 32 copies of the sign-folded
     table, one a lane (128 KiB, ``SHARED_BYTES_OPT_IN_LARGE``: one block an SM, so give it 1024
-    threads): neither bank conflicts nor the sign's LOP3; not yet timed.
+    threads): neither bank conflicts nor the sign's LOP3. H100 at c67c318 (qtip-hyb-2 M=1, 2 tiles x 32 K
+    warps): 8192x28672 40.0 us (unroll 2) against the default's 46.7, 28672x8192 54.3 against 50.4
+    (artifacts/bench/mma-sweep-qtip-hyb-2-lut5-xstaged-h100.json): a tuner candidate for HYB at M=1
+    (tune.space.HYB_SEEDS_M1).
     stages: 1 = each lane loads its packed words from global memory into registers where it decodes
     them; 2 or 3 = a software pipeline: the whole thread block copies the packed words of a K step
     (the warps_k warps take interleaved K blocks, so one step is one contiguous column range) into
@@ -92,8 +96,10 @@ class MmaConfig:
     read their B fragments there. Each
     lane's 4-byte global load of its B fragment (the reference layout fixes the pairs a lane needs)
     touches 8 token rows: at M=16 those loads put about as many wavefronts through L1 as the table
-    lookups (ncu, qtip-hyb-2 28672x8192 at b2d52bb: L1 93 % busy). Not yet timed: in no default and
-    not in the tuner's space.
+    lookups (ncu, qtip-hyb-2 28672x8192 at b2d52bb: L1 93 % busy). H100 at c67c318, qtip-hyb-2 M=16 with
+    lut_shared=3, 2 tiles x 16 K warps, unroll 2: 79.5 / 73.8 us on 28672x8192 / 8192x28672 against the
+    default's 86.8 / 103.7 (with 4 tiles x 4 K warps slower: 117.2 / 190.6): a tuner candidate for HYB at
+    M > 1 (tune.space.HYB_SEEDS_MULTI).
     """
 
     units: int = 1
@@ -164,7 +170,7 @@ FRAGMENT_LUT_COPIES = {2: 16, 3: 32, 4: 16, 5: 32}
 # qtip-hyb-2 M=1 28672x8192, 2 tiles x 32 K warps, nvcc 13.0: 217 instructions, 94 of them ALU-pipe
 # (LOP3, SHF, PRMT and the like) and 66 IMAD, 32 LDS of one wavefront each, 41 registers (the
 # default's lut_shared=2 at 16 K warps: 209, 112, 41, LDS of two wavefronts; 3: 246, 114, 75).
-# Not yet timed: in no default and not in the tuner's space
+# Timed at c67c318: see MmaConfig's lut_shared (a tuner candidate for HYB at M=1)
 FRAGMENT_SIGNED_LUT = (4, 5)
 # the lut_shared whose copies are over the 48 KiB a launch gets: in dynamic shared memory, opted in
 FRAGMENT_DYNAMIC_LUT = (3, 4, 5)
