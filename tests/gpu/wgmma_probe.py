@@ -1,0 +1,541 @@
+#!/usr/bin/env python3
+"""Hopper wgmma (sm_90a) fp16 GEMM written as a TVM 0.27 TensorIR PrimFunc: a probe, not a product kernel.
+
+Why: M=1024 needs a tensor-core GEMM at cuBLAS's efficiency (issue 5: >= 0.9x); decode + cuBLAS stops
+at ~0.84x and mma.sync cannot reach wgmma's rate. This checks, on the GPU, that TVM 0.27's ptx dialect
+(wgmma.mma_async ss, its descriptors, cp.async) gives correct results and how far a plain fp16 version
+is from cuBLAS, before the weight decode goes into its B-tile producer. Compiles on a CPU machine
+(python3 tests/gpu/wgmma_probe.py --save-src ""); `--check [--sweep]` needs an H100 (device_run.sh py).
+Not yet run on a GPU.
+
+
+    C[M, N] = A[M, K] @ B[N, K]^T
+    A: fp16, row-major (K contiguous)          -- activations
+    B: fp16, N rows, K contiguous              -- PyTorch nn.Linear weight layout
+    C: fp16 (default) or fp32, row-major; accumulation is always fp32.
+
+Usage
+    python3 wgmma_probe.py                # build for sm_90a on a CPU box, print wgmma lines,
+                                          # ptxas -v resource usage (registers / spills / smem)
+    python3 wgmma_probe.py --check        # on an H100: correctness vs torch + TFLOPS vs cuBLAS
+    options: --bn 128|256  --stages S  --wg-inflight 0|1  --swizzle 128|0  --out f16|f32
+
+Kernel structure (one CTA = NWG warpgroups = 128*NWG threads, tile BM x BN x BK, BK = 64):
+
+  * every warpgroup g owns rows [64*g, 64*g+64) of the CTA's M tile and all BN columns; per
+    k16 step it issues one `wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.f16.f16` with both A
+    and B read from shared memory through 64-bit matrix descriptors ("ss" form).
+  * global -> shared with `cp.async.cg.shared.global` (16 B per instruction), S-stage ring
+    buffer, `cp.async.commit_group` / `cp.async.wait_group` bookkeeping, one __syncthreads per
+    k tile. No TMA, no mbarriers, no warp specialisation: every thread both loads and computes.
+
+Shared-memory layout (swizzle=128, the default) -- the canonical K-major SW128 atom that
+CUTLASS calls  Swizzle<3,4,3> o ((8,m),(8,2)):((8,SBO),(1,T))  (T = 8 fp16 = 16 bytes):
+
+  A tile (BM x 64 fp16) and B tile (BN x 64 fp16) are each stored row by row, one 128-byte
+  row per M (resp. N) index -- 64 fp16 of K = exactly the 128-byte swizzle width. Inside each
+  row, the 16-byte chunk c (= K elements 8c .. 8c+7) is stored at chunk slot c ^ (row % 8):
+
+        byte_offset(row, k) = row * 128 + (((k // 8) ^ (row % 8)) * 16) + (k % 8) * 2
+
+  i.e. address bits [4,7) are XORed with bits [7,10). Eight rows form a 1024-byte "swizzle
+  atom"; atoms are stacked densely along M/N, so the stride between 8-row groups is 1024 B.
+  The hardware applies the XOR on the *absolute* shared address bits, so every tile base
+  must be 1024-byte aligned (the descriptor's base_offset field stays 0). The dynamic smem
+  buffer is over-allocated by 1 KiB and the base is rounded up at run time.
+
+  Descriptor fields (PTX ISA "Matrix Descriptor Format", bit layout = cute::GmmaDescriptor):
+      start_address  bits [0,14)  = (smem_addr >> 4)
+      LBO            bits [16,30) = 1       (ignored for swizzled K-major layouts; CUTLASS writes 1)
+      SBO            bits [32,46) = 1024>>4 = 64   (distance between consecutive 8-row groups)
+      base_offset    bits [49,52) = 0
+      layout_type    bits [62,64) = 1 (SWIZZLE_128B)   [0 = interleave/none, 2 = 64B, 3 = 32B]
+  T.cuda.wgmma.encode_matrix_descriptor(&d, ptr, ldo, sdo, swizzle) fills exactly these;
+  its `swizzle` argument is 0 none, 1 32B, 2 64B, 3 128B and ldo/sdo are passed already in
+  16-byte units (they are stored into the bitfields verbatim).
+
+  Sub-tile addressing: the descriptor start address is the *unswizzled* logical address of
+  element (row0, k0): moving 16 K elements (one k16 step) inside the 128-byte atom adds
+  32 bytes (= +2 in the descriptor's low field), moving 64 rows (the next warpgroup's A rows)
+  adds 64*128 = 8192 bytes (+512), moving one pipeline stage adds the stage size. Because
+  the start address lives in the low 14 bits and never overflows them (smem < 256 KiB), we
+  encode one descriptor for the aligned smem base and add (byte_offset >> 4) to it.
+
+  swizzle=0 ("interleave", no swizzle) is provided as a fallback: 8x16-byte core matrices,
+        byte_offset(row, k) = ((k // 8) * (R // 8) + row // 8) * 128 + (row % 8) * 16 + (k % 8) * 2
+  (R = rows of the tile), LBO = (R//8)*128 bytes (next core matrix along K),
+  SBO = 128 bytes (next 8-row group). It needs no alignment beyond 16 B but has 8-way bank
+  conflicts on the cp.async stores.
+
+Accumulator fragment (PTX ISA "wgmma .m64nNk16 register fragment D", = CUTLASS
+CLayout_64xN): thread t of the warpgroup holds N/2 fp32 values d[0 .. N/2-1]:
+        warp = t // 32, lane = t % 32
+        row(i) = 16*warp + lane//4 + 8*((i//2) % 2)
+        col(i) = 8*(i//4) + 2*(lane % 4) + (i % 2)
+i.e. the m16n8 mma.sync C layout, one 16-row slab per warp, repeated N/8 times along N.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import tvm
+from tvm.script import tirx as T
+
+TARGET = {"kind": "cuda", "arch": "sm_90a"}
+
+SW128 = 128
+SW_NONE = 0
+
+
+def build(
+    M,
+    N,
+    K,
+    BN=128,
+    NWG=2,
+    stages=4,
+    wg_inflight=1,
+    swizzle=SW128,
+    out_dtype="float16",
+    name="wgmma_gemm",
+):
+    """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma.
+
+    M, N, K : static problem sizes (M % BM == 0, N % BN == 0, K % 64 == 0 required).
+    BN      : CTA tile along N = the wgmma N (8..256, multiple of 8; 128 or 256 sensible).
+    NWG     : warpgroups per CTA; BM = 64 * NWG.
+    stages  : shared-memory ring depth S (>= 2 + wg_inflight).
+    wg_inflight : number of wgmma groups allowed in flight across k tiles (0 or 1).
+                  The cp.async prefetch distance is P = S - 1 - wg_inflight tiles.
+    swizzle : 128 (SW128 K-major atom) or 0 (interleave, no swizzle).
+    """
+    BK = 64
+    BM = 64 * NWG
+    NT = 128 * NWG
+    assert M % BM == 0 and N % BN == 0 and K % BK == 0, (M, N, K, BM, BN, BK)
+    assert BN % 8 == 0 and 8 <= BN <= 256
+    assert wg_inflight in (0, 1)
+    P = stages - 1 - wg_inflight  # prefetch distance in k tiles
+    assert P >= 1, "need stages >= 2 + wg_inflight"
+    assert swizzle in (SW128, SW_NONE)
+    KT = K // BK
+    ACC = BN // 2  # fp32 accumulator registers per thread (m64nBNk16: 64*BN/128)
+
+    A_BYTES = BM * BK * 2  # one stage of A
+    B_BYTES = BN * BK * 2
+    STAGE_BYTES = A_BYTES + B_BYTES
+    SMEM_BYTES = stages * STAGE_BYTES + 1024  # + 1 KiB slack to round the base up to 1024 B
+    A_CHUNKS = BM * BK // 8 // NT  # 16-byte cp.async per thread per k tile for A
+    B_CHUNKS = BN * BK // 8 // NT
+    assert A_CHUNKS * NT * 8 == BM * BK and B_CHUNKS * NT * 8 == BN * BK
+
+    if swizzle == SW128:
+        sw_code = 3  # T.cuda.wgmma.encode_matrix_descriptor: 3 = 128B swizzle
+        LBO_A = LBO_B = 1  # unused for swizzled K-major
+        SBO_A = SBO_B = 1024 >> 4  # 8 rows x 128 B
+        KSTEP_A = KSTEP_B = 32  # bytes per k16 step inside the atom
+        WG_A = 64 * 128  # bytes between warpgroup row slabs of A
+    else:
+        sw_code = 0
+        LBO_A = (BM // 8) * 128 >> 4  # next core matrix along K
+        LBO_B = (BN // 8) * 128 >> 4
+        SBO_A = SBO_B = 128 >> 4  # next 8-row group
+        KSTEP_A = 2 * (BM // 8) * 128  # 16 K elements = 2 core matrices along K
+        KSTEP_B = 2 * (BN // 8) * 128
+        WG_A = 8 * 128  # 64 rows = 8 core-matrix rows
+    # A and B get separate descriptors because LBO differs between them in interleave mode.
+
+    def smem_off(row, chunk, rows):
+        """Byte offset of 16-byte chunk `chunk` (K elements 8*chunk..) of tile row `row`."""
+        if swizzle == SW128:
+            return row * 128 + T.bitwise_xor(chunk, row % 8) * 16
+        return (chunk * (rows // 8) + row // 8) * 128 + (row % 8) * 16
+
+    mma_chain = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.f16.f16"
+    out_is_f16 = out_dtype == "float16"
+
+    # fmt: off
+    @T.prim_func
+    def gemm(A: T.Buffer((M, K), "float16"),
+             B: T.Buffer((N, K), "float16"),
+             C: T.Buffer((M, N), out_dtype)):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        bm = T.launch_thread("blockIdx.x", M // BM)   # M tiles fastest: CTAs sharing a B tile run together
+        bn = T.launch_thread("blockIdx.y", N // BN)
+        tx = T.launch_thread("threadIdx.x", NT)
+        smem = T.alloc_buffer((SMEM_BYTES // 2,), "float16", scope="shared.dyn")
+        acc = T.alloc_buffer((ACC,), "float32", scope="local")
+        descA = T.alloc_buffer((1,), "uint64", scope="local")
+        descB = T.alloc_buffer((1,), "uint64", scope="local")
+
+        wg = tx // 128
+        warp = (tx % 128) // 32
+        lane = tx % 32
+        # 1024-byte aligned base of the ring buffer, as a shared-window address.
+        raw = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
+        pad = T.bitwise_and(T.uint32(1024) - T.bitwise_and(raw, T.uint32(1023)), T.uint32(1023))
+        base = raw + pad
+        pad_elems = T.cast(pad, "int32") // 2
+        # One descriptor per operand, for the aligned base; sub-tiles add (offset >> 4).
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descA[0]), smem.ptr_to([pad_elems]),
+                                              LBO_A, SBO_A, sw_code)
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descB[0]), smem.ptr_to([pad_elems]),
+                                              LBO_B, SBO_B, sw_code)
+
+        for i in T.unroll(ACC):
+            acc[i] = T.float32(0)
+
+        # ---- prologue: tiles 0 .. P-1 -> stages 0 .. P-1 (one commit group per tile) ----
+        for s in T.unroll(P):
+            if s < KT:
+                for j in T.unroll(A_CHUNKS):
+                    T.ptx.cp.async_.cg.shared.global_(
+                        base + T.uint32(s * STAGE_BYTES) + T.cast(smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
+                        A.ptr_to([bm * BM + (j * NT + tx) // 8, s * BK + ((j * NT + tx) % 8) * 8]), 16)
+                for j in T.unroll(B_CHUNKS):
+                    T.ptx.cp.async_.cg.shared.global_(
+                        base + T.uint32(s * STAGE_BYTES + A_BYTES) + T.cast(smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
+                        B.ptr_to([bn * BN + (j * NT + tx) // 8, s * BK + ((j * NT + tx) % 8) * 8]), 16)
+            T.ptx.cp.async_.commit_group()
+
+        # ---- main loop over k tiles ----
+        for kt in range(KT):
+            stage = kt % stages
+            # Groups committed so far = P + kt; <= P-1 pending  =>  tile kt has landed.
+            T.ptx.cp.async_.wait_group(P - 1)
+            # cp.async writes are generic-proxy writes; wgmma reads smem through the async
+            # proxy, so order them with a proxy fence before the barrier.
+            T.ptx.fence.proxy.async_.shared__cta()
+            T.cuda.cta_sync()
+            # Tell the compiler the accumulators are live across the asm (CUTLASS warpgroup_fence_operand).
+            # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
+            #  ptxas still keeps the HGMMAs unserialized -- checked in the SASS)
+            T.ptx.wgmma.fence.sync.aligned()
+            for kk in T.unroll(BK // 16):
+                T.ptx[mma_chain](
+                    *[acc[i] for i in range(ACC)],
+                    descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
+                    descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
+                    True, 1, 1, 0, 0)
+            T.ptx.wgmma.commit_group.sync.aligned()
+            # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
+            #  ptxas still keeps the HGMMAs unserialized -- checked in the SASS)
+            # Refill the stage last read by tile kt-1-wg_inflight (finished by every warpgroup:
+            # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
+            nxt = kt + P
+            if nxt < KT:
+                nstage = nxt % stages
+                for j in T.unroll(A_CHUNKS):
+                    T.ptx.cp.async_.cg.shared.global_(
+                        base + T.cast(nstage * STAGE_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
+                        A.ptr_to([bm * BM + (j * NT + tx) // 8, nxt * BK + ((j * NT + tx) % 8) * 8]), 16)
+                for j in T.unroll(B_CHUNKS):
+                    T.ptx.cp.async_.cg.shared.global_(
+                        base + T.cast(nstage * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
+                        B.ptr_to([bn * BN + (j * NT + tx) // 8, nxt * BK + ((j * NT + tx) % 8) * 8]), 16)
+            T.ptx.cp.async_.commit_group()
+            T.ptx.wgmma.wait_group.sync.aligned(wg_inflight)
+            # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
+            #  ptxas still keeps the HGMMAs unserialized -- checked in the SASS)
+
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+        # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
+            #  ptxas still keeps the HGMMAs unserialized -- checked in the SASS)
+
+        # ---- epilogue: fragment -> C (see module docstring for the mapping) ----
+        # acc[2j], acc[2j+1] are adjacent columns of one row -> one vectorized 2-wide store.
+        for j in T.unroll(ACC // 2):
+            for e in T.vectorized(2):
+                C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
+                  bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
+    # fmt: on
+    return gemm
+
+
+# ----------------------------------------------------------------------------------------
+# Build helpers
+# ----------------------------------------------------------------------------------------
+
+
+def compile_func(func):
+    mod = tvm.IRModule({func.attrs["global_symbol"]: func})
+    return tvm.compile(mod, target=tvm.target.Target(TARGET))
+
+
+def cuda_source(ex):
+    return ex.mod.imports[0].inspect_source()
+
+
+def ptxas_report(src, arch="sm_90a"):
+    """Compile the generated CUDA C with nvcc -cubin -Xptxas -v; return (ok, text)."""
+    d = tempfile.mkdtemp(prefix="wgmma_")
+    cu = os.path.join(d, "k.cu")
+    with open(cu, "w") as f:
+        f.write(src)
+    cmd = ["nvcc", f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", "-diag-suppress", "177,550",
+           "-o", os.path.join(d, "k.cubin"), cu]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    return p.returncode == 0, " ".join(cmd) + "\n" + p.stdout + p.stderr, d
+
+
+def disassemble(cubin):
+    """SASS text of a cubin via cuobjdump or nvdisasm, whichever is on PATH (None if neither)."""
+    import shutil
+
+    for tool, extra in (("cuobjdump", ["-sass"]), ("nvdisasm", [])):
+        exe = shutil.which(tool)
+        if exe:
+            p = subprocess.run([exe, *extra, cubin], capture_output=True, text=True)
+            if p.returncode == 0:
+                return p.stdout
+    return None
+
+
+def layout_selftest():
+    """Pure-Python consistency checks of the layout math (no GPU, no TVM).
+
+    (1) The address each cp.async writes (formula used in the TIR) equals the address the
+        wgmma descriptor makes the hardware read, according to the canonical K-major layouts
+        documented in CUTLASS (cute/atom/mma_traits_sm90_gmma.hpp, make_gmma_desc<Major::K>):
+          INTERLEAVE: ((8,m),(T,2)):((1T,SBO),(1,LBO))   [uint128 units]
+          SW128     : Swizzle<3,4,3> o ((8,m),(T,2)):((8T,SBO),(1,T))
+        for every k16 step and both warpgroup row slabs.
+    (2) The accumulator fragment map (thread, reg) -> (row, col) is a bijection onto 64 x N.
+    This checks self-consistency with the documented layouts, not the hardware itself.
+    """
+    ok = True
+    for sw in (SW128, SW_NONE):
+        for rows in (64, 128, 256):
+            def write_addr(row, k):  # what the kernel's cp.async mapping stores (bytes)
+                c = k // 8
+                if sw == SW128:
+                    return row * 128 + ((c ^ (row % 8)) * 16) + (k % 8) * 2
+                return (c * (rows // 8) + row // 8) * 128 + (row % 8) * 16 + (k % 8) * 2
+
+            for kk in range(4):
+                for slab in range(rows // 64):
+                    if sw == SW128:
+                        start = slab * 64 * 128 + kk * 32
+                        sbo = 1024
+                    else:
+                        start = slab * 8 * 128 + kk * 2 * (rows // 8) * 128
+                        sbo, lbo = 128, (rows // 8) * 128
+                    for m in range(64):
+                        for k in range(16):
+                            if sw == SW128:
+                                u = start + (m % 8) * 128 + (m // 8) * sbo + (k // 8) * 16 + (k % 8) * 2
+                                hw = u ^ (((u >> 7) & 7) << 4)  # 128B swizzle on absolute bits
+                            else:
+                                hw = start + (m % 8) * 16 + (m // 8) * sbo + (k // 8) * lbo + (k % 8) * 2
+                            if hw != write_addr(slab * 64 + m, kk * 16 + k):
+                                ok = False
+    for n in (8, 64, 128, 256):
+        seen = set()
+        for t in range(128):
+            warp, lane = t // 32, t % 32
+            for i in range(n // 2):
+                seen.add((16 * warp + lane // 4 + 8 * ((i // 2) % 2), 8 * (i // 4) + 2 * (lane % 4) + i % 2))
+        ok &= seen == {(r, c) for r in range(64) for c in range(n)}
+    print("layout selftest:", "PASS" if ok else "FAIL")
+    return ok
+
+
+SWEEP = [  # (BN, NWG, stages, wg_inflight); smem = stages*(64*NWG + BN)*128 + 1024 bytes
+    (128, 2, 4, 1),
+    (128, 2, 3, 1),
+    (128, 2, 3, 0),
+    (256, 2, 3, 1),
+    (256, 2, 4, 1),
+    (256, 1, 4, 1),
+]
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true", help="run on a CUDA GPU: verify + benchmark")
+    ap.add_argument("--M", type=int, default=1024)
+    ap.add_argument("--N", type=int, default=28672)
+    ap.add_argument("--K", type=int, default=8192)
+    ap.add_argument("--bn", type=int, default=128)
+    ap.add_argument("--nwg", type=int, default=2)
+    ap.add_argument("--stages", type=int, default=4)
+    ap.add_argument("--wg-inflight", type=int, default=1)
+    ap.add_argument("--swizzle", type=int, default=128, choices=(0, 128))
+    ap.add_argument("--out", default="f16", choices=("f16", "f32"))
+    ap.add_argument("--save-src", default="")
+    ap.add_argument("--show-all-asm", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="with --check: time the SWEEP configs too")
+    return ap.parse_args(argv)
+
+
+def cfg_kwargs(args):
+    return dict(
+        BN=args.bn,
+        NWG=args.nwg,
+        stages=args.stages,
+        wg_inflight=args.wg_inflight,
+        swizzle=args.swizzle,
+        out_dtype="float16" if args.out == "f16" else "float32",
+    )
+
+
+def compile_only(args):
+    layout_selftest()
+    f = build(args.M, args.N, args.K, **cfg_kwargs(args))
+    ex = compile_func(f)
+    src = cuda_source(ex)
+    if args.save_src:
+        with open(args.save_src, "w") as fh:
+            fh.write(src)
+        print(f"[saved generated CUDA to {args.save_src}]")
+    print("=== wgmma / cp.async / fence lines in the generated CUDA source ===")
+    for line in src.splitlines():
+        if re.search(r"wgmma|cp\.async|fence\.proxy", line) and ("asm" in line or "tvm_builtin" in line):
+            s = line.strip()
+            print("  " + (s if len(s) < 400 or args.show_all_asm else s[:200] + " ... " + s[-160:]))
+    ok, rep, d = ptxas_report(src)
+    print("=== nvcc/ptxas ===")
+    print(rep)
+    if ok:
+        sass = disassemble(os.path.join(d, "k.cubin"))
+        if sass is None:
+            print("=== (no cuobjdump/nvdisasm on PATH: SASS not inspected) ===")
+            return ok
+        n_hgmma = len(re.findall(r"HGMMA", sass))
+        n_depbar = len(re.findall(r"WARPGROUP\.DEPBAR|WARPGROUP\.ARRIVE|WARPSYNC", sass))
+        n_ldgsts = len(re.findall(r"LDGSTS", sass))
+        print(f"=== SASS: {n_hgmma} HGMMA, {n_ldgsts} LDGSTS, {n_depbar} warpgroup arrive/depbar ===")
+        for l in sass.splitlines():
+            if "HGMMA" in l:
+                print("  " + l.strip())
+                break
+    return ok
+
+
+# ----------------------------------------------------------------------------------------
+# --check: run on a GPU (not runnable on the CPU build box)
+# ----------------------------------------------------------------------------------------
+
+
+def _load(func):
+    """tvm.compile -> export_library -> load_module, the path TVM-0.27.md checked on the H100.
+
+    The exported module carries CUDA *source*; it is compiled when loaded, by
+    tvm.support.nvcc.tvm_callback_cuda_compile (NVRTC via cuda-bindings by default, or nvcc
+    with TVM_CUDA_COMPILE_MODE=nvcc). With no Target in scope the arch comes from the GPU and
+    get_target_compute_version appends the 'a' for major >= 9, i.e. sm_90a on an H100 --
+    required, wgmma does not assemble for plain sm_90.
+    """
+    ex = compile_func(func)
+    lib = os.path.join(tempfile.mkdtemp(prefix="wgmma_"), "k.so")
+    ex.export_library(lib)
+    return tvm.runtime.load_module(lib)[func.attrs["global_symbol"]]
+
+
+def _bench(fnc, iters=50, warmup=5):
+    import torch
+
+    for _ in range(warmup):
+        fnc()
+    torch.cuda.synchronize()
+    st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    st.record()
+    for _ in range(iters):
+        fnc()
+    en.record()
+    torch.cuda.synchronize()
+    return st.elapsed_time(en) / iters * 1e-3  # seconds
+
+
+def _verify(fn, M, N, K, out_dtype, dev):
+    import torch
+
+    tdt = torch.float16 if out_dtype == "float16" else torch.float32
+    a = (torch.randn(M, K, device=dev) * 0.5).half()
+    b = (torch.randn(N, K, device=dev) * 0.5).half()
+    c = torch.full((M, N), float("nan"), device=dev, dtype=tdt)  # NaN: unwritten outputs fail
+    fn(a, b, c)  # torch tensors go straight in (DLPack, zero-copy)
+    torch.cuda.synchronize()
+    ref = a.float() @ b.float().T  # fp32 reference from the same fp16 inputs
+    err = (c.float() - ref).abs()
+    tol = 1e-2 * ref.abs().max().item() + (2e-2 if tdt == torch.float16 else 1e-3)
+    rel = (err.nan_to_num(float("inf")).norm() / ref.norm()).item()
+    ok = bool(torch.isfinite(c.float()).all()) and err.max().item() <= tol and rel < 5e-3
+    print(f"    check M={M} N={N} K={K}: max|err|={err.max().item():.4g} (tol {tol:.3g}) "
+          f"rel_fro={rel:.3e} -> {'PASS' if ok else 'FAIL'}")
+    if not ok:
+        bad = (~(err <= tol)).nonzero()
+        print("    first bad (row, col):", bad[:8].tolist(), " count:", bad.shape[0])
+        # Where inside the 64 x BN warpgroup tile do errors sit? (layout debugging)
+        print("    bad rows mod 64 :", sorted(set((bad[:, 0] % 64).tolist()))[:64])
+        print("    bad cols mod 128:", sorted(set((bad[:, 1] % 128).tolist()))[:128])
+    return ok, (a, b, c)
+
+
+def check(args):
+    import torch
+
+    assert torch.cuda.is_available(), "--check needs a CUDA GPU"
+    print("device:", torch.cuda.get_device_name(), " torch", torch.__version__, " tvm", tvm.__version__)
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    layout_selftest()
+    kw = cfg_kwargs(args)
+    shapes = [(args.M, args.N, args.K)] if not args.default_shapes else [
+        (1024, 28672, 8192),
+        (1024, 8192, 28672),
+    ]
+    cfgs = [kw]
+    if args.sweep:
+        for (bn, nwg, st, wi) in SWEEP:
+            c = dict(kw, BN=bn, NWG=nwg, stages=st, wg_inflight=wi)
+            if c not in cfgs:
+                cfgs.append(c)
+
+    all_ok = True
+    # 1) small problem first: cheap to debug if the layout is wrong (several CTAs, several k tiles)
+    small = (256, 512, 512)
+    for cfg in cfgs:
+        fn = _load(build(*small, **cfg))
+        ok, _ = _verify(fn, *small, cfg["out_dtype"], dev)
+        print(f"      cfg={cfg}")
+        all_ok &= ok
+
+    # 2) the real shapes: correctness + TFLOPS vs cuBLAS (torch.nn.functional.linear)
+    for (M, N, K) in shapes:
+        flops = 2.0 * M * N * K
+        print(f"--- M={M} N={N} K={K}")
+        a = (torch.randn(M, K, device=dev) * 0.5).half()
+        b = (torch.randn(N, K, device=dev) * 0.5).half()
+        t_cublas = _bench(lambda: torch.nn.functional.linear(a, b))
+        print(f"    cuBLAS (F.linear fp16)      : {t_cublas * 1e6:9.1f} us  {flops / t_cublas / 1e12:7.1f} TFLOPS")
+        for cfg in cfgs:
+            func = build(M, N, K, **cfg)
+            fn = _load(func)
+            ok, (a2, b2, c2) = _verify(fn, M, N, K, cfg["out_dtype"], dev)
+            all_ok &= ok
+            t = _bench(lambda: fn(a2, b2, c2))
+            tag = f"BN={cfg['BN']} NWG={cfg['NWG']} S={cfg['stages']} infl={cfg['wg_inflight']} sw={cfg['swizzle']}"
+            print(f"    TVM wgmma {tag:34s}: {t * 1e6:9.1f} us  {flops / t / 1e12:7.1f} TFLOPS"
+                  f"  ({t_cublas / t * 100:5.1f}% of cuBLAS){'' if ok else '  [WRONG RESULTS]'}")
+    print("ALL PASS" if all_ok else "SOME CHECKS FAILED")
+    return all_ok
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.check:
+        argl = argv if argv is not None else sys.argv[1:]
+        args.default_shapes = not any(x in argl for x in ("--M", "--N", "--K"))
+        sys.exit(0 if check(args) else 1)
+    else:
+        ok = compile_only(args)
+        sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
