@@ -102,8 +102,8 @@ MMA_WIDE_N_WARPS = (1, 2, 4)
 # (63.4 / 67.3 us) stayed ahead: a candidate, not a default. Three stages fit beside the 16 lane
 # copies only where the partials are small; MMA_KNOB_VALUES stops at two.
 FRAGMENT_MAX_TUNED_STAGES = 2
-# Configs outside the regular grid that won somewhere, measured right after the default (and its wide-N
-# twins) so that a small budget reaches them: QTIP HYB's (lut_shared, knob overrides) by batch. H100, one
+# Configs outside the regular grid that won somewhere, measured right after the default so that a
+# small budget reaches them: QTIP HYB's knob overrides of the default, by batch. H100, one
 # process at c67c318 (artifacts/bench/mma-sweep-qtip-hyb-2-lut5-xstaged-h100.json), qtip-hyb-2:
 # M=1, the sign-folded 32 lane copies at 32 K warps (1024 threads, over MMA_MAX_WARPS): 8192x28672
 # 47.2 -> 40.0 us (unroll 2) / 41.1 (unroll 1), but 28672x8192 50.4 -> 54.3 / 55.1;
@@ -389,7 +389,8 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
     twins with 2 and 4 warps across N come right after it. lut_shared stays the default's, but for QTIP
     HYB-3/4 at M=1
     also 4 (the sign-folded table copies: ``mma.signed_lut_candidate``) and for QTIP HYB at M > 1 also 3
-    (the 32 lane copies: ``mma.lane_lut_candidate``)."""
+    (the 32 lane copies: ``mma.lane_lut_candidate``). For QTIP HYB up to M=16 the measured off-grid
+    winners (HYB_SEEDS_*) come right after the default."""
     unit = fmt.decode_unit
     default = _default_mma(spec, fmt)
     bits = streamed_bits(fmt, spec.n, spec.k)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Shrink the TVM bundle that ../shared/device/prepare put in .device/ by ~490 KB, the room the tree
+# Shrink the TVM bundle that ../shared/device/prepare put in .device/ by ~600 KB, the room the tree
 # needs under the device tool's 64 MiB (the full bundle and a tree of 2.39 MB were refused): strips
 # libxgboost.so's symbols, drops the wheels' RECORD files, and carries libtvm_ffi_testing.so (which
 # tvm_ffi's core links but qcompile never calls) beside the bundle xz-compressed, restored by
@@ -13,6 +13,10 @@ work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
 tar -xJf "$bundle" -C "$work"
 strip --strip-unneeded "$work/site/xgboost/lib/libxgboost.so"
 rm -f "$work"/site/*.dist-info/RECORD
+# (nothing imports these at run time: tvm_ffi's Cython sources, its stub-generator CLI, type stubs; ~110 KB
+# of the compressed bundle)
+rm -rf "$work/site/tvm_ffi/cython" "$work/site/tvm_ffi/stub"
+find "$work/site" -name '*.pyi' -delete
 lib=site/tvm_ffi/lib/libtvm_ffi_testing.so
 xz -9 -c "$work/$lib" > .device/ffitest.xz.tmp
 rm "$work/$lib"
