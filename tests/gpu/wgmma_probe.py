@@ -5,8 +5,9 @@ Why: M=1024 needs a tensor-core GEMM at cuBLAS's efficiency (issue 5: >= 0.9x); 
 at ~0.84x and mma.sync cannot reach wgmma's rate. This checks, on the GPU, that TVM 0.27's ptx dialect
 (wgmma.mma_async ss, its descriptors, cp.async) gives correct results and how far a plain fp16 version
 is from cuBLAS, before the weight decode goes into its B-tile producer. Compiles on a CPU machine
-(python3 tests/gpu/wgmma_probe.py --save-src ""); `--check [--sweep]` needs an H100 (device_run.sh py).
-Not yet run on a GPU.
+(python3 tests/gpu/wgmma_probe.py [--quant int4-g128]); `--check [--sweep]` needs an H100 (device_run.sh
+py). `--quant int4-g128`: the threads decode the B tile with the format's TIR decode into the swizzled
+stage while the previous tile's wgmma runs (94 registers, no spills at sm_90a). Not yet run on a GPU.
 
 
     C[M, N] = A[M, K] @ B[N, K]^T
@@ -102,6 +103,7 @@ def build(
     swizzle=SW128,
     out_dtype="float16",
     name="wgmma_gemm",
+    quant=None,
 ):
     """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma.
 
@@ -112,6 +114,10 @@ def build(
     wg_inflight : number of wgmma groups allowed in flight across k tiles (0 or 1).
                   The cp.async prefetch distance is P = S - 1 - wg_inflight tiles.
     swizzle : 128 (SW128 K-major atom) or 0 (interleave, no swizzle).
+    quant   : None (B is fp16 [N, K], copied by cp.async) or a qcompile format name ("int4-g128"):
+              B is then the format's packed words and S its scales, and the threads decode each
+              k tile's B into the same swizzled stage with the format's own TIR decode
+              (``tir_decode_unit``), K/8 words a row, while the previous tile's wgmma runs.
     """
     BK = 64
     BM = 64 * NWG
@@ -132,6 +138,21 @@ def build(
     A_CHUNKS = BM * BK // 8 // NT  # 16-byte cp.async per thread per k tile for A
     B_CHUNKS = BN * BK // 8 // NT
     assert A_CHUNKS * NT * 8 == BM * BK and B_CHUNKS * NT * 8 == BN * BK
+    if quant is None:
+        B_SHAPE, B_DTYPE, S_SHAPE = (N, K), "float16", (1,)
+        decode = None
+    else:
+        from qcompile import formats as qc_formats
+
+        fmt = qc_formats.get(quant)
+        specs = fmt.tensor_specs(N, K)
+        assert set(specs) == {"qweight", "scales"} and fmt.decode_unit == 8, f"{quant}: a group-wise int format"
+        B_SHAPE, B_DTYPE = specs["qweight"].shape, specs["qweight"].dtype
+        S_SHAPE = specs["scales"].shape
+
+        def decode(Q, Sc, n, c, j):  # element j of word (n, c): the format's TIR decode
+            return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
+    QUANT = quant is not None
 
     if swizzle == SW128:
         sw_code = 3  # T.cuda.wgmma.encode_matrix_descriptor: 3 = 128B swizzle
@@ -161,7 +182,8 @@ def build(
     # fmt: off
     @T.prim_func
     def gemm(A: T.Buffer((M, K), "float16"),
-             B: T.Buffer((N, K), "float16"),
+             B: T.Buffer(B_SHAPE, B_DTYPE),
+             S: T.Buffer(S_SHAPE, "float16"),
              C: T.Buffer((M, N), out_dtype)):
         T.func_attr({"global_symbol": name, "tirx.noalias": True})
         bm = T.launch_thread("blockIdx.x", M // BM)   # M tiles fastest: CTAs sharing a B tile run together
@@ -171,6 +193,7 @@ def build(
         acc = T.alloc_buffer((ACC,), "float32", scope="local")
         descA = T.alloc_buffer((1,), "uint64", scope="local")
         descB = T.alloc_buffer((1,), "uint64", scope="local")
+        wdec = T.alloc_buffer((8,), "float16", scope="local")
 
         wg = tx // 128
         warp = (tx % 128) // 32
@@ -197,9 +220,15 @@ def build(
                         base + T.uint32(s * STAGE_BYTES) + T.cast(smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
                         A.ptr_to([bm * BM + (j * NT + tx) // 8, s * BK + ((j * NT + tx) % 8) * 8]), 16)
                 for j in T.unroll(B_CHUNKS):
-                    T.ptx.cp.async_.cg.shared.global_(
-                        base + T.uint32(s * STAGE_BYTES + A_BYTES) + T.cast(smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
-                        B.ptr_to([bn * BN + (j * NT + tx) // 8, s * BK + ((j * NT + tx) % 8) * 8]), 16)
+                    if QUANT:  # word (row, chunk) of tile s -> 8 fp16 -> one 16-byte chunk of the stage
+                        for e in T.unroll(8):
+                            wdec[e] = decode(B, S, bn * BN + (j * NT + tx) // 8, s * 8 + (j * NT + tx) % 8, e)
+                        for e in T.vectorized(8):
+                            smem[pad_elems + (s * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN)) // 2 + e] = wdec[e]
+                    else:
+                        T.ptx.cp.async_.cg.shared.global_(
+                            base + T.uint32(s * STAGE_BYTES + A_BYTES) + T.cast(smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
+                            B.ptr_to([bn * BN + (j * NT + tx) // 8, s * BK + ((j * NT + tx) % 8) * 8]), 16)
             T.ptx.cp.async_.commit_group()
 
         # ---- main loop over k tiles ----
@@ -234,9 +263,15 @@ def build(
                         base + T.cast(nstage * STAGE_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
                         A.ptr_to([bm * BM + (j * NT + tx) // 8, nxt * BK + ((j * NT + tx) % 8) * 8]), 16)
                 for j in T.unroll(B_CHUNKS):
-                    T.ptx.cp.async_.cg.shared.global_(
-                        base + T.cast(nstage * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
-                        B.ptr_to([bn * BN + (j * NT + tx) // 8, nxt * BK + ((j * NT + tx) % 8) * 8]), 16)
+                    if QUANT:  # (plain shared stores: the fence.proxy.async before the next barrier orders them)
+                        for e in T.unroll(8):
+                            wdec[e] = decode(B, S, bn * BN + (j * NT + tx) // 8, nxt * 8 + (j * NT + tx) % 8, e)
+                        for e in T.vectorized(8):
+                            smem[pad_elems + (nstage * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN)) // 2 + e] = wdec[e]
+                    else:
+                        T.ptx.cp.async_.cg.shared.global_(
+                            base + T.cast(nstage * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
+                            B.ptr_to([bn * BN + (j * NT + tx) // 8, nxt * BK + ((j * NT + tx) % 8) * 8]), 16)
             T.ptx.cp.async_.commit_group()
             T.ptx.wgmma.wait_group.sync.aligned(wg_inflight)
             # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
@@ -369,6 +404,7 @@ def parse_args(argv=None):
     ap.add_argument("--save-src", default="")
     ap.add_argument("--show-all-asm", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="with --check: time the SWEEP configs too")
+    ap.add_argument("--quant", default=None, help="a qcompile group-wise format (int4-g128): B decoded in the kernel")
     return ap.parse_args(argv)
 
 
@@ -380,6 +416,7 @@ def cfg_kwargs(args):
         wg_inflight=args.wg_inflight,
         swizzle=args.swizzle,
         out_dtype="float16" if args.out == "f16" else "float32",
+        quant=args.quant,
     )
 
 
@@ -451,16 +488,29 @@ def _bench(fnc, iters=50, warmup=5):
     return st.elapsed_time(en) / iters * 1e-3  # seconds
 
 
-def _verify(fn, M, N, K, out_dtype, dev):
+def _weights(N, K, dev, quant):
+    """(B, S) for the kernel: fp16 B with a dummy S, or a format's random packed weight and scales."""
+    import torch
+
+    if quant is None:
+        return (torch.randn(N, K, device=dev) * 0.5).half(), torch.zeros(1, device=dev, dtype=torch.float16)
+    from qcompile import formats as qc_formats
+
+    qw = qc_formats.get(quant).random_weight(N, K, seed=N + K, device=dev)
+    return qw.tensors["qweight"], qw.tensors["scales"]
+
+
+def _verify(fn, M, N, K, out_dtype, dev, quant=None):
     import torch
 
     tdt = torch.float16 if out_dtype == "float16" else torch.float32
     a = (torch.randn(M, K, device=dev) * 0.5).half()
-    b = (torch.randn(N, K, device=dev) * 0.5).half()
+    b, sc = _weights(N, K, dev, quant)
+    w16 = b if quant is None else qc_decode(quant, b, sc)  # (the format's torch reference decode)
     c = torch.full((M, N), float("nan"), device=dev, dtype=tdt)  # NaN: unwritten outputs fail
-    fn(a, b, c)  # torch tensors go straight in (DLPack, zero-copy)
+    fn(a, b, sc, c)  # torch tensors go straight in (DLPack, zero-copy)
     torch.cuda.synchronize()
-    ref = a.float() @ b.float().T  # fp32 reference from the same fp16 inputs
+    ref = a.float() @ w16.float().T  # fp32 reference from the same fp16 inputs
     err = (c.float() - ref).abs()
     tol = 1e-2 * ref.abs().max().item() + (2e-2 if tdt == torch.float16 else 1e-3)
     rel = (err.nan_to_num(float("inf")).norm() / ref.norm()).item()
@@ -473,7 +523,17 @@ def _verify(fn, M, N, K, out_dtype, dev):
         # Where inside the 64 x BN warpgroup tile do errors sit? (layout debugging)
         print("    bad rows mod 64 :", sorted(set((bad[:, 0] % 64).tolist()))[:64])
         print("    bad cols mod 128:", sorted(set((bad[:, 1] % 128).tolist()))[:128])
-    return ok, (a, b, c)
+    return ok, (a, b, sc, c)
+
+
+def qc_decode(quant, qweight, scales):
+    """The format's torch reference decode of (qweight, scales) as fp16 [N, K]."""
+    from qcompile import formats as qc_formats
+    from qcompile.formats.base import QuantizedWeight
+
+    fmt = qc_formats.get(quant)
+    n = qweight.shape[0]
+    return fmt.decode_fp16(QuantizedWeight(quant, (n, qweight.shape[1] * 8), {"qweight": qweight, "scales": scales}))
 
 
 def check(args):
@@ -501,7 +561,7 @@ def check(args):
     small = (256, 512, 512)
     for cfg in cfgs:
         fn = _load(build(*small, **cfg))
-        ok, _ = _verify(fn, *small, cfg["out_dtype"], dev)
+        ok, _ = _verify(fn, *small, cfg["out_dtype"], dev, cfg["quant"])
         print(f"      cfg={cfg}")
         all_ok &= ok
 
@@ -516,10 +576,11 @@ def check(args):
         for cfg in cfgs:
             func = build(M, N, K, **cfg)
             fn = _load(func)
-            ok, (a2, b2, c2) = _verify(fn, M, N, K, cfg["out_dtype"], dev)
+            ok, (a2, b2, s2, c2) = _verify(fn, M, N, K, cfg["out_dtype"], dev, cfg["quant"])
             all_ok &= ok
-            t = _bench(lambda: fn(a2, b2, c2))
-            tag = f"BN={cfg['BN']} NWG={cfg['NWG']} S={cfg['stages']} infl={cfg['wg_inflight']} sw={cfg['swizzle']}"
+            t = _bench(lambda: fn(a2, b2, s2, c2))
+            tag = (f"BN={cfg['BN']} NWG={cfg['NWG']} S={cfg['stages']} infl={cfg['wg_inflight']} sw={cfg['swizzle']}"
+                   f"{' ' + cfg['quant'] if cfg['quant'] else ''}")
             print(f"    TVM wgmma {tag:34s}: {t * 1e6:9.1f} us  {flops / t / 1e12:7.1f} TFLOPS"
                   f"  ({t_cublas / t * 100:5.1f}% of cuBLAS){'' if ok else '  [WRONG RESULTS]'}")
     print("ALL PASS" if all_ok else "SOME CHECKS FAILED")
