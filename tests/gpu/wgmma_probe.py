@@ -180,6 +180,26 @@ def build(
     out_is_f16 = out_dtype == "float16"
 
     # fmt: off
+    @T.macro
+    def load_tile(t, st, A, B, S, smem, wdec, base, pad_elems, tx, bm, bn):
+        """Tile t of A and B into stage st: A by cp.async; B by cp.async (fp16) or decoded by the threads
+        (quant: word (row, chunk) of tile t -> 8 fp16 -> one 16-byte chunk; plain shared stores, which
+        the fence.proxy.async before the next barrier orders for wgmma)."""
+        for j in T.unroll(A_CHUNKS):
+            T.ptx.cp.async_.cg.shared.global_(
+                base + T.cast(st * STAGE_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
+                A.ptr_to([bm * BM + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
+        for j in T.unroll(B_CHUNKS):
+            if QUANT:
+                for e in T.unroll(8):
+                    wdec[e] = decode(B, S, bn * BN + (j * NT + tx) // 8, t * 8 + (j * NT + tx) % 8, e)
+                for e in T.vectorized(8):
+                    smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN)) // 2 + e] = wdec[e]
+            else:
+                T.ptx.cp.async_.cg.shared.global_(
+                    base + T.cast(st * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
+                    B.ptr_to([bn * BN + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
+
     @T.prim_func
     def gemm(A: T.Buffer((M, K), "float16"),
              B: T.Buffer(B_SHAPE, B_DTYPE),
@@ -215,20 +235,7 @@ def build(
         # ---- prologue: tiles 0 .. P-1 -> stages 0 .. P-1 (one commit group per tile) ----
         for s in T.unroll(P):
             if s < KT:
-                for j in T.unroll(A_CHUNKS):
-                    T.ptx.cp.async_.cg.shared.global_(
-                        base + T.uint32(s * STAGE_BYTES) + T.cast(smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
-                        A.ptr_to([bm * BM + (j * NT + tx) // 8, s * BK + ((j * NT + tx) % 8) * 8]), 16)
-                for j in T.unroll(B_CHUNKS):
-                    if QUANT:  # word (row, chunk) of tile s -> 8 fp16 -> one 16-byte chunk of the stage
-                        for e in T.unroll(8):
-                            wdec[e] = decode(B, S, bn * BN + (j * NT + tx) // 8, s * 8 + (j * NT + tx) % 8, e)
-                        for e in T.vectorized(8):
-                            smem[pad_elems + (s * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN)) // 2 + e] = wdec[e]
-                    else:
-                        T.ptx.cp.async_.cg.shared.global_(
-                            base + T.uint32(s * STAGE_BYTES + A_BYTES) + T.cast(smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
-                            B.ptr_to([bn * BN + (j * NT + tx) // 8, s * BK + ((j * NT + tx) % 8) * 8]), 16)
+                load_tile(s, s, A, B, S, smem, wdec, base, pad_elems, tx, bm, bn)
             T.ptx.cp.async_.commit_group()
 
         # ---- main loop over k tiles ----
@@ -236,13 +243,12 @@ def build(
             stage = kt % stages
             # Groups committed so far = P + kt; <= P-1 pending  =>  tile kt has landed.
             T.ptx.cp.async_.wait_group(P - 1)
-            # cp.async writes are generic-proxy writes; wgmma reads smem through the async
-            # proxy, so order them with a proxy fence before the barrier.
+            # cp.async writes (and the decode's shared stores) are generic-proxy writes; wgmma reads
+            # smem through the async proxy, so order them with a proxy fence before the barrier.
             T.ptx.fence.proxy.async_.shared__cta()
             T.cuda.cta_sync()
-            # Tell the compiler the accumulators are live across the asm (CUTLASS warpgroup_fence_operand).
-            # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
-            #  ptxas still keeps the HGMMAs unserialized -- checked in the SASS)
+            # (no register operand fence for the accumulators, as CUTLASS's warpgroup_fence_operand: TVM
+            # 0.27's T.cuda.wgmma.noop_barrier crashes CUDA codegen; ptxas still keeps the HGMMAs unserialized)
             T.ptx.wgmma.fence.sync.aligned()
             for kk in T.unroll(BK // 16):
                 T.ptx[mma_chain](
@@ -251,35 +257,15 @@ def build(
                     descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
                     True, 1, 1, 0, 0)
             T.ptx.wgmma.commit_group.sync.aligned()
-            # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
-            #  ptxas still keeps the HGMMAs unserialized -- checked in the SASS)
             # Refill the stage last read by tile kt-1-wg_inflight (finished by every warpgroup:
             # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
             nxt = kt + P
             if nxt < KT:
-                nstage = nxt % stages
-                for j in T.unroll(A_CHUNKS):
-                    T.ptx.cp.async_.cg.shared.global_(
-                        base + T.cast(nstage * STAGE_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
-                        A.ptr_to([bm * BM + (j * NT + tx) // 8, nxt * BK + ((j * NT + tx) % 8) * 8]), 16)
-                for j in T.unroll(B_CHUNKS):
-                    if QUANT:  # (plain shared stores: the fence.proxy.async before the next barrier orders them)
-                        for e in T.unroll(8):
-                            wdec[e] = decode(B, S, bn * BN + (j * NT + tx) // 8, nxt * 8 + (j * NT + tx) % 8, e)
-                        for e in T.vectorized(8):
-                            smem[pad_elems + (nstage * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN)) // 2 + e] = wdec[e]
-                    else:
-                        T.ptx.cp.async_.cg.shared.global_(
-                            base + T.cast(nstage * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
-                            B.ptr_to([bn * BN + (j * NT + tx) // 8, nxt * BK + ((j * NT + tx) % 8) * 8]), 16)
+                load_tile(nxt, nxt % stages, A, B, S, smem, wdec, base, pad_elems, tx, bm, bn)
             T.ptx.cp.async_.commit_group()
             T.ptx.wgmma.wait_group.sync.aligned(wg_inflight)
-            # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
-            #  ptxas still keeps the HGMMAs unserialized -- checked in the SASS)
 
         T.ptx.wgmma.wait_group.sync.aligned(0)
-        # (no register operand fence here: T.cuda.wgmma.noop_barrier crashes CUDA codegen in 0.27, see REPORT.md;
-            #  ptxas still keeps the HGMMAs unserialized -- checked in the SASS)
 
         # ---- epilogue: fragment -> C (see module docstring for the mapping) ----
         # acc[2j], acc[2j+1] are adjacent columns of one row -> one vectorized 2-wide store.
