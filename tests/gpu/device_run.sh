@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What a device call runs (the GPU machine: see ../shared/device/README.md; carry .device, start with
+# What a device call runs (the GPU machine: see ../shared/device/README.md; carry .device/tvm-full.tar.xz,
+# .device/ffitest.xz and .device/setup.sh, plus .device/xgb.tar.xz for tuning with the cost model; start with
 # `source .device/setup.sh >/dev/null &&`; after ../shared/device/prepare, run tests/gpu/slim_device_bundle.sh
 # once here, or the tree no longer fits the call). Results go under $OUT (the device tool brings them back).
 #   bash tests/gpu/device_run.sh suite [PYTEST ARGS...]   the gpu-marked tests in 15 processes (~4 min)
@@ -34,6 +35,10 @@ case "${1:-}" in
     [ "${1:-}" = "--" ] && shift
     # (a second tune of the same machine adds to the first's copy, so one sched.tgz holds both)
     start=$(date +%s); [ -d /tmp/qc-sched ] || cp -r schedules /tmp/qc-sched
+    # (xgboost travels only when carried: .device/xgb.tar.xz; without it the nearest-first order)
+    if ! python3 -c "import xgboost" 2>/dev/null && [[ " $* " != *" --order "* ]]; then
+      echo "tune: no xgboost here (carry .device/xgb.tar.xz for the cost model): --order space"; set -- "$@" --order space
+    fi
     for job in "${jobs[@]}"; do
       left=$(( limit - ($(date +%s) - start) ))
       if [ $left -lt 30 ]; then echo "skipped $job: time"; continue; fi
