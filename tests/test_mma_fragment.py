@@ -337,15 +337,16 @@ def test_32_table_copies_cost_no_registers_over_16():
 def test_signed_tables_are_tuner_candidates_for_hyb_3_and_4_at_m1_only():
     """mma.SIGNED_LUT_*: the tuner's mma space of QTIP HYB-3/4 at M=1 also holds lut_shared=4 configs (the
     sign-folded table copies, measured faster there), each passing its shared-memory check, while the
-    default stays lut_shared=2 (the shipped records were tuned against it); HYB-2 at M=1 and the
-    fragment variants without a table keep the default's placement; HYB at M > 1 adds the 32 lane
-    copies (lut_shared=3: mma.lane_lut_candidate) instead."""
+    default stays lut_shared=2 (the shipped records were tuned against it); every HYB code at M=1 also
+    gets the 32 sign-folded lane copies (lut_shared=5: tune.space.HYB_SEEDS_M1), the fragment variants
+    without a table keep the default's placement; HYB at M > 1 adds the 32 lane copies (lut_shared=3:
+    mma.lane_lut_candidate) instead."""
     from qcompile.kernels.library import KernelSpec
     from qcompile.kernels.mma import format_default_mma_config
     from qcompile.tune import space
 
     for n, k in ((28672, 8192), (1024, 4096)):
-        for name, m, luts_expected in (("qtip-hyb-3", 1, {2, 4}), ("qtip-hyb-4", 1, {2, 4}), ("qtip-hyb-2", 1, {2}),
+        for name, m, luts_expected in (("qtip-hyb-3", 1, {2, 4, 5}), ("qtip-hyb-4", 1, {2, 4, 5}), ("qtip-hyb-2", 1, {2, 5}),
                                        ("qtip-hyb-4", 2, {2, 3}), ("qtip-hyb-3", 16, {2, 3}),
                                        ("qtip-1mad-3@mma-kernel", 1, {2})):
             fmt = qc.formats.get(name)
@@ -467,10 +468,12 @@ def test_tuner_space_and_sweep_candidates(monkeypatch):
         check_mma_config(cfg, 28672, 8192, 16, 16, fragment=True, staged_bits=2)
     # the fragment kernel's pipeline is in the space (it passed the GPU suite), up to
     # FRAGMENT_MAX_TUNED_STAGES; beside the default's 16 copies the 32 (mma.lane_lut_candidate at M > 1),
-    # the default's twin among the first candidates
+    # the default's twin among the first candidates after the seeds (tune.space.HYB_SEEDS_MULTI)
     assert {cfg.stages for cfg in cands} == {1, 2} == set(range(1, space.FRAGMENT_MAX_TUNED_STAGES + 1))
     assert {cfg.lut_shared for cfg in cands} == {2, 3} and cands[0].lut_shared == 2
-    assert MmaConfig(**{**cands[0].as_dict(), "lut_shared": 3}) in cands[:4]
+    seeds = len(space.HYB_SEEDS_MULTI)
+    assert all(cand.lut_shared == 3 or cand.blocks_k > 1 for cand in cands[1:1 + seeds])
+    assert MmaConfig(**{**cands[0].as_dict(), "lut_shared": 3}) in cands[:4 + seeds]
     monkeypatch.setattr(space, "FRAGMENT_MAX_TUNED_STAGES", 1)
     assert {cfg.stages for cfg in space.candidates(spec)} == {1}
     row = space.candidates(KernelSpec("int4-g128", 28672, 8192, 16))
