@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# What a device call runs (the GPU machine: see ../shared/device/README.md; carry .device/tvm-full.tar.xz,
-# .device/ffitest.xz and .device/setup.sh, plus .device/xgb.tar.xz for tuning with the cost model; start with
+# What a device call runs (the GPU machine: see ../shared/device/README.md; carry .device/tvm-core.tar.xz,
+# .device/ffitest.xz and .device/setup.sh, or .device/tvm-full.tar.xz instead of the core (xgboost: the
+# tuner's cost model) for tuning with --order model (slim_device_bundle.sh says why); start with
 # `source .device/setup.sh >/dev/null &&`; after ../shared/device/prepare, run tests/gpu/slim_device_bundle.sh
 # once here, or the tree no longer fits the call). Results go under $OUT (the device tool brings them back).
 #   bash tests/gpu/device_run.sh suite [PYTEST ARGS...]   the gpu-marked tests in 15 processes (~4 min)
@@ -35,9 +36,9 @@ case "${1:-}" in
     [ "${1:-}" = "--" ] && shift
     # (a second tune of the same machine adds to the first's copy, so one sched.tgz holds both)
     start=$(date +%s); [ -d /tmp/qc-sched ] || cp -r schedules /tmp/qc-sched
-    # (xgboost travels only when carried: .device/xgb.tar.xz; without it the nearest-first order)
+    # (xgboost comes with .device/tvm-full.tar.xz only; without it the nearest-first order)
     if ! python3 -c "import xgboost" 2>/dev/null && [[ " $* " != *" --order "* ]]; then
-      echo "tune: no xgboost here (carry .device/xgb.tar.xz for the cost model): --order space"; set -- "$@" --order space
+      echo "tune: no xgboost here (carry .device/tvm-full.tar.xz for the cost model): --order space"; set -- "$@" --order space
     fi
     for job in "${jobs[@]}"; do
       left=$(( limit - ($(date +%s) - start) ))
