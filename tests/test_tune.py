@@ -1316,3 +1316,29 @@ def test_import_sweep_adds_plain_measured_rows_to_the_records(tmp_path, capsys):
     assert "takes no --shapes" in capsys.readouterr().err
     assert cli_main(["tune", "--gpu", GPU, "--shapes", "1024x2048", "--format", "int4-g128"]) == 2
     assert "--gpu names the GPU of an --import-sweep file" in capsys.readouterr().err
+
+
+def test_tc_sweep_rows_carry_what_import_sweep_checks(tmp_path):
+    """tc_sweep's rows (``sweep_row``, before the GPU fills in the time) name their GPU and, for plain
+    configs, today's kernel fingerprint: such rows import; a switched build carries no fingerprint and is
+    left out; a row whose fingerprint is not today's is skipped."""
+    from qcompile.bench.tc_sweep import sweep_row
+    from qcompile.tune.sweep_import import import_sweep
+
+    fmt = qc_formats.get("qtip-hyb-2")
+    spec = KernelSpec(fmt.name, 1024, 2048, 16)
+    default = space.default_config(spec, "mma")
+    other = next(c for c in space.candidates(spec, "mma") if c != default)
+    rows = [sweep_row(fmt, spec.n, spec.k, spec.m, label, cfg, intrin, 50.0, GPU)
+            for label, cfg, intrin in (("mma-default", default, True), ("mma-1", other, True),
+                                       ("mma-1-lane-copy-min", other, ("flags", "lane-copy-min")))]
+    assert [row["gpu"] for row in rows] == [GPU] * 3 and "code" not in rows[2]
+    assert rows[0]["code"] and rows[0]["code"] != rows[1]["code"]
+    for row, us in zip(rows, (10.0, 9.0, 1.0)):
+        row["us"] = us
+    stale = dict(rows[1], code="f" * 16)
+    lines = import_sweep(TuningRecords(tmp_path), rows[:1] + [stale] + rows[2:])
+    assert any("no longer generates" in line for line in lines)
+    import_sweep(TuningRecords(tmp_path), rows)
+    entry = TuningRecords(tmp_path).entry(spec, GPU, "mma")
+    assert entry.measured_us == {space.config_key(default): 10.0, space.config_key(other): 9.0}

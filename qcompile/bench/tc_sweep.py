@@ -248,6 +248,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def sweep_row(fmt, n: int, k: int, m: int, label: str, cfg, use_intrin, cublas_us, gpu: str) -> dict:
+    """A row before its measurement: what ran (format, shape, kernel label, config, decode intrinsic or
+    switches), the GPU, and for a plain config (the decode intrinsic, no switches) its kernel's
+    fingerprint (``tune.records.kernel_code``), which ``qcompile tune --import-sweep`` compares."""
+    from ..kernels.library import KernelSpec
+    from ..tune.records import kernel_code
+
+    row = {"format": fmt.name, "N": n, "K": k, "M": m, "kernel": label,
+           "cfg": None if cfg is None else cfg.as_dict(), "intrin": use_intrin, "us": None,
+           "cublas_fp16_us": cublas_us, "speedup_vs_fp16": None, "rel_err": None, "error": None, "gpu": gpu}
+    if cfg is not None and use_intrin is True:
+        row["code"] = kernel_code(KernelSpec(fmt.name, n, k, m), gpu, [cfg])
+    return row
+
+
 def run(fmt, shapes, ms, args) -> List[dict]:
     import torch
 
@@ -264,7 +279,6 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     l2_bytes = l2_cache_bytes(device)
     bench = _Bench(args.iters, args.warmup, args.timing, log)
     log(f"{torch.cuda.get_device_name(device)}, format {fmt.name}, target {target.key}")
-    from ..tune.records import kernel_code
     from .harness import gpu_short_name
 
     gpu = gpu_short_name(torch.cuda.get_device_name(device))
@@ -294,12 +308,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                         flagged = []
                 kernels += [(f"{label}-{combo}", cfg, ("flags", combo)) for label, cfg, _ in flagged]
             for label, cfg, use_intrin in kernels:
-                row = {"format": fmt.name, "N": n, "K": k, "M": m, "kernel": label,
-                       "cfg": None if cfg is None else cfg.as_dict(), "intrin": use_intrin, "us": None,
-                       "cublas_fp16_us": cublas_us, "speedup_vs_fp16": None, "rel_err": None, "error": None,
-                       "gpu": gpu}
-                if cfg is not None and use_intrin is True:  # (the fingerprint records compare: tune --import-sweep)
-                    row["code"] = kernel_code(KernelSpec(fmt.name, n, k, m), gpu, [cfg])
+                row = sweep_row(fmt, n, k, m, label, cfg, use_intrin, cublas_us, gpu)
                 rows.append(row)
                 try:
                     if cfg is None:
