@@ -409,6 +409,13 @@ def describe_records(specs, records, gpu: str, alternatives: bool = False) -> st
     return "\n".join(lines)
 
 
+def _tuning_options_given(args) -> list:
+    """The options of a tuning run given to ``qcompile tune`` (which --merge and --import-sweep refuse)."""
+    return [flag for flag, given in (("a model or checkpoint", args.model is not None),
+                                     ("--shapes", args.shapes is not None), ("--format", args.format is not None),
+                                     ("--m", args.m is not None), ("--dry-run", args.dry_run)) if given]
+
+
 def cmd_tune(args) -> int:
     from pathlib import Path
 
@@ -424,10 +431,7 @@ def cmd_tune(args) -> int:
         from .tune.records import TuningRecords
         from .tune.sweep_import import import_sweep, read_sweep_rows
 
-        others = [flag for flag, given in (("a model or checkpoint", args.model is not None),
-                                           ("--shapes", args.shapes is not None), ("--format", args.format is not None),
-                                           ("--m", args.m is not None), ("--dry-run", args.dry_run),
-                                           ("--merge", args.merge is not None)) if given]
+        others = _tuning_options_given(args) + (["--merge"] if args.merge is not None else [])
         if others:
             raise QCompileError(f"--import-sweep takes no {', '.join(others)}; run it alone (with --records for "
                                 f"the destination, --gpu for rows that do not name their GPU)")
@@ -437,9 +441,7 @@ def cmd_tune(args) -> int:
     if args.merge is not None:  # no kernels, no GPU: records measured elsewhere join these
         from .tune.records import TuningRecords
 
-        others = [flag for flag, given in (("a model or checkpoint", args.model is not None),
-                                           ("--shapes", args.shapes is not None), ("--format", args.format is not None),
-                                           ("--m", args.m is not None), ("--dry-run", args.dry_run)) if given]
+        others = _tuning_options_given(args)
         if others:
             raise QCompileError(f"--merge only merges records and takes no {', '.join(others)}; run the merge "
                                 f"alone (with --records for the destination)")

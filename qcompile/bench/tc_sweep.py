@@ -270,7 +270,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     from ..kernels.resources import compile_cubin, find_nvdisasm, resources_of_report, sass_loop_mix
     from ..kernels.target import parse_target
     from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method
-    from .harness import _Bench, bench_weight, one_line, relative_error
+    from .harness import _Bench, bench_weight, gpu_short_name, one_line, relative_error
     from .timing import l2_cache_bytes
 
     log = lambda text: print(text, flush=True)  # noqa: E731
@@ -279,8 +279,6 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     l2_bytes = l2_cache_bytes(device)
     bench = _Bench(args.iters, args.warmup, args.timing, log)
     log(f"{torch.cuda.get_device_name(device)}, format {fmt.name}, target {target.key}")
-    from .harness import gpu_short_name
-
     gpu = gpu_short_name(torch.cuda.get_device_name(device))
     rows: List[dict] = []
     for n, k in shapes:

@@ -302,7 +302,8 @@ def _tir_step(B: int, L: int, KV: int, V: int):
 # a group from the previous minima instead of storing all 2^L of them: per sequence and step it reads
 # and writes G = 2^(L−KV) floats (64 KiB at L=16, K·V=2) where the full-cost step moves 2^L (256 KiB)
 # each way. That is what a GPU wants (the torch passes move the full costs five or six times); on CPUs
-# the full-cost step ("tir") vectorizes better and stays the default. Step 0 starts from the prior
+# the full-cost step ("tir") vectorizes better above K·V = 2 and stays the default there
+# (CPU_MIN_ENGINE_KV). Step 0 starts from the prior
 # best_{−1} = 0, or +inf outside the forced group of ``start_top``; the last step's full costs
 # (needed for ``end_low``) are formed once in torch.
 MIN_STEP_THREADS = 256       # CUDA threads per block of the step kernel
@@ -445,16 +446,14 @@ def schedule_backtrack(B: int, S: int, L: int, KV: int, kind: str):
 
 
 def _tvm_target(kind: str):
-    import tvm
+    from ..kernels.target import TargetInfo, local_cuda_arch
 
     if kind == "cuda":
-        from ..kernels.target import local_cuda_arch
-
         arch = local_cuda_arch()
         if arch is None:
             raise QCompileError("engine='tir-min' on CUDA tensors needs a visible CUDA GPU")
-        return tvm.target.Target({"kind": "cuda", "arch": arch})
-    return tvm.target.Target({"kind": "llvm"})
+        return TargetInfo(arch, "cuda", arch).tvm_target()
+    return TargetInfo("llvm", "llvm").tvm_target()
 
 
 @functools.lru_cache(maxsize=16)

@@ -37,7 +37,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..errors import QCompileError
 from ..formats import get as get_format
-from ..kernels.mma import MMA_MAX_M, lane_lut_candidate, signed_lut_candidate
+from ..kernels.mma import MMA_MAX_M, _hyb_fragment, lane_lut_candidate, signed_lut_candidate
 from ..kernels.library import (GEMV_FAMILY, GEMV_MAX_M, MMA_FAMILY, TC_FAMILY, KernelSpec, default_gemv_config,
                                family_options, kernel_family)
 from ..kernels.schedules import MAX_RAGGED_IDLE, GemvConfig, k_steps, ragged_idle
@@ -428,8 +428,9 @@ def mma_candidates(spec: KernelSpec, fmt) -> List[MmaConfig]:
 
 
 def _hyb_seeds(spec: KernelSpec, fmt, default: MmaConfig) -> List[MmaConfig]:
-    """HYB_SEEDS_* applied to the default, those that ``check_mma`` accepts for the spec (in order)."""
-    if not lane_lut_candidate(fmt, 2) or spec.m > GEMV_MAX_M:  # (QTIP HYB in its kernel layout, M <= 16)
+    """HYB_SEEDS_* applied to the default, those that ``check_mma`` accepts for the spec (in order); for
+    QTIP HYB in its kernel layout up to M=16 only."""
+    if not _hyb_fragment(fmt) or spec.m > GEMV_MAX_M:
         return []
     seeds = []
     for override in HYB_SEEDS_M1 if spec.m == 1 else HYB_SEEDS_MULTI:
