@@ -104,6 +104,7 @@ def build(
     out_dtype="float16",
     name="wgmma_gemm",
     quant=None,
+    qprefetch=1,
 ):
     """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma.
 
@@ -118,6 +119,10 @@ def build(
               B is then the format's packed words and S its scales, and the threads decode each
               k tile's B into the same swizzled stage with the format's own TIR decode
               (``tir_decode_unit``), K/8 words a row, while the previous tile's wgmma runs.
+    qprefetch : quant only. 0 = each thread loads tile t's words from global memory right where it
+              decodes them (the load latency is exposed once per k tile: 39-40 % of cuBLAS at BN=128 on
+              the H100); 1 = the words (and scales) of tile t+1 are loaded into registers right after
+              tile t's decode, so they have a whole k tile of wgmma to land.
     """
     BK = 64
     BM = 64 * NWG
@@ -153,6 +158,10 @@ def build(
         def decode(Q, Sc, n, c, j):  # element j of word (n, c): the format's TIR decode
             return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
     QUANT = quant is not None
+    PREFETCH = QUANT and bool(qprefetch)
+    # words per scale (int4-g128: 16); the register copy is indexed (chunk, 0), which the format's
+    # decode reads as word (chunk, 0) and scale (chunk, 0 // S_WORDS)
+    S_WORDS = (K // 8) // S_SHAPE[1] if QUANT else 1
 
     if swizzle == SW128:
         sw_code = 3  # T.cuda.wgmma.encode_matrix_descriptor: 3 = 128B swizzle
@@ -181,7 +190,7 @@ def build(
 
     # fmt: off
     @T.macro
-    def load_tile(t, st, A, B, S, smem, wdec, base, pad_elems, tx, bm, bn):
+    def load_tile(t, st, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn):
         """Tile t of A and B into stage st: A by cp.async; B by cp.async (fp16) or decoded by the threads
         (quant: word (row, chunk) of tile t -> 8 fp16 -> one 16-byte chunk; plain shared stores, which
         the fence.proxy.async before the next barrier orders for wgmma)."""
@@ -191,14 +200,25 @@ def build(
                 A.ptr_to([bm * BM + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
         for j in T.unroll(B_CHUNKS):
             if QUANT:
-                for e in T.unroll(8):
-                    wdec[e] = decode(B, S, bn * BN + (j * NT + tx) // 8, t * 8 + (j * NT + tx) % 8, e)
+                if PREFETCH:  # tile t's words are in qreg/sreg since the previous k tile
+                    for e in T.unroll(8):
+                        wdec[e] = decode(qreg, sreg, j, 0, e)
+                else:
+                    for e in T.unroll(8):
+                        wdec[e] = decode(B, S, bn * BN + (j * NT + tx) // 8, t * 8 + (j * NT + tx) % 8, e)
                 for e in T.vectorized(8):
                     smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN)) // 2 + e] = wdec[e]
             else:
                 T.ptx.cp.async_.cg.shared.global_(
                     base + T.cast(st * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
                     B.ptr_to([bn * BN + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
+
+    @T.macro
+    def fetch_words(t, B, S, qreg, sreg, tx, bn):
+        """qprefetch: tile t's packed words and their scales -> registers (no use until the next k tile)."""
+        for j in T.unroll(B_CHUNKS):
+            qreg[j, 0] = B[bn * BN + (j * NT + tx) // 8, t * 8 + (j * NT + tx) % 8]
+            sreg[j, 0] = S[bn * BN + (j * NT + tx) // 8, (t * 8 + (j * NT + tx) % 8) // S_WORDS]
 
     @T.prim_func
     def gemm(A: T.Buffer((M, K), "float16"),
@@ -214,6 +234,8 @@ def build(
         descA = T.alloc_buffer((1,), "uint64", scope="local")
         descB = T.alloc_buffer((1,), "uint64", scope="local")
         wdec = T.alloc_buffer((8,), "float16", scope="local")
+        qreg = T.alloc_buffer((B_CHUNKS, 1), B_DTYPE, scope="local")
+        sreg = T.alloc_buffer((B_CHUNKS, 1), "float16", scope="local")
 
         wg = tx // 128
         warp = (tx % 128) // 32
@@ -235,8 +257,13 @@ def build(
         # ---- prologue: tiles 0 .. P-1 -> stages 0 .. P-1 (one commit group per tile) ----
         for s in T.unroll(P):
             if s < KT:
-                load_tile(s, s, A, B, S, smem, wdec, base, pad_elems, tx, bm, bn)
+                if PREFETCH:
+                    fetch_words(s, B, S, qreg, sreg, tx, bn)
+                load_tile(s, s, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
             T.ptx.cp.async_.commit_group()
+        if PREFETCH:
+            if P < KT:
+                fetch_words(P, B, S, qreg, sreg, tx, bn)
 
         # ---- main loop over k tiles ----
         for kt in range(KT):
@@ -261,7 +288,10 @@ def build(
             # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
             nxt = kt + P
             if nxt < KT:
-                load_tile(nxt, nxt % stages, A, B, S, smem, wdec, base, pad_elems, tx, bm, bn)
+                load_tile(nxt, nxt % stages, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+                if PREFETCH:
+                    if nxt + 1 < KT:
+                        fetch_words(nxt + 1, B, S, qreg, sreg, tx, bn)
             T.ptx.cp.async_.commit_group()
             T.ptx.wgmma.wait_group.sync.aligned(wg_inflight)
 
@@ -375,6 +405,13 @@ SWEEP = [  # (BN, NWG, stages, wg_inflight); smem = stages*(64*NWG + BN)*128 + 1
 ]
 
 
+QSWEEP = [  # --quant: the fp16 winner's tile (BN=256, 4 stages), 3 stages, and BN=128 without the in-flight group
+    (256, 2, 4, 1),
+    (256, 2, 3, 1),
+    (128, 2, 3, 0),
+]
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true", help="run on a CUDA GPU: verify + benchmark")
@@ -391,6 +428,8 @@ def parse_args(argv=None):
     ap.add_argument("--show-all-asm", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="with --check: time the SWEEP configs too")
     ap.add_argument("--quant", default=None, help="a qcompile group-wise format (int4-g128): B decoded in the kernel")
+    ap.add_argument("--qprefetch", type=int, default=1, choices=(0, 1),
+                    help="quant: load the next tile's words into registers a k tile ahead (1) or where decoded (0)")
     return ap.parse_args(argv)
 
 
@@ -403,6 +442,7 @@ def cfg_kwargs(args):
         swizzle=args.swizzle,
         out_dtype="float16" if args.out == "f16" else "float32",
         quant=args.quant,
+        qprefetch=args.qprefetch,
     )
 
 
@@ -537,10 +577,12 @@ def check(args):
     ]
     cfgs = [kw]
     if args.sweep:
-        for (bn, nwg, st, wi) in SWEEP:
+        for (bn, nwg, st, wi) in (SWEEP if kw["quant"] is None else QSWEEP):
             c = dict(kw, BN=bn, NWG=nwg, stages=st, wg_inflight=wi)
             if c not in cfgs:
                 cfgs.append(c)
+        if kw["quant"] is not None:  # the register prefetch against the loads where decoded, same tile
+            cfgs.insert(1, dict(kw, qprefetch=1 - kw["qprefetch"]))
 
     all_ok = True
     # 1) small problem first: cheap to debug if the layout is wrong (several CTAs, several k tiles)
@@ -566,7 +608,7 @@ def check(args):
             all_ok &= ok
             t = _bench(lambda: fn(a2, b2, s2, c2))
             tag = (f"BN={cfg['BN']} NWG={cfg['NWG']} S={cfg['stages']} infl={cfg['wg_inflight']} sw={cfg['swizzle']}"
-                   f"{' ' + cfg['quant'] if cfg['quant'] else ''}")
+                   f"{' ' + cfg['quant'] + ' pf=' + str(cfg['qprefetch']) if cfg['quant'] else ''}")
             print(f"    TVM wgmma {tag:34s}: {t * 1e6:9.1f} us  {flops / t / 1e12:7.1f} TFLOPS"
                   f"  ({t_cublas / t * 100:5.1f}% of cuBLAS){'' if ok else '  [WRONG RESULTS]'}")
     print("ALL PASS" if all_ok else "SOME CHECKS FAILED")
