@@ -47,7 +47,7 @@ def main():
                     help="products per fp16 partial sum to compare (compute.FP16_RUN; 0: the default), e.g. 8,32")
     ap.add_argument("--flag", action="append", default=[], metavar="NAME[+NAME]",
                     help="also time every config with these kernel switches set together (tc_sweep's FLAGS, "
-                         "e.g. e8p-mulhi), labelled by the row's 'flag'; repeatable")
+                         "e.g. lane-copy-min), labelled by the row's 'flag'; repeatable")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     flag_sets = [()] + [tuple(f.split("+")) for f in args.flag]

@@ -24,13 +24,10 @@ from typing import List, Optional, Sequence
 REL_ERR_MAX = 1e-2
 # --flag NAME: kernel switches to time against the kernel as built today, by name -> (module, attribute,
 # the value the flag sets): lane-copy-min for every HYB code (on for HYB-2 by default), partials-in-table
-# (off), half-a: the fragment kernel's A registers as fp16 halves, as before packed registers (bebb84e),
-# e8p-mulhi / trellis-mulhi: E8P's decode shifts / QTIP 1MAD and 3INST's window shifts as IMAD.HI (off)
+# (off), half-a: the fragment kernel's A registers as fp16 halves, as before packed registers (bebb84e)
 FLAGS = {"lane-copy-min": ("qcompile.formats.trellis", "LANE_COPY_BY_MIN", True),
          "partials-in-table": ("qcompile.kernels.mma", "FRAGMENT_PARTIALS_IN_TABLE", True),
-         "half-a": ("qcompile.kernels.mma_fragment", "PACKED_A", False),
-         "e8p-mulhi": ("qcompile.formats.e8p", "E8P_SHIFT_BY_MULHI", True),
-         "trellis-mulhi": ("qcompile.formats.trellis", "TRELLIS_WINDOW_BY_MULHI", True)}
+         "half-a": ("qcompile.kernels.mma_fragment", "PACKED_A", False)}
 
 
 @contextlib.contextmanager
@@ -94,8 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "with them), labelled -NAME[+NAME]; repeatable. lane-copy-min: "
                          "formats.trellis.LANE_COPY_BY_MIN for every code; partials-in-table: "
                          "kernels.mma.FRAGMENT_PARTIALS_IN_TABLE; half-a: the fragment kernel's A registers as fp16 "
-                         "halves (mma_fragment.PACKED_A off); e8p-mulhi: formats.e8p.E8P_SHIFT_BY_MULHI; trellis-mulhi: "
-                         "formats.trellis.TRELLIS_WINDOW_BY_MULHI")
+                         "halves (mma_fragment.PACKED_A off)")
     ap.add_argument("--iters", type=int, default=200, help="timed launches per measurement (default 200)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
     ap.add_argument("--resources", action="store_true",
@@ -267,6 +263,7 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     import torch
 
     from ..kernels.library import KernelSpec, cuda_source, scheduled_func
+    from ..errors import QCompileError
     from ..kernels.resources import compile_cubin, find_nvdisasm, resources_of_report, sass_loop_mix
     from ..kernels.target import parse_target
     from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method

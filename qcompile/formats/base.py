@@ -332,13 +332,6 @@ def tir_word_half(word, lo):
     return tirx.reinterpret("float16", tirx.Cast("uint16", half))
 
 
-def cuda_shift_by_mulhi(macro: str) -> str:
-    """CUDA that defines the shift macro ``macro(x, s)`` (a decode source's ``x >> s``, its default when
-    this is left out) as the high word of x · 2^(32 − s): exact, and issued by nvcc as IMAD.HI on the FMA
-    pipe instead of SHF on the ALU pipe, the pipe the decode loops fill first (E8P_SHIFT_BY_MULHI,
-    TRELLIS_WINDOW_BY_MULHI). Put ahead of the source; guarded like the source's own default."""
-    return f"#ifndef {macro}\n#define {macro}(x, s) ((s) ? __umulhi((x), 1u << (32 - (s))) : (x))\n#endif\n"
-
 
 def subseed(seed: int, tag: str) -> int:
     """A 63-bit seed derived from ``seed`` and a tag (e.g. "SU", or a layer name), stable across

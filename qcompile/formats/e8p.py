@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from ..errors import QCompileError
-from .base import Format, QuantizedWeight, TensorSpec, cuda_shift_by_mulhi, register
+from .base import Format, QuantizedWeight, TensorSpec, register
 
 PERM = (0, 2, 4, 6, 1, 3, 5, 7)       # sign bit / nibble k acts on coordinate PERM[k]
 INV_PERM = (0, 4, 1, 5, 2, 6, 3, 7)   # coordinate j is sign bit / nibble INV_PERM[j] = (j>>1) + 4(j&1)
@@ -739,7 +739,7 @@ class E8PFormat(Format):
         from ..kernels.intrinsics import register_unit_decode
 
         func = {None: "qc_e8p2_decode32", "e8p": "qc_e8p4_decode32", "e81b": "qc_e8p3_decode32"}[self.residual]
-        source = _cuda_e8p()
+        source = _CUDA_E8P
         return register_unit_decode(self, func, source), source
 
 
@@ -855,27 +855,12 @@ __device__ __forceinline__ int qc_e8p3_decode32(const int* __restrict__ sign, co
 """
 
 
-# The pair decode's right shifts (the shifts that bring coordinate pairs 2 and 3 of a code's table word
-# under the LOP3 mask, the sign-parity folds and s >> 2) as high words of a multiply
-# (formats.base.cuda_shift_by_mulhi): nvcc emits IMAD.HI on the FMA pipe instead of SHF on the ALU pipe,
-# which the E8P kernels fill first (sm_90 SASS, nvcc 13.0, e8p-2 on 28672x8192, kernels.resources.
-# sass_loop_mix: mma.sync default K loop at M=1 399 instructions either way, 229 -> 185 of them on the ALU
-# pipe, at M=16 789, 435 -> 350; the M=1 GEMV 986, 463 -> 389). The ALU pipe takes a warp instruction every
-# second cycle, so the mma.sync loops were bound by it (2 x 229 > 399 issue slots) and would be issue-bound
-# after. E81B's residual nibbles keep their shifts (there the multiply-highs cost more instructions than
-# they saved). Measured slower, so off: H100, one process at c67c318 (artifacts/bench/mma-sweep-e8p-2-mulhi-
-# h100.json, gemv-sweep-e8p-2-mulhi-h100.json), e8p-2 28672x8192 mma.sync M=1 41.8 -> 43.7 us, M=4 42.7 ->
-# 45.3, M=16 55.7 -> 59.9; 8192x28672 46.4 -> 49.1, 47.2 -> 49.7, 61.5 -> 61.8; the M=1 GEMV 42.6 -> 46.2
-# and 44.9 -> 48.8. Fewer ALU-pipe instructions did not make these loops faster: the ALU count was not
-# what bound them.
-E8P_SHIFT_BY_MULHI = False
-
-
-def _cuda_e8p() -> str:
-    """The E8P decode source, with the IMAD.HI shifts when E8P_SHIFT_BY_MULHI is set."""
-    if not E8P_SHIFT_BY_MULHI:
-        return _CUDA_E8P
-    return cuda_shift_by_mulhi("QC_E8P_SHR") + _CUDA_E8P
+# E8P_SHIFT_BY_MULHI (refuted and removed): QC_E8P_SHR above could be defined as __umulhi by powers of two,
+# which nvcc issues as IMAD.HI on the FMA pipe instead of SHF on the ALU pipe (229 -> 185 ALU instructions
+# in the M=1 mma.sync loop). On the H100 at c67c318 every e8p-2 kernel was slower with it, e.g. 28672x8192
+# mma.sync M=1 41.8 -> 43.7 us, the M=1 GEMV 42.6 -> 46.2 us (artifacts/bench/mma-sweep-e8p-2-mulhi-h100.json,
+# gemv-sweep-e8p-2-mulhi-h100.json). The macro stays, with its plain-shift default, because the tuning
+# records' kernel fingerprints hash this source text.
 
 
 def wscale16(Wt: torch.Tensor, rho: float, name: str = "e8p") -> float:

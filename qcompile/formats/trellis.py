@@ -81,7 +81,7 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 
 from ..errors import QCompileError
-from .base import Format, QuantizedWeight, TensorSpec, cuda_shift_by_mulhi, register, tir_word_half
+from .base import Format, QuantizedWeight, TensorSpec, register, tir_word_half
 
 # --- trellis parameters ------------------------------------------------------------------------------
 L_BITS = 16          # state bits (the only L the formats use; tests use smaller L on the raw helpers)
@@ -852,7 +852,7 @@ class TrellisFormat(Format):
             return None
         from ..kernels.intrinsics import register_unit_decode
 
-        source = _CUDA_HYB if self.V == 2 else _cuda_trellis()
+        source = _CUDA_HYB if self.V == 2 else _cuda_trellis_source()
         return register_unit_decode(self, f"qc_qtip_{self.code}_k{self.K}_decode16", source), source
 
     # --- fragment decode: the kernel layout (HYB's stored one; 1MAD / 3INST as the @mma-kernel variant),
@@ -1145,21 +1145,12 @@ QC_QTIP_V1(1mad, 2) QC_QTIP_V1(1mad, 3) QC_QTIP_V1(1mad, 4)
 """
 
 
-# The 3INST decode intrinsic's window shifts (right by 2..16) as __umulhi by powers of two (exact), which
-# nvcc issues as IMAD.HI on the FMA pipe instead of SHF on the ALU pipe, which takes a warp instruction every
-# second cycle. K loops on 28672x8192 (nvcc 13.0, sm_90; kernels.resources.sass_loop_mix): qtip-3inst-2 M=1
-# GEMV 1956 -> 1983 instructions, 1301 -> 1077 on the ALU pipe (2602 -> 2154 cycles a pass at that pipe's
-# rate); M=16 WMMA 270 -> 278, 169 -> 145 (338 -> 290); qtip-3inst-4 M=1 2600 -> 2218, M=16 330 -> 298.
-# Not 1MAD, whose loop fills the FMA pipe (2210 -> 2241 instructions with it). Off until timed on a GPU
-# (tc_sweep / sweep --flag trellis-mulhi).
-TRELLIS_WINDOW_BY_MULHI = False
-
-
-def _cuda_trellis() -> str:
-    src = _cuda_trellis_source()
-    if not TRELLIS_WINDOW_BY_MULHI:
-        return src
-    return cuda_shift_by_mulhi("QC_QTIP_SHR") + src
+# TRELLIS_WINDOW_BY_MULHI (refuted and removed): QC_QTIP_SHR, 3INST's window shifts, could be defined as
+# __umulhi by powers of two, IMAD.HI on the FMA pipe instead of SHF on the ALU pipe (1301 -> 1077 ALU
+# instructions in the M=1 GEMV loop). On the H100 at c53ea96 it was slower: qtip-3inst-2 M=1 GEMV 90.9 ->
+# 96.2 us (28672x8192), 92.2 -> 98.3 us (8192x28672); M=16 WMMA 169.8 -> 172.8 and 174.4 -> 179.5 us
+# (artifacts/bench/trellis-mulhi-qtip-3inst-2-h100.json). The macro and qc_qtip_window_alu stay as they are
+# because the tuning records' kernel fingerprints hash this source text.
 
 
 @functools.lru_cache(maxsize=1)

@@ -81,29 +81,3 @@ def test_ragged_k_gemv_matches_float64(target, name, k):
         assert torch.isfinite(Y).all(), (spec.name, cfg)
         err = ((Y.double() - ref).norm() / ref.norm()).item()
         assert err < 2e-3, (spec.name, cfg, err)
-
-
-@pytest.mark.parametrize("name", ["qtip-3inst-2", "qtip-3inst-4", "e8p-2", "e8p-3"])
-def test_mulhi_shift_switches_read_back_exactly(target, name, monkeypatch, check_one_hot_decode):
-    """formats.trellis.TRELLIS_WINDOW_BY_MULHI (3INST's window shifts) and formats.e8p.E8P_SHIFT_BY_MULHI
-    (E8P's decode shifts) as __umulhi: the library's kernels at M = 1 (GEMV) and 16 read every weight
-    back exactly with one-hot activations and match float64."""
-    from qcompile.formats import e8p, trellis
-
-    monkeypatch.setattr(trellis, "TRELLIS_WINDOW_BY_MULHI", True)
-    monkeypatch.setattr(e8p, "E8P_SHIFT_BY_MULHI", True)
-    fmt = qc.formats.get(name)
-    n, k = 256, 1024
-    specs = [KernelSpec(name, n, k, m) for m in (1, 16)]
-    ex = build(specs, target)
-    for spec in specs:
-        check_one_hot_decode(ex[spec.name], fmt, fmt.random_weight(n, k, seed=spec.m), spec.m, f"{name} m={spec.m}")
-    qw = fmt.random_weight(n, k, seed=5)
-    args = kernel_args(fmt, qw.to("cuda"))
-    W = fmt.decode_fp16(qw).double().cuda()
-    for spec in specs:
-        X = (torch.randn(spec.m, k, device="cuda") / 8).to(torch.float16)
-        Y = torch.full((spec.m, n), float("nan"), dtype=torch.float16, device="cuda")
-        ex[spec.name](X, *args, Y)
-        ref = X.double() @ W.T
-        assert ((Y.double() - ref).norm() / ref.norm()).item() < 2e-3, spec.name

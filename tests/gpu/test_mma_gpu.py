@@ -290,25 +290,3 @@ def test_packed_a_fragments_match(name, check_one_hot_decode):
         for m in CONFIG_MS:
             err = rel_err(ex[f"c{i}_m{m}"], fmt, qw, m, seed=m)
             assert err < 2e-3, (name, cfg, m, err)
-
-
-@pytest.mark.parametrize("name", ["e8p-2", "e8p-3", "e8p-4"])
-def test_e8p_shifts_by_mulhi_read_back_exactly(name, monkeypatch, check_one_hot_decode):
-    """formats.e8p.E8P_SHIFT_BY_MULHI (the decode's right shifts as __umulhi by powers of two): the
-    decode-only kernel equals the torch decode bit for bit, the mma kernel at M = 1 and 16 matches
-    float64, and every weight reads back exactly through its A fragments."""
-    from qcompile.formats import e8p
-    from qcompile.kernels.decode import decode_scheduled_func
-
-    monkeypatch.setattr(e8p, "E8P_SHIFT_BY_MULHI", True)
-    fmt = qc.formats.get(name)
-    ex = build({"m1": mma_scheduled_func(fmt, N, K, 1), "m16": mma_scheduled_func(fmt, N, K, 16),
-                "decode": decode_scheduled_func(fmt, N, K, "cuda")})
-    qw = fmt.random_weight(N, K, seed=21).to("cuda")
-    W = torch.full((N, K), float("nan"), dtype=torch.float16, device="cuda")
-    ex["decode"](*[qw.tensors[t] for t in fmt.tensor_specs(N, K)], W)
-    assert torch.equal(W.view(torch.int16), fmt.decode_fp16(qw).view(torch.int16))
-    for m in (1, 16):
-        err = rel_err(ex[f"m{m}"], fmt, qw, m, seed=m)
-        assert err < 2e-3, (name, m, err)
-    check_one_hot_decode(ex["m16"], fmt, fmt.random_weight(N, K, seed=22), 16, f"{name} mulhi shifts")
