@@ -105,6 +105,7 @@ def build(
     name="wgmma_gemm",
     quant=None,
     qprefetch=1,
+    qintrin=0,
 ):
     """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma.
 
@@ -123,6 +124,9 @@ def build(
               decodes them (the load latency is exposed once per k tile: 39-40 % of cuBLAS at BN=128 on
               the H100); 1 = the words (and scales) of tile t+1 are loaded into registers right after
               tile t's decode, so they have a whole k tile of wgmma to land.
+    qintrin : quant with qprefetch only. 1 = each word decoded by the format's CUDA decode intrinsic
+              (``fmt.decode_intrin``: int4's LOP3 + HSUB2 + HMUL2, bit-identical to its TIR decode); 0 =
+              element by element with ``tir_decode_unit``.
     """
     BK = 64
     BM = 64 * NWG
@@ -159,6 +163,12 @@ def build(
             return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
     QUANT = quant is not None
     PREFETCH = QUANT and bool(qprefetch)
+    INTRIN = None  # (function name, CUDA source) of the format's decode intrinsic
+    if PREFETCH and qintrin:
+        INTRIN = fmt.decode_intrin("cuda")
+        assert INTRIN is not None, f"{quant}: no CUDA decode intrinsic"
+        INTRIN = (INTRIN[1].split("__device__ __forceinline__ int ")[1].split("(")[0], INTRIN[1])
+    IMPORT_C = INTRIN[1] if INTRIN is not None else ""
     # words per scale (int4-g128: 16); the register copy is indexed (chunk, 0), which the format's
     # decode reads as word (chunk, 0) and scale (chunk, 0 // S_WORDS)
     S_WORDS = (K // 8) // S_SHAPE[1] if QUANT else 1
@@ -200,7 +210,10 @@ def build(
                 A.ptr_to([bm * BM + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
         for j in T.unroll(B_CHUNKS):
             if QUANT:
-                if PREFETCH:  # tile t's words are in qreg/sreg since the previous k tile
+                if INTRIN is not None:  # the format's intrinsic: word, scale -> 8 fp16 in wdec
+                    T.evaluate(T.call_extern("int32", INTRIN[0], qreg.ptr_to([j, 0]), sreg.ptr_to([j, 0]),
+                                             wdec.ptr_to([0])))
+                elif PREFETCH:  # tile t's words are in qreg/sreg since the previous k tile
                     for e in T.unroll(8):
                         wdec[e] = decode(qreg, sreg, j, 0, e)
                 else:
@@ -251,8 +264,9 @@ def build(
         T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descB[0]), smem.ptr_to([pad_elems]),
                                               LBO_B, SBO_B, sw_code)
 
-        for i in T.unroll(ACC):
-            acc[i] = T.float32(0)
+        with T.attr(0, "pragma_import_c", IMPORT_C):  # the decode intrinsic's source, if any
+            for i in T.unroll(ACC):
+                acc[i] = T.float32(0)
 
         # ---- prologue: tiles 0 .. P-1 -> stages 0 .. P-1 (one commit group per tile) ----
         for s in T.unroll(P):
@@ -405,10 +419,13 @@ SWEEP = [  # (BN, NWG, stages, wg_inflight); smem = stages*(64*NWG + BN)*128 + 1
 ]
 
 
-QSWEEP = [  # --quant: the fp16 winner's tile (BN=256, 4 stages), 3 stages, and BN=128 without the in-flight group
-    (256, 2, 4, 1),
-    (256, 2, 3, 1),
-    (128, 2, 3, 0),
+QSWEEP = [  # --quant: overrides of the command line's config (BN=128, 4 stages, prefetch, TIR decode by default)
+    dict(qprefetch=0),  # call 1's kernel: the words loaded where decoded
+    dict(qintrin=1),
+    dict(BN=256),  # the fp16 winner's tile (87-92 % of cuBLAS in call 1)
+    dict(BN=256, qintrin=1),
+    dict(BN=256, stages=3, qintrin=1),
+    dict(stages=3, wg_inflight=0, qintrin=1),
 ]
 
 
@@ -428,6 +445,8 @@ def parse_args(argv=None):
     ap.add_argument("--show-all-asm", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="with --check: time the SWEEP configs too")
     ap.add_argument("--quant", default=None, help="a qcompile group-wise format (int4-g128): B decoded in the kernel")
+    ap.add_argument("--qintrin", type=int, default=0, choices=(0, 1),
+                    help="quant: decode with the format's CUDA decode intrinsic (1) or its TIR decode (0)")
     ap.add_argument("--qprefetch", type=int, default=1, choices=(0, 1),
                     help="quant: load the next tile's words into registers a k tile ahead (1) or where decoded (0)")
     return ap.parse_args(argv)
@@ -443,6 +462,7 @@ def cfg_kwargs(args):
         out_dtype="float16" if args.out == "f16" else "float32",
         quant=args.quant,
         qprefetch=args.qprefetch,
+        qintrin=args.qintrin,
     )
 
 
@@ -577,12 +597,12 @@ def check(args):
     ]
     cfgs = [kw]
     if args.sweep:
-        for (bn, nwg, st, wi) in (SWEEP if kw["quant"] is None else QSWEEP):
-            c = dict(kw, BN=bn, NWG=nwg, stages=st, wg_inflight=wi)
+        overrides = ([dict(BN=bn, NWG=nwg, stages=st, wg_inflight=wi) for (bn, nwg, st, wi) in SWEEP]
+                     if kw["quant"] is None else QSWEEP)
+        for o in overrides:
+            c = dict(kw, **o)
             if c not in cfgs:
                 cfgs.append(c)
-        if kw["quant"] is not None:  # the register prefetch against the loads where decoded, same tile
-            cfgs.insert(1, dict(kw, qprefetch=1 - kw["qprefetch"]))
 
     all_ok = True
     # 1) small problem first: cheap to debug if the layout is wrong (several CTAs, several k tiles)
@@ -608,7 +628,7 @@ def check(args):
             all_ok &= ok
             t = _bench(lambda: fn(a2, b2, s2, c2))
             tag = (f"BN={cfg['BN']} NWG={cfg['NWG']} S={cfg['stages']} infl={cfg['wg_inflight']} sw={cfg['swizzle']}"
-                   f"{' ' + cfg['quant'] + ' pf=' + str(cfg['qprefetch']) if cfg['quant'] else ''}")
+                   f"{' ' + cfg['quant'] + ' pf=' + str(cfg['qprefetch']) + ' intrin=' + str(cfg['qintrin']) if cfg['quant'] else ''}")
             print(f"    TVM wgmma {tag:34s}: {t * 1e6:9.1f} us  {flops / t / 1e12:7.1f} TFLOPS"
                   f"  ({t_cublas / t * 100:5.1f}% of cuBLAS){'' if ok else '  [WRONG RESULTS]'}")
     print("ALL PASS" if all_ok else "SOME CHECKS FAILED")
