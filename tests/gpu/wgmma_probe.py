@@ -106,6 +106,7 @@ def build(
     quant=None,
     qprefetch=1,
     qintrin=0,
+    qvec=1,
 ):
     """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma.
 
@@ -122,8 +123,10 @@ def build(
               (``tir_decode_unit``), K/8 words a row, while the previous tile's wgmma runs.
     qprefetch : quant only. 0 = each thread loads tile t's words from global memory right where it
               decodes them (the load latency is exposed once per k tile: 39-40 % of cuBLAS at BN=128 on
-              the H100); 1 = the words (and scales) of tile t+1 are loaded into registers right after
-              tile t's decode, so they have a whole k tile of wgmma to land.
+              the H100); d = 1, 2: the words (and scales) of tile t+d are loaded into register copy
+              t % d right after tile t's decode, so they have d k tiles of wgmma to land (47 % with 1).
+    qvec    : quant: words a thread loads from one row at once (1 or 4: one 16-byte load and one scale
+              for four words; the decode's shared stores stay 16-byte chunks of the swizzled row).
     qintrin : quant with qprefetch only. 1 = each word decoded by the format's CUDA decode intrinsic
               (``fmt.decode_intrin``: int4's LOP3 + HSUB2 + HMUL2, bit-identical to its TIR decode); 0 =
               element by element with ``tir_decode_unit``.
@@ -163,6 +166,11 @@ def build(
             return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
     QUANT = quant is not None
     PREFETCH = QUANT and bool(qprefetch)
+    DEPTH = max(1, qprefetch if QUANT else 1)  # register copies of the words: tiles fetched ahead
+    assert KT % DEPTH == 0, "qprefetch=2 needs an even number of k tiles"
+    QV = qvec if QUANT else 1  # consecutive words of one row a thread loads (and decodes) together
+    assert QV in (1, 2, 4, 8) and B_CHUNKS % QV == 0, (QV, B_CHUNKS)
+    QROWS = B_CHUNKS // QV  # rows of one register copy: [row, word] -> the format decode's (n, c)
     INTRIN = None  # (function name, CUDA source) of the format's decode intrinsic
     if PREFETCH and qintrin:
         INTRIN = fmt.decode_intrin("cuda")
@@ -200,7 +208,7 @@ def build(
 
     # fmt: off
     @T.macro
-    def load_tile(t, st, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn):
+    def load_tile(t, st, slot, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn):
         """Tile t of A and B into stage st: A by cp.async; B by cp.async (fp16) or decoded by the threads
         (quant: word (row, chunk) of tile t -> 8 fp16 -> one 16-byte chunk; plain shared stores, which
         the fence.proxy.async before the next barrier orders for wgmma)."""
@@ -208,30 +216,35 @@ def build(
             T.ptx.cp.async_.cg.shared.global_(
                 base + T.cast(st * STAGE_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
                 A.ptr_to([bm * BM + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
-        for j in T.unroll(B_CHUNKS):
-            if QUANT:
-                if INTRIN is not None:  # the format's intrinsic: word, scale -> 8 fp16 in wdec
-                    T.evaluate(T.call_extern("int32", INTRIN[0], qreg.ptr_to([j, 0]), sreg.ptr_to([j, 0]),
-                                             wdec.ptr_to([0])))
-                elif PREFETCH:  # tile t's words are in qreg/sreg since the previous k tile
-                    for e in T.unroll(8):
-                        wdec[e] = decode(qreg, sreg, j, 0, e)
-                else:
-                    for e in T.unroll(8):
-                        wdec[e] = decode(B, S, bn * BN + (j * NT + tx) // 8, t * 8 + (j * NT + tx) % 8, e)
-                for e in T.vectorized(8):
-                    smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN)) // 2 + e] = wdec[e]
-            else:
+        if QUANT:
+            # unit u = jj * NT + tx: QV consecutive words (chunks c0 .. c0+QV-1) of B tile row u // (8 // QV)
+            for jj in T.unroll(B_CHUNKS // QV):
+                for v in T.unroll(QV):
+                    if INTRIN is not None:  # the format's intrinsic: word, scale -> 8 fp16 in wdec
+                        T.evaluate(T.call_extern("int32", INTRIN[0], qreg.ptr_to([slot * QROWS + jj, v]),
+                                                 sreg.ptr_to([slot * QROWS + jj, 0]), wdec.ptr_to([0])))
+                    elif PREFETCH:  # tile t's words are in qreg/sreg since qprefetch k tiles ago
+                        for e in T.unroll(8):
+                            wdec[e] = decode(qreg, sreg, slot * QROWS + jj, v, e)
+                    else:
+                        for e in T.unroll(8):
+                            wdec[e] = decode(B, S, bn * BN + (jj * NT + tx) // (8 // QV), t * 8 + ((jj * NT + tx) % (8 // QV)) * QV + v, e)
+                    for e in T.vectorized(8):
+                        smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * NT + tx) // (8 // QV), ((jj * NT + tx) % (8 // QV)) * QV + v, BN)) // 2 + e] = wdec[e]
+        if not QUANT:
+            for j in T.unroll(B_CHUNKS):
                 T.ptx.cp.async_.cg.shared.global_(
                     base + T.cast(st * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
                     B.ptr_to([bn * BN + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
 
     @T.macro
-    def fetch_words(t, B, S, qreg, sreg, tx, bn):
-        """qprefetch: tile t's packed words and their scales -> registers (no use until the next k tile)."""
-        for j in T.unroll(B_CHUNKS):
-            qreg[j, 0] = B[bn * BN + (j * NT + tx) // 8, t * 8 + (j * NT + tx) % 8]
-            sreg[j, 0] = S[bn * BN + (j * NT + tx) // 8, (t * 8 + (j * NT + tx) % 8) // S_WORDS]
+    def fetch_words(t, slot, B, S, qreg, sreg, tx, bn):
+        """qprefetch: tile t's packed words and their scales -> register copy ``slot`` (used qprefetch k
+        tiles later)."""
+        for jj in T.unroll(B_CHUNKS // QV):
+            for v in T.vectorized(QV):  # one 4 * QV-byte load
+                qreg[slot * QROWS + jj, v] = B[bn * BN + (jj * NT + tx) // (8 // QV), t * 8 + ((jj * NT + tx) % (8 // QV)) * QV + v]
+            sreg[slot * QROWS + jj, 0] = S[bn * BN + (jj * NT + tx) // (8 // QV), (t * 8 + ((jj * NT + tx) % (8 // QV)) * QV) // S_WORDS]
 
     @T.prim_func
     def gemm(A: T.Buffer((M, K), "float16"),
@@ -247,8 +260,8 @@ def build(
         descA = T.alloc_buffer((1,), "uint64", scope="local")
         descB = T.alloc_buffer((1,), "uint64", scope="local")
         wdec = T.alloc_buffer((8,), "float16", scope="local")
-        qreg = T.alloc_buffer((B_CHUNKS, 1), B_DTYPE, scope="local")
-        sreg = T.alloc_buffer((B_CHUNKS, 1), "float16", scope="local")
+        qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
+        sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
 
         wg = tx // 128
         warp = (tx % 128) // 32
@@ -272,42 +285,47 @@ def build(
         for s in T.unroll(P):
             if s < KT:
                 if PREFETCH:
-                    fetch_words(s, B, S, qreg, sreg, tx, bn)
-                load_tile(s, s, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+                    fetch_words(s, s % DEPTH, B, S, qreg, sreg, tx, bn)
+                load_tile(s, s, s % DEPTH, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
             T.ptx.cp.async_.commit_group()
         if PREFETCH:
-            if P < KT:
-                fetch_words(P, B, S, qreg, sreg, tx, bn)
+            for d in T.unroll(DEPTH):
+                if P + d < KT:
+                    fetch_words(P + d, (P + d) % DEPTH, B, S, qreg, sreg, tx, bn)
 
         # ---- main loop over k tiles ----
-        for kt in range(KT):
-            stage = kt % stages
-            # Groups committed so far = P + kt; <= P-1 pending  =>  tile kt has landed.
-            T.ptx.cp.async_.wait_group(P - 1)
-            # cp.async writes (and the decode's shared stores) are generic-proxy writes; wgmma reads
-            # smem through the async proxy, so order them with a proxy fence before the barrier.
-            T.ptx.fence.proxy.async_.shared__cta()
-            T.cuda.cta_sync()
-            # (no register operand fence for the accumulators, as CUTLASS's warpgroup_fence_operand: TVM
-            # 0.27's T.cuda.wgmma.noop_barrier crashes CUDA codegen; ptxas still keeps the HGMMAs unserialized)
-            T.ptx.wgmma.fence.sync.aligned()
-            for kk in T.unroll(BK // 16):
-                T.ptx[mma_chain](
-                    *[acc[i] for i in range(ACC)],
-                    descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
-                    descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
-                    True, 1, 1, 0, 0)
-            T.ptx.wgmma.commit_group.sync.aligned()
-            # Refill the stage last read by tile kt-1-wg_inflight (finished by every warpgroup:
-            # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
-            nxt = kt + P
-            if nxt < KT:
-                load_tile(nxt, nxt % stages, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
-                if PREFETCH:
-                    if nxt + 1 < KT:
-                        fetch_words(nxt + 1, B, S, qreg, sreg, tx, bn)
-            T.ptx.cp.async_.commit_group()
-            T.ptx.wgmma.wait_group.sync.aligned(wg_inflight)
+        # (unrolled by DEPTH: tile kt+P's register copy, (par + P) % DEPTH, is a constant in each step)
+        for kt2 in range(KT // DEPTH):
+            for par in T.unroll(DEPTH):
+                kt = kt2 * DEPTH + par
+                stage = kt % stages
+                # Groups committed so far = P + kt; <= P-1 pending  =>  tile kt has landed.
+                T.ptx.cp.async_.wait_group(P - 1)
+                # cp.async writes (and the decode's shared stores) are generic-proxy writes; wgmma reads
+                # smem through the async proxy, so order them with a proxy fence before the barrier.
+                T.ptx.fence.proxy.async_.shared__cta()
+                T.cuda.cta_sync()
+                # (no register operand fence for the accumulators, as CUTLASS's warpgroup_fence_operand: TVM
+                # 0.27's T.cuda.wgmma.noop_barrier crashes CUDA codegen; ptxas still keeps the HGMMAs unserialized)
+                T.ptx.wgmma.fence.sync.aligned()
+                for kk in T.unroll(BK // 16):
+                    T.ptx[mma_chain](
+                        *[acc[i] for i in range(ACC)],
+                        descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
+                        descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
+                        True, 1, 1, 0, 0)
+                T.ptx.wgmma.commit_group.sync.aligned()
+                # Refill the stage last read by tile kt-1-wg_inflight (finished by every warpgroup:
+                # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
+                nxt = kt + P
+                if nxt < KT:
+                    load_tile(nxt, nxt % stages, (par + P) % DEPTH, A, B, S, smem, wdec, qreg, sreg, base, pad_elems,
+                              tx, bm, bn)
+                    if PREFETCH:  # into the copy just decoded: tile nxt + DEPTH, DEPTH k tiles ahead
+                        if nxt + DEPTH < KT:
+                            fetch_words(nxt + DEPTH, (par + P) % DEPTH, B, S, qreg, sreg, tx, bn)
+                T.ptx.cp.async_.commit_group()
+                T.ptx.wgmma.wait_group.sync.aligned(wg_inflight)
 
         T.ptx.wgmma.wait_group.sync.aligned(0)
 
@@ -419,13 +437,16 @@ SWEEP = [  # (BN, NWG, stages, wg_inflight); smem = stages*(64*NWG + BN)*128 + 1
 ]
 
 
-QSWEEP = [  # --quant: overrides of the command line's config (BN=128, 4 stages, prefetch, TIR decode by default)
-    dict(qprefetch=0),  # call 1's kernel: the words loaded where decoded
-    dict(qintrin=1),
-    dict(BN=256),  # the fp16 winner's tile (87-92 % of cuBLAS in call 1)
-    dict(BN=256, qintrin=1),
-    dict(BN=256, stages=3, qintrin=1),
-    dict(stages=3, wg_inflight=0, qintrin=1),
+# --quant: overrides of the command line's config. 14843f4 on the H100 (M=1024, 70B MLP shapes, % of cuBLAS):
+# BN=128 4 stages, words loaded where decoded 39-40 %; prefetched a k tile ahead 47 / 50 %, with the decode
+# intrinsic 52 / 57 %; BN=256 4 stages 53 / 55 %, with the intrinsic 63 / 66 % (the base of this sweep:
+# --bn 256 --qintrin 1); BN=256 3 stages 51 %; BN=128 3 stages, no wgmma group in flight 58 %.
+QSWEEP = [
+    dict(qprefetch=2),  # the words two k tiles ahead
+    dict(qvec=4),  # one 16-byte load and one scale per four words
+    dict(qprefetch=2, qvec=4),
+    dict(BN=128, qprefetch=2, qvec=4),
+    dict(BN=128, stages=3, wg_inflight=0, qprefetch=2, qvec=4),
 ]
 
 
@@ -447,8 +468,9 @@ def parse_args(argv=None):
     ap.add_argument("--quant", default=None, help="a qcompile group-wise format (int4-g128): B decoded in the kernel")
     ap.add_argument("--qintrin", type=int, default=0, choices=(0, 1),
                     help="quant: decode with the format's CUDA decode intrinsic (1) or its TIR decode (0)")
-    ap.add_argument("--qprefetch", type=int, default=1, choices=(0, 1),
-                    help="quant: load the next tile's words into registers a k tile ahead (1) or where decoded (0)")
+    ap.add_argument("--qvec", type=int, default=1, choices=(1, 2, 4, 8), help="quant: words a thread loads at once")
+    ap.add_argument("--qprefetch", type=int, default=1, choices=(0, 1, 2),
+                    help="quant: load the words into registers d = 1, 2 k tiles ahead, or where decoded (0)")
     return ap.parse_args(argv)
 
 
@@ -463,6 +485,7 @@ def cfg_kwargs(args):
         quant=args.quant,
         qprefetch=args.qprefetch,
         qintrin=args.qintrin,
+        qvec=args.qvec,
     )
 
 
@@ -628,7 +651,7 @@ def check(args):
             all_ok &= ok
             t = _bench(lambda: fn(a2, b2, s2, c2))
             tag = (f"BN={cfg['BN']} NWG={cfg['NWG']} S={cfg['stages']} infl={cfg['wg_inflight']} sw={cfg['swizzle']}"
-                   f"{' ' + cfg['quant'] + ' pf=' + str(cfg['qprefetch']) + ' intrin=' + str(cfg['qintrin']) if cfg['quant'] else ''}")
+                   f"{' ' + cfg['quant'] + ' pf=' + str(cfg['qprefetch']) + ' intrin=' + str(cfg['qintrin']) + ' vec=' + str(cfg['qvec']) if cfg['quant'] else ''}")
             print(f"    TVM wgmma {tag:34s}: {t * 1e6:9.1f} us  {flops / t / 1e12:7.1f} TFLOPS"
                   f"  ({t_cublas / t * 100:5.1f}% of cuBLAS){'' if ok else '  [WRONG RESULTS]'}")
     print("ALL PASS" if all_ok else "SOME CHECKS FAILED")
