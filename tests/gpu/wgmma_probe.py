@@ -107,6 +107,7 @@ def build(
     qprefetch=1,
     qintrin=0,
     qvec=1,
+    ws=0,
 ):
     """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma.
 
@@ -130,10 +131,20 @@ def build(
     qintrin : quant with qprefetch only. 1 = each word decoded by the format's CUDA decode intrinsic
               (``fmt.decode_intrin``: int4's LOP3 + HSUB2 + HMUL2, bit-identical to its TIR decode); 0 =
               element by element with ``tir_decode_unit``.
+    ws      : 1 = warp-specialised: one more warpgroup (the producer) issues the cp.async of A and decodes
+              B (quant) into the ring while the NWG consumer warpgroups only issue wgmma; named barriers
+              FULL[s] (1 + s) and EMPTY[s] (1 + stages + s) hand each stage over, with no CTA-wide barrier.
+              The producer runs stages - 2 tiles ahead of the FULL signal it gives, so its cp.async
+              latency is hidden too.
     """
     BK = 64
     BM = 64 * NWG
-    NT = 128 * NWG
+    NT = 128 * NWG  # the MMA warpgroups' threads
+    LT = 128 if ws else NT  # the threads that load (and decode) a tile: the producer warpgroup, or all
+    NT_ALL = NT + 128 if ws else NT
+    LAG = stages - 2  # ws: the producer signals tile t FULL when it issues tile t + LAG
+    assert not ws or (stages >= 3 and wg_inflight == 1), "ws needs stages >= 3 (and one wgmma group in flight)"
+    assert 1 + 2 * stages <= 16, "named barriers: 16 a CTA"
     assert M % BM == 0 and N % BN == 0 and K % BK == 0, (M, N, K, BM, BN, BK)
     assert BN % 8 == 0 and 8 <= BN <= 256
     assert wg_inflight in (0, 1)
@@ -147,9 +158,9 @@ def build(
     B_BYTES = BN * BK * 2
     STAGE_BYTES = A_BYTES + B_BYTES
     SMEM_BYTES = stages * STAGE_BYTES + 1024  # + 1 KiB slack to round the base up to 1024 B
-    A_CHUNKS = BM * BK // 8 // NT  # 16-byte cp.async per thread per k tile for A
-    B_CHUNKS = BN * BK // 8 // NT
-    assert A_CHUNKS * NT * 8 == BM * BK and B_CHUNKS * NT * 8 == BN * BK
+    A_CHUNKS = BM * BK // 8 // LT  # 16-byte cp.async per loading thread per k tile for A
+    B_CHUNKS = BN * BK // 8 // LT
+    assert A_CHUNKS * LT * 8 == BM * BK and B_CHUNKS * LT * 8 == BN * BK
     if quant is None:
         B_SHAPE, B_DTYPE, S_SHAPE = (N, K), "float16", (1,)
         decode = None
@@ -168,6 +179,7 @@ def build(
     PREFETCH = QUANT and bool(qprefetch)
     DEPTH = max(1, qprefetch if QUANT else 1)  # register copies of the words: tiles fetched ahead
     assert KT % DEPTH == 0, "qprefetch=2 needs an even number of k tiles"
+    assert not ws or KT >= stages, "ws: at least `stages` k tiles"
     QV = qvec if QUANT else 1  # consecutive words of one row a thread loads (and decodes) together
     assert QV in (1, 2, 4, 8) and B_CHUNKS % QV == 0, (QV, B_CHUNKS)
     QROWS = B_CHUNKS // QV  # rows of one register copy: [row, word] -> the format decode's (n, c)
@@ -214,10 +226,10 @@ def build(
         the fence.proxy.async before the next barrier orders for wgmma)."""
         for j in T.unroll(A_CHUNKS):
             T.ptx.cp.async_.cg.shared.global_(
-                base + T.cast(st * STAGE_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BM), "uint32"),
-                A.ptr_to([bm * BM + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
+                base + T.cast(st * STAGE_BYTES + smem_off((j * LT + tx) // 8, (j * LT + tx) % 8, BM), "uint32"),
+                A.ptr_to([bm * BM + (j * LT + tx) // 8, t * BK + ((j * LT + tx) % 8) * 8]), 16)
         if QUANT:
-            # unit u = jj * NT + tx: QV consecutive words (chunks c0 .. c0+QV-1) of B tile row u // (8 // QV)
+            # unit u = jj * LT + tx: QV consecutive words (chunks c0 .. c0+QV-1) of B tile row u // (8 // QV)
             for jj in T.unroll(B_CHUNKS // QV):
                 for v in T.unroll(QV):
                     if INTRIN is not None:  # the format's intrinsic: word, scale -> 8 fp16 in wdec
@@ -228,14 +240,14 @@ def build(
                             wdec[e] = decode(qreg, sreg, slot * QROWS + jj, v, e)
                     else:
                         for e in T.unroll(8):
-                            wdec[e] = decode(B, S, bn * BN + (jj * NT + tx) // (8 // QV), t * 8 + ((jj * NT + tx) % (8 // QV)) * QV + v, e)
+                            wdec[e] = decode(B, S, bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v, e)
                     for e in T.vectorized(8):
-                        smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * NT + tx) // (8 // QV), ((jj * NT + tx) % (8 // QV)) * QV + v, BN)) // 2 + e] = wdec[e]
+                        smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * LT + tx) // (8 // QV), ((jj * LT + tx) % (8 // QV)) * QV + v, BN)) // 2 + e] = wdec[e]
         if not QUANT:
             for j in T.unroll(B_CHUNKS):
                 T.ptx.cp.async_.cg.shared.global_(
-                    base + T.cast(st * STAGE_BYTES + A_BYTES + smem_off((j * NT + tx) // 8, (j * NT + tx) % 8, BN), "uint32"),
-                    B.ptr_to([bn * BN + (j * NT + tx) // 8, t * BK + ((j * NT + tx) % 8) * 8]), 16)
+                    base + T.cast(st * STAGE_BYTES + A_BYTES + smem_off((j * LT + tx) // 8, (j * LT + tx) % 8, BN), "uint32"),
+                    B.ptr_to([bn * BN + (j * LT + tx) // 8, t * BK + ((j * LT + tx) % 8) * 8]), 16)
 
     @T.macro
     def fetch_words(t, slot, B, S, qreg, sreg, tx, bn):
@@ -243,8 +255,8 @@ def build(
         tiles later)."""
         for jj in T.unroll(B_CHUNKS // QV):
             for v in T.vectorized(QV):  # one 4 * QV-byte load
-                qreg[slot * QROWS + jj, v] = B[bn * BN + (jj * NT + tx) // (8 // QV), t * 8 + ((jj * NT + tx) % (8 // QV)) * QV + v]
-            sreg[slot * QROWS + jj, 0] = S[bn * BN + (jj * NT + tx) // (8 // QV), (t * 8 + ((jj * NT + tx) % (8 // QV)) * QV) // S_WORDS]
+                qreg[slot * QROWS + jj, v] = B[bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v]
+            sreg[slot * QROWS + jj, 0] = S[bn * BN + (jj * LT + tx) // (8 // QV), (t * 8 + ((jj * LT + tx) % (8 // QV)) * QV) // S_WORDS]
 
     @T.prim_func
     def gemm(A: T.Buffer((M, K), "float16"),
@@ -335,8 +347,85 @@ def build(
             for e in T.vectorized(2):
                 C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
                   bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
+
+    @T.prim_func
+    def gemm_ws(A: T.Buffer((M, K), "float16"),
+                B: T.Buffer(B_SHAPE, B_DTYPE),
+                S: T.Buffer(S_SHAPE, "float16"),
+                C: T.Buffer((M, N), out_dtype)):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        bm = T.launch_thread("blockIdx.x", M // BM)
+        bn = T.launch_thread("blockIdx.y", N // BN)
+        tx = T.launch_thread("threadIdx.x", NT_ALL)
+        smem = T.alloc_buffer((SMEM_BYTES // 2,), "float16", scope="shared.dyn")
+        acc = T.alloc_buffer((ACC,), "float32", scope="local")
+        descA = T.alloc_buffer((1,), "uint64", scope="local")
+        descB = T.alloc_buffer((1,), "uint64", scope="local")
+        wdec = T.alloc_buffer((8,), "float16", scope="local")
+        qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
+        sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
+
+        raw = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
+        pad = T.bitwise_and(T.uint32(1024) - T.bitwise_and(raw, T.uint32(1023)), T.uint32(1023))
+        base = raw + pad
+        pad_elems = T.cast(pad, "int32") // 2
+        with T.attr(0, "pragma_import_c", IMPORT_C):  # the decode intrinsic's source, if any
+            if tx < 128:
+                # ---- producer warpgroup: tile kt -> stage kt % stages once EMPTY; FULL LAG tiles later ----
+                if PREFETCH:
+                    for d in T.unroll(DEPTH):
+                        fetch_words(d, d, B, S, qreg, sreg, tx, bn)
+                for kt2 in range(KT // DEPTH):
+                    for par in T.unroll(DEPTH):
+                        kt = kt2 * DEPTH + par
+                        if kt >= stages:  # consumers are done with tile kt - stages
+                            T.ptx.bar.sync(T.uint32(1 + stages + kt % stages), T.uint32(NT_ALL))
+                        load_tile(kt, kt % stages, par, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+                        if PREFETCH:  # into the copy just decoded: tile kt + DEPTH
+                            if kt + DEPTH < KT:
+                                fetch_words(kt + DEPTH, par, B, S, qreg, sreg, tx, bn)
+                        T.ptx.cp.async_.commit_group()
+                        if kt >= LAG:  # tile kt - LAG's A has landed (its B stores are this thread's own)
+                            T.ptx.cp.async_.wait_group(LAG)
+                            T.ptx.fence.proxy.async_.shared__cta()
+                            T.ptx.bar.arrive(T.uint32(1 + (kt - LAG) % stages), T.uint32(NT_ALL))
+                T.ptx.cp.async_.wait_group(0)
+                T.ptx.fence.proxy.async_.shared__cta()
+                for d in T.unroll(LAG):
+                    T.ptx.bar.arrive(T.uint32(1 + (KT - LAG + d) % stages), T.uint32(NT_ALL))
+            else:
+                # ---- consumer warpgroups: wgmma on FULL stages, EMPTY once the group has retired ----
+                wg = tx // 128 - 1
+                warp = (tx % 128) // 32
+                lane = tx % 32
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descA[0]), smem.ptr_to([pad_elems]),
+                                                      LBO_A, SBO_A, sw_code)
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descB[0]), smem.ptr_to([pad_elems]),
+                                                      LBO_B, SBO_B, sw_code)
+                for i in T.unroll(ACC):
+                    acc[i] = T.float32(0)
+                for kt in range(KT):
+                    stage = kt % stages
+                    T.ptx.bar.sync(T.uint32(1 + stage), T.uint32(NT_ALL))
+                    T.ptx.wgmma.fence.sync.aligned()
+                    for kk in T.unroll(BK // 16):
+                        T.ptx[mma_chain](
+                            *[acc[i] for i in range(ACC)],
+                            descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
+                            descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
+                            True, 1, 1, 0, 0)
+                    T.ptx.wgmma.commit_group.sync.aligned()
+                    T.ptx.wgmma.wait_group.sync.aligned(1)  # tile kt - 1's group has retired
+                    if kt >= 1:  # (only for the tiles whose stage the producer waits to refill)
+                        if kt - 1 + stages < KT:
+                            T.ptx.bar.arrive(T.uint32(1 + stages + (kt - 1) % stages), T.uint32(NT_ALL))
+                T.ptx.wgmma.wait_group.sync.aligned(0)
+                for j in T.unroll(ACC // 2):
+                    for e in T.vectorized(2):
+                        C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
+                          bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
     # fmt: on
-    return gemm
+    return gemm_ws if ws else gemm
 
 
 # ----------------------------------------------------------------------------------------
@@ -447,6 +536,9 @@ QSWEEP = [
     dict(qprefetch=2, qvec=4),
     dict(BN=128, qprefetch=2, qvec=4),
     dict(BN=128, stages=3, wg_inflight=0, qprefetch=2, qvec=4),
+    dict(ws=1),  # a producer warpgroup decodes; the two others only issue wgmma
+    dict(ws=1, qprefetch=2, qvec=4),
+    dict(ws=1, BN=128, qprefetch=2, qvec=4),
 ]
 
 
@@ -468,6 +560,8 @@ def parse_args(argv=None):
     ap.add_argument("--quant", default=None, help="a qcompile group-wise format (int4-g128): B decoded in the kernel")
     ap.add_argument("--qintrin", type=int, default=0, choices=(0, 1),
                     help="quant: decode with the format's CUDA decode intrinsic (1) or its TIR decode (0)")
+    ap.add_argument("--ws", type=int, default=0, choices=(0, 1),
+                    help="warp-specialised: a producer warpgroup loads/decodes, the others only issue wgmma")
     ap.add_argument("--qvec", type=int, default=1, choices=(1, 2, 4, 8), help="quant: words a thread loads at once")
     ap.add_argument("--qprefetch", type=int, default=1, choices=(0, 1, 2),
                     help="quant: load the words into registers d = 1, 2 k tiles ahead, or where decoded (0)")
@@ -486,6 +580,7 @@ def cfg_kwargs(args):
         qprefetch=args.qprefetch,
         qintrin=args.qintrin,
         qvec=args.qvec,
+        ws=args.ws,
     )
 
 
@@ -621,7 +716,7 @@ def check(args):
     cfgs = [kw]
     if args.sweep:
         overrides = ([dict(BN=bn, NWG=nwg, stages=st, wg_inflight=wi) for (bn, nwg, st, wi) in SWEEP]
-                     if kw["quant"] is None else QSWEEP)
+                     if kw["quant"] is None else [o for o in QSWEEP if o.get("ws", 0) == kw["ws"]])
         for o in overrides:
             c = dict(kw, **o)
             if c not in cfgs:
