@@ -1,0 +1,558 @@
+"""Hopper wgmma GEMM with the weight decoded into its shared-memory B staging: M >= 128's route in the making.
+
+    Y[M, N] = X[M, K] @ W[N, K]^T, X and Y fp16 (fp32 accumulation), W a group-wise format's packed words
+    and scales, decoded in the kernel by the format's own TIR decode or CUDA decode intrinsic, or fp16.
+
+A TensorIR PrimFunc that issues ``wgmma.mma_async`` (both operands in 128-byte-swizzled shared memory,
+through matrix descriptors) from TVM 0.27's ptx dialect: an S-stage cp.async ring, NWG warpgroups of 64
+rows each, and optionally a producer warpgroup that loads and decodes while the others only issue wgmma
+(``WgmmaConfig.warp_specialized``). It needs sm_90a (``WGMMA_ARCH``). Its config is the search space a
+tuner varies (tile width, stages, prefetch depth of the words, their vector width, the decode intrinsic,
+warp specialisation).
+
+Not in the runtime's dispatch yet: on the H100 (M=1024, 70B MLP shapes, ``tests/gpu/wgmma_probe.py
+--check``) its fp16 form reached 87 / 92 % of cuBLAS (BN=256, 4 stages) and the int4-g128 form 63 / 66 %
+(BN=256, 4 stages, words prefetched a k tile ahead, the decode intrinsic), below decode + cuBLAS's
+75-84 %; the deeper prefetch, 16-byte word loads and the warp-specialised form are not timed yet.
+
+Layout notes (what the descriptors and the address arithmetic below assume):
+
+    C[M, N] = A[M, K] @ B[N, K]^T
+    A: fp16, row-major (K contiguous)          -- activations
+    B: fp16, N rows, K contiguous              -- PyTorch nn.Linear weight layout
+    C: fp16 (default) or fp32, row-major; accumulation is always fp32.
+
+Usage
+    python3 wgmma_probe.py                # build for sm_90a on a CPU box, print wgmma lines,
+                                          # ptxas -v resource usage (registers / spills / smem)
+    python3 wgmma_probe.py --check        # on an H100: correctness vs torch + TFLOPS vs cuBLAS
+    options: --bn 128|256  --stages S  --wg-inflight 0|1  --swizzle 128|0  --out f16|f32
+
+Kernel structure (one CTA = NWG warpgroups = 128*NWG threads, tile BM x BN x BK, BK = 64):
+
+  * every warpgroup g owns rows [64*g, 64*g+64) of the CTA's M tile and all BN columns; per
+    k16 step it issues one `wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.f16.f16` with both A
+    and B read from shared memory through 64-bit matrix descriptors ("ss" form).
+  * global -> shared with `cp.async.cg.shared.global` (16 B per instruction), S-stage ring
+    buffer, `cp.async.commit_group` / `cp.async.wait_group` bookkeeping, one __syncthreads per
+    k tile. No TMA, no mbarriers, no warp specialisation: every thread both loads and computes.
+
+Shared-memory layout (swizzle=128, the default) -- the canonical K-major SW128 atom that
+CUTLASS calls  Swizzle<3,4,3> o ((8,m),(8,2)):((8,SBO),(1,T))  (T = 8 fp16 = 16 bytes):
+
+  A tile (BM x 64 fp16) and B tile (BN x 64 fp16) are each stored row by row, one 128-byte
+  row per M (resp. N) index -- 64 fp16 of K = exactly the 128-byte swizzle width. Inside each
+  row, the 16-byte chunk c (= K elements 8c .. 8c+7) is stored at chunk slot c ^ (row % 8):
+
+        byte_offset(row, k) = row * 128 + (((k // 8) ^ (row % 8)) * 16) + (k % 8) * 2
+
+  i.e. address bits [4,7) are XORed with bits [7,10). Eight rows form a 1024-byte "swizzle
+  atom"; atoms are stacked densely along M/N, so the stride between 8-row groups is 1024 B.
+  The hardware applies the XOR on the *absolute* shared address bits, so every tile base
+  must be 1024-byte aligned (the descriptor's base_offset field stays 0). The dynamic smem
+  buffer is over-allocated by 1 KiB and the base is rounded up at run time.
+
+  Descriptor fields (PTX ISA "Matrix Descriptor Format", bit layout = cute::GmmaDescriptor):
+      start_address  bits [0,14)  = (smem_addr >> 4)
+      LBO            bits [16,30) = 1       (ignored for swizzled K-major layouts; CUTLASS writes 1)
+      SBO            bits [32,46) = 1024>>4 = 64   (distance between consecutive 8-row groups)
+      base_offset    bits [49,52) = 0
+      layout_type    bits [62,64) = 1 (SWIZZLE_128B)   [0 = interleave/none, 2 = 64B, 3 = 32B]
+  T.cuda.wgmma.encode_matrix_descriptor(&d, ptr, ldo, sdo, swizzle) fills exactly these;
+  its `swizzle` argument is 0 none, 1 32B, 2 64B, 3 128B and ldo/sdo are passed already in
+  16-byte units (they are stored into the bitfields verbatim).
+
+  Sub-tile addressing: the descriptor start address is the *unswizzled* logical address of
+  element (row0, k0): moving 16 K elements (one k16 step) inside the 128-byte atom adds
+  32 bytes (= +2 in the descriptor's low field), moving 64 rows (the next warpgroup's A rows)
+  adds 64*128 = 8192 bytes (+512), moving one pipeline stage adds the stage size. Because
+  the start address lives in the low 14 bits and never overflows them (smem < 256 KiB), we
+  encode one descriptor for the aligned smem base and add (byte_offset >> 4) to it.
+
+  swizzle=0 ("interleave", no swizzle) is provided as a fallback: 8x16-byte core matrices,
+        byte_offset(row, k) = ((k // 8) * (R // 8) + row // 8) * 128 + (row % 8) * 16 + (k % 8) * 2
+  (R = rows of the tile), LBO = (R//8)*128 bytes (next core matrix along K),
+  SBO = 128 bytes (next 8-row group). It needs no alignment beyond 16 B but has 8-way bank
+  conflicts on the cp.async stores.
+
+Accumulator fragment (PTX ISA "wgmma .m64nNk16 register fragment D", = CUTLASS
+CLayout_64xN): thread t of the warpgroup holds N/2 fp32 values d[0 .. N/2-1]:
+        warp = t // 32, lane = t % 32
+        row(i) = 16*warp + lane//4 + 8*((i//2) % 2)
+        col(i) = 8*(i//4) + 2*(lane % 4) + (i % 2)
+i.e. the m16n8 mma.sync C layout, one 16-row slab per warp, repeated N/8 times along N.
+"""
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from ..errors import QCompileError
+
+WGMMA_ARCH = "sm_90a"  # wgmma does not assemble for plain sm_90
+SMEM_LIMIT = 232448  # dynamic shared memory a block may opt into on sm_90 (227 KiB)
+SW128 = 128
+SW_NONE = 0
+BK = 64  # the K tile: one 128-byte swizzle row of fp16
+
+
+@dataclass(frozen=True)
+class WgmmaConfig:
+    """One point of the kernel's space (see ``_build`` for what each knob does)."""
+
+    bn: int = 128  # the CTA's N tile = the wgmma N
+    warpgroups: int = 2  # MMA warpgroups, 64 rows of the M tile each
+    stages: int = 4  # shared-memory ring depth
+    wg_inflight: int = 1  # wgmma groups left in flight across k tiles
+    swizzle: int = SW128
+    prefetch: int = 1  # k tiles ahead the packed words are loaded into registers (0: where decoded)
+    word_vec: int = 1  # consecutive words of a row one thread loads at once
+    decode_intrin: bool = False  # the format's CUDA decode intrinsic instead of its TIR decode
+    warp_specialized: bool = False  # a producer warpgroup loads and decodes; the others only issue wgmma
+
+    def as_dict(self):
+        return asdict(self)
+
+
+def smem_bytes(cfg: WgmmaConfig) -> int:
+    """The ring (A and decoded B tiles of every stage) plus 1 KiB to align its base to 1024 bytes."""
+    return cfg.stages * (64 * cfg.warpgroups + cfg.bn) * BK * 2 + 1024
+
+
+def check_wgmma_config(fmt, n: int, k: int, m: int, cfg: WgmmaConfig) -> None:
+    """Raise QCompileError (one line: what is wrong, what to do) unless ``cfg`` builds for this problem."""
+    what = fmt.name if fmt is not None else "fp16"
+    bm = 64 * cfg.warpgroups
+    if cfg.warpgroups not in (1, 2):
+        raise QCompileError(f"wgmma {what}: warpgroups={cfg.warpgroups}; use 1 or 2")
+    if cfg.bn not in (64, 128, 192, 256):
+        raise QCompileError(f"wgmma {what}: bn={cfg.bn}; use 64, 128, 192 or 256")
+    if m % bm or n % cfg.bn or k % BK:
+        raise QCompileError(f"wgmma {what}: M={m}, N={n}, K={k} must be multiples of {bm}, {cfg.bn} and {BK}; "
+                            "pad the problem or pick another tile")
+    if cfg.wg_inflight not in (0, 1) or cfg.stages < 2 + cfg.wg_inflight:
+        raise QCompileError(f"wgmma {what}: stages={cfg.stages} with wg_inflight={cfg.wg_inflight}; "
+                            "stages must be at least 2 + wg_inflight (wg_inflight 0 or 1)")
+    if 1 + 2 * cfg.stages > 16:
+        raise QCompileError(f"wgmma {what}: stages={cfg.stages} needs more than 16 named barriers; use at most 7")
+    if smem_bytes(cfg) > SMEM_LIMIT:
+        raise QCompileError(f"wgmma {what}: {smem_bytes(cfg)} bytes of shared memory exceed {SMEM_LIMIT}; "
+                            "use fewer stages or a narrower bn")
+    if cfg.swizzle not in (SW128, SW_NONE):
+        raise QCompileError(f"wgmma {what}: swizzle={cfg.swizzle}; use 128 or 0")
+    if cfg.warp_specialized and (cfg.stages < 3 or cfg.wg_inflight != 1 or k // BK < cfg.stages):
+        raise QCompileError(f"wgmma {what}: the warp-specialised kernel needs stages >= 3, wg_inflight=1 and "
+                            f"at least `stages` k tiles (K={k})")
+    loaders = 128 if cfg.warp_specialized else 128 * cfg.warpgroups
+    if (bm * BK // 8) % loaders or (cfg.bn * BK // 8) % loaders:
+        raise QCompileError(f"wgmma {what}: bn={cfg.bn} does not split into 16-byte chunks over {loaders} threads")
+    if fmt is None:
+        return
+    specs = fmt.tensor_specs(n, k)
+    if set(specs) != {"qweight", "scales"} or fmt.decode_unit != 8:
+        raise QCompileError(f"wgmma: format {fmt.name} is not supported yet (group-wise formats with 8 weights "
+                            "a word only, e.g. int4-g128)")
+    if cfg.prefetch not in (0, 1, 2) or (k // BK) % max(1, cfg.prefetch):
+        raise QCompileError(f"wgmma {what}: prefetch={cfg.prefetch} with {k // BK} k tiles; use 0, 1, or 2 with "
+                            "an even tile count")
+    words = cfg.bn * BK // 8 // loaders
+    if cfg.word_vec not in (1, 2, 4, 8) or words % cfg.word_vec:
+        raise QCompileError(f"wgmma {what}: word_vec={cfg.word_vec} does not divide the {words} words a thread "
+                            "loads a k tile; use 1, 2 or 4")
+    if cfg.decode_intrin and (not cfg.prefetch or fmt.decode_intrin("cuda") is None):
+        raise QCompileError(f"wgmma {what}: decode_intrin needs prefetch >= 1 and a format with a CUDA decode "
+                            "intrinsic")
+
+
+def wgmma_gemm_func(fmt, n: int, k: int, m: int, cfg: Optional[WgmmaConfig] = None,
+                    out_dtype: str = "float16", name: str = "wgmma_gemm"):
+    """The PrimFunc (X [m, k] fp16, B, S, Y [m, n]) of ``cfg`` for ``fmt`` (None: B is the fp16 weight
+    [n, k] and S a 1-element placeholder; a format: B, S its qweight and scales). Compile for
+    ``WGMMA_ARCH``."""
+    cfg = cfg or WgmmaConfig()
+    check_wgmma_config(fmt, n, k, m, cfg)
+    return _build(m, n, k, BN=cfg.bn, NWG=cfg.warpgroups, stages=cfg.stages, wg_inflight=cfg.wg_inflight,
+                  swizzle=cfg.swizzle, out_dtype=out_dtype, name=name, quant=fmt, qprefetch=cfg.prefetch,
+                  qintrin=int(cfg.decode_intrin), qvec=cfg.word_vec, ws=int(cfg.warp_specialized))
+
+
+def _build(
+    M,
+    N,
+    K,
+    BN=128,
+    NWG=2,
+    stages=4,
+    wg_inflight=1,
+    swizzle=SW128,
+    out_dtype="float16",
+    name="wgmma_gemm",
+    quant=None,
+    qprefetch=1,
+    qintrin=0,
+    qvec=1,
+    ws=0,
+):
+    """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma.
+
+    M, N, K : static problem sizes (M % BM == 0, N % BN == 0, K % 64 == 0 required).
+    BN      : CTA tile along N = the wgmma N (8..256, multiple of 8; 128 or 256 sensible).
+    NWG     : warpgroups per CTA; BM = 64 * NWG.
+    stages  : shared-memory ring depth S (>= 2 + wg_inflight).
+    wg_inflight : number of wgmma groups allowed in flight across k tiles (0 or 1).
+                  The cp.async prefetch distance is P = S - 1 - wg_inflight tiles.
+    swizzle : 128 (SW128 K-major atom) or 0 (interleave, no swizzle).
+    quant   : None (B is fp16 [N, K], copied by cp.async) or a group-wise format object (int4-g128):
+              B is then the format's packed words and S its scales, and the threads decode each
+              k tile's B into the same swizzled stage with the format's own TIR decode
+              (``tir_decode_unit``), K/8 words a row, while the previous tile's wgmma runs.
+    qprefetch : quant only. 0 = each thread loads tile t's words from global memory right where it
+              decodes them (the load latency is exposed once per k tile: 39-40 % of cuBLAS at BN=128 on
+              the H100); d = 1, 2: the words (and scales) of tile t+d are loaded into register copy
+              t % d right after tile t's decode, so they have d k tiles of wgmma to land (47 % with 1).
+    qvec    : quant: words a thread loads from one row at once (1 or 4: one 16-byte load and one scale
+              for four words; the decode's shared stores stay 16-byte chunks of the swizzled row).
+    qintrin : quant with qprefetch only. 1 = each word decoded by the format's CUDA decode intrinsic
+              (``fmt.decode_intrin``: int4's LOP3 + HSUB2 + HMUL2, bit-identical to its TIR decode); 0 =
+              element by element with ``tir_decode_unit``.
+    ws      : 1 = warp-specialised: one more warpgroup (the producer) issues the cp.async of A and decodes
+              B (quant) into the ring while the NWG consumer warpgroups only issue wgmma; named barriers
+              FULL[s] (1 + s) and EMPTY[s] (1 + stages + s) hand each stage over, with no CTA-wide barrier.
+              The producer runs stages - 2 tiles ahead of the FULL signal it gives, so its cp.async
+              latency is hidden too.
+    """
+    from tvm.script import tirx as T  # (the TVMScript below resolves T through this closure)
+
+    BK = 64
+    BM = 64 * NWG
+    NT = 128 * NWG  # the MMA warpgroups' threads
+    LT = 128 if ws else NT  # the threads that load (and decode) a tile: the producer warpgroup, or all
+    NT_ALL = NT + 128 if ws else NT
+    LAG = stages - 2  # ws: the producer signals tile t FULL when it issues tile t + LAG
+    assert not ws or (stages >= 3 and wg_inflight == 1), "ws needs stages >= 3 (and one wgmma group in flight)"
+    assert 1 + 2 * stages <= 16, "named barriers: 16 a CTA"
+    assert M % BM == 0 and N % BN == 0 and K % BK == 0, (M, N, K, BM, BN, BK)
+    assert BN % 8 == 0 and 8 <= BN <= 256
+    assert wg_inflight in (0, 1)
+    P = stages - 1 - wg_inflight  # prefetch distance in k tiles
+    assert P >= 1, "need stages >= 2 + wg_inflight"
+    assert swizzle in (SW128, SW_NONE)
+    KT = K // BK
+    ACC = BN // 2  # fp32 accumulator registers per thread (m64nBNk16: 64*BN/128)
+
+    A_BYTES = BM * BK * 2  # one stage of A
+    B_BYTES = BN * BK * 2
+    STAGE_BYTES = A_BYTES + B_BYTES
+    SMEM_BYTES = stages * STAGE_BYTES + 1024  # + 1 KiB slack to round the base up to 1024 B
+    A_CHUNKS = BM * BK // 8 // LT  # 16-byte cp.async per loading thread per k tile for A
+    B_CHUNKS = BN * BK // 8 // LT
+    assert A_CHUNKS * LT * 8 == BM * BK and B_CHUNKS * LT * 8 == BN * BK
+    if quant is None:
+        B_SHAPE, B_DTYPE, S_SHAPE = (N, K), "float16", (1,)
+        decode = None
+    else:
+        fmt = quant
+        specs = fmt.tensor_specs(N, K)
+        assert set(specs) == {"qweight", "scales"} and fmt.decode_unit == 8, f"{quant.name}: a group-wise int format"
+        B_SHAPE, B_DTYPE = specs["qweight"].shape, specs["qweight"].dtype
+        S_SHAPE = specs["scales"].shape
+
+        def decode(Q, Sc, n, c, j):  # element j of word (n, c): the format's TIR decode
+            return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
+    QUANT = quant is not None
+    PREFETCH = QUANT and bool(qprefetch)
+    DEPTH = max(1, qprefetch if QUANT else 1)  # register copies of the words: tiles fetched ahead
+    assert KT % DEPTH == 0, "qprefetch=2 needs an even number of k tiles"
+    assert not ws or KT >= stages, "ws: at least `stages` k tiles"
+    QV = qvec if QUANT else 1  # consecutive words of one row a thread loads (and decodes) together
+    assert QV in (1, 2, 4, 8) and B_CHUNKS % QV == 0, (QV, B_CHUNKS)
+    QROWS = B_CHUNKS // QV  # rows of one register copy: [row, word] -> the format decode's (n, c)
+    INTRIN = None  # (function name, CUDA source) of the format's decode intrinsic
+    if PREFETCH and qintrin:
+        INTRIN = fmt.decode_intrin("cuda")
+        assert INTRIN is not None, f"{quant.name}: no CUDA decode intrinsic"
+        INTRIN = (INTRIN[1].split("__device__ __forceinline__ int ")[1].split("(")[0], INTRIN[1])
+    IMPORT_C = INTRIN[1] if INTRIN is not None else ""
+    # words per scale (int4-g128: 16); the register copy is indexed (chunk, 0), which the format's
+    # decode reads as word (chunk, 0) and scale (chunk, 0 // S_WORDS)
+    S_WORDS = (K // 8) // S_SHAPE[1] if QUANT else 1
+
+    if swizzle == SW128:
+        sw_code = 3  # T.cuda.wgmma.encode_matrix_descriptor: 3 = 128B swizzle
+        LBO_A = LBO_B = 1  # unused for swizzled K-major
+        SBO_A = SBO_B = 1024 >> 4  # 8 rows x 128 B
+        KSTEP_A = KSTEP_B = 32  # bytes per k16 step inside the atom
+        WG_A = 64 * 128  # bytes between warpgroup row slabs of A
+    else:
+        sw_code = 0
+        LBO_A = (BM // 8) * 128 >> 4  # next core matrix along K
+        LBO_B = (BN // 8) * 128 >> 4
+        SBO_A = SBO_B = 128 >> 4  # next 8-row group
+        KSTEP_A = 2 * (BM // 8) * 128  # 16 K elements = 2 core matrices along K
+        KSTEP_B = 2 * (BN // 8) * 128
+        WG_A = 8 * 128  # 64 rows = 8 core-matrix rows
+    # A and B get separate descriptors because LBO differs between them in interleave mode.
+
+    def smem_off(row, chunk, rows):
+        """Byte offset of 16-byte chunk `chunk` (K elements 8*chunk..) of tile row `row`."""
+        if swizzle == SW128:
+            return row * 128 + T.bitwise_xor(chunk, row % 8) * 16
+        return (chunk * (rows // 8) + row // 8) * 128 + (row % 8) * 16
+
+    mma_chain = f"wgmma.mma_async.sync.aligned.m64n{BN}k16.f32.f16.f16"
+
+    # fmt: off
+    @T.macro
+    def load_tile(t, st, slot, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn):
+        """Tile t of A and B into stage st: A by cp.async; B by cp.async (fp16) or decoded by the threads
+        (quant: word (row, chunk) of tile t -> 8 fp16 -> one 16-byte chunk; plain shared stores, which
+        the fence.proxy.async before the next barrier orders for wgmma)."""
+        for j in T.unroll(A_CHUNKS):
+            T.ptx.cp.async_.cg.shared.global_(
+                base + T.cast(st * STAGE_BYTES + smem_off((j * LT + tx) // 8, (j * LT + tx) % 8, BM), "uint32"),
+                A.ptr_to([bm * BM + (j * LT + tx) // 8, t * BK + ((j * LT + tx) % 8) * 8]), 16)
+        if QUANT:
+            # unit u = jj * LT + tx: QV consecutive words (chunks c0 .. c0+QV-1) of B tile row u // (8 // QV)
+            for jj in T.unroll(B_CHUNKS // QV):
+                for v in T.unroll(QV):
+                    if INTRIN is not None:  # the format's intrinsic: word, scale -> 8 fp16 in wdec
+                        T.evaluate(T.call_extern("int32", INTRIN[0], qreg.ptr_to([slot * QROWS + jj, v]),
+                                                 sreg.ptr_to([slot * QROWS + jj, 0]), wdec.ptr_to([0])))
+                    elif PREFETCH:  # tile t's words are in qreg/sreg since qprefetch k tiles ago
+                        for e in T.unroll(8):
+                            wdec[e] = decode(qreg, sreg, slot * QROWS + jj, v, e)
+                    else:
+                        for e in T.unroll(8):
+                            wdec[e] = decode(B, S, bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v, e)
+                    for e in T.vectorized(8):
+                        smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * LT + tx) // (8 // QV), ((jj * LT + tx) % (8 // QV)) * QV + v, BN)) // 2 + e] = wdec[e]
+        if not QUANT:
+            for j in T.unroll(B_CHUNKS):
+                T.ptx.cp.async_.cg.shared.global_(
+                    base + T.cast(st * STAGE_BYTES + A_BYTES + smem_off((j * LT + tx) // 8, (j * LT + tx) % 8, BN), "uint32"),
+                    B.ptr_to([bn * BN + (j * LT + tx) // 8, t * BK + ((j * LT + tx) % 8) * 8]), 16)
+
+    @T.macro
+    def fetch_words(t, slot, B, S, qreg, sreg, tx, bn):
+        """qprefetch: tile t's packed words and their scales -> register copy ``slot`` (used qprefetch k
+        tiles later)."""
+        for jj in T.unroll(B_CHUNKS // QV):
+            for v in T.vectorized(QV):  # one 4 * QV-byte load
+                qreg[slot * QROWS + jj, v] = B[bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v]
+            sreg[slot * QROWS + jj, 0] = S[bn * BN + (jj * LT + tx) // (8 // QV), (t * 8 + ((jj * LT + tx) % (8 // QV)) * QV) // S_WORDS]
+
+    @T.prim_func
+    def gemm(A: T.Buffer((M, K), "float16"),
+             B: T.Buffer(B_SHAPE, B_DTYPE),
+             S: T.Buffer(S_SHAPE, "float16"),
+             C: T.Buffer((M, N), out_dtype)):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        bm = T.launch_thread("blockIdx.x", M // BM)   # M tiles fastest: CTAs sharing a B tile run together
+        bn = T.launch_thread("blockIdx.y", N // BN)
+        tx = T.launch_thread("threadIdx.x", NT)
+        smem = T.alloc_buffer((SMEM_BYTES // 2,), "float16", scope="shared.dyn")
+        acc = T.alloc_buffer((ACC,), "float32", scope="local")
+        descA = T.alloc_buffer((1,), "uint64", scope="local")
+        descB = T.alloc_buffer((1,), "uint64", scope="local")
+        wdec = T.alloc_buffer((8,), "float16", scope="local")
+        qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
+        sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
+
+        wg = tx // 128
+        warp = (tx % 128) // 32
+        lane = tx % 32
+        # 1024-byte aligned base of the ring buffer, as a shared-window address.
+        raw = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
+        pad = T.bitwise_and(T.uint32(1024) - T.bitwise_and(raw, T.uint32(1023)), T.uint32(1023))
+        base = raw + pad
+        pad_elems = T.cast(pad, "int32") // 2
+        # One descriptor per operand, for the aligned base; sub-tiles add (offset >> 4).
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descA[0]), smem.ptr_to([pad_elems]),
+                                              LBO_A, SBO_A, sw_code)
+        T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descB[0]), smem.ptr_to([pad_elems]),
+                                              LBO_B, SBO_B, sw_code)
+
+        with T.attr(0, "pragma_import_c", IMPORT_C):  # the decode intrinsic's source, if any
+            for i in T.unroll(ACC):
+                acc[i] = T.float32(0)
+
+        # ---- prologue: tiles 0 .. P-1 -> stages 0 .. P-1 (one commit group per tile) ----
+        for s in T.unroll(P):
+            if s < KT:
+                if PREFETCH:
+                    fetch_words(s, s % DEPTH, B, S, qreg, sreg, tx, bn)
+                load_tile(s, s, s % DEPTH, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+            T.ptx.cp.async_.commit_group()
+        if PREFETCH:
+            for d in T.unroll(DEPTH):
+                if P + d < KT:
+                    fetch_words(P + d, (P + d) % DEPTH, B, S, qreg, sreg, tx, bn)
+
+        # ---- main loop over k tiles ----
+        # (unrolled by DEPTH: tile kt+P's register copy, (par + P) % DEPTH, is a constant in each step)
+        for kt2 in range(KT // DEPTH):
+            for par in T.unroll(DEPTH):
+                kt = kt2 * DEPTH + par
+                stage = kt % stages
+                # Groups committed so far = P + kt; <= P-1 pending  =>  tile kt has landed.
+                T.ptx.cp.async_.wait_group(P - 1)
+                # cp.async writes (and the decode's shared stores) are generic-proxy writes; wgmma reads
+                # smem through the async proxy, so order them with a proxy fence before the barrier.
+                T.ptx.fence.proxy.async_.shared__cta()
+                T.cuda.cta_sync()
+                # (no register operand fence for the accumulators, as CUTLASS's warpgroup_fence_operand: TVM
+                # 0.27's T.cuda.wgmma.noop_barrier crashes CUDA codegen; ptxas still keeps the HGMMAs unserialized)
+                T.ptx.wgmma.fence.sync.aligned()
+                for kk in T.unroll(BK // 16):
+                    T.ptx[mma_chain](
+                        *[acc[i] for i in range(ACC)],
+                        descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
+                        descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
+                        True, 1, 1, 0, 0)
+                T.ptx.wgmma.commit_group.sync.aligned()
+                # Refill the stage last read by tile kt-1-wg_inflight (finished by every warpgroup:
+                # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
+                nxt = kt + P
+                if nxt < KT:
+                    load_tile(nxt, nxt % stages, (par + P) % DEPTH, A, B, S, smem, wdec, qreg, sreg, base, pad_elems,
+                              tx, bm, bn)
+                    if PREFETCH:  # into the copy just decoded: tile nxt + DEPTH, DEPTH k tiles ahead
+                        if nxt + DEPTH < KT:
+                            fetch_words(nxt + DEPTH, (par + P) % DEPTH, B, S, qreg, sreg, tx, bn)
+                T.ptx.cp.async_.commit_group()
+                T.ptx.wgmma.wait_group.sync.aligned(wg_inflight)
+
+        T.ptx.wgmma.wait_group.sync.aligned(0)
+
+        # ---- epilogue: fragment -> C (see module docstring for the mapping) ----
+        # acc[2j], acc[2j+1] are adjacent columns of one row -> one vectorized 2-wide store.
+        for j in T.unroll(ACC // 2):
+            for e in T.vectorized(2):
+                C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
+                  bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
+
+    @T.prim_func
+    def gemm_ws(A: T.Buffer((M, K), "float16"),
+                B: T.Buffer(B_SHAPE, B_DTYPE),
+                S: T.Buffer(S_SHAPE, "float16"),
+                C: T.Buffer((M, N), out_dtype)):
+        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+        bm = T.launch_thread("blockIdx.x", M // BM)
+        bn = T.launch_thread("blockIdx.y", N // BN)
+        tx = T.launch_thread("threadIdx.x", NT_ALL)
+        smem = T.alloc_buffer((SMEM_BYTES // 2,), "float16", scope="shared.dyn")
+        acc = T.alloc_buffer((ACC,), "float32", scope="local")
+        descA = T.alloc_buffer((1,), "uint64", scope="local")
+        descB = T.alloc_buffer((1,), "uint64", scope="local")
+        wdec = T.alloc_buffer((8,), "float16", scope="local")
+        qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
+        sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
+
+        raw = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
+        pad = T.bitwise_and(T.uint32(1024) - T.bitwise_and(raw, T.uint32(1023)), T.uint32(1023))
+        base = raw + pad
+        pad_elems = T.cast(pad, "int32") // 2
+        with T.attr(0, "pragma_import_c", IMPORT_C):  # the decode intrinsic's source, if any
+            if tx < 128:
+                # ---- producer warpgroup: tile kt -> stage kt % stages once EMPTY; FULL LAG tiles later ----
+                if PREFETCH:
+                    for d in T.unroll(DEPTH):
+                        fetch_words(d, d, B, S, qreg, sreg, tx, bn)
+                for kt2 in range(KT // DEPTH):
+                    for par in T.unroll(DEPTH):
+                        kt = kt2 * DEPTH + par
+                        if kt >= stages:  # consumers are done with tile kt - stages
+                            T.ptx.bar.sync(T.uint32(1 + stages + kt % stages), T.uint32(NT_ALL))
+                        load_tile(kt, kt % stages, par, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+                        if PREFETCH:  # into the copy just decoded: tile kt + DEPTH
+                            if kt + DEPTH < KT:
+                                fetch_words(kt + DEPTH, par, B, S, qreg, sreg, tx, bn)
+                        T.ptx.cp.async_.commit_group()
+                        if kt >= LAG:  # tile kt - LAG's A has landed (its B stores are this thread's own)
+                            T.ptx.cp.async_.wait_group(LAG)
+                            T.ptx.fence.proxy.async_.shared__cta()
+                            T.ptx.bar.arrive(T.uint32(1 + (kt - LAG) % stages), T.uint32(NT_ALL))
+                T.ptx.cp.async_.wait_group(0)
+                T.ptx.fence.proxy.async_.shared__cta()
+                for d in T.unroll(LAG):
+                    T.ptx.bar.arrive(T.uint32(1 + (KT - LAG + d) % stages), T.uint32(NT_ALL))
+            else:
+                # ---- consumer warpgroups: wgmma on FULL stages, EMPTY once the group has retired ----
+                wg = tx // 128 - 1
+                warp = (tx % 128) // 32
+                lane = tx % 32
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descA[0]), smem.ptr_to([pad_elems]),
+                                                      LBO_A, SBO_A, sw_code)
+                T.cuda.wgmma.encode_matrix_descriptor(T.address_of(descB[0]), smem.ptr_to([pad_elems]),
+                                                      LBO_B, SBO_B, sw_code)
+                for i in T.unroll(ACC):
+                    acc[i] = T.float32(0)
+                for kt in range(KT):
+                    stage = kt % stages
+                    T.ptx.bar.sync(T.uint32(1 + stage), T.uint32(NT_ALL))
+                    T.ptx.wgmma.fence.sync.aligned()
+                    for kk in T.unroll(BK // 16):
+                        T.ptx[mma_chain](
+                            *[acc[i] for i in range(ACC)],
+                            descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
+                            descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
+                            True, 1, 1, 0, 0)
+                    T.ptx.wgmma.commit_group.sync.aligned()
+                    T.ptx.wgmma.wait_group.sync.aligned(1)  # tile kt - 1's group has retired
+                    if kt >= 1:  # (only for the tiles whose stage the producer waits to refill)
+                        if kt - 1 + stages < KT:
+                            T.ptx.bar.arrive(T.uint32(1 + stages + (kt - 1) % stages), T.uint32(NT_ALL))
+                T.ptx.wgmma.wait_group.sync.aligned(0)
+                for j in T.unroll(ACC // 2):
+                    for e in T.vectorized(2):
+                        C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
+                          bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
+    # fmt: on
+    return gemm_ws if ws else gemm
+
+
+
+def layout_selftest() -> bool:
+    """Pure-Python consistency checks of the layout math (no GPU, no TVM).
+
+    (1) The address each cp.async writes (formula used in the TIR) equals the address the
+        wgmma descriptor makes the hardware read, according to the canonical K-major layouts
+        documented in CUTLASS (cute/atom/mma_traits_sm90_gmma.hpp, make_gmma_desc<Major::K>):
+          INTERLEAVE: ((8,m),(T,2)):((1T,SBO),(1,LBO))   [uint128 units]
+          SW128     : Swizzle<3,4,3> o ((8,m),(T,2)):((8T,SBO),(1,T))
+        for every k16 step and both warpgroup row slabs.
+    (2) The accumulator fragment map (thread, reg) -> (row, col) is a bijection onto 64 x N.
+    This checks self-consistency with the documented layouts, not the hardware itself.
+    """
+    ok = True
+    for sw in (SW128, SW_NONE):
+        for rows in (64, 128, 256):
+            def write_addr(row, k):  # what the kernel's cp.async mapping stores (bytes)
+                c = k // 8
+                if sw == SW128:
+                    return row * 128 + ((c ^ (row % 8)) * 16) + (k % 8) * 2
+                return (c * (rows // 8) + row // 8) * 128 + (row % 8) * 16 + (k % 8) * 2
+
+            for kk in range(4):
+                for slab in range(rows // 64):
+                    if sw == SW128:
+                        start = slab * 64 * 128 + kk * 32
+                        sbo = 1024
+                    else:
+                        start = slab * 8 * 128 + kk * 2 * (rows // 8) * 128
+                        sbo, lbo = 128, (rows // 8) * 128
+                    for m in range(64):
+                        for k in range(16):
+                            if sw == SW128:
+                                u = start + (m % 8) * 128 + (m // 8) * sbo + (k // 8) * 16 + (k % 8) * 2
+                                hw = u ^ (((u >> 7) & 7) << 4)  # 128B swizzle on absolute bits
+                            else:
+                                hw = start + (m % 8) * 16 + (m // 8) * sbo + (k // 8) * lbo + (k % 8) * 2
+                            if hw != write_addr(slab * 64 + m, kk * 16 + k):
+                                ok = False
+    for n in (8, 64, 128, 256):
+        seen = set()
+        for t in range(128):
+            warp, lane = t // 32, t % 32
+            for i in range(n // 2):
+                seen.add((16 * warp + lane // 4 + 8 * ((i // 2) % 2), 8 * (i // 4) + 2 * (lane % 4) + i % 2))
+        ok &= seen == {(r, c) for r in range(64) for c in range(n)}
+    return ok

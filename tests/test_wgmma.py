@@ -1,0 +1,99 @@
+"""CPU checks of qcompile.kernels.wgmma, the Hopper wgmma GEMM that M=1024 is to run on: its layout math is
+self-consistent; its fp16 and int4 variants (also warp-specialised) generate wgmma code that ptxas takes for
+sm_90a with no spills and no local-memory arrays (the register copies of prefetched words must stay
+registers); a config that cannot build is refused with one line. Its numbers come from the GPU
+(tests/gpu/wgmma_probe.py --check); nothing here times or runs it."""
+import importlib.util
+import os
+import re
+import shutil
+
+import pytest
+
+import qcompile as qc
+from qcompile.errors import QCompileError
+from qcompile.kernels.wgmma import WGMMA_ARCH, WgmmaConfig, check_wgmma_config, layout_selftest, smem_bytes, \
+    wgmma_gemm_func
+
+
+def test_layout_selftest_passes():
+    assert layout_selftest() is True
+
+
+def _cuda(func):
+    import tvm
+
+    ex = tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}),
+                     target=tvm.target.Target({"kind": "cuda", "arch": WGMMA_ARCH}))
+    return ex.mod.imports[0].inspect_source()
+
+
+CONFIGS = [
+    (None, WgmmaConfig(bn=128, stages=4)),  # fp16 B by cp.async
+    ("int4-g128", WgmmaConfig(bn=256, stages=4, prefetch=2, word_vec=4, decode_intrin=True)),
+    ("int4-g128", WgmmaConfig(bn=128, stages=3, wg_inflight=0, prefetch=0)),
+    (None, WgmmaConfig(bn=256, stages=4, warp_specialized=True)),
+    ("int4-g128", WgmmaConfig(bn=256, stages=4, prefetch=2, word_vec=4, decode_intrin=True, warp_specialized=True)),
+]
+
+
+@pytest.mark.parametrize("name,cfg", CONFIGS, ids=lambda c: c if isinstance(c, str) or c is None else
+                         "-".join(f"{k}{int(v)}" for k, v in c.as_dict().items()))
+def test_kernel_generates_wgmma_that_ptxas_takes(name, cfg):
+    fmt = qc.formats.get(name) if name else None
+    src = _cuda(wgmma_gemm_func(fmt, 512, 1024, 256, cfg))
+    # four k16 steps of one 64-row slab a k tile; the non-specialised loop is unrolled by the prefetch depth
+    steps = 4 * (max(1, cfg.prefetch) if fmt is not None and not cfg.warp_specialized else 1)
+    calls = re.findall(rf"wgmma_f16_ss_mma_async_sync_aligned_m64n{cfg.bn}k16_f32_f16_f16_\w+\(acc_ptr\[0\]", src)
+    assert len(calls) == steps
+    assert re.search(r"cp_async\w*shared_global_16\(", src)
+    if cfg.warp_specialized:  # the stage hand-over is by named barriers, not __syncthreads
+        assert "bar.sync %0, %1;" in src and "bar.arrive %0, %1;" in src and "__syncthreads" not in src
+    if cfg.decode_intrin:
+        assert "qc_decode_int4x8_f16(" in src and "lop3.b32" in src  # the format's intrinsic, its source imported
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed: the generated source was checked, ptxas not run")
+    probe = _probe()
+    ok, report, _ = probe.ptxas_report(src, WGMMA_ARCH)
+    assert ok, report[-2000:]
+    assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in report, report[-2000:]
+
+
+def _probe():
+    spec = importlib.util.spec_from_file_location("wgmma_probe", os.path.join(os.path.dirname(__file__), "gpu",
+                                                                              "wgmma_probe.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_probe_builds_the_library_kernel():
+    """The GPU harness maps its arguments onto WgmmaConfig: same kernel, same source."""
+    probe = _probe()
+    fmt = qc.formats.get("int4-g128")
+    cfg = WgmmaConfig(bn=256, prefetch=2, word_vec=4, decode_intrin=True)
+    a = probe.build(256, 512, 1024, BN=256, quant="int4-g128", qprefetch=2, qvec=4, qintrin=1)
+    assert a.script() == wgmma_gemm_func(fmt, 512, 1024, 256, cfg).script()
+
+
+@pytest.mark.parametrize("name,n,k,m,cfg,match", [
+    (None, 512, 1024, 200, WgmmaConfig(), "multiples of 128, 128 and 64"),
+    (None, 512, 1024, 256, WgmmaConfig(bn=96), "bn=96"),
+    (None, 512, 1024, 256, WgmmaConfig(stages=2), "at least 2 \\+ wg_inflight"),
+    (None, 512, 1024, 256, WgmmaConfig(bn=256, stages=5), "shared memory exceed"),
+    (None, 512, 1024, 256, WgmmaConfig(stages=3, wg_inflight=0, warp_specialized=True), "warp-specialised"),
+    ("int4-g128", 512, 1024, 256, WgmmaConfig(word_vec=8), "word_vec=8"),
+    ("int4-g128", 512, 1024, 256, WgmmaConfig(prefetch=0, decode_intrin=True), "decode_intrin needs"),
+    ("e8p-2", 512, 1024, 256, WgmmaConfig(), "not supported yet"),
+])
+def test_bad_configs_are_refused_in_one_line(name, n, k, m, cfg, match):
+    fmt = qc.formats.get(name) if name else None
+    with pytest.raises(QCompileError, match=match) as info:
+        check_wgmma_config(fmt, n, k, m, cfg)
+    assert "\n" not in str(info.value)
+
+
+def test_smem_of_the_fp16_winner_fits():
+    # BN=256, two warpgroups, 4 stages: 4 x (128 + 256) rows x 128 bytes + 1 KiB
+    assert smem_bytes(WgmmaConfig(bn=256, stages=4)) == 4 * 384 * 128 + 1024
+    check_wgmma_config(None, 28672, 8192, 1024, WgmmaConfig(bn=256, stages=4))
