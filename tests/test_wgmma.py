@@ -97,3 +97,31 @@ def test_smem_of_the_fp16_winner_fits():
     # BN=256, two warpgroups, 4 stages: 4 x (128 + 256) rows x 128 bytes + 1 KiB
     assert smem_bytes(WgmmaConfig(bn=256, stages=4)) == 4 * 384 * 128 + 1024
     check_wgmma_config(None, 28672, 8192, 1024, WgmmaConfig(bn=256, stages=4))
+
+
+def test_sweep_parses_configs_and_refuses_bad_ones(capsys):
+    from qcompile.bench.wgmma_sweep import main, parse_wgmma_config
+
+    cfg = parse_wgmma_config("bn=256,decode_intrin=1,warp_specialized=1,prefetch=2")
+    assert cfg == WgmmaConfig(bn=256, decode_intrin=True, warp_specialized=True, prefetch=2)
+    with pytest.raises(ValueError, match="not FIELD=INT"):
+        parse_wgmma_config("bn=wide")
+    with pytest.raises(ValueError, match="not FIELD=INT"):
+        parse_wgmma_config("tiles=4")
+    # a config that cannot build is refused before any GPU work, in one line
+    assert main(["--format", "int4-g128", "--shapes", "4096x4096", "--m", "1024", "--config", "bn=96"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: wgmma int4-g128: bn=96") and err.count("\n") == 1
+    assert main(["--format", "int4-g128", "--shapes", "4096x4096", "--m", "1000"]) == 2
+    assert "multiples of 128" in capsys.readouterr().err
+
+
+def test_sweep_needs_a_gpu(capsys):
+    import torch
+
+    from qcompile.bench.wgmma_sweep import main
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the sweep would run")
+    assert main(["--format", "fp16", "--shapes", "4096x4096", "--m", "1024"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -13,6 +13,8 @@
 #   bash tests/gpu/device_run.sh profile NAME PROFILE_ONE ARGS...   Nsight Compute's report of one kernel
 #        (python3 -m qcompile.bench.profile_one: e.g. --format qtip-hyb-2 --shape 28672x8192 --m 1) as
 #        text to $OUT/NAME.txt: speed of light, pipes, warp stalls, shared-memory bank conflicts
+#   bash tests/gpu/device_run.sh wgmma NAME WGMMA_SWEEP ARGS...   wgmma GEMM configs against cuBLAS fp16 and
+#        decode + cuBLAS (python3 -m qcompile.bench.wgmma_sweep; Hopper only) to $OUT/NAME.json
 #   bash tests/gpu/device_run.sh gemv NAME SWEEP ARGS...   GEMV sweep rows (python3 -m qcompile.bench.sweep) to
 #        $OUT/NAME.json
 #   bash tests/gpu/device_run.sh viterbi NAME VITERBI_SPEED ARGS...   Viterbi engines side by side
@@ -60,6 +62,9 @@ case "${1:-}" in
       --metrics l1tex__data_bank_conflicts_pipe_lsu_mem_shared_op_ld.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared_op_ld.sum,smsp__inst_executed_pipe_alu.sum,smsp__inst_executed_pipe_fma.sum,smsp__inst_executed_pipe_lsu.sum \
       python3 -m qcompile.bench.profile_one "$@" > "$out/$name.txt" 2>&1
     tail -60 "$out/$name.txt" ;;
+  wgmma)
+    name=$2; shift 2
+    python3 -u -m qcompile.bench.wgmma_sweep "$@" --out "$out/$name.json" ;;
   gemv)
     name=$2; shift 2
     python3 -m qcompile.bench.sweep "$@" --out "$out/$name.json" ;;

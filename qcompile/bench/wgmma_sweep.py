@@ -1,0 +1,192 @@
+"""Time configs of the Hopper wgmma GEMM (qcompile.kernels.wgmma) against the routes it would replace.
+
+    python3 -m qcompile.bench.wgmma_sweep --format int4-g128 --shapes 28672x8192,8192x28672 --m 1024 \
+        --config bn=256,decode_intrin=1 --config bn=256,decode_intrin=1,prefetch=2,word_vec=4 --out FILE
+
+Measured as ``qcompile bench`` measures (``bench_weight``, every method's weights rotated past the L2, CUDA
+graphs, the median), in one process: cuBLAS fp16 (``F.linear``), the runtime's large-M route (the
+decode-only kernel into an fp16 scratch, then cuBLAS), and each config, whose result is first checked
+against float64 of the format's torch decode. ``--format fp16`` times the kernel with an fp16 B (the
+tensor-core side alone). Needs a Hopper GPU (sm_90a); the kernel is not in the runtime's dispatch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from dataclasses import fields, replace
+from typing import List, Optional, Sequence
+
+REL_ERR_MAX = 1e-2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python3 -m qcompile.bench.wgmma_sweep",
+                                 description="Time wgmma GEMM configs against cuBLAS fp16 and decode + cuBLAS.")
+    ap.add_argument("--format", default="int4-g128", help="a group-wise format (int4-g128), or fp16")
+    ap.add_argument("--shapes", default="28672x8192,8192x28672", help="NxK layer shapes (out x in)")
+    ap.add_argument("--m", default="1024", help="batch sizes, multiples of the M tile (default 1024)")
+    ap.add_argument("--config", action="append", default=[], metavar="K=V,...",
+                    help="a WgmmaConfig to time, e.g. 'bn=256,decode_intrin=1,warp_specialized=1' (fields not "
+                         "given: the defaults); repeatable; none: the default config")
+    ap.add_argument("--iters", type=int, default=100, help="timed launches per measurement (default 100)")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
+    ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    return ap
+
+
+def parse_wgmma_config(text: str):
+    """'bn=256,decode_intrin=1' -> WgmmaConfig (the other fields: the defaults)."""
+    from ..kernels.wgmma import WgmmaConfig
+
+    base = WgmmaConfig()
+    kinds = {f.name: f.type for f in fields(base)}
+    values = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if key not in kinds or not value.isdigit():
+            raise ValueError(f"--config: {item.strip()!r} is not FIELD=INT with FIELD one of {', '.join(kinds)}")
+        values[key] = bool(int(value)) if kinds[key] in (bool, "bool") else int(value)
+    return replace(base, **values)
+
+
+def load_kernel(func):
+    """Build for sm_90a and load: tvm.compile, export_library, load_module (the module carries CUDA source
+    that the loader compiles for the local GPU, sm_90a on Hopper: wgmma needs the 'a')."""
+    import tvm
+
+    from ..kernels.wgmma import WGMMA_ARCH
+
+    name = func.attrs["global_symbol"]
+    ex = tvm.compile(tvm.IRModule({name: func}), target=tvm.target.Target({"kind": "cuda", "arch": WGMMA_ARCH}))
+    lib = os.path.join(tempfile.mkdtemp(prefix="qc_wgmma_"), "k.so")
+    ex.export_library(lib)
+    return tvm.runtime.load_module(lib)[name]
+
+
+def _label(cfg) -> str:
+    return ",".join(f"{k}={int(v)}" for k, v in cfg.as_dict().items())
+
+
+def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
+    import torch
+
+    from ..kernels.decode import DecodeSpec
+    from ..kernels.target import parse_target
+    from ..kernels.wgmma import check_wgmma_config, wgmma_gemm_func
+    from .baselines import RotatingWeights, cublas_fp16_method, decode_cublas_method, qcompile_method
+    from .harness import _Bench, bench_weight, build_kernels, gpu_short_name, one_line, relative_error
+    from .timing import l2_cache_bytes
+
+    log = lambda text: print(text, flush=True)  # noqa: E731
+    device = torch.device("cuda")
+    l2_bytes = l2_cache_bytes(device)
+    bench = _Bench(args.iters, args.warmup, args.timing, log)
+    gpu = gpu_short_name(torch.cuda.get_device_name(device))
+    log(f"{torch.cuda.get_device_name(device)}, format {'fp16' if fmt is None else fmt.name}")
+    rows: List[dict] = []
+    for n, k in shapes:
+        if fmt is None:
+            w16 = (torch.randn(n, k, device=device) * 0.05).to(torch.float16)
+            kernel_weights = RotatingWeights([w16, torch.zeros(1, device=device, dtype=torch.float16)], l2_bytes)
+            decode = None
+        else:
+            qw = bench_weight(fmt, n, k, device)
+            w16 = fmt.decode_fp16(qw)
+            kernel_weights = RotatingWeights([qw.tensors[t] for t in fmt.tensor_specs(n, k)], l2_bytes)
+            executable, failures = build_kernels([DecodeSpec(fmt.name, n, k)], parse_target("auto"), log)
+            decode = None if executable is None else executable[DecodeSpec(fmt.name, n, k).name]
+            for spec, err in failures.items():
+                log(f"warning: no decode kernel {spec.name}: {err}")
+        fp16_weights = RotatingWeights([w16], l2_bytes)
+        w64_t = w16.to(torch.float64).T
+        for m in ms:
+            X = torch.randn(m, k, device=device, dtype=torch.float16)
+            ref = X.to(torch.float64) @ w64_t
+            base = {"format": "fp16" if fmt is None else fmt.name, "N": n, "K": k, "M": m, "gpu": gpu}
+            t = bench.time(cublas_fp16_method(X, fp16_weights), n, k, m)
+            cublas_us = None if t is None else t.median_us
+            route_us = None
+            if decode is not None:
+                W = torch.empty((n, k), device=device, dtype=torch.float16)
+                t = bench.time(decode_cublas_method(decode, X, kernel_weights, W), n, k, m)
+                route_us = None if t is None else t.median_us
+                del W
+            log(f"  N={n:>6} K={k:>6} M={m:>5} cuBLAS fp16 {cublas_us} us, decode + cuBLAS {route_us} us")
+            for cfg in cfgs:
+                row = dict(base, kernel="wgmma", cfg=cfg.as_dict(), us=None, cublas_fp16_us=cublas_us,
+                           decode_cublas_us=route_us, speedup_vs_fp16=None, vs_decode_cublas=None,
+                           rel_err=None, error=None)
+                rows.append(row)
+                try:
+                    check_wgmma_config(fmt, n, k, m, cfg)
+                    kernel = load_kernel(wgmma_gemm_func(fmt, n, k, m, cfg))
+                    Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
+                    kernel(X, *kernel_weights[0], Y)
+                    torch.cuda.synchronize()
+                except Exception as err:  # a config that does not build or launch: noted, the others go on
+                    row["error"] = one_line(err)
+                    log(f"    {_label(cfg)}: FAILED {row['error']}")
+                    continue
+                row["rel_err"] = relative_error(Y, ref)
+                if row["rel_err"] is None or row["rel_err"] > REL_ERR_MAX:
+                    row["error"] = f"wrong result (rel_err {row['rel_err']})"
+                    log(f"    {_label(cfg)}: WRONG rel_err {row['rel_err']}")
+                    continue
+                t = bench.time(qcompile_method(kernel, X, kernel_weights, Y), n, k, m)
+                if t is None:
+                    row["error"] = "not timed"
+                    continue
+                row["us"] = t.median_us
+                if cublas_us:
+                    row["speedup_vs_fp16"] = cublas_us / t.median_us
+                if route_us:
+                    row["vs_decode_cublas"] = route_us / t.median_us
+                log(f"    {_label(cfg)}: {t.median_us:9.1f} us, {row['speedup_vs_fp16'] or float('nan'):.3f}x "
+                    f"cuBLAS fp16, {row['vs_decode_cublas'] or float('nan'):.3f}x decode + cuBLAS, "
+                    f"rel_err {row['rel_err']:.1e}")
+        del kernel_weights, fp16_weights, w16, w64_t
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..errors import QCompileError
+    from .harness import parse_ms, parse_shapes, require_cuda
+
+    args = build_parser().parse_args(argv)
+    try:
+        shapes, ms = parse_shapes(args.shapes), parse_ms(args.m)
+        fmt = None
+        if args.format != "fp16":
+            from ..formats import get as get_format
+
+            fmt = get_format(args.format)
+            for n, k in shapes:
+                fmt.check_shape(n, k)
+        cfgs = [parse_wgmma_config(text) for text in args.config] or [parse_wgmma_config("")]
+        from ..kernels.wgmma import check_wgmma_config
+
+        for n, k in shapes:  # refuse what cannot build before the GPU work starts
+            for m in ms:
+                for cfg in cfgs:
+                    check_wgmma_config(fmt, n, k, m, cfg)
+        require_cuda()
+    except (QCompileError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows = run(fmt, shapes, ms, cfgs, args)
+    if args.out:
+        from ..jsonio import write_rows_json
+
+        write_rows_json(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
