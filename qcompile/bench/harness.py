@@ -381,6 +381,26 @@ def build_kernels(specs, target, log: Callable[[str], None], config_for=None):
     return (build(good, target) if good else None), failures
 
 
+def check_and_time(row: dict, bench, kernel, X, weights, Y, ref, where: str, log: Callable[[str], None],
+                   rel_err_max: float) -> Optional[float]:
+    """A sweep row's measurement of ``kernel`` after one launch into ``Y``: its error against ``ref``
+    (row["rel_err"]; above ``rel_err_max`` the row gets an error and no time), then its median time
+    (row["us"], µs) as qcompile_method times it over the rotated ``weights``; None when it has no time."""
+    from .baselines import qcompile_method
+
+    row["rel_err"] = relative_error(Y, ref)
+    if row["rel_err"] is None or row["rel_err"] > rel_err_max:
+        row["error"] = f"wrong result (rel_err {row['rel_err']})"
+        log(f"{where} WRONG rel_err {row['rel_err']}")
+        return None
+    t = bench.time(qcompile_method(kernel, X, weights, Y), row["N"], row["K"], row["M"])
+    if t is None:
+        row["error"] = "not timed"
+        return None
+    row["us"] = t.median_us
+    return t.median_us
+
+
 class _Bench:
     """State of one run: settings, the failure list, and warnings said once."""
 

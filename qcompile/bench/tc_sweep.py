@@ -266,8 +266,8 @@ def run(fmt, shapes, ms, args) -> List[dict]:
     from ..errors import QCompileError
     from ..kernels.resources import compile_cubin, find_nvdisasm, resources_of_report, sass_loop_mix
     from ..kernels.target import parse_target
-    from .baselines import RotatingWeights, cublas_fp16_method, qcompile_method
-    from .harness import _Bench, bench_weight, gpu_short_name, one_line, relative_error
+    from .baselines import RotatingWeights, cublas_fp16_method
+    from .harness import _Bench, bench_weight, check_and_time, gpu_short_name, one_line
     from .timing import l2_cache_bytes
 
     log = lambda text: print(text, flush=True)  # noqa: E731
@@ -335,19 +335,13 @@ def run(fmt, shapes, ms, args) -> List[dict]:
                     row["error"] = one_line(err)
                     log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} FAILED {row['error']}")
                     continue
-                row["rel_err"] = relative_error(Y, ref)
-                if row["rel_err"] is None or row["rel_err"] > REL_ERR_MAX:
-                    row["error"] = f"wrong result (rel_err {row['rel_err']})"
-                    log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} WRONG rel_err {row['rel_err']}")
+                us = check_and_time(row, bench, kernel, X, q_weights, Y, ref,
+                                    f"  N={n:>6} K={k:>6} M={m:>4} {label:<16}", log, REL_ERR_MAX)
+                if us is None:
                     continue
-                t = bench.time(qcompile_method(kernel, X, q_weights, Y), n, k, m)
-                if t is None:
-                    row["error"] = "not timed"
-                    continue
-                row["us"] = t.median_us
                 if cublas_us is not None:
-                    row["speedup_vs_fp16"] = cublas_us / t.median_us
-                log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} {t.median_us:9.2f} us  cublas "
+                    row["speedup_vs_fp16"] = cublas_us / us
+                log(f"  N={n:>6} K={k:>6} M={m:>4} {label:<16} {us:9.2f} us  cublas "
                     f"{cublas_us if cublas_us is None else round(cublas_us, 2)} us  speedup "
                     f"{row['speedup_vs_fp16'] or float('nan'):.2f}x  {'' if cfg is None else _short(cfg)}"
                     f"{_variant_note(use_intrin)}")

@@ -79,8 +79,8 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
     from ..kernels.decode import DecodeSpec
     from ..kernels.target import parse_target
     from ..kernels.wgmma import check_wgmma_config, wgmma_gemm_func
-    from .baselines import RotatingWeights, cublas_fp16_method, decode_cublas_method, qcompile_method
-    from .harness import _Bench, bench_weight, build_kernels, gpu_short_name, one_line, relative_error
+    from .baselines import RotatingWeights, cublas_fp16_method, decode_cublas_method
+    from .harness import _Bench, bench_weight, build_kernels, check_and_time, gpu_short_name, one_line
     from .timing import l2_cache_bytes
 
     log = lambda text: print(text, flush=True)  # noqa: E731
@@ -133,21 +133,15 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
                     row["error"] = one_line(err)
                     log(f"    {_label(cfg)}: FAILED {row['error']}")
                     continue
-                row["rel_err"] = relative_error(Y, ref)
-                if row["rel_err"] is None or row["rel_err"] > REL_ERR_MAX:
-                    row["error"] = f"wrong result (rel_err {row['rel_err']})"
-                    log(f"    {_label(cfg)}: WRONG rel_err {row['rel_err']}")
+                us = check_and_time(row, bench, kernel, X, kernel_weights, Y, ref, f"    {_label(cfg)}:", log,
+                                    REL_ERR_MAX)
+                if us is None:
                     continue
-                t = bench.time(qcompile_method(kernel, X, kernel_weights, Y), n, k, m)
-                if t is None:
-                    row["error"] = "not timed"
-                    continue
-                row["us"] = t.median_us
                 if cublas_us:
-                    row["speedup_vs_fp16"] = cublas_us / t.median_us
+                    row["speedup_vs_fp16"] = cublas_us / us
                 if route_us:
-                    row["vs_decode_cublas"] = route_us / t.median_us
-                log(f"    {_label(cfg)}: {t.median_us:9.1f} us, {row['speedup_vs_fp16'] or float('nan'):.3f}x "
+                    row["vs_decode_cublas"] = route_us / us
+                log(f"    {_label(cfg)}: {us:9.1f} us, {row['speedup_vs_fp16'] or float('nan'):.3f}x "
                     f"cuBLAS fp16, {row['vs_decode_cublas'] or float('nan'):.3f}x decode + cuBLAS, "
                     f"rel_err {row['rel_err']:.1e}")
         del kernel_weights, fp16_weights, w16, w64_t

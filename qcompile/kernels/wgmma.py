@@ -339,6 +339,26 @@ def _build(
                 qreg[slot * QROWS + jj, v] = B[bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v]
             sreg[slot * QROWS + jj, 0] = S[bn * BN + (jj * LT + tx) // (8 // QV), (t * 8 + ((jj * LT + tx) % (8 // QV)) * QV) // S_WORDS]
 
+    @T.macro
+    def mma_k_tile(stage, wg, acc, descA, descB):
+        """Warpgroup wg's four k16 steps of the k tile in ring stage ``stage``, as one wgmma group."""
+        T.ptx.wgmma.fence.sync.aligned()
+        for kk in T.unroll(BK // 16):
+            T.ptx[mma_chain](
+                *[acc[i] for i in range(ACC)],
+                descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
+                descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
+                True, 1, 1, 0, 0)
+        T.ptx.wgmma.commit_group.sync.aligned()
+
+    @T.macro
+    def store_acc(C, acc, bm, bn, wg, warp, lane):
+        """The accumulator fragment -> C: acc[2j], acc[2j+1] are adjacent columns of one row (one 2-wide store)."""
+        for j in T.unroll(ACC // 2):
+            for e in T.vectorized(2):
+                C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
+                  bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
+
     @T.prim_func
     def gemm(A: T.Buffer((M, K), "float16"),
              B: T.Buffer(B_SHAPE, B_DTYPE),
@@ -400,14 +420,7 @@ def _build(
                 T.cuda.cta_sync()
                 # (no register operand fence for the accumulators, as CUTLASS's warpgroup_fence_operand: TVM
                 # 0.27's T.cuda.wgmma.noop_barrier crashes CUDA codegen; ptxas still keeps the HGMMAs unserialized)
-                T.ptx.wgmma.fence.sync.aligned()
-                for kk in T.unroll(BK // 16):
-                    T.ptx[mma_chain](
-                        *[acc[i] for i in range(ACC)],
-                        descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
-                        descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
-                        True, 1, 1, 0, 0)
-                T.ptx.wgmma.commit_group.sync.aligned()
+                mma_k_tile(stage, wg, acc, descA, descB)
                 # Refill the stage last read by tile kt-1-wg_inflight (finished by every warpgroup:
                 # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
                 nxt = kt + P
@@ -423,11 +436,7 @@ def _build(
         T.ptx.wgmma.wait_group.sync.aligned(0)
 
         # ---- epilogue: fragment -> C (see module docstring for the mapping) ----
-        # acc[2j], acc[2j+1] are adjacent columns of one row -> one vectorized 2-wide store.
-        for j in T.unroll(ACC // 2):
-            for e in T.vectorized(2):
-                C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
-                  bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
+        store_acc(C, acc, bm, bn, wg, warp, lane)
 
     @T.prim_func
     def gemm_ws(A: T.Buffer((M, K), "float16"),
@@ -488,23 +497,13 @@ def _build(
                 for kt in range(KT):
                     stage = kt % stages
                     T.ptx.bar.sync(T.uint32(1 + stage), T.uint32(NT_ALL))
-                    T.ptx.wgmma.fence.sync.aligned()
-                    for kk in T.unroll(BK // 16):
-                        T.ptx[mma_chain](
-                            *[acc[i] for i in range(ACC)],
-                            descA[0] + T.cast((T.uint32(stage * STAGE_BYTES) + T.uint32(wg * WG_A) + T.uint32(kk * KSTEP_A)) >> T.uint32(4), "uint64"),
-                            descB[0] + T.cast((T.uint32(stage * STAGE_BYTES + A_BYTES) + T.uint32(kk * KSTEP_B)) >> T.uint32(4), "uint64"),
-                            True, 1, 1, 0, 0)
-                    T.ptx.wgmma.commit_group.sync.aligned()
+                    mma_k_tile(stage, wg, acc, descA, descB)
                     T.ptx.wgmma.wait_group.sync.aligned(1)  # tile kt - 1's group has retired
                     if kt >= 1:  # (only for the tiles whose stage the producer waits to refill)
                         if kt - 1 + stages < KT:
                             T.ptx.bar.arrive(T.uint32(1 + stages + (kt - 1) % stages), T.uint32(NT_ALL))
                 T.ptx.wgmma.wait_group.sync.aligned(0)
-                for j in T.unroll(ACC // 2):
-                    for e in T.vectorized(2):
-                        C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
-                          bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
+                store_acc(C, acc, bm, bn, wg, warp, lane)
     # fmt: on
     return gemm_ws if ws else gemm
 
