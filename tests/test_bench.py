@@ -424,3 +424,28 @@ def test_device_run_plan_runs_each_line_logs_failures_and_goes_on(tmp_path):
     assert rcs[0] == "0" and rcs[1] != "0" and rcs[2] == "0"
     for name in ("v1", "v2"):
         assert json.loads((out / f"{name}.json").read_text())["rows"][0]["format"] == "qtip-3inst-2"
+
+
+def test_check_and_time_times_only_right_results():
+    """harness.check_and_time (tc_sweep's and wgmma_sweep's rows): a wrong or unwritten result gets an
+    error and is not timed; a right one gets its median time."""
+    from types import SimpleNamespace
+
+    class Bench:  # records what it was asked to time
+        def __init__(self):
+            self.timed = []
+
+        def time(self, method, n, k, m):
+            self.timed.append((method.name, n, k, m))
+            return SimpleNamespace(median_us=12.5)
+
+    ref = torch.randn(4, 8, dtype=torch.float64)
+    said = []
+    for Y, expect in ((ref.to(torch.float16), 12.5), (ref.to(torch.float16) * 2, None),
+                      (torch.full((4, 8), float("nan"), dtype=torch.float16), None)):
+        row, bench = {"N": 8, "K": 16, "M": 4}, Bench()
+        us = harness.check_and_time(row, bench, None, torch.zeros(4, 16), None, Y, ref, "here:", said.append, 1e-2)
+        assert us == expect and row.get("us") == expect
+        assert bench.timed == ([("qcompile", 8, 16, 4)] if expect else [])
+        assert ("error" in row) == (expect is None)
+    assert len(said) == 2 and abs(float(said[0].rsplit(" ", 1)[1]) - 1) < 1e-3 and said[1] == "here: WRONG rel_err None"
