@@ -34,6 +34,8 @@ CONFIGS = [
     ("int4-g128", WgmmaConfig(bn=128, stages=3, wg_inflight=0, prefetch=0)),
     (None, WgmmaConfig(bn=256, stages=4, warp_specialized=True)),
     ("int4-g128", WgmmaConfig(bn=256, stages=4, prefetch=2, word_vec=4, decode_intrin=True, warp_specialized=True)),
+    ("e8p-2", WgmmaConfig(bn=128, prefetch=0)),  # any other format: its TIR decode where it loads
+    ("qtip-3inst-2", WgmmaConfig(bn=256, prefetch=0, warp_specialized=True)),
 ]
 
 
@@ -44,6 +46,8 @@ def test_kernel_generates_wgmma_that_ptxas_takes(name, cfg):
     src = _cuda(wgmma_gemm_func(fmt, 512, 1024, 256, cfg))
     # four k16 steps of one 64-row slab a k tile; the non-specialised loop is unrolled by the prefetch depth
     steps = 4 * (max(1, cfg.prefetch) if fmt is not None and not cfg.warp_specialized else 1)
+    if name in ("e8p-2", "qtip-3inst-2"):  # the format's own tensors are the kernel's parameters
+        assert all(f"W_{t}_ptr" in src for t in fmt.tensor_specs(512, 1024))
     calls = re.findall(rf"wgmma_f16_ss_mma_async_sync_aligned_m64n{cfg.bn}k16_f32_f16_f16_\w+\(acc_ptr\[0\]", src)
     assert len(calls) == steps
     assert re.search(r"cp_async\w*shared_global_16\(", src)
@@ -84,13 +88,27 @@ def test_probe_builds_the_library_kernel():
     (None, 512, 1024, 256, WgmmaConfig(stages=3, wg_inflight=0, warp_specialized=True), "warp-specialised"),
     ("int4-g128", 512, 1024, 256, WgmmaConfig(word_vec=8), "word_vec=8"),
     ("int4-g128", 512, 1024, 256, WgmmaConfig(prefetch=0, decode_intrin=True), "decode_intrin needs"),
-    ("e8p-2", 512, 1024, 256, WgmmaConfig(), "not supported yet"),
+    ("e8p-2", 512, 1024, 256, WgmmaConfig(), "decodes where it loads"),
+    ("e8p-2", 512, 1024, 256, WgmmaConfig(prefetch=0, bn=64), "do not split"),
+    ("qtip-hyb-2", 500, 1024, 256, WgmmaConfig(prefetch=0), "multiples of"),
 ])
 def test_bad_configs_are_refused_in_one_line(name, n, k, m, cfg, match):
     fmt = qc.formats.get(name) if name else None
     with pytest.raises(QCompileError, match=match) as info:
         check_wgmma_config(fmt, n, k, m, cfg)
     assert "\n" not in str(info.value)
+
+
+def test_default_config_per_format():
+    from qcompile.kernels.wgmma import default_wgmma_config
+
+    assert default_wgmma_config(None, 512, 1024).prefetch == 1
+    assert default_wgmma_config(qc.formats.get("int4-g128"), 512, 1024).prefetch == 1
+    for name in ("e8p-4", "qtip-hyb-3", "qtip-1mad-2"):
+        fmt = qc.formats.get(name)
+        cfg = default_wgmma_config(fmt, 512, 1024)
+        check_wgmma_config(fmt, 512, 1024, 256, cfg)  # builds as it stands
+        assert cfg.prefetch == 0 and wgmma_gemm_func(fmt, 512, 1024, 256) is not None
 
 
 def test_smem_of_the_fp16_winner_fits():

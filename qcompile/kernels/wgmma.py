@@ -117,6 +117,11 @@ def smem_bytes(cfg: WgmmaConfig) -> int:
     return cfg.stages * (64 * cfg.warpgroups + cfg.bn) * BK * 2 + 1024
 
 
+def is_groupwise8(fmt, n: int, k: int) -> bool:
+    """A group-wise format with 8 weights a word (qweight + scales): the kernel's words-ahead fast path."""
+    return set(fmt.tensor_specs(n, k)) == {"qweight", "scales"} and fmt.decode_unit == 8
+
+
 def check_wgmma_config(fmt, n: int, k: int, m: int, cfg: WgmmaConfig) -> None:
     """Raise QCompileError (one line: what is wrong, what to do) unless ``cfg`` builds for this problem."""
     what = fmt.name if fmt is not None else "fp16"
@@ -146,10 +151,16 @@ def check_wgmma_config(fmt, n: int, k: int, m: int, cfg: WgmmaConfig) -> None:
         raise QCompileError(f"wgmma {what}: bn={cfg.bn} does not split into 16-byte chunks over {loaders} threads")
     if fmt is None:
         return
-    specs = fmt.tensor_specs(n, k)
-    if set(specs) != {"qweight", "scales"} or fmt.decode_unit != 8:
-        raise QCompileError(f"wgmma: format {fmt.name} is not supported yet (group-wise formats with 8 weights "
-                            "a word only, e.g. int4-g128)")
+    fmt.check_shape(n, k)
+    if not is_groupwise8(fmt, n, k):  # any other format: its TIR decode where the unit is loaded
+        unit = fmt.decode_unit
+        if cfg.prefetch or cfg.word_vec != 1 or cfg.decode_intrin:
+            raise QCompileError(f"wgmma {what}: this format decodes where it loads its words; use prefetch=0, "
+                                "word_vec=1, decode_intrin=0 (default_wgmma_config)")
+        if BK % unit or unit % 8 or (cfg.bn * (BK // unit)) % loaders:
+            raise QCompileError(f"wgmma {what}: {unit}-weight decode units do not split over {loaders} threads "
+                                f"at bn={cfg.bn}; use a wider bn")
+        return
     if cfg.prefetch not in (0, 1, 2) or (k // BK) % max(1, cfg.prefetch):
         raise QCompileError(f"wgmma {what}: prefetch={cfg.prefetch} with {k // BK} k tiles; use 0, 1, or 2 with "
                             "an even tile count")
@@ -162,12 +173,17 @@ def check_wgmma_config(fmt, n: int, k: int, m: int, cfg: WgmmaConfig) -> None:
                             "intrinsic")
 
 
+def default_wgmma_config(fmt, n: int, k: int) -> WgmmaConfig:
+    """The config to start from: words a k tile ahead for group-wise formats; others decode where they load."""
+    return WgmmaConfig() if fmt is None or is_groupwise8(fmt, n, k) else WgmmaConfig(prefetch=0)
+
+
 def wgmma_gemm_func(fmt, n: int, k: int, m: int, cfg: Optional[WgmmaConfig] = None,
                     out_dtype: str = "float16", name: str = "wgmma_gemm"):
-    """The PrimFunc (X [m, k] fp16, B, S, Y [m, n]) of ``cfg`` for ``fmt`` (None: B is the fp16 weight
-    [n, k] and S a 1-element placeholder; a format: B, S its qweight and scales). Compile for
+    """The PrimFunc (X [m, k] fp16, weight tensors, Y [m, n]) of ``cfg`` for ``fmt``: None, B the fp16 weight
+    [n, k] and S a 1-element placeholder; a format, its ``tensor_specs`` in order. Compile for
     ``WGMMA_ARCH``."""
-    cfg = cfg or WgmmaConfig()
+    cfg = cfg or default_wgmma_config(fmt, n, k)
     check_wgmma_config(fmt, n, k, m, cfg)
     return _build(m, n, k, BN=cfg.bn, NWG=cfg.warpgroups, stages=cfg.stages, wg_inflight=cfg.wg_inflight,
                   swizzle=cfg.swizzle, out_dtype=out_dtype, name=name, quant=fmt, qprefetch=cfg.prefetch,
@@ -219,6 +235,7 @@ def _build(
               The producer runs stages - 2 tiles ahead of the FULL signal it gives, so its cp.async
               latency is hidden too.
     """
+    import tvm
     from tvm.script import tirx as T  # (the TVMScript below resolves T through this closure)
 
     BK = 64
@@ -245,19 +262,26 @@ def _build(
     A_CHUNKS = BM * BK // 8 // LT  # 16-byte cp.async per loading thread per k tile for A
     B_CHUNKS = BN * BK // 8 // LT
     assert A_CHUNKS * LT * 8 == BM * BK and B_CHUNKS * LT * 8 == BN * BK
-    if quant is None:
-        B_SHAPE, B_DTYPE, S_SHAPE = (N, K), "float16", (1,)
-        decode = None
-    else:
-        fmt = quant
+    # The kernel's weight tensors, (parameter name, shape, dtype): fp16 B and a placeholder S; a group-wise
+    # format's qweight and scales as B and S (the words-ahead fast path); any other format's own tensors.
+    fmt = quant
+    GENERIC = fmt is not None and not is_groupwise8(fmt, N, K)
+    if fmt is None:
+        PARAMS = [("B", (N, K), "float16"), ("S", (1,), "float16")]
+    elif not GENERIC:
         specs = fmt.tensor_specs(N, K)
-        assert set(specs) == {"qweight", "scales"} and fmt.decode_unit == 8, f"{quant.name}: a group-wise int format"
-        B_SHAPE, B_DTYPE = specs["qweight"].shape, specs["qweight"].dtype
-        S_SHAPE = specs["scales"].shape
+        PARAMS = [("B", specs["qweight"].shape, specs["qweight"].dtype), ("S", specs["scales"].shape, "float16")]
+    else:
+        PARAMS = [(f"W_{t}", spec.shape, spec.dtype) for t, spec in fmt.tensor_specs(N, K).items()]
+        TENSORS = list(fmt.tensor_specs(N, K))
+    B_DTYPE = PARAMS[0][2]
 
-        def decode(Q, Sc, n, c, j):  # element j of word (n, c): the format's TIR decode
-            return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
-    QUANT = quant is not None
+    def decode(Q, Sc, n, c, j):  # element j of word (n, c): the group-wise format's TIR decode
+        return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
+
+    def decode_unit_generic(bufs, n, c, j):  # element j of unit c of row n: any format, its own tensors
+        return fmt.tir_decode_unit(dict(zip(TENSORS, bufs)), n, c, j)
+    QUANT = quant is not None and not GENERIC
     PREFETCH = QUANT and bool(qprefetch)
     DEPTH = max(1, qprefetch if QUANT else 1)  # register copies of the words: tiles fetched ahead
     assert KT % DEPTH == 0, "qprefetch=2 needs an even number of k tiles"
@@ -265,6 +289,11 @@ def _build(
     QV = qvec if QUANT else 1  # consecutive words of one row a thread loads (and decodes) together
     assert QV in (1, 2, 4, 8) and B_CHUNKS % QV == 0, (QV, B_CHUNKS)
     QROWS = B_CHUNKS // QV  # rows of one register copy: [row, word] -> the format decode's (n, c)
+    UNIT = fmt.decode_unit if GENERIC else 8  # weights a decode unit (GENERIC: any format's)
+    UPR = BK // UNIT  # units of one B tile row
+    UPT = BN * UPR // LT  # units a loading thread decodes a k tile
+    assert not GENERIC or (BK % UNIT == 0 and UNIT % 8 == 0 and UPT * LT == BN * UPR), (UNIT, BN, LT)
+    WDEC = max(8, UNIT)
     INTRIN = None  # (function name, CUDA source) of the format's decode intrinsic
     if PREFETCH and qintrin:
         INTRIN = fmt.decode_intrin("cuda")
@@ -273,7 +302,7 @@ def _build(
     IMPORT_C = INTRIN[1] if INTRIN is not None else ""
     # words per scale (int4-g128: 16); the register copy is indexed (chunk, 0), which the format's
     # decode reads as word (chunk, 0) and scale (chunk, 0 // S_WORDS)
-    S_WORDS = (K // 8) // S_SHAPE[1] if QUANT else 1
+    S_WORDS = (K // 8) // PARAMS[1][1][1] if QUANT else 1
 
     if swizzle == SW128:
         sw_code = 3  # T.cuda.wgmma.encode_matrix_descriptor: 3 = 128B swizzle
@@ -301,7 +330,7 @@ def _build(
 
     # fmt: off
     @T.macro
-    def load_tile(t, st, slot, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn):
+    def load_tile(t, st, slot, A, bufs, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn):
         """Tile t of A and B into stage st: A by cp.async; B by cp.async (fp16) or decoded by the threads
         (quant: word (row, chunk) of tile t -> 8 fp16 -> one 16-byte chunk; plain shared stores, which
         the fence.proxy.async before the next barrier orders for wgmma)."""
@@ -321,23 +350,32 @@ def _build(
                             wdec[e] = decode(qreg, sreg, slot * QROWS + jj, v, e)
                     else:
                         for e in T.unroll(8):
-                            wdec[e] = decode(B, S, bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v, e)
+                            wdec[e] = decode(bufs[0], bufs[1], bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v, e)
                     for e in T.vectorized(8):
                         smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * LT + tx) // (8 // QV), ((jj * LT + tx) % (8 // QV)) * QV + v, BN)) // 2 + e] = wdec[e]
-        if not QUANT:
+        if GENERIC:
+            # unit u = jj * LT + tx: unit u % UPR of B tile row u // UPR, UNIT weights = UNIT // 8 chunks,
+            # decoded where loaded by the format's TIR decode on its own tensors
+            for jj in T.unroll(UPT):
+                for e in T.unroll(UNIT):
+                    wdec[e] = decode_unit_generic(bufs, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
+                for q in T.unroll(UNIT // 8):
+                    for e in T.vectorized(8):
+                        smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * LT + tx) // UPR, ((jj * LT + tx) % UPR) * (UNIT // 8) + q, BN)) // 2 + e] = wdec[q * 8 + e]
+        if fmt is None:
             for j in T.unroll(B_CHUNKS):
                 T.ptx.cp.async_.cg.shared.global_(
                     base + T.cast(st * STAGE_BYTES + A_BYTES + smem_off((j * LT + tx) // 8, (j * LT + tx) % 8, BN), "uint32"),
-                    B.ptr_to([bn * BN + (j * LT + tx) // 8, t * BK + ((j * LT + tx) % 8) * 8]), 16)
+                    bufs[0].ptr_to([bn * BN + (j * LT + tx) // 8, t * BK + ((j * LT + tx) % 8) * 8]), 16)
 
     @T.macro
-    def fetch_words(t, slot, B, S, qreg, sreg, tx, bn):
+    def fetch_words(t, slot, bufs, qreg, sreg, tx, bn):
         """qprefetch: tile t's packed words and their scales -> register copy ``slot`` (used qprefetch k
         tiles later)."""
         for jj in T.unroll(B_CHUNKS // QV):
             for v in T.vectorized(QV):  # one 4 * QV-byte load
-                qreg[slot * QROWS + jj, v] = B[bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v]
-            sreg[slot * QROWS + jj, 0] = S[bn * BN + (jj * LT + tx) // (8 // QV), (t * 8 + ((jj * LT + tx) % (8 // QV)) * QV) // S_WORDS]
+                qreg[slot * QROWS + jj, v] = bufs[0][bn * BN + (jj * LT + tx) // (8 // QV), t * 8 + ((jj * LT + tx) % (8 // QV)) * QV + v]
+            sreg[slot * QROWS + jj, 0] = bufs[1][bn * BN + (jj * LT + tx) // (8 // QV), (t * 8 + ((jj * LT + tx) % (8 // QV)) * QV) // S_WORDS]
 
     @T.macro
     def mma_k_tile(stage, wg, acc, descA, descB):
@@ -359,12 +397,8 @@ def _build(
                 C[bm * BM + wg * 64 + warp * 16 + lane // 4 + 8 * (j % 2),
                   bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
 
-    @T.prim_func
-    def gemm(A: T.Buffer((M, K), "float16"),
-             B: T.Buffer(B_SHAPE, B_DTYPE),
-             S: T.Buffer(S_SHAPE, "float16"),
-             C: T.Buffer((M, N), out_dtype)):
-        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+    @T.macro
+    def gemm(A, bufs, C):
         bm = T.launch_thread("blockIdx.x", M // BM)   # M tiles fastest: CTAs sharing a B tile run together
         bn = T.launch_thread("blockIdx.y", N // BN)
         tx = T.launch_thread("threadIdx.x", NT)
@@ -372,7 +406,7 @@ def _build(
         acc = T.alloc_buffer((ACC,), "float32", scope="local")
         descA = T.alloc_buffer((1,), "uint64", scope="local")
         descB = T.alloc_buffer((1,), "uint64", scope="local")
-        wdec = T.alloc_buffer((8,), "float16", scope="local")
+        wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
         qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
         sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
 
@@ -398,13 +432,13 @@ def _build(
         for s in T.unroll(P):
             if s < KT:
                 if PREFETCH:
-                    fetch_words(s, s % DEPTH, B, S, qreg, sreg, tx, bn)
-                load_tile(s, s, s % DEPTH, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+                    fetch_words(s, s % DEPTH, bufs, qreg, sreg, tx, bn)
+                load_tile(s, s, s % DEPTH, A, bufs, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
             T.ptx.cp.async_.commit_group()
         if PREFETCH:
             for d in T.unroll(DEPTH):
                 if P + d < KT:
-                    fetch_words(P + d, (P + d) % DEPTH, B, S, qreg, sreg, tx, bn)
+                    fetch_words(P + d, (P + d) % DEPTH, bufs, qreg, sreg, tx, bn)
 
         # ---- main loop over k tiles ----
         # (unrolled by DEPTH: tile kt+P's register copy, (par + P) % DEPTH, is a constant in each step)
@@ -425,11 +459,11 @@ def _build(
                 # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
                 nxt = kt + P
                 if nxt < KT:
-                    load_tile(nxt, nxt % stages, (par + P) % DEPTH, A, B, S, smem, wdec, qreg, sreg, base, pad_elems,
+                    load_tile(nxt, nxt % stages, (par + P) % DEPTH, A, bufs, smem, wdec, qreg, sreg, base, pad_elems,
                               tx, bm, bn)
                     if PREFETCH:  # into the copy just decoded: tile nxt + DEPTH, DEPTH k tiles ahead
                         if nxt + DEPTH < KT:
-                            fetch_words(nxt + DEPTH, (par + P) % DEPTH, B, S, qreg, sreg, tx, bn)
+                            fetch_words(nxt + DEPTH, (par + P) % DEPTH, bufs, qreg, sreg, tx, bn)
                 T.ptx.cp.async_.commit_group()
                 T.ptx.wgmma.wait_group.sync.aligned(wg_inflight)
 
@@ -438,12 +472,8 @@ def _build(
         # ---- epilogue: fragment -> C (see module docstring for the mapping) ----
         store_acc(C, acc, bm, bn, wg, warp, lane)
 
-    @T.prim_func
-    def gemm_ws(A: T.Buffer((M, K), "float16"),
-                B: T.Buffer(B_SHAPE, B_DTYPE),
-                S: T.Buffer(S_SHAPE, "float16"),
-                C: T.Buffer((M, N), out_dtype)):
-        T.func_attr({"global_symbol": name, "tirx.noalias": True})
+    @T.macro
+    def gemm_ws(A, bufs, C):
         bm = T.launch_thread("blockIdx.x", M // BM)
         bn = T.launch_thread("blockIdx.y", N // BN)
         tx = T.launch_thread("threadIdx.x", NT_ALL)
@@ -451,7 +481,7 @@ def _build(
         acc = T.alloc_buffer((ACC,), "float32", scope="local")
         descA = T.alloc_buffer((1,), "uint64", scope="local")
         descB = T.alloc_buffer((1,), "uint64", scope="local")
-        wdec = T.alloc_buffer((8,), "float16", scope="local")
+        wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
         qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
         sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
 
@@ -464,16 +494,16 @@ def _build(
                 # ---- producer warpgroup: tile kt -> stage kt % stages once EMPTY; FULL LAG tiles later ----
                 if PREFETCH:
                     for d in T.unroll(DEPTH):
-                        fetch_words(d, d, B, S, qreg, sreg, tx, bn)
+                        fetch_words(d, d, bufs, qreg, sreg, tx, bn)
                 for kt2 in range(KT // DEPTH):
                     for par in T.unroll(DEPTH):
                         kt = kt2 * DEPTH + par
                         if kt >= stages:  # consumers are done with tile kt - stages
                             T.ptx.bar.sync(T.uint32(1 + stages + kt % stages), T.uint32(NT_ALL))
-                        load_tile(kt, kt % stages, par, A, B, S, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+                        load_tile(kt, kt % stages, par, A, bufs, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
                         if PREFETCH:  # into the copy just decoded: tile kt + DEPTH
                             if kt + DEPTH < KT:
-                                fetch_words(kt + DEPTH, par, B, S, qreg, sreg, tx, bn)
+                                fetch_words(kt + DEPTH, par, bufs, qreg, sreg, tx, bn)
                         T.ptx.cp.async_.commit_group()
                         if kt >= LAG:  # tile kt - LAG's A has landed (its B stores are this thread's own)
                             T.ptx.cp.async_.wait_group(LAG)
@@ -505,7 +535,14 @@ def _build(
                 T.ptx.wgmma.wait_group.sync.aligned(0)
                 store_acc(C, acc, bm, bn, wg, warp, lane)
     # fmt: on
-    return gemm_ws if ws else gemm
+    # The PrimFunc: (A, the weight tensors, C), its body one of the two macros above. (TVMScript takes no
+    # variable parameter list, so the signature is written out for this format's tensors.)
+    params = ", ".join(f"{p}: T.Buffer({tuple(shape)!r}, {dtype!r})" for p, shape, dtype in PARAMS)
+    text = (f"@T.prim_func\n"
+            f"def main(A: T.Buffer(({M}, {K}), 'float16'), {params}, C: T.Buffer(({M}, {N}), {out_dtype!r})):\n"
+            f"    T.func_attr({{'global_symbol': {name!r}, 'tirx.noalias': True}})\n"
+            f"    body(A, ({', '.join(p for p, _, _ in PARAMS)},), C)\n")
+    return tvm.script.from_source(text, extra_vars={"T": T, "body": gemm_ws if ws else gemm})
 
 
 

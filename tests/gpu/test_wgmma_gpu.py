@@ -1,6 +1,7 @@
 """The Hopper wgmma GEMM (qcompile.kernels.wgmma) on the GPU: every weight read back exactly through the kernel
 (one-hot activations: each output is one decoded weight times 1, exact in fp32 and in the fp16 store) and
-random activations against float64, for the fp16 and int4 variants, with and without warp specialisation."""
+random activations against float64, for fp16, int4's variants and the E8P / QTIP formats (their TIR decode
+in the B staging), with and without warp specialisation."""
 import pytest
 import torch
 
@@ -19,6 +20,12 @@ CONFIGS = [
     (None, WgmmaConfig(bn=256, stages=4, warp_specialized=True)),
     ("int4-g128", WgmmaConfig(bn=256, stages=4, prefetch=2, word_vec=4, decode_intrin=True, warp_specialized=True)),
     ("int4-g128", WgmmaConfig(bn=128, stages=3, prefetch=1, warp_specialized=True)),
+    # any other format: its own tensors, its TIR decode where the unit is loaded
+    ("e8p-2", WgmmaConfig(bn=128, prefetch=0)),
+    ("e8p-4", WgmmaConfig(bn=256, prefetch=0, warp_specialized=True)),
+    ("qtip-hyb-2", WgmmaConfig(bn=128, prefetch=0)),
+    ("qtip-3inst-2", WgmmaConfig(bn=256, prefetch=0, warp_specialized=True)),
+    ("qtip-1mad-3", WgmmaConfig(bn=128, prefetch=0)),
 ]
 
 
