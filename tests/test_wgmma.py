@@ -143,3 +143,15 @@ def test_sweep_needs_a_gpu(capsys):
         pytest.skip("a CUDA GPU is present: the sweep would run")
     assert main(["--format", "fp16", "--shapes", "4096x4096", "--m", "1024"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_sweep_default_config_suits_the_format(capsys, monkeypatch):
+    """Without --config the sweep takes the format's default (E8P: decode where loaded), so it passes the
+    config check and stops only for want of a GPU."""
+    import torch
+
+    from qcompile.bench.wgmma_sweep import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["--format", "e8p-2", "--shapes", "4096x4096", "--m", "1024"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

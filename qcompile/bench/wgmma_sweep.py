@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--m", default="1024", help="batch sizes, multiples of the M tile (default 1024)")
     ap.add_argument("--config", action="append", default=[], metavar="K=V,...",
                     help="a WgmmaConfig to time, e.g. 'bn=256,decode_intrin=1,warp_specialized=1' (fields not "
-                         "given: the defaults); repeatable; none: the default config")
+                         "given: the defaults); repeatable; none: the format's default_wgmma_config")
     ap.add_argument("--iters", type=int, default=100, help="timed launches per measurement (default 100)")
     ap.add_argument("--warmup", type=int, default=10, help="untimed launches first (default 10)")
     ap.add_argument("--timing", choices=("graph", "events"), default="graph", help="timing mode (default graph)")
@@ -163,8 +163,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             fmt = get_format(args.format)
             for n, k in shapes:
                 fmt.check_shape(n, k)
-        cfgs = [parse_wgmma_config(text) for text in args.config] or [parse_wgmma_config("")]
-        from ..kernels.wgmma import check_wgmma_config
+        from ..kernels.wgmma import check_wgmma_config, default_wgmma_config
+
+        cfgs = [parse_wgmma_config(text) for text in args.config] or [default_wgmma_config(fmt, *shapes[0])]
 
         for n, k in shapes:  # refuse what cannot build before the GPU work starts
             for m in ms:
