@@ -279,8 +279,22 @@ def _build(
     def decode(Q, Sc, n, c, j):  # element j of word (n, c): the group-wise format's TIR decode
         return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
 
-    def decode_unit_generic(bufs, n, c, j):  # element j of unit c of row n: any format, its own tensors
-        return fmt.tir_decode_unit(dict(zip(TENSORS, bufs)), n, c, j)
+    def decode_unit_generic(bufs, gath, n, c, j):  # element j of unit c of row n: any format, its own tensors
+        return fmt.tir_decode_unit(with_gathered(bufs, gath), n, c, j)
+
+    def gather_generic(bufs, n, c, g):  # gathered (table) word g of unit c of row n
+        return fmt.tir_gather(dict(zip(TENSORS, bufs)), n, c, g)
+
+    def with_gathered(bufs, gath):
+        """The format's tensors, and its gathered words from the unit's local copy ``gath`` (computed once a
+        unit instead of once a weight), which tir_decode_unit reads as bufs["gathered"][n, c, g]."""
+        named = dict(zip(TENSORS, bufs))
+        if GATHERS:
+            class _UnitGathered:
+                def __getitem__(self, idx):
+                    return gath[idx[-1]]
+            named["gathered"] = _UnitGathered()
+        return named
     QUANT = quant is not None and not GENERIC
     PREFETCH = QUANT and bool(qprefetch)
     DEPTH = max(1, qprefetch if QUANT else 1)  # register copies of the words: tiles fetched ahead
@@ -294,6 +308,8 @@ def _build(
     UPT = BN * UPR // LT  # units a loading thread decodes a k tile
     assert not GENERIC or (BK % UNIT == 0 and UNIT % 8 == 0 and UPT * LT == BN * UPR), (UNIT, BN, LT)
     WDEC = max(8, UNIT)
+    GATHERS = fmt.gather_count if GENERIC else 0  # table words a unit gathers (E8P, QTIP)
+    GATHER_DTYPE = fmt.unit_reads()["gathered"][1] if GATHERS else "int32"
     INTRIN = None  # (function name, CUDA source) of the format's decode intrinsic
     if PREFETCH and qintrin:
         INTRIN = fmt.decode_intrin("cuda")
@@ -330,7 +346,7 @@ def _build(
 
     # fmt: off
     @T.macro
-    def load_tile(t, st, slot, A, bufs, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn):
+    def load_tile(t, st, slot, A, bufs, smem, wdec, qreg, sreg, gath, base, pad_elems, tx, bm, bn):
         """Tile t of A and B into stage st: A by cp.async; B by cp.async (fp16) or decoded by the threads
         (quant: word (row, chunk) of tile t -> 8 fp16 -> one 16-byte chunk; plain shared stores, which
         the fence.proxy.async before the next barrier orders for wgmma)."""
@@ -357,8 +373,11 @@ def _build(
             # unit u = jj * LT + tx: unit u % UPR of B tile row u // UPR, UNIT weights = UNIT // 8 chunks,
             # decoded where loaded by the format's TIR decode on its own tensors
             for jj in T.unroll(UPT):
+                if GATHERS > 0:
+                    for g in T.unroll(GATHERS):
+                        gath[g] = gather_generic(bufs, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, g)
                 for e in T.unroll(UNIT):
-                    wdec[e] = decode_unit_generic(bufs, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
+                    wdec[e] = decode_unit_generic(bufs, gath, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
                 for q in T.unroll(UNIT // 8):
                     for e in T.vectorized(8):
                         smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * LT + tx) // UPR, ((jj * LT + tx) % UPR) * (UNIT // 8) + q, BN)) // 2 + e] = wdec[q * 8 + e]
@@ -407,6 +426,7 @@ def _build(
         descA = T.alloc_buffer((1,), "uint64", scope="local")
         descB = T.alloc_buffer((1,), "uint64", scope="local")
         wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
+        gath = T.alloc_buffer((max(1, GATHERS),), GATHER_DTYPE, scope="local")
         qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
         sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
 
@@ -433,7 +453,7 @@ def _build(
             if s < KT:
                 if PREFETCH:
                     fetch_words(s, s % DEPTH, bufs, qreg, sreg, tx, bn)
-                load_tile(s, s, s % DEPTH, A, bufs, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+                load_tile(s, s, s % DEPTH, A, bufs, smem, wdec, qreg, sreg, gath, base, pad_elems, tx, bm, bn)
             T.ptx.cp.async_.commit_group()
         if PREFETCH:
             for d in T.unroll(DEPTH):
@@ -459,7 +479,7 @@ def _build(
                 # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
                 nxt = kt + P
                 if nxt < KT:
-                    load_tile(nxt, nxt % stages, (par + P) % DEPTH, A, bufs, smem, wdec, qreg, sreg, base, pad_elems,
+                    load_tile(nxt, nxt % stages, (par + P) % DEPTH, A, bufs, smem, wdec, qreg, sreg, gath, base, pad_elems,
                               tx, bm, bn)
                     if PREFETCH:  # into the copy just decoded: tile nxt + DEPTH, DEPTH k tiles ahead
                         if nxt + DEPTH < KT:
@@ -482,6 +502,7 @@ def _build(
         descA = T.alloc_buffer((1,), "uint64", scope="local")
         descB = T.alloc_buffer((1,), "uint64", scope="local")
         wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
+        gath = T.alloc_buffer((max(1, GATHERS),), GATHER_DTYPE, scope="local")
         qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
         sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
 
@@ -500,7 +521,7 @@ def _build(
                         kt = kt2 * DEPTH + par
                         if kt >= stages:  # consumers are done with tile kt - stages
                             T.ptx.bar.sync(T.uint32(1 + stages + kt % stages), T.uint32(NT_ALL))
-                        load_tile(kt, kt % stages, par, A, bufs, smem, wdec, qreg, sreg, base, pad_elems, tx, bm, bn)
+                        load_tile(kt, kt % stages, par, A, bufs, smem, wdec, qreg, sreg, gath, base, pad_elems, tx, bm, bn)
                         if PREFETCH:  # into the copy just decoded: tile kt + DEPTH
                             if kt + DEPTH < KT:
                                 fetch_words(kt + DEPTH, par, bufs, qreg, sreg, tx, bn)
