@@ -36,6 +36,7 @@ CONFIGS = [
     ("int4-g128", WgmmaConfig(bn=256, stages=4, prefetch=2, word_vec=4, decode_intrin=True, warp_specialized=True)),
     ("e8p-2", WgmmaConfig(bn=128, prefetch=0)),  # any other format: its TIR decode where it loads
     ("qtip-3inst-2", WgmmaConfig(bn=256, prefetch=0, warp_specialized=True)),
+    ("e8p-4", WgmmaConfig(bn=256, prefetch=0, decode_intrin=True, warp_specialized=True)),  # its intrinsic
 ]
 
 
@@ -46,15 +47,18 @@ def test_kernel_generates_wgmma_that_ptxas_takes(name, cfg):
     src = _cuda(wgmma_gemm_func(fmt, 512, 1024, 256, cfg))
     # four k16 steps of one 64-row slab a k tile; the non-specialised loop is unrolled by the prefetch depth
     steps = 4 * (max(1, cfg.prefetch) if fmt is not None and not cfg.warp_specialized else 1)
-    if name in ("e8p-2", "qtip-3inst-2"):  # the format's own tensors are the kernel's parameters
+    if name in ("e8p-2", "qtip-3inst-2", "e8p-4"):  # the format's own tensors are the kernel's parameters
         assert all(f"W_{t}_ptr" in src for t in fmt.tensor_specs(512, 1024))
     calls = re.findall(rf"wgmma_f16_ss_mma_async_sync_aligned_m64n{cfg.bn}k16_f32_f16_f16_\w+\(acc_ptr\[0\]", src)
     assert len(calls) == steps
     assert re.search(r"cp_async\w*shared_global_16\(", src)
     if cfg.warp_specialized:  # the stage hand-over is by named barriers, not __syncthreads
         assert "bar.sync %0, %1;" in src and "bar.arrive %0, %1;" in src and "__syncthreads" not in src
-    if cfg.decode_intrin:
+    if cfg.decode_intrin and name == "int4-g128":
         assert "qc_decode_int4x8_f16(" in src and "lop3.b32" in src  # the format's intrinsic, its source imported
+    if cfg.decode_intrin and name == "e8p-4":  # sign words of both stages, 8 gathered words, the residual scale
+        assert re.search(r"qc_e8p4_decode32\(\(&\(ureg_ptr\[0\]\)\), \(&\(ureg_ptr\[1\]\)\), \(&\(gath_ptr\[0\]\)\), "
+                         r"\(&\(W_resid_inv_scale_ptr\[0\]\)\), \(&\(wdec_ptr\[0\]\)\)\);", src)
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed: the generated source was checked, ptxas not run")
     probe = _probe()

@@ -122,6 +122,18 @@ def is_groupwise8(fmt, n: int, k: int) -> bool:
     return set(fmt.tensor_specs(n, k)) == {"qweight", "scales"} and fmt.decode_unit == 8
 
 
+def intrin_function(fmt):
+    """(device function name, CUDA source) of ``fmt``'s decode intrinsic: the function its registered
+    TensorIntrin's implementation calls."""
+    import re
+
+    import tvm
+
+    name, source = fmt.decode_intrin("cuda")
+    found = re.findall(r'T\.call_extern\("int32", "(\w+)"', tvm.s_tir.TensorIntrin.get(name).impl.script())
+    return found[0], source
+
+
 def check_wgmma_config(fmt, n: int, k: int, m: int, cfg: WgmmaConfig) -> None:
     """Raise QCompileError (one line: what is wrong, what to do) unless ``cfg`` builds for this problem."""
     what = fmt.name if fmt is not None else "fp16"
@@ -154,9 +166,11 @@ def check_wgmma_config(fmt, n: int, k: int, m: int, cfg: WgmmaConfig) -> None:
     fmt.check_shape(n, k)
     if not is_groupwise8(fmt, n, k):  # any other format: its TIR decode where the unit is loaded
         unit = fmt.decode_unit
-        if cfg.prefetch or cfg.word_vec != 1 or cfg.decode_intrin:
-            raise QCompileError(f"wgmma {what}: this format decodes where it loads its words; use prefetch=0, "
-                                "word_vec=1, decode_intrin=0 (default_wgmma_config)")
+        if cfg.prefetch or cfg.word_vec != 1:
+            raise QCompileError(f"wgmma {what}: this format decodes where it loads its words; use prefetch=0 and "
+                                "word_vec=1 (default_wgmma_config)")
+        if cfg.decode_intrin and fmt.decode_intrin("cuda") is None:
+            raise QCompileError(f"wgmma {what}: the format has no CUDA decode intrinsic; use decode_intrin=0")
         if BK % unit or unit % 8 or (cfg.bn * (BK // unit)) % loaders:
             raise QCompileError(f"wgmma {what}: {unit}-weight decode units do not split over {loaders} threads "
                                 f"at bn={cfg.bn}; use a wider bn")
@@ -311,11 +325,38 @@ def _build(
     GATHERS = fmt.gather_count if GENERIC else 0  # table words a unit gathers (E8P, QTIP)
     GATHER_DTYPE = fmt.unit_reads()["gathered"][1] if GATHERS else "int32"
     INTRIN = None  # (function name, CUDA source) of the format's decode intrinsic
-    if PREFETCH and qintrin:
-        INTRIN = fmt.decode_intrin("cuda")
-        assert INTRIN is not None, f"{quant.name}: no CUDA decode intrinsic"
-        INTRIN = (INTRIN[1].split("__device__ __forceinline__ int ")[1].split("(")[0], INTRIN[1])
+    if (PREFETCH or GENERIC) and qintrin:
+        INTRIN = intrin_function(fmt)
     IMPORT_C = INTRIN[1] if INTRIN is not None else ""
+    # GENERIC with the intrinsic: its arguments are one pointer per region a unit reads (Format.unit_reads,
+    # in order): the gathered words (gath), the other staged words copied into ureg, the rest in place
+    READS = list(fmt.unit_reads().items()) if GENERIC and INTRIN is not None else []
+    STAGED = [(t, spec) for t, spec in READS if t != "gathered" and spec[2]]
+    assert len(STAGED) <= 2 and len({spec[1] for _, spec in STAGED}) <= 1, STAGED
+    STAGED_SIZES = [int(spec[0][-1]) if len(spec[0]) == 3 else 1 for _, spec in STAGED]
+    UREG = max(1, sum(STAGED_SIZES))
+    UREG_DTYPE = STAGED[0][1][1] if STAGED else "int32"
+
+    def staged_load(bufs, i, n, c, e):
+        """Element e of staged region i of unit (n, c): the tensor at [n, c, start + e] (or [n, c])."""
+        t, (shape, _, _, *off) = STAGED[int(i)]
+        start = off[0] if off and off[0] is not None else (0,) * len(shape)
+        buf = dict(zip(TENSORS, bufs))[t]
+        return buf[n, c, start[2] + e] if len(shape) == 3 else buf[n, c]
+
+    def intrin_ptrs(bufs, ureg, gath, n, c):
+        named, ptrs, base = dict(zip(TENSORS, bufs)), [], 0
+        for t, (shape, _, staged, *off) in READS:
+            if t == "gathered":
+                ptrs.append(gath.ptr_to([0]))
+            elif staged:
+                ptrs.append(ureg.ptr_to([base]))
+                base += STAGED_SIZES[[s for s, _ in STAGED].index(t)]
+            else:  # read in place (e.g. E8P's residual scale): its region's start at unit (n, c)
+                start = off[0] if off and off[0] is not None else (0,) * len(shape)
+                idx = [n, c, *start[2:]] if len(shape) >= 2 else list(start)
+                ptrs.append(named[t].ptr_to(idx))
+        return ptrs
     # words per scale (int4-g128: 16); the register copy is indexed (chunk, 0), which the format's
     # decode reads as word (chunk, 0) and scale (chunk, 0 // S_WORDS)
     S_WORDS = (K // 8) // PARAMS[1][1][1] if QUANT else 1
@@ -346,7 +387,7 @@ def _build(
 
     # fmt: off
     @T.macro
-    def load_tile(t, st, slot, A, bufs, smem, wdec, qreg, sreg, gath, base, pad_elems, tx, bm, bn):
+    def load_tile(t, st, slot, A, bufs, smem, wdec, qreg, sreg, gath, ureg, base, pad_elems, tx, bm, bn):
         """Tile t of A and B into stage st: A by cp.async; B by cp.async (fp16) or decoded by the threads
         (quant: word (row, chunk) of tile t -> 8 fp16 -> one 16-byte chunk; plain shared stores, which
         the fence.proxy.async before the next barrier orders for wgmma)."""
@@ -376,8 +417,17 @@ def _build(
                 if GATHERS > 0:
                     for g in T.unroll(GATHERS):
                         gath[g] = gather_generic(bufs, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, g)
-                for e in T.unroll(UNIT):
-                    wdec[e] = decode_unit_generic(bufs, gath, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
+                if INTRIN is not None:  # the format's intrinsic: staged words + gathered words -> UNIT fp16
+                    if len(STAGED) >= 1:
+                        for e in T.unroll(STAGED_SIZES[0]):
+                            ureg[e] = staged_load(bufs, 0, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
+                    if len(STAGED) >= 2:
+                        for e in T.unroll(STAGED_SIZES[-1]):
+                            ureg[STAGED_SIZES[0] + e] = staged_load(bufs, 1, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
+                    T.evaluate(T.call_extern("int32", INTRIN[0], *intrin_ptrs(bufs, ureg, gath, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR), wdec.ptr_to([0])))
+                else:
+                    for e in T.unroll(UNIT):
+                        wdec[e] = decode_unit_generic(bufs, gath, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
                 for q in T.unroll(UNIT // 8):
                     for e in T.vectorized(8):
                         smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * LT + tx) // UPR, ((jj * LT + tx) % UPR) * (UNIT // 8) + q, BN)) // 2 + e] = wdec[q * 8 + e]
@@ -427,6 +477,7 @@ def _build(
         descB = T.alloc_buffer((1,), "uint64", scope="local")
         wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
         gath = T.alloc_buffer((max(1, GATHERS),), GATHER_DTYPE, scope="local")
+        ureg = T.alloc_buffer((UREG,), UREG_DTYPE, scope="local")
         qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
         sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
 
@@ -453,7 +504,7 @@ def _build(
             if s < KT:
                 if PREFETCH:
                     fetch_words(s, s % DEPTH, bufs, qreg, sreg, tx, bn)
-                load_tile(s, s, s % DEPTH, A, bufs, smem, wdec, qreg, sreg, gath, base, pad_elems, tx, bm, bn)
+                load_tile(s, s, s % DEPTH, A, bufs, smem, wdec, qreg, sreg, gath, ureg, base, pad_elems, tx, bm, bn)
             T.ptx.cp.async_.commit_group()
         if PREFETCH:
             for d in T.unroll(DEPTH):
@@ -479,7 +530,7 @@ def _build(
                 # each thread passed wgmma.wait_group(wg_inflight) before the barrier above).
                 nxt = kt + P
                 if nxt < KT:
-                    load_tile(nxt, nxt % stages, (par + P) % DEPTH, A, bufs, smem, wdec, qreg, sreg, gath, base, pad_elems,
+                    load_tile(nxt, nxt % stages, (par + P) % DEPTH, A, bufs, smem, wdec, qreg, sreg, gath, ureg, base, pad_elems,
                               tx, bm, bn)
                     if PREFETCH:  # into the copy just decoded: tile nxt + DEPTH, DEPTH k tiles ahead
                         if nxt + DEPTH < KT:
@@ -503,6 +554,7 @@ def _build(
         descB = T.alloc_buffer((1,), "uint64", scope="local")
         wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
         gath = T.alloc_buffer((max(1, GATHERS),), GATHER_DTYPE, scope="local")
+        ureg = T.alloc_buffer((UREG,), UREG_DTYPE, scope="local")
         qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
         sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
 
@@ -521,7 +573,7 @@ def _build(
                         kt = kt2 * DEPTH + par
                         if kt >= stages:  # consumers are done with tile kt - stages
                             T.ptx.bar.sync(T.uint32(1 + stages + kt % stages), T.uint32(NT_ALL))
-                        load_tile(kt, kt % stages, par, A, bufs, smem, wdec, qreg, sreg, gath, base, pad_elems, tx, bm, bn)
+                        load_tile(kt, kt % stages, par, A, bufs, smem, wdec, qreg, sreg, gath, ureg, base, pad_elems, tx, bm, bn)
                         if PREFETCH:  # into the copy just decoded: tile kt + DEPTH
                             if kt + DEPTH < KT:
                                 fetch_words(kt + DEPTH, par, bufs, qreg, sreg, tx, bn)

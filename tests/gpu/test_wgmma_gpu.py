@@ -26,6 +26,13 @@ CONFIGS = [
     ("qtip-hyb-2", WgmmaConfig(bn=128, prefetch=0)),
     ("qtip-3inst-2", WgmmaConfig(bn=256, prefetch=0, warp_specialized=True)),
     ("qtip-1mad-3", WgmmaConfig(bn=128, prefetch=0)),
+    # ... and with their decode intrinsics (gathered words staged in registers, the rest by pointer)
+    ("e8p-2", WgmmaConfig(bn=256, prefetch=0, decode_intrin=True)),
+    ("e8p-3", WgmmaConfig(bn=128, prefetch=0, decode_intrin=True)),
+    ("e8p-4", WgmmaConfig(bn=256, prefetch=0, decode_intrin=True, warp_specialized=True)),
+    ("qtip-hyb-2", WgmmaConfig(bn=256, prefetch=0, decode_intrin=True, warp_specialized=True)),
+    ("qtip-3inst-2", WgmmaConfig(bn=128, prefetch=0, decode_intrin=True)),
+    ("qtip-1mad-2", WgmmaConfig(bn=128, prefetch=0, decode_intrin=True)),
 ]
 
 
