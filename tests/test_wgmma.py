@@ -106,8 +106,10 @@ def test_bad_configs_are_refused_in_one_line(name, n, k, m, cfg, match):
 def test_default_config_per_format():
     from qcompile.kernels.wgmma import default_wgmma_config
 
-    assert default_wgmma_config(None, 512, 1024).prefetch == 1
-    assert default_wgmma_config(qc.formats.get("int4-g128"), 512, 1024).prefetch == 1
+    assert default_wgmma_config(None, 512, 1024) == WgmmaConfig(bn=256)
+    int4 = qc.formats.get("int4-g128")
+    assert default_wgmma_config(int4, 512, 1024) == WgmmaConfig(bn=256, prefetch=1, decode_intrin=True)
+    assert default_wgmma_config(int4, 640, 1024).bn == 128  # N not a multiple of 256
     for name in ("e8p-4", "qtip-hyb-3", "qtip-1mad-2"):
         fmt = qc.formats.get(name)
         cfg = default_wgmma_config(fmt, 512, 1024)
