@@ -1,7 +1,8 @@
 """Hopper wgmma GEMM with the weight decoded into its shared-memory B staging: M >= 128's route in the making.
 
-    Y[M, N] = X[M, K] @ W[N, K]^T, X and Y fp16 (fp32 accumulation), W a group-wise format's packed words
-    and scales, decoded in the kernel by the format's own TIR decode or CUDA decode intrinsic, or fp16.
+    Y[M, N] = X[M, K] @ W[N, K]^T, X and Y fp16 (fp32 accumulation), W a format's packed tensors decoded
+    in the kernel by the format's own TIR decode or CUDA decode intrinsic (group-wise formats from register
+    copies loaded ahead; E8P and QTIP where each unit is loaded), or fp16.
 
 A TensorIR PrimFunc that issues ``wgmma.mma_async`` (both operands in 128-byte-swizzled shared memory,
 through matrix descriptors) from TVM 0.27's ptx dialect: an S-stage cp.async ring, NWG warpgroups of 64
@@ -13,7 +14,8 @@ warp specialisation).
 Not in the runtime's dispatch yet: on the H100 (M=1024, 70B MLP shapes, ``tests/gpu/wgmma_probe.py
 --check``) its fp16 form reached 87 / 92 % of cuBLAS (BN=256, 4 stages) and the int4-g128 form 63 / 66 %
 (BN=256, 4 stages, words prefetched a k tile ahead, the decode intrinsic), below decode + cuBLAS's
-75-84 %; the deeper prefetch, 16-byte word loads and the warp-specialised form are not timed yet.
+75-84 %; the deeper prefetch, 16-byte word loads, the warp-specialised form and the E8P / QTIP forms
+are not timed yet.
 
 Layout notes (what the descriptors and the address arithmetic below assume):
 
