@@ -5,9 +5,10 @@
 
 Measured as ``qcompile bench`` measures (``bench_weight``, every method's weights rotated past the L2, CUDA
 graphs, the median), in one process: cuBLAS fp16 (``F.linear``), the runtime's large-M route (the
-decode-only kernel into an fp16 scratch, then cuBLAS), and each config, whose result is first checked
-against float64 of the format's torch decode. ``--format fp16`` times the kernel with an fp16 B (the
-tensor-core side alone). Needs a Hopper GPU (sm_90a); the kernel is not in the runtime's dispatch.
+decode-only kernel into an fp16 scratch, then cuBLAS), torch's int4 kernel on the same codes (4-bit
+formats), and each config, whose result is first checked against float64 of the format's torch decode.
+``--format fp16`` times the kernel with an fp16 B (the tensor-core side alone). Needs a Hopper GPU
+(sm_90a); the kernel is not in the runtime's dispatch.
 """
 from __future__ import annotations
 
@@ -79,7 +80,8 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
     from ..kernels.decode import DecodeSpec
     from ..kernels.target import parse_target
     from ..kernels.wgmma import check_wgmma_config, wgmma_gemm_func
-    from .baselines import RotatingWeights, cublas_fp16_method, decode_cublas_method
+    from .baselines import (RotatingWeights, cublas_fp16_method, decode_cublas_method, prepare_torch_int4,
+                            torch_int4_method)
     from .harness import _Bench, bench_weight, build_kernels, check_and_time, gpu_short_name, one_line
     from .timing import l2_cache_bytes
 
@@ -91,6 +93,7 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
     log(f"{torch.cuda.get_device_name(device)}, format {'fp16' if fmt is None else fmt.name}")
     rows: List[dict] = []
     for n, k in shapes:
+        int4 = None
         if fmt is None:
             w16 = (torch.randn(n, k, device=device) * 0.05).to(torch.float16)
             kernel_weights = RotatingWeights([w16, torch.zeros(1, device=device, dtype=torch.float16)], l2_bytes)
@@ -103,6 +106,11 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
             decode = None if executable is None else executable[DecodeSpec(fmt.name, n, k).name]
             for spec, err in failures.items():
                 log(f"warning: no decode kernel {spec.name}: {err}")
+            if getattr(fmt, "bits", None) == 4:  # torch's int4 kernel on the same codes and scales
+                try:
+                    int4 = prepare_torch_int4(fmt, qw, w16, l2_bytes)
+                except Exception as err:  # (where torch's kernel does not run: noted, the sweep goes on)
+                    log(f"warning: torch int4 baseline unavailable: {one_line(err)}")
         fp16_weights = RotatingWeights([w16], l2_bytes)
         w64_t = w16.to(torch.float64).T
         for m in ms:
@@ -117,10 +125,16 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
                 t = bench.time(decode_cublas_method(decode, X, kernel_weights, W), n, k, m)
                 route_us = None if t is None else t.median_us
                 del W
-            log(f"  N={n:>6} K={k:>6} M={m:>5} cuBLAS fp16 {cublas_us} us, decode + cuBLAS {route_us} us")
+            int4_us = None
+            if int4 is not None:
+                t = bench.time(torch_int4_method(X, int4), n, k, m)
+                int4_us = None if t is None else t.median_us
+            log(f"  N={n:>6} K={k:>6} M={m:>5} cuBLAS fp16 {cublas_us} us, decode + cuBLAS {route_us} us, "
+                f"torch int4 {int4_us} us")
             for cfg in cfgs:
                 row = dict(base, kernel="wgmma", cfg=cfg.as_dict(), us=None, cublas_fp16_us=cublas_us,
-                           decode_cublas_us=route_us, speedup_vs_fp16=None, vs_decode_cublas=None,
+                           decode_cublas_us=route_us, torch_int4_us=int4_us, speedup_vs_fp16=None,
+                           vs_decode_cublas=None,
                            rel_err=None, error=None)
                 rows.append(row)
                 try:
@@ -144,7 +158,7 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
                 log(f"    {_label(cfg)}: {us:9.1f} us, {row['speedup_vs_fp16'] or float('nan'):.3f}x "
                     f"cuBLAS fp16, {row['vs_decode_cublas'] or float('nan'):.3f}x decode + cuBLAS, "
                     f"rel_err {row['rel_err']:.1e}")
-        del kernel_weights, fp16_weights, w16, w64_t
+        del kernel_weights, fp16_weights, w16, w64_t, int4
         torch.cuda.empty_cache()
     return rows
 
