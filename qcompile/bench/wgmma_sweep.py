@@ -79,7 +79,7 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
 
     from ..kernels.decode import DecodeSpec
     from ..kernels.target import parse_target
-    from ..kernels.wgmma import check_wgmma_config, wgmma_gemm_func
+    from ..kernels.wgmma import check_wgmma_config, is_groupwise8, wgmma_gemm_func
     from .baselines import (RotatingWeights, cublas_fp16_method, decode_cublas_method, prepare_torch_int4,
                             torch_int4_method)
     from .harness import _Bench, bench_weight, build_kernels, check_and_time, gpu_short_name, one_line
@@ -106,7 +106,7 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
             decode = None if executable is None else executable[DecodeSpec(fmt.name, n, k).name]
             for spec, err in failures.items():
                 log(f"warning: no decode kernel {spec.name}: {err}")
-            if getattr(fmt, "bits", None) == 4:  # torch's int4 kernel on the same codes and scales
+            if is_groupwise8(fmt, n, k) and getattr(fmt, "bits", None) == 4:  # torch's int4 kernel, same codes
                 try:
                     int4 = prepare_torch_int4(fmt, qw, w16, l2_bytes)
                 except Exception as err:  # (where torch's kernel does not run: noted, the sweep goes on)
