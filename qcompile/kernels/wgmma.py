@@ -166,7 +166,7 @@ def check_wgmma_config(fmt, n: int, k: int, m: int, cfg: WgmmaConfig) -> None:
     if fmt is None:
         return
     fmt.check_shape(n, k)
-    if not is_groupwise8(fmt, n, k):  # any other format: its TIR decode where the unit is loaded
+    if not is_groupwise8(fmt, n, k):  # any other format: decoded where the unit is loaded
         unit = fmt.decode_unit
         if cfg.prefetch or cfg.word_vec != 1:
             raise QCompileError(f"wgmma {what}: this format decodes where it loads its words; use prefetch=0 and "
@@ -231,10 +231,11 @@ def _build(
     qvec=1,
     ws=0,
 ):
-    """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma.
+    """Return a TIR PrimFunc computing C = A @ B^T with Hopper wgmma. The arguments are a WgmmaConfig's,
+    checked by ``check_wgmma_config`` (``wgmma_gemm_func`` calls it first).
 
-    M, N, K : static problem sizes (M % BM == 0, N % BN == 0, K % 64 == 0 required).
-    BN      : CTA tile along N = the wgmma N (8..256, multiple of 8; 128 or 256 sensible).
+    M, N, K : static problem sizes (M % BM == 0, N % BN == 0, K % 64 == 0).
+    BN      : CTA tile along N = the wgmma N (64, 128, 192 or 256).
     NWG     : warpgroups per CTA; BM = 64 * NWG.
     stages  : shared-memory ring depth S (>= 2 + wg_inflight).
     wg_inflight : number of wgmma groups allowed in flight across k tiles (0 or 1).
@@ -268,14 +269,7 @@ def _build(
     LT = 128 if ws else NT  # the threads that load (and decode) a tile: the producer warpgroup, or all
     NT_ALL = NT + 128 if ws else NT
     LAG = stages - 2  # ws: the producer signals tile t FULL when it issues tile t + LAG
-    assert not ws or (stages >= 3 and wg_inflight == 1), "ws needs stages >= 3 (and one wgmma group in flight)"
-    assert 1 + 2 * stages <= 16, "named barriers: 16 a CTA"
-    assert M % BM == 0 and N % BN == 0 and K % BK == 0, (M, N, K, BM, BN, BK)
-    assert BN % 8 == 0 and 8 <= BN <= 256
-    assert wg_inflight in (0, 1)
     P = stages - 1 - wg_inflight  # prefetch distance in k tiles
-    assert P >= 1, "need stages >= 2 + wg_inflight"
-    assert swizzle in (SW128, SW_NONE)
     KT = K // BK
     ACC = BN // 2  # fp32 accumulator registers per thread (m64nBNk16: 64*BN/128)
 
@@ -303,16 +297,22 @@ def _build(
     def decode(Q, Sc, n, c, j):  # element j of word (n, c): the group-wise format's TIR decode
         return fmt.tir_decode_unit({"qweight": Q, "scales": Sc}, n, c, j)
 
+    def named_tensors(bufs):  # the format's tensors by name, from the kernel's parameters in their order
+        return dict(zip(TENSORS, bufs))
+
+    def region_start(shape, off):  # where a unit's region of a tensor starts (Format.unit_reads' offset)
+        return off[0] if off and off[0] is not None else (0,) * len(shape)
+
     def decode_unit_generic(bufs, gath, n, c, j):  # element j of unit c of row n: any format, its own tensors
         return fmt.tir_decode_unit(with_gathered(bufs, gath), n, c, j)
 
     def gather_generic(bufs, n, c, g):  # gathered (table) word g of unit c of row n
-        return fmt.tir_gather(dict(zip(TENSORS, bufs)), n, c, g)
+        return fmt.tir_gather(named_tensors(bufs), n, c, g)
 
     def with_gathered(bufs, gath):
         """The format's tensors, and its gathered words from the unit's local copy ``gath`` (computed once a
         unit instead of once a weight), which tir_decode_unit reads as bufs["gathered"][n, c, g]."""
-        named = dict(zip(TENSORS, bufs))
+        named = named_tensors(bufs)
         if GATHERS:
             class _UnitGathered:
                 def __getitem__(self, idx):
@@ -322,15 +322,11 @@ def _build(
     QUANT = quant is not None and not GENERIC
     PREFETCH = QUANT and bool(qprefetch)
     DEPTH = max(1, qprefetch if QUANT else 1)  # register copies of the words: tiles fetched ahead
-    assert KT % DEPTH == 0, "qprefetch=2 needs an even number of k tiles"
-    assert not ws or KT >= stages, "ws: at least `stages` k tiles"
     QV = qvec if QUANT else 1  # consecutive words of one row a thread loads (and decodes) together
-    assert QV in (1, 2, 4, 8) and B_CHUNKS % QV == 0, (QV, B_CHUNKS)
     QROWS = B_CHUNKS // QV  # rows of one register copy: [row, word] -> the format decode's (n, c)
     UNIT = fmt.decode_unit if GENERIC else 8  # weights a decode unit (GENERIC: any format's)
     UPR = BK // UNIT  # units of one B tile row
     UPT = BN * UPR // LT  # units a loading thread decodes a k tile
-    assert not GENERIC or (BK % UNIT == 0 and UNIT % 8 == 0 and UPT * LT == BN * UPR), (UNIT, BN, LT)
     WDEC = max(8, UNIT)
     GATHERS = fmt.gather_count if GENERIC else 0  # table words a unit gathers (E8P, QTIP)
     GATHER_DTYPE = fmt.unit_reads()["gathered"][1] if GATHERS else "int32"
@@ -344,28 +340,26 @@ def _build(
     STAGED = [(t, spec) for t, spec in READS if t != "gathered" and spec[2]]
     assert len(STAGED) <= 2 and len({spec[1] for _, spec in STAGED}) <= 1, STAGED
     STAGED_SIZES = [int(spec[0][-1]) if len(spec[0]) == 3 else 1 for _, spec in STAGED]
+    STAGED_AT = {t: sum(STAGED_SIZES[:i]) for i, (t, _) in enumerate(STAGED)}  # each one's place in ureg
     UREG = max(1, sum(STAGED_SIZES))
     UREG_DTYPE = STAGED[0][1][1] if STAGED else "int32"
 
     def staged_load(bufs, i, n, c, e):
         """Element e of staged region i of unit (n, c): the tensor at [n, c, start + e] (or [n, c])."""
         t, (shape, _, _, *off) = STAGED[int(i)]
-        start = off[0] if off and off[0] is not None else (0,) * len(shape)
-        buf = dict(zip(TENSORS, bufs))[t]
-        return buf[n, c, start[2] + e] if len(shape) == 3 else buf[n, c]
+        buf = named_tensors(bufs)[t]
+        return buf[n, c, region_start(shape, off)[2] + e] if len(shape) == 3 else buf[n, c]
 
     def intrin_ptrs(bufs, ureg, gath, n, c):
-        named, ptrs, base = dict(zip(TENSORS, bufs)), [], 0
+        named, ptrs = named_tensors(bufs), []
         for t, (shape, _, staged, *off) in READS:
             if t == "gathered":
                 ptrs.append(gath.ptr_to([0]))
             elif staged:
-                ptrs.append(ureg.ptr_to([base]))
-                base += STAGED_SIZES[[s for s, _ in STAGED].index(t)]
+                ptrs.append(ureg.ptr_to([STAGED_AT[t]]))
             else:  # read in place (e.g. E8P's residual scale): its region's start at unit (n, c)
-                start = off[0] if off and off[0] is not None else (0,) * len(shape)
-                idx = [n, c, *start[2:]] if len(shape) >= 2 else list(start)
-                ptrs.append(named[t].ptr_to(idx))
+                start = region_start(shape, off)
+                ptrs.append(named[t].ptr_to([n, c, *start[2:]] if len(shape) >= 2 else list(start)))
         return ptrs
     # words per scale (int4-g128: 16); the register copy is indexed (chunk, 0), which the format's
     # decode reads as word (chunk, 0) and scale (chunk, 0 // S_WORDS)
@@ -422,25 +416,28 @@ def _build(
                         smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * LT + tx) // (8 // QV), ((jj * LT + tx) % (8 // QV)) * QV + v, BN)) // 2 + e] = wdec[e]
         if GENERIC:
             # unit u = jj * LT + tx: unit u % UPR of B tile row u // UPR, UNIT weights = UNIT // 8 chunks,
-            # decoded where loaded by the format's TIR decode on its own tensors
+            # decoded where loaded by the format's TIR decode or intrinsic on its own tensors
             for jj in T.unroll(UPT):
+                row = (jj * LT + tx) // UPR  # the unit's row in the B tile, its unit in the row's k tile
+                col = (jj * LT + tx) % UPR
                 if GATHERS > 0:
                     for g in T.unroll(GATHERS):
-                        gath[g] = gather_generic(bufs, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, g)
+                        gath[g] = gather_generic(bufs, bn * BN + row, t * UPR + col, g)
                 if INTRIN is not None:  # the format's intrinsic: staged words + gathered words -> UNIT fp16
                     if len(STAGED) >= 1:
                         for e in T.unroll(STAGED_SIZES[0]):
-                            ureg[e] = staged_load(bufs, 0, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
+                            ureg[e] = staged_load(bufs, 0, bn * BN + row, t * UPR + col, e)
                     if len(STAGED) >= 2:
                         for e in T.unroll(STAGED_SIZES[-1]):
-                            ureg[STAGED_SIZES[0] + e] = staged_load(bufs, 1, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
-                    T.evaluate(T.call_extern("int32", INTRIN[0], *intrin_ptrs(bufs, ureg, gath, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR), wdec.ptr_to([0])))
+                            ureg[STAGED_SIZES[0] + e] = staged_load(bufs, 1, bn * BN + row, t * UPR + col, e)
+                    T.evaluate(T.call_extern("int32", INTRIN[0], *intrin_ptrs(bufs, ureg, gath, bn * BN + row, t * UPR + col),
+                                             wdec.ptr_to([0])))
                 else:
                     for e in T.unroll(UNIT):
-                        wdec[e] = decode_unit_generic(bufs, gath, bn * BN + (jj * LT + tx) // UPR, t * UPR + (jj * LT + tx) % UPR, e)
+                        wdec[e] = decode_unit_generic(bufs, gath, bn * BN + row, t * UPR + col, e)
                 for q in T.unroll(UNIT // 8):
                     for e in T.vectorized(8):
-                        smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off((jj * LT + tx) // UPR, ((jj * LT + tx) % UPR) * (UNIT // 8) + q, BN)) // 2 + e] = wdec[q * 8 + e]
+                        smem[pad_elems + (st * STAGE_BYTES + A_BYTES + smem_off(row, col * (UNIT // 8) + q, BN)) // 2 + e] = wdec[q * 8 + e]
         if fmt is None:
             for j in T.unroll(B_CHUNKS):
                 T.ptx.cp.async_.cg.shared.global_(
@@ -477,20 +474,7 @@ def _build(
                   bn * BN + 8 * (j // 2) + 2 * (lane % 4) + e] = T.cast(acc[2 * j + e], out_dtype)
 
     @T.macro
-    def gemm(A, bufs, C):
-        bm = T.launch_thread("blockIdx.x", M // BM)   # M tiles fastest: CTAs sharing a B tile run together
-        bn = T.launch_thread("blockIdx.y", N // BN)
-        tx = T.launch_thread("threadIdx.x", NT)
-        smem = T.alloc_buffer((SMEM_BYTES // 2,), "float16", scope="shared.dyn")
-        acc = T.alloc_buffer((ACC,), "float32", scope="local")
-        descA = T.alloc_buffer((1,), "uint64", scope="local")
-        descB = T.alloc_buffer((1,), "uint64", scope="local")
-        wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
-        gath = T.alloc_buffer((max(1, GATHERS),), GATHER_DTYPE, scope="local")
-        ureg = T.alloc_buffer((UREG,), UREG_DTYPE, scope="local")
-        qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
-        sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
-
+    def gemm(A, bufs, C, bm, bn, tx, smem, acc, descA, descB, wdec, gath, ureg, qreg, sreg):
         wg = tx // 128
         warp = (tx % 128) // 32
         lane = tx % 32
@@ -554,20 +538,7 @@ def _build(
         store_acc(C, acc, bm, bn, wg, warp, lane)
 
     @T.macro
-    def gemm_ws(A, bufs, C):
-        bm = T.launch_thread("blockIdx.x", M // BM)
-        bn = T.launch_thread("blockIdx.y", N // BN)
-        tx = T.launch_thread("threadIdx.x", NT_ALL)
-        smem = T.alloc_buffer((SMEM_BYTES // 2,), "float16", scope="shared.dyn")
-        acc = T.alloc_buffer((ACC,), "float32", scope="local")
-        descA = T.alloc_buffer((1,), "uint64", scope="local")
-        descB = T.alloc_buffer((1,), "uint64", scope="local")
-        wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
-        gath = T.alloc_buffer((max(1, GATHERS),), GATHER_DTYPE, scope="local")
-        ureg = T.alloc_buffer((UREG,), UREG_DTYPE, scope="local")
-        qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
-        sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
-
+    def gemm_ws(A, bufs, C, bm, bn, tx, smem, acc, descA, descB, wdec, gath, ureg, qreg, sreg):
         raw = T.cuda.cvta_generic_to_shared(smem.ptr_to([0]))
         pad = T.bitwise_and(T.uint32(1024) - T.bitwise_and(raw, T.uint32(1023)), T.uint32(1023))
         base = raw + pad
@@ -618,14 +589,36 @@ def _build(
                 T.ptx.wgmma.wait_group.sync.aligned(0)
                 store_acc(C, acc, bm, bn, wg, warp, lane)
     # fmt: on
-    # The PrimFunc: (A, the weight tensors, C), its body one of the two macros above. (TVMScript takes no
-    # variable parameter list, so the signature is written out for this format's tensors.)
+    # The PrimFunc: (A, the weight tensors, C), the launch and the buffers of both forms, then one of the two
+    # macros above. (TVMScript takes no variable parameter list, so the signature is written out for this
+    # format's tensors.)
     params = ", ".join(f"{p}: T.Buffer({tuple(shape)!r}, {dtype!r})" for p, shape, dtype in PARAMS)
-    text = (f"@T.prim_func\n"
-            f"def main(A: T.Buffer(({M}, {K}), 'float16'), {params}, C: T.Buffer(({M}, {N}), {out_dtype!r})):\n"
-            f"    T.func_attr({{'global_symbol': {name!r}, 'tirx.noalias': True}})\n"
-            f"    body(A, ({', '.join(p for p, _, _ in PARAMS)},), C)\n")
-    return tvm.script.from_source(text, extra_vars={"T": T, "body": gemm_ws if ws else gemm})
+    text = PRIM_FUNC.format(params=params, tensors=", ".join(p for p, _, _ in PARAMS))
+    return tvm.script.from_source(text, extra_vars=dict(
+        T=T, body=gemm_ws if ws else gemm, M=M, N=N, K=K, BM=BM, BN=BN, THREADS=NT_ALL, OUT_DTYPE=out_dtype,
+        NAME=name, SMEM_BYTES=SMEM_BYTES, ACC=ACC, WDEC=WDEC, GATHERS=GATHERS, GATHER_DTYPE=GATHER_DTYPE,
+        UREG=UREG, UREG_DTYPE=UREG_DTYPE, DEPTH=DEPTH, QROWS=QROWS, QV=QV, B_DTYPE=B_DTYPE))
+
+
+# the PrimFunc around _build's macros (constants from its extra_vars)
+PRIM_FUNC = """
+@T.prim_func
+def main(A: T.Buffer((M, K), "float16"), {params}, C: T.Buffer((M, N), OUT_DTYPE)):
+    T.func_attr({{"global_symbol": NAME, "tirx.noalias": True}})
+    bm = T.launch_thread("blockIdx.x", M // BM)   # M tiles fastest: CTAs sharing a B tile run together
+    bn = T.launch_thread("blockIdx.y", N // BN)
+    tx = T.launch_thread("threadIdx.x", THREADS)
+    smem = T.alloc_buffer((SMEM_BYTES // 2,), "float16", scope="shared.dyn")
+    acc = T.alloc_buffer((ACC,), "float32", scope="local")
+    descA = T.alloc_buffer((1,), "uint64", scope="local")
+    descB = T.alloc_buffer((1,), "uint64", scope="local")
+    wdec = T.alloc_buffer((WDEC,), "float16", scope="local")
+    gath = T.alloc_buffer((max(1, GATHERS),), GATHER_DTYPE, scope="local")
+    ureg = T.alloc_buffer((UREG,), UREG_DTYPE, scope="local")
+    qreg = T.alloc_buffer((DEPTH * QROWS, QV), B_DTYPE, scope="local")
+    sreg = T.alloc_buffer((DEPTH * QROWS, 1), "float16", scope="local")
+    body(A, ({tensors},), C, bm, bn, tx, smem, acc, descA, descB, wdec, gath, ureg, qreg, sreg)
+"""
 
 
 
