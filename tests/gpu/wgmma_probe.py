@@ -50,16 +50,20 @@ def cuda_source(ex):
     return ex.mod.imports[0].inspect_source()
 
 
-def ptxas_report(src, arch="sm_90a"):
-    """Compile the generated CUDA C with nvcc -cubin -Xptxas -v; return (ok, text)."""
+def ptxas_report(src, arch=WGMMA_ARCH):
+    """(ok, ptxas's -v report or nvcc's error, a folder holding k.cubin) of the generated CUDA
+    (``kernels.resources.compile_cubin``)."""
+    from qcompile.errors import QCompileError
+    from qcompile.kernels.resources import compile_cubin
+
+    try:
+        report, cubin = compile_cubin(src, arch)
+    except QCompileError as err:
+        return False, str(err), None
     d = tempfile.mkdtemp(prefix="wgmma_")
-    cu = os.path.join(d, "k.cu")
-    with open(cu, "w") as f:
-        f.write(src)
-    cmd = ["nvcc", f"-arch={arch}", "-cubin", "-O3", "-Xptxas", "-v", "-diag-suppress", "177,550",
-           "-o", os.path.join(d, "k.cubin"), cu]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    return p.returncode == 0, " ".join(cmd) + "\n" + p.stdout + p.stderr, d
+    with open(os.path.join(d, "k.cubin"), "wb") as f:
+        f.write(cubin)
+    return True, report, d
 
 
 def disassemble(cubin):
@@ -188,18 +192,10 @@ def compile_only(args):
 
 
 def _load(func):
-    """tvm.compile -> export_library -> load_module, the path TVM-0.27.md checked on the H100.
+    """The kernel built for sm_90a and loaded (``qcompile.bench.wgmma_sweep.load_kernel``)."""
+    from qcompile.bench.wgmma_sweep import load_kernel
 
-    The exported module carries CUDA *source*; it is compiled when loaded, by
-    tvm.support.nvcc.tvm_callback_cuda_compile (NVRTC via cuda-bindings by default, or nvcc
-    with TVM_CUDA_COMPILE_MODE=nvcc). With no Target in scope the arch comes from the GPU and
-    get_target_compute_version appends the 'a' for major >= 9, i.e. sm_90a on an H100 --
-    required, wgmma does not assemble for plain sm_90.
-    """
-    ex = compile_func(func)
-    lib = os.path.join(tempfile.mkdtemp(prefix="wgmma_"), "k.so")
-    ex.export_library(lib)
-    return tvm.runtime.load_module(lib)[func.attrs["global_symbol"]]
+    return load_kernel(func)
 
 
 def _bench(fnc, iters=50, warmup=5):
