@@ -79,7 +79,7 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
 
     from ..kernels.decode import DecodeSpec
     from ..kernels.target import parse_target
-    from ..kernels.wgmma import check_wgmma_config, is_groupwise8, wgmma_gemm_func
+    from ..kernels.wgmma import is_groupwise8, wgmma_gemm_func
     from .baselines import (RotatingWeights, cublas_fp16_method, decode_cublas_method, prepare_torch_int4,
                             torch_int4_method)
     from .harness import _Bench, bench_weight, build_kernels, check_and_time, gpu_short_name, one_line
@@ -89,6 +89,10 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
     device = torch.device("cuda")
     l2_bytes = l2_cache_bytes(device)
     bench = _Bench(args.iters, args.warmup, args.timing, log)
+
+    def median_us(method, n, k, m):  # the method's median time, or None (the failure noted by bench)
+        t = bench.time(method, n, k, m)
+        return None if t is None else t.median_us
     gpu = gpu_short_name(torch.cuda.get_device_name(device))
     log(f"{torch.cuda.get_device_name(device)}, format {'fp16' if fmt is None else fmt.name}")
     rows: List[dict] = []
@@ -102,8 +106,9 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
             qw = bench_weight(fmt, n, k, device)
             w16 = fmt.decode_fp16(qw)
             kernel_weights = RotatingWeights([qw.tensors[t] for t in fmt.tensor_specs(n, k)], l2_bytes)
-            executable, failures = build_kernels([DecodeSpec(fmt.name, n, k)], parse_target("auto"), log)
-            decode = None if executable is None else executable[DecodeSpec(fmt.name, n, k).name]
+            decode_spec = DecodeSpec(fmt.name, n, k)
+            executable, failures = build_kernels([decode_spec], parse_target("auto"), log)
+            decode = None if executable is None else executable[decode_spec.name]
             for spec, err in failures.items():
                 log(f"warning: no decode kernel {spec.name}: {err}")
             if is_groupwise8(fmt, n, k) and getattr(fmt, "bits", None) == 4:  # torch's int4 kernel, same codes
@@ -117,28 +122,21 @@ def run(fmt, shapes, ms, cfgs, args) -> List[dict]:
             X = torch.randn(m, k, device=device, dtype=torch.float16)
             ref = X.to(torch.float64) @ w64_t
             base = {"format": "fp16" if fmt is None else fmt.name, "N": n, "K": k, "M": m, "gpu": gpu}
-            t = bench.time(cublas_fp16_method(X, fp16_weights), n, k, m)
-            cublas_us = None if t is None else t.median_us
+            cublas_us = median_us(cublas_fp16_method(X, fp16_weights), n, k, m)
             route_us = None
             if decode is not None:
                 W = torch.empty((n, k), device=device, dtype=torch.float16)
-                t = bench.time(decode_cublas_method(decode, X, kernel_weights, W), n, k, m)
-                route_us = None if t is None else t.median_us
+                route_us = median_us(decode_cublas_method(decode, X, kernel_weights, W), n, k, m)
                 del W
-            int4_us = None
-            if int4 is not None:
-                t = bench.time(torch_int4_method(X, int4), n, k, m)
-                int4_us = None if t is None else t.median_us
+            int4_us = None if int4 is None else median_us(torch_int4_method(X, int4), n, k, m)
             log(f"  N={n:>6} K={k:>6} M={m:>5} cuBLAS fp16 {cublas_us} us, decode + cuBLAS {route_us} us, "
                 f"torch int4 {int4_us} us")
             for cfg in cfgs:
                 row = dict(base, kernel="wgmma", cfg=cfg.as_dict(), us=None, cublas_fp16_us=cublas_us,
                            decode_cublas_us=route_us, torch_int4_us=int4_us, speedup_vs_fp16=None,
-                           vs_decode_cublas=None,
-                           rel_err=None, error=None)
+                           vs_decode_cublas=None, rel_err=None, error=None)
                 rows.append(row)
                 try:
-                    check_wgmma_config(fmt, n, k, m, cfg)
                     kernel = load_kernel(wgmma_gemm_func(fmt, n, k, m, cfg))
                     Y = torch.full((m, n), float("nan"), device=device, dtype=torch.float16)
                     kernel(X, *kernel_weights[0], Y)

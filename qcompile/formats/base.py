@@ -332,7 +332,6 @@ def tir_word_half(word, lo):
     return tirx.reinterpret("float16", tirx.Cast("uint16", half))
 
 
-
 def subseed(seed: int, tag: str) -> int:
     """A 63-bit seed derived from ``seed`` and a tag (e.g. "SU", or a layer name), stable across
     processes and platforms (sha256, not Python's salted hash)."""
