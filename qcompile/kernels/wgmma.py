@@ -11,11 +11,11 @@ rows each, and optionally a producer warpgroup that loads and decodes while the 
 tuner varies (tile width, stages, prefetch depth of the words, their vector width, the decode intrinsic,
 warp specialisation).
 
-Not in the runtime's dispatch yet: on the H100 (M=1024, 70B MLP shapes, ``tests/gpu/wgmma_probe.py
---check``) its fp16 form reached 87 / 92 % of cuBLAS (BN=256, 4 stages) and the int4-g128 form 63 / 66 %
-(BN=256, 4 stages, words prefetched a k tile ahead, the decode intrinsic), below decode + cuBLAS's
-75-84 %; the deeper prefetch, 16-byte word loads, the warp-specialised form and the E8P / QTIP forms
-are not timed yet.
+Not in the runtime's dispatch yet. As ``tests/gpu/wgmma_probe.py`` at c53ea96 / 14843f4 it ran on the H100
+(M=1024, 70B MLP shapes): fp16 87 / 92 % of cuBLAS (BN=256, 4 stages), int4-g128 63 / 66 % (BN=256, 4
+stages, words prefetched a k tile ahead, the decode intrinsic), below decode + cuBLAS's 75-84 %. Since
+then the main loop is unrolled by the prefetch depth, and that form, the deeper prefetch, 16-byte word
+loads, the warp-specialised form and the E8P / QTIP forms have not run on a GPU.
 
 Layout notes (what the descriptors and the address arithmetic below assume):
 
